@@ -1,0 +1,143 @@
+"""LoRA on qerl's QuantLinear modules, saved and loaded in PEFT's format.
+
+Keys follow PEFT exactly: `base_model.model.<module path>.lora_A.weight` ([r, K]) and
+`...lora_B.weight` ([N, r]) in `adapter_model.safetensors`, with an
+`adapter_config.json` that `peft.PeftModel.from_pretrained(bf16_base, dir)` accepts.
+qerl's own facts (weight format, group size) go into `qerl_adapter.json` beside it,
+never into a file name.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import QerlError
+from .quant import QuantLinear
+
+PEFT_PREFIX = "base_model.model."
+
+
+def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
+             targets: tuple[str, ...] | None = None) -> list[nn.Parameter]:
+    """Attach adapters to every QuantLinear (optionally only names ending in `targets`); freeze the rest."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for name, m in quant_linears(model).items():
+        if targets and name.rsplit(".", 1)[-1] not in targets:
+            continue
+        m.add_lora(rank, alpha, dropout)
+        params += [m.lora_A, m.lora_B]
+    if not params:
+        raise QerlError("no quantized Linear layers to attach LoRA to")
+    model.lora_config = {"r": rank, "lora_alpha": alpha if alpha is not None else rank, "lora_dropout": dropout}
+    return params
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in quant_linears(model).values() if m.lora_rank for p in (m.lora_A, m.lora_B)]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in quant_linears(model).items():
+        if m.lora_rank:
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach()
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach()
+    return out
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module):
+    """The base policy (reference for KL) without a second model in memory."""
+    mods = [m for m in quant_linears(model).values() if m.lora_rank]
+    for m in mods:
+        m.lora_enabled = False
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.lora_enabled = True
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None = None):
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to(torch.float32).contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    if not state:
+        raise QerlError("the model has no LoRA adapter to save")
+    cfg = getattr(model, "lora_config", {})
+    targets = sorted({k.split(".")[-3] for k in state})
+    peft_cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or getattr(model, "name_or_path", None),
+        "r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"), "lora_dropout": cfg.get("lora_dropout", 0.0),
+        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "init_lora_weights": True, "modules_to_save": None, "inference_mode": True, "revision": None,
+    }
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2))
+    (out / "qerl_adapter.json").write_text(json.dumps({"weight_format": getattr(model, "quant", None)}, indent=2))
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, strict: bool = True):
+    """Load a PEFT LoRA adapter into the model, creating the LoRA modules if needed."""
+    from safetensors.torch import load_file
+
+    d = Path(adapter_dir)
+    cfg_path, w_path = d / "adapter_config.json", d / "adapter_model.safetensors"
+    if not cfg_path.exists() or not w_path.exists():
+        raise QerlError(f"{d}: not a PEFT adapter directory (needs adapter_config.json and adapter_model.safetensors)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise QerlError(f"{d}: adapter type {cfg.get('peft_type')} is not LoRA")
+    state = load_file(str(w_path))
+    mods = quant_linears(model)
+    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    seen = set()
+    for key, t in state.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        mod_name, _, which = name.rpartition(".lora_")
+        which = which.split(".")[0]  # "A" or "B" (PEFT may insert an adapter name before .weight)
+        if mod_name not in mods:
+            if strict:
+                raise QerlError(f"{d}: adapter key {key} matches no quantized Linear of this model")
+            continue
+        m = mods[mod_name]
+        if m.lora_rank != r:
+            m.add_lora(r, alpha, cfg.get("lora_dropout", 0.0))
+        m.lora_scaling = alpha / r
+        target = m.lora_A if which == "A" else m.lora_B
+        if target.shape != t.shape:
+            raise QerlError(f"{d}: {key} has shape {tuple(t.shape)}, the model expects {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(t.to(target.dtype))
+        seen.add(mod_name)
+    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": cfg.get("lora_dropout", 0.0)}
+    return sorted(seen)
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, quant: str | None = None):
+    """Fold each adapter into its base: dequantize, add (alpha/r) B A, re-quantize (or keep bf16)."""
+    for m in quant_linears(model).values():
+        if not m.lora_rank:
+            continue
+        w = m.dequantized(torch.float32) + m.lora_delta().float()
+        if quant and quant != m.format.name:
+            from .quant import get_format
+
+            m.format = get_format(quant)
+            for n in ("weight_packed", "weight_scale", "weight_global_scale", "weight"):
+                m._buffers.pop(n, None)
+        m.set_weight(w)
+        m.lora_rank, m.lora_A, m.lora_B = 0, None, None

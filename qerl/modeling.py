@@ -1,0 +1,272 @@
+"""The decoder-only transformer qerl runs: Llama, Qwen2/Qwen2.5, Qwen3 and Mistral families.
+
+qerl owns this code (instead of patching `transformers`) so that the rollout engine,
+the trainer and AQN share ONE module tree and one copy of the weights, and so the
+decode step can use a preallocated KV cache indexed by position (gpt-fast style).
+Module and parameter names mirror Hugging Face's (`model.layers.N.self_attn.q_proj`),
+so checkpoints load by name and PEFT adapters keep their keys. The numerics follow
+HF: RMSNorm in fp32, rotary tables in fp32 cast to the activation dtype.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf(cls, config) -> "ModelArgs":
+        mt = getattr(config, "model_type", None)
+        if mt not in SUPPORTED_TYPES:
+            raise ValueError(f"unsupported architecture '{mt}': qerl supports {', '.join(SUPPORTED_TYPES)} "
+                             f"(decoder blocks with {', '.join(LINEAR_NAMES)})")
+        heads = config.num_attention_heads
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        scaling = rope if rope.get("rope_type", rope.get("type", "default")) not in ("default", None) else None
+        return cls(
+            model_type=mt,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            rms_norm_eps=getattr(config, "rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            attention_bias=mt == "qwen2" or bool(getattr(config, "attention_bias", False)),
+            qk_norm=mt == "qwen3",
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with an fp32 weight, whatever the activation dtype.
+
+    Departs from HF (bf16 weight times bf16 activations) on purpose: AQN adds noise of
+    sigma 5e-4..1e-2 to these weights, and a bf16 weight near 1 cannot represent
+    steps below ~4e-3, so most of the schedule would round away. The loader keeps
+    norm weights in fp32; the product is cast back to the activation dtype.
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * h).to(dtype)
+
+
+def rope_inv_freq(args: ModelArgs, device) -> torch.Tensor:
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    s = args.rope_scaling
+    if s is None:
+        return inv
+    kind = s.get("rope_type", s.get("type"))
+    if kind == "linear":
+        return inv / s["factor"]
+    if kind == "llama3":  # Llama 3.1 frequency-dependent scaling
+        factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)
+        mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    raise ValueError(f"unsupported rope scaling '{kind}'")
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, D]; cos/sin: [B, 1, T, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for every layer, indexed by cache position.
+
+    Shape per layer [B, H_kv, S_max, D]. Fixed shapes make the decode step
+    capturable in a CUDA graph; rows share cache positions and carry their own
+    rotary positions (left padding).
+    """
+
+    def __init__(self, num_layers, batch, kv_heads, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (num_layers, batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def repeat_interleave(self, n: int, length: int) -> "KVCache":
+        """A cache with each row repeated n times (n samples share one prompt prefill)."""
+        out = KVCache.__new__(KVCache)
+        nn.Module.__init__(out)
+        for name in ("k", "v"):
+            t = getattr(self, name)
+            big = torch.zeros((t.shape[0], t.shape[1] * n) + t.shape[2:], dtype=t.dtype, device=t.device)
+            big[:, :, :, :length] = t[:, :, :, :length].repeat_interleave(n, dim=1)
+            out.register_buffer(name, big, persistent=False)
+        return out
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        h, d = args.hidden_size, args.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, d
+        self.q_proj = nn.Linear(h, args.num_heads * d, bias=args.attention_bias)
+        self.k_proj = nn.Linear(h, args.num_kv_heads * d, bias=args.attention_bias)
+        self.v_proj = nn.Linear(h, args.num_kv_heads * d, bias=args.attention_bias)
+        self.o_proj = nn.Linear(args.num_heads * d, h, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(d, args.rms_norm_eps)
+            self.k_norm = RMSNorm(d, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.k[layer, :, :, start:start + t] = k
+            cache.v[layer, :, :, start:start + t] = v
+            k = cache.k[layer, :, :, : mask.shape[-1]]
+            v = cache.v[layer, :, :, : mask.shape[-1]]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, layer, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """`forward(ids, positions, mask, cache, start) -> hidden`; `logits(hidden)` applies lm_head.
+
+    mask: bool [B, 1, T, S] (True = attend) over the S keys visible to the T queries.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Transformer(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self._inv_freq: torch.Tensor | None = None
+
+    def tie_weights(self):
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def rope(self, positions: torch.Tensor, dtype):
+        if self._inv_freq is None or self._inv_freq.device != positions.device:
+            self._inv_freq = rope_inv_freq(self.args, positions.device)
+        freqs = positions.float().unsqueeze(-1) * self._inv_freq  # [B, T, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # [B, 1, T, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, input_ids, positions, mask, cache: KVCache | None = None, start: int = 0):
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, cache, i, start, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i, start)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    @property
+    def device(self):
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self):
+        return self.model.embed_tokens.weight.dtype
+
+
+def causal_mask(attn: torch.Tensor) -> torch.Tensor:
+    """[B, T] key-validity (1 = real token) -> [B, 1, T, T] causal bool mask.
+
+    Every query also sees itself, so left-padding rows never attend to nothing
+    (which would give NaN); their outputs are ignored downstream.
+    """
+    t = attn.shape[1]
+    tri = torch.ones(t, t, dtype=torch.bool, device=attn.device).tril()
+    m = tri & attn.bool()[:, None, :]
+    m = m | torch.eye(t, dtype=torch.bool, device=attn.device)
+    return m.unsqueeze(1)
+
+
+def positions_from_mask(attn: torch.Tensor) -> torch.Tensor:
+    """Rotary positions for left-padded rows: 0 at each row's first real token."""
+    return (attn.long().cumsum(-1) - 1).clamp(min=0)

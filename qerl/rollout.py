@@ -1,0 +1,207 @@
+"""The rollout engine: batched sampling from the live model (quantized base + LoRA + AQN noise).
+
+One engine and one copy of the weights serve training rollouts and evaluation. The
+decode path reads top to bottom, as in gpt-fast:
+
+    sample_tokens  - temperature / top-k / top-p, Gumbel-style sampling with no host sync
+    prefill        - unique prompts once, left-padded, into a preallocated KV cache
+    decode_one     - one token for every active row at a fixed cache position
+    decode         - the loop: EOS / stop strings / length, finished rows compacted away
+    generate       - strings or ids in, `Rollout` out
+
+n samples per prompt share one prefill: the prompt's KV cache is copied n times
+(`KVCache.repeat_interleave`) instead of being recomputed. Log-probs are those of the
+distribution each token was drawn from (after temperature, top-k and top-p); at
+temperature 0 (greedy) they are the plain log-softmax.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from .modeling import CausalLM, KVCache, causal_mask, positions_from_mask
+from .quant import QuantLinear
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    n: int = 1  # samples per prompt
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[list[int]]  # one per prompt (not per sample)
+    completion_ids: torch.Tensor  # [N, L] long, padded with pad_id; N = prompts * n
+    mask: torch.Tensor  # [N, L] bool, True on generated tokens
+    logprobs: torch.Tensor  # [N, L] fp32 log-prob of each sampled token (0 on padding)
+    finish_reasons: list[str]  # "stop" (EOS or stop string) or "length"
+    texts: list[str] = field(default_factory=list)
+    n: int = 1
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.mask.sum(1).tolist()
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] -> (token [B], log-prob [B]) under the distribution actually sampled."""
+    logits = logits.float()
+    if temperature <= 0:
+        tok = logits.argmax(-1)
+        return tok, logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the first always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    logp = logits.log_softmax(-1)
+    # argmax(log p - log E), E ~ Exp(1) samples from p without a host sync (no multinomial)
+    e = torch.empty_like(logp).exponential_(1.0, generator=generator)
+    tok = (logp - e.log()).argmax(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+@contextlib.contextmanager
+def dequant_cache(model: torch.nn.Module, enabled: bool = True):
+    """Keep dequantized weights between forwards (CPU speed); dropped on exit."""
+    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in mods:
+        m.cache_dequantized = enabled
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.cache_dequantized = False
+            m.clear_cache()
+
+
+class Engine:
+    def __init__(self, model: CausalLM, tokenizer, cache_weights: bool | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.eos_ids = self._eos_ids(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        # On CPU the dequantization costs as much as the matmul: cache during a rollout.
+        self.cache_weights = model.device.type == "cpu" if cache_weights is None else cache_weights
+
+    @staticmethod
+    def _eos_ids(tok) -> list[int]:
+        ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+            i = tok.convert_tokens_to_ids(t) if t in tok.get_vocab() else None
+            if i is not None:
+                ids.add(i)
+        return sorted(ids)
+
+    # --- the decode path ------------------------------------------------------------
+    def prefill(self, prompts: list[list[int]], max_new: int):
+        """Left-pad, run all prompt tokens once, return (last logits [B, V], cache, key mask, lengths)."""
+        dev = self.model.device
+        p = max(len(x) for x in prompts)
+        ids = torch.full((len(prompts), p), self.pad_id, dtype=torch.long, device=dev)
+        attn = torch.zeros((len(prompts), p), dtype=torch.long, device=dev)
+        for i, x in enumerate(prompts):
+            ids[i, p - len(x):] = torch.tensor(x, device=dev)
+            attn[i, p - len(x):] = 1
+        a = self.model.args
+        cache = KVCache(a.num_layers, len(prompts), a.num_kv_heads, p + max_new, a.head_dim, self.model.dtype, dev)
+        hidden = self.model(ids, positions_from_mask(attn), causal_mask(attn), cache, start=0)
+        logits = self.model.logits(hidden[:, -1])
+        keys = torch.ones((len(prompts), p + max_new), dtype=torch.bool, device=dev)
+        keys[:, :p] = attn.bool()
+        return logits, cache, keys, attn.sum(1)
+
+    def decode_one(self, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, keys: torch.Tensor, start: int):
+        """tok [B], pos [B] rotary positions; writes cache slot `start`; -> logits [B, V]."""
+        mask = keys[:, None, None, : start + 1]
+        hidden = self.model(tok[:, None], pos[:, None], mask, cache, start=start)
+        return self.model.logits(hidden[:, -1])
+
+    def decode(self, logits, cache, keys, lengths, params: SamplingParams, gen):
+        b, p = logits.shape[0], keys.shape[1] - params.max_new_tokens
+        dev = logits.device
+        out_tok = torch.full((b, params.max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
+        out_lp = torch.zeros((b, params.max_new_tokens), dtype=torch.float32, device=dev)
+        finish = ["length"] * b
+        eos = torch.tensor(self.eos_ids, device=dev)
+        rows = torch.arange(b, device=dev)  # original row of each active slot
+        for t in range(params.max_new_tokens):
+            tok, lp = sample_tokens(logits, params.temperature, params.top_k, params.top_p, gen)
+            out_tok[rows, t], out_lp[rows, t] = tok, lp
+            done = torch.isin(tok, eos)
+            if params.stop:
+                done |= self._hit_stop(out_tok[rows, : t + 1], params.stop)
+            if t + 1 == params.max_new_tokens:
+                for r in rows[done].tolist():
+                    finish[r] = "stop"
+                break
+            if bool(done.any()):
+                for r in rows[done].tolist():
+                    finish[r] = "stop"
+                keep = (~done).nonzero().squeeze(-1)
+                if keep.numel() == 0:
+                    break
+                rows, tok = rows[keep], tok[keep]
+                cache, keys, lengths = self._compact(cache, keys, lengths, keep)
+            logits = self.decode_one(tok, lengths + t, cache, keys, p + t)
+        mask = torch.zeros_like(out_tok, dtype=torch.bool)
+        for i, row in enumerate(out_tok.tolist()):
+            n = next((j + 1 for j, x in enumerate(row) if x in self.eos_ids), None)
+            n = n or self._stop_len(row, params.stop) or params.max_new_tokens
+            mask[i, :n] = True
+        out_tok = out_tok.masked_fill(~mask, self.pad_id)
+        return out_tok, out_lp.masked_fill(~mask, 0.0), mask, finish
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None,
+                 generator: torch.Generator | None = None) -> Rollout:
+        params = params or SamplingParams()
+        ids = [self.tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else list(p) for p in prompts]
+        if generator is None:
+            generator = torch.Generator(self.model.device)
+            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with dequant_cache(self.model, self.cache_weights):
+                logits, cache, keys, lengths = self.prefill(ids, params.max_new_tokens)
+                if params.n > 1:
+                    cache = cache.repeat_interleave(params.n, keys.shape[1] - params.max_new_tokens)
+                    logits, keys, lengths = (x.repeat_interleave(params.n, 0) for x in (logits, keys, lengths))
+                tok, lp, mask, finish = self.decode(logits, cache, keys, lengths, params, generator)
+        finally:
+            self.model.train(was_training)
+        texts = [self.tokenizer.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(tok, mask)]
+        return Rollout(ids, tok.cpu(), mask.cpu(), lp.cpu(), finish, texts, params.n)
+
+    # --- helpers -------------------------------------------------------------------
+    @staticmethod
+    def _compact(cache: KVCache, keys, lengths, keep):
+        cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
+        return cache, keys[keep], lengths[keep]
+
+    def _hit_stop(self, toks: torch.Tensor, stop) -> torch.Tensor:
+        # Decode a short tail only: a stop string spans few tokens.
+        tails = self.tokenizer.batch_decode(toks[:, -8:].tolist())
+        return torch.tensor([any(s in x for s in stop) for x in tails], device=toks.device)
+
+    def _stop_len(self, row: list[int], stop) -> int | None:
+        if not stop:
+            return None
+        for j in range(len(row)):
+            if any(s in self.tokenizer.decode(row[max(0, j - 7): j + 1]) for s in stop):
+                return j + 1
+        return None
