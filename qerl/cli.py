@@ -14,6 +14,82 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (rollout speed)."
 app.add_typer(bench_app, name="bench")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(ctx: typer.Context,
+          config: str = typer.Option(None, "--config", "-c", help="YAML config; the embedded default if omitted"),
+          no_progress: bool = typer.Option(False, "--no-progress", help="plain log lines instead of a progress bar")):
+    """Train LoRA with GRPO/DAPO/Dr.GRPO + AQN. Any setting can be overridden: --section.key value
+    (e.g. --rollout.temperature 0.8), plus --max-steps N and --output-dir DIR."""
+    from .config import load_config
+    from .trainer import Trainer
+
+    cfg = load_config(config, ctx.args)
+    source = config or "the embedded default (SmolLM2-135M-Instruct, NVFP4 + LoRA + AQN, GRPO on arithmetic)"
+    print(f"qerl train: {source}; output in {cfg.train.output_dir}")
+    summary = Trainer(cfg, progress=not no_progress).train()
+    print(f"qerl train: done. held-out accuracy {summary['eval_start']} -> {summary['eval_end']}; "
+          f"summary in {cfg.train.output_dir}/summary.md")
+
+
+@app.command("eval")
+def eval_cmd(model: str = typer.Option("smollm2-135m-instruct", "--model", "-m"),
+             quant: str = typer.Option("nvfp4", "--quant"),
+             adapter: str = typer.Option(None, "--adapter", help="PEFT adapter directory to apply"),
+             dataset: str = typer.Option("arithmetic:1", "--dataset", "-d"),
+             split: str = typer.Option("test", "--split"),
+             limit: int = typer.Option(None, "--limit"),
+             samples: int = typer.Option(1, "--samples", "-k"),
+             temperature: float = typer.Option(0.0, "--temperature"),
+             max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+             system_prompt: str = typer.Option(None, "--system-prompt"),
+             suffix: str = typer.Option(None, "--suffix"),
+             question_key: str = typer.Option(None, "--question-key"),
+             answer_key: str = typer.Option(None, "--answer-key"),
+             output: str = typer.Option("eval/results.jsonl", "--output", "-o"),
+             device: str = typer.Option(None, "--device"),
+             seed: int = typer.Option(0, "--seed")):
+    """pass@1 (averaged over k samples) and maj@k, with a per-example jsonl."""
+    from .data import load_records
+    from .evaluate import EvalSettings, evaluate
+    from .loading import load_model
+    from .lora import load_adapter
+    from .rollout import Engine
+
+    records, report = load_records(dataset, split, question_key=question_key, answer_key=answer_key, limit=limit)
+    print(report.summary())
+    m, tok = load_model(model, quant=quant, lora_rank=0, device=device)
+    if adapter:
+        applied = load_adapter(m, adapter)
+        print(f"adapter {adapter}: applied to {len(applied)} layers")
+    s = EvalSettings(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                     system_prompt=system_prompt, suffix=suffix, seed=seed)
+    res = evaluate(Engine(m, tok), records, s, output,
+                   extra={"model": model, "quant": quant, "adapter": adapter, "dataset": dataset, "split": split})
+    print(f"{dataset}/{split}: n={res['n']} pass@1={res['pass@1']:.4f} maj@{samples}={res[f'maj@{samples}']:.4f} "
+          f"(adapter: {adapter or 'none'}) -> {output}")
+
+
+@app.command()
+def quantize(model: str = typer.Argument(..., help="HF directory, hub id or GGUF file (or a ModelOpt NVFP4 checkpoint)"),
+             format: str = typer.Option("nvfp4", "--format", "-f", help="nvfp4 or mxfp4"),
+             out: str = typer.Option(..., "--out", "-o", help="new output directory")):
+    """Write a compressed-tensors checkpoint (what vLLM serves), streaming one layer group at a time."""
+    from .export import quantize_checkpoint
+
+    print(f"qerl quantize: {format} checkpoint in {quantize_checkpoint(model, out, format)}")
+
+
+@app.command()
+def export(adapter: str = typer.Option(..., "--adapter", "-a", help="PEFT adapter directory saved by qerl"),
+           out: str = typer.Option(..., "--out", "-o", help="new output directory"),
+           merge: str = typer.Option(None, "--merge", help="bf16, nvfp4 or mxfp4: fold the adapter into the weights"),
+           model: str = typer.Option(None, "--model", "-m", help="base model (default: the adapter's base_model_name_or_path)")):
+    """Adapter + compressed-tensors base for vLLM LoRA serving, or (--merge) one merged model."""
+    from .export import export_adapter
+
+    print(f"qerl export: {export_adapter(adapter, out, merge=merge, model=model)}")
+
+
 def main():
     import logging
 

@@ -451,7 +451,7 @@ def _load_arithmetic(
     source: str, arg: str, split: str, limit: int | None, seed: int
 ) -> tuple[list[Record], LoadReport]:
     if arg and not arg.isdigit():
-        raise DataError(f"expected arithmetic:<difficulty> with difficulty in {ARITHMETIC_DIFFICULTIES}, got {source!r}")
+        raise DataError(f"expected arithmetic:<difficulty>, difficulty in {ARITHMETIC_DIFFICULTIES}; got {source!r}")
     if split not in ARITHMETIC_SPLIT_SIZES:
         raise DataError(f"arithmetic splits are {tuple(ARITHMETIC_SPLIT_SIZES)}, got {split!r}")
     n = ARITHMETIC_SPLIT_SIZES[split] if limit is None else limit

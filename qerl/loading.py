@@ -11,6 +11,11 @@ NVFP4 fused groups (q/k/v, gate/up) share the minimum of their members' global
 scales, as llm-compressor does, so the quantized model is exactly what vLLM would
 serve from a checkpoint written by `qerl quantize`.
 
+Already-quantized checkpoints (compressed-tensors NVFP4/MXFP4, ModelOpt NVFP4; see
+`qerl.checkpoint`) load without re-quantization: each Linear adopts its stored packed
+bytes and scales as they are. `quant` must then name the checkpoint's format; asking for
+another one is an error rather than a silent second rounding of 4-bit weights.
+
 GGUF files go through `transformers` (which dequantizes GGUF blocks) once and are
 cached as a plain HF safetensors directory under `$QERL_CACHE` (default
 ~/.cache/qerl), because parsing a GGUF's metadata takes tens of seconds; that path
@@ -27,11 +32,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import detect_quantized, quantize_group, read_quantized
 from .errors import QerlError
 from .lora import add_lora
 from .modeling import LINEAR_NAMES, CausalLM, ModelArgs
 from .quant import QuantLinear, get_format
-from .quant.nvfp4 import nvfp4_global_scale
 from .utils import configure_cpu_threads
 
 log = logging.getLogger(__name__)
@@ -60,12 +65,17 @@ class SafetensorsSource:
                     weight_map.update({k: f.name for k in h.keys()})
         self.weight_map = weight_map
         self._handles = {f: safe_open(path / f, "pt") for f in set(weight_map.values())}
+        self.checkpoint = detect_quantized(path)  # None for a full-precision checkpoint
 
     def keys(self):
         return self.weight_map.keys()
 
     def get(self, key: str) -> torch.Tensor:
         return self._handles[self.weight_map[key]].get_tensor(key)
+
+    def quantized(self, module: str, shape) -> dict | None:
+        """Linear `module`'s stored quantized tensors, or None where it is stored in full precision."""
+        return read_quantized(self, module, self.checkpoint, tuple(shape)) if self.checkpoint else None
 
 
 def gguf_to_hf_dir(gguf_path: Path) -> Path:
@@ -150,6 +160,12 @@ def resolve(name_or_path: str) -> tuple[Path, str | None]:
     raise QerlError(f"model path does not exist: {name_or_path}")
 
 
+def model_dir(name_or_path: str) -> Path:
+    """The local HF directory of a model name, path or GGUF file (a GGUF is converted once, cached)."""
+    path, gguf = resolve(str(name_or_path))
+    return gguf_to_hf_dir(path / gguf) if gguf else path
+
+
 # --- building ---------------------------------------------------------------------------
 def _set_param(model: nn.Module, name: str, tensor: torch.Tensor):
     mod_name, _, leaf = name.rpartition(".")
@@ -159,22 +175,32 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor):
 
 def build_quantized(args: ModelArgs, source, quant: str, device, dtype, targets=LINEAR_NAMES) -> CausalLM:
     fmt = get_format(quant)
+    ckpt = source.checkpoint
+    if ckpt and ckpt.format != fmt.name:
+        raise QerlError(f"the checkpoint is {ckpt.method} {ckpt.format}: load it with quant '{ckpt.format}' "
+                        f"(qerl uses its packed weights as they are and does not re-quantize them to {fmt.name})")
     with torch.device("meta"):
         model = CausalLM(args)
     keys = set(source.keys())
     target_weights = {f"model.layers.{i}.{_PARENT[n]}.{n}" for i in range(args.num_layers) for n in targets}
 
     missing = []
-    for name, _ in list(model.named_parameters()):
+    for name, p in list(model.named_parameters()):
         owner = name.rpartition(".")[0]
         if owner in target_weights or (name == "lm_head.weight" and args.tie_word_embeddings):
             continue
-        if name not in keys:
-            missing.append(name)
-            continue
         # Norm weights stay fp32 so that AQN's small noise is representable (see RMSNorm).
         t_dtype = torch.float32 if name.endswith("norm.weight") else dtype
-        _set_param(model, name, source.get(name).to(device=device, dtype=t_dtype))
+        if name in keys:
+            _set_param(model, name, source.get(name).to(device=device, dtype=t_dtype))
+            continue
+        stored = source.quantized(owner, p.shape) if name.endswith(".weight") and p.ndim == 2 else None
+        if stored is None:
+            missing.append(name)
+            continue
+        # A Linear qerl keeps in full precision (lm_head, a non-target layer) that the checkpoint quantized.
+        w = get_format(ckpt.format).dequantize({k: v.to(device) for k, v in stored.items()}, t_dtype)
+        _set_param(model, name, w)
     if missing:
         raise QerlError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
@@ -184,22 +210,27 @@ def build_quantized(args: ModelArgs, source, quant: str, device, dtype, targets=
             if not names:
                 continue
             paths = [f"model.layers.{i}.{_PARENT[n]}.{n}" for n in names]
-            absent = [p + ".weight" for p in paths if p + ".weight" not in keys]
+            shapes = [tuple(model.get_submodule(p).weight.shape) for p in paths]  # [N, K]
+            # A quantized checkpoint's tensors as stored (None where it keeps a Linear in full precision).
+            stored = [source.quantized(p, s) for p, s in zip(paths, shapes)]
+            absent = [p + ".weight" for p, t in zip(paths, stored) if t is None and p + ".weight" not in keys]
             if absent:
                 raise QerlError(f"checkpoint lacks {absent[0]}")
-            weights = [source.get(p + ".weight").to(device) for p in paths]
+            weights = [source.get(p + ".weight").to(device) if t is None else None for p, t in zip(paths, stored)]
             biases = [source.get(p + ".bias").to(device=device, dtype=dtype) if p + ".bias" in keys else None for p in paths]
-            gs = min((nvfp4_global_scale(w) for w in weights), key=float) if fmt.fused_global_scale else None
-            for path, w, b in zip(paths, weights, biases):
-                name_fmt = fmt.name
-                if w.shape[1] % fmt.block_size:
-                    log.warning("%s: K=%d is not divisible by the %s block size %d; kept unquantized (bf16)",
-                                path, w.shape[1], fmt.name, fmt.block_size)
-                    name_fmt = "bf16"
-                qm = QuantLinear.from_weight(w, name_fmt, bias=b, global_scale=gs if name_fmt == fmt.name else None)
+            if ckpt is None:
+                stored = quantize_group(paths, weights, fmt)
+            for path, (n, k), w, t, b in zip(paths, shapes, weights, stored, biases):
+                if t is None:  # kept in full precision: K not a multiple of the block, or the checkpoint's choice
+                    qm = QuantLinear.from_weight(w, "bf16", bias=b)
+                else:
+                    qm = QuantLinear(k, n, fmt.name, bias=b is not None, device=device, dtype=dtype)
+                    qm.load_quantized({name: v.to(device) for name, v in t.items()})
+                    if b is not None:
+                        qm.bias.data.copy_(b)
                 parent, _, leaf = path.rpartition(".")
                 setattr(model.get_submodule(parent), leaf, qm)
-            del weights, biases
+            del weights, biases, stored
     model.tie_weights()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
@@ -226,9 +257,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, quant: str = "nvfp4", lora_ran
     if device.type == "cpu":
         configure_cpu_threads()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    path, gguf = resolve(str(name_or_path))
-    if gguf:
-        path = gguf_to_hf_dir(path / gguf)
+    path = model_dir(name_or_path)
     config = AutoConfig.from_pretrained(path)
     try:
         args = ModelArgs.from_hf(config)

@@ -77,16 +77,22 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
 
 @contextlib.contextmanager
 def dequant_cache(model: torch.nn.Module, enabled: bool = True):
-    """Keep dequantized weights between forwards (CPU speed); dropped on exit."""
+    """Keep dequantized weights between forwards (CPU speed) inside the block.
+
+    Nests: modules that were already caching (e.g. for a whole CPU training run) keep
+    their cache; the others drop theirs on exit.
+    """
     mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    before = [m.cache_dequantized for m in mods]
     for m in mods:
-        m.cache_dequantized = enabled
+        m.cache_dequantized = m.cache_dequantized or enabled
     try:
         yield
     finally:
-        for m in mods:
-            m.cache_dequantized = False
-            m.clear_cache()
+        for m, was in zip(mods, before):
+            m.cache_dequantized = was
+            if not was:
+                m.clear_cache()
 
 
 class Engine:

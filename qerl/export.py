@@ -1,0 +1,228 @@
+"""`qerl quantize` and `qerl export`: checkpoints that vLLM, PEFT and transformers load.
+
+`quantize_checkpoint(model, out, fmt)` writes a compressed-tensors checkpoint (REFERENCE.md
+section 1): per decoder Linear `weight_packed` / `weight_scale` (/ `weight_global_scale` for
+NVFP4), every other tensor copied as it was (same name, same dtype), `quantization_config` in
+config.json, tokenizer and generation config copied. It streams: one fused group is read and
+quantized at a time and only the shard being filled is held in memory. The quantizer and the
+fused-group rule are the loader's (`qerl.checkpoint.quantize_group`), so loading the written
+checkpoint gives bit for bit the model that `load_model(model, quant=fmt)` builds. A source that
+is already quantized (compressed-tensors of the same format, ModelOpt NVFP4) is converted without
+re-quantization; its activation / KV-cache scales are dropped (the output is weight-only).
+
+`export_adapter(adapter, out, merge, model)`, for an adapter saved by `qerl.lora.save_adapter`:
+  - merge None: `out/adapter` (the PEFT adapter, its `base_model_name_or_path` pointing at the
+    base) and the quantized base the adapter was trained on: a pointer when the base already is a
+    compressed-tensors checkpoint of the adapter's weight format, otherwise `out/base` written by
+    `quantize_checkpoint`. Serve with
+    `vllm serve <base> --enable-lora --lora-modules qerl=<out>/adapter`.
+    An adapter trained on bf16 points at its full-precision base; nf4 has no vLLM format (merge).
+  - merge "bf16": a plain HF model dir: per Linear, dequantized base + (alpha/r) B A summed in
+    fp32 and rounded once to bf16; every other tensor in bf16.
+  - merge "nvfp4" / "mxfp4": the same fp32 sums re-quantized (fused-group rule) into a
+    compressed-tensors checkpoint; other tensors in the base's dtype. This rounds a second time:
+    the result is close to, not equal to, base + LoRA.
+The merges load the quantized model (small) and write one fused group at a time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (ACTIVATION_SCALES, CT_FORMATS, DEFAULT_SHARD_BYTES, WEIGHT_QPARAMS, ShardedWriter,
+                         checkpoint_dtype, copy_side_files, ct_quantization_config, detect_quantized,
+                         prepare_out_dir, quantize_group, write_config)
+from .errors import QerlError
+from .loading import _PARENT, FUSED_GROUPS, SafetensorsSource, default_device, load_model, model_dir
+from .lora import PEFT_PREFIX, load_adapter, quant_linears
+from .modeling import CausalLM, ModelArgs
+from .quant import get_format
+
+log = logging.getLogger(__name__)
+
+MERGE_CHOICES = ("bf16",) + tuple(CT_FORMATS)
+
+
+def _model_args(path: Path) -> ModelArgs:
+    from transformers import AutoConfig
+
+    try:
+        return ModelArgs.from_hf(AutoConfig.from_pretrained(path))
+    except ValueError as e:
+        raise QerlError(f"{path}: {e}") from e
+
+
+def _groups(args: ModelArgs):
+    """Module paths of each fused group of decoder Linears, layer by layer."""
+    for i in range(args.num_layers):
+        for group in FUSED_GROUPS:
+            yield [f"model.layers.{i}.{_PARENT[n]}.{n}" for n in group]
+
+
+def _linear_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """[N, K] of every decoder Linear, read off a meta-device model."""
+    with torch.device("meta"):
+        model = CausalLM(args)
+    return {p: tuple(model.get_submodule(p).weight.shape) for g in _groups(args) for p in g}
+
+
+def _write_group(writer: ShardedWriter, paths, weights, fmt, ignore: list[str], keep_dtype=None):
+    """Quantize and write one fused group; members left unquantized go into `ignore`."""
+    for path, w, t in zip(paths, weights, quantize_group(paths, weights, fmt)):
+        if t is None:
+            ignore.append(path)
+            writer.add(f"{path}.weight", w if keep_dtype is None else w.to(keep_dtype))
+        else:
+            for name, v in t.items():
+                writer.add(f"{path}.{name}", v)
+
+
+def quantize_checkpoint(model: str, out: str | Path, fmt: str = "nvfp4", device=None,
+                        max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write `model` (HF dir, hub id, GGUF, or a quantized checkpoint) as a compressed-tensors checkpoint."""
+    if fmt not in CT_FORMATS:
+        raise QerlError(f"format must be one of {', '.join(CT_FORMATS)} (the compressed-tensors formats), not '{fmt}'")
+    src = model_dir(model)
+    args = _model_args(src)
+    source = SafetensorsSource(src)
+    ckpt = source.checkpoint
+    if ckpt and ckpt.format != fmt:
+        raise QerlError(f"{model} is a {ckpt.method} {ckpt.format} checkpoint; qerl does not re-quantize it to {fmt}")
+    device = torch.device(device) if device is not None else default_device()
+    out = prepare_out_dir(out)
+    writer = ShardedWriter(out, max_shard_bytes)
+    shapes = _linear_shapes(args)
+    keys = source.keys()
+
+    dropped = 0
+    for key in keys:
+        owner, _, leaf = key.rpartition(".")
+        if leaf in ACTIVATION_SCALES:
+            dropped += 1
+        elif owner in shapes:
+            continue  # decoder Linears are written group by group below
+        elif ckpt and leaf in WEIGHT_QPARAMS:
+            raise QerlError(f"{model}: {key} is quantized; qerl converts checkpoints whose quantized layers "
+                            "are the decoder Linears only")
+        else:
+            writer.add(key, source.get(key))  # as it was: same name, same dtype
+
+    ignore = ["lm_head"]
+    for paths in _groups(args):
+        for p in paths:
+            if f"{p}.bias" in keys:
+                writer.add(f"{p}.bias", source.get(f"{p}.bias"))
+        if ckpt is None:
+            _write_group(writer, paths, [source.get(f"{p}.weight").to(device) for p in paths], get_format(fmt), ignore)
+            continue
+        for p in paths:  # already quantized: the stored bytes as they are
+            t = source.quantized(p, shapes[p])
+            if t is None:
+                ignore.append(p)
+                writer.add(f"{p}.weight", source.get(f"{p}.weight"))
+            else:
+                for name, v in t.items():
+                    writer.add(f"{p}.{name}", v)
+    writer.close()
+    if dropped:
+        log.info("dropped %d activation / KV-cache scales: the checkpoint written is weight-only", dropped)
+    write_config(src, out, ct_quantization_config(fmt, ignore))
+    copy_side_files(src, out)
+    return out
+
+
+def _adapter_format(adapter: Path, base_dir: Path) -> str:
+    """The weight format the adapter was trained on (qerl_adapter.json; else the base's, else nvfp4)."""
+    meta = adapter / "qerl_adapter.json"
+    fmt = json.loads(meta.read_text()).get("weight_format") if meta.exists() else None
+    if fmt is None:
+        ckpt = detect_quantized(base_dir)
+        fmt = ckpt.format if ckpt else "nvfp4"
+    return fmt
+
+
+def _check_adapter_fits(adapter: Path, source: SafetensorsSource):
+    """Every adapted module must be a Linear of the base (catches a wrong --model early)."""
+    from safetensors import safe_open
+
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        modules = {k.removeprefix(PEFT_PREFIX).rpartition(".lora_")[0] for k in f.keys()}
+    keys = source.keys()
+    stray = sorted(m for m in modules if f"{m}.weight" not in keys and f"{m}.weight_packed" not in keys)
+    if stray:
+        raise QerlError(f"{adapter}: adapter module {stray[0]} is not a Linear of the base model")
+
+
+def _write_merged(model, args: ModelArgs, src: Path, out: Path, merge: str):
+    """Write base + LoRA, one fused group at a time: bf16 HF weights or a compressed-tensors checkpoint."""
+    other = torch.bfloat16 if merge == "bf16" else checkpoint_dtype(src)
+    writer = ShardedWriter(out)
+    linears = quant_linears(model)
+    for name, p in model.named_parameters():  # a tied lm_head appears once, as embed_tokens
+        if name.rpartition(".")[0] not in linears:
+            writer.add(name, p.to(other))
+    ignore = ["lm_head"]
+    for paths in _groups(args):
+        mods = [linears[p] for p in paths]
+        # Summed in fp32, rounded once (to bf16, or by the quantizer).
+        merged = [m.dequantized(torch.float32) + (m.lora_delta().float() if m.lora_rank else 0) for m in mods]
+        for p, m in zip(paths, mods):
+            if m.bias is not None:
+                writer.add(f"{p}.bias", m.bias.to(other))
+        if merge == "bf16":
+            for p, w in zip(paths, merged):
+                writer.add(f"{p}.weight", w.to(torch.bfloat16))
+        else:
+            _write_group(writer, paths, merged, get_format(merge), ignore, keep_dtype=other)
+    writer.close()
+    if merge == "bf16":
+        write_config(src, out, None, dtype=torch.bfloat16)
+    else:
+        write_config(src, out, ct_quantization_config(merge, ignore))
+
+
+def export_adapter(adapter: str | Path, out: str | Path, merge: str | None = None, model: str | None = None,
+                   device=None) -> Path:
+    """Export a qerl (PEFT) adapter for serving; see the module docstring. -> the output directory."""
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").exists() or not (adapter / "adapter_model.safetensors").exists():
+        raise QerlError(f"{adapter}: not a PEFT adapter directory (needs adapter_config.json and adapter_model.safetensors)")
+    if merge is not None and merge not in MERGE_CHOICES:
+        raise QerlError(f"--merge must be one of {', '.join(MERGE_CHOICES)}, not '{merge}'")
+    peft_cfg = json.loads((adapter / "adapter_config.json").read_text())
+    base = model or peft_cfg.get("base_model_name_or_path")
+    if not base:
+        raise QerlError(f"{adapter}: the adapter does not name its base model; pass --model")
+    src = model_dir(base)
+    trained = _adapter_format(adapter, src)
+    _check_adapter_fits(adapter, SafetensorsSource(src))
+    out = prepare_out_dir(out)
+
+    if merge is not None:
+        # fp32 compute dtype: full-precision tensors pass through exactly and the merge sums in fp32.
+        m, _ = load_model(base, quant=trained, lora_rank=0, device=device, dtype=torch.float32)
+        load_adapter(m, adapter)
+        _write_merged(m, m.args, src, out, merge)
+        copy_side_files(src, out)
+        log.info("merged %s (%s base) into %s weights: %s", adapter, trained, merge, out)
+        return out
+
+    ckpt = detect_quantized(src)
+    if trained == "bf16" or (ckpt and ckpt.method == "compressed-tensors" and ckpt.format == trained):
+        base_ref = src.resolve()  # already servable as it is: point at it
+    elif trained in CT_FORMATS:
+        base_ref = quantize_checkpoint(base, out / "base", trained, device).resolve()
+    else:
+        raise QerlError(f"the adapter was trained on {trained} weights, which vLLM cannot serve; use --merge bf16")
+    (out / "adapter").mkdir()
+    for f in adapter.iterdir():
+        if f.is_file() and f.name != "adapter_config.json":
+            shutil.copy2(f, out / "adapter" / f.name)
+    peft_cfg["base_model_name_or_path"] = str(base_ref)
+    (out / "adapter" / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2))
+    log.info("serve with: vllm serve %s --enable-lora --lora-modules qerl=%s", base_ref, out / "adapter")
+    return out

@@ -1,0 +1,101 @@
+"""Large-M path (prefill, training forward and backward): dequantize ONE weight into a
+reusable bf16 buffer, then a cuBLAS matmul.
+
+The buffer is shared by all layers (one per device and dtype, grown to the largest
+weight seen), so the model never holds dequantized copies of more than one Linear.
+Ops on one CUDA stream run in order, so the next layer's dequantization cannot
+overwrite the buffer before the matmul that reads it has run.
+The dequantized values are bit-identical to `qerl.quant.{nvfp4,mxfp4}_dequantize`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import HAS_TRITON, require
+from .fused_linear import fused_linear
+
+SMALL_M = 64  # at or below: the fused one-pass kernel; above: dequantize + cuBLAS
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .fused_linear import _e2m1_scaled, _e4m3_value
+
+    @triton.jit
+    def _dequant_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, N, KH, stride_wn, stride_sn, stride_on,
+                        FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rh = tl.program_id(1) * BLOCK_KH + tl.arange(0, BLOCK_KH)
+        m = (rn < N)[:, None] & (rh < KH)[None, :]
+        p = tl.load(w_ptr + rn[:, None] * stride_wn + rh[None, :], mask=m, other=0).to(tl.int32)
+        if FMT == 0:
+            gs = tl.load(gs_ptr)
+            sb = tl.load(s_ptr + rn[:, None] * stride_sn + (rh // 8)[None, :], mask=m, other=0).to(tl.int32)
+            step = (_e4m3_value(sb) / gs) * 16384.0
+        else:
+            sb = tl.load(s_ptr + rn[:, None] * stride_sn + (rh // 16)[None, :], mask=m, other=0).to(tl.int32)
+            step = (sb << 23).to(tl.float32, bitcast=True) * 16384.0
+        lo = (_e2m1_scaled(p & 15) * step).to(out_ptr.dtype.element_ty)
+        hi = (_e2m1_scaled(p >> 4) * step).to(out_ptr.dtype.element_ty)
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_KH))  # interleave: even column from the low nibble
+        rk = tl.program_id(1) * 2 * BLOCK_KH + tl.arange(0, 2 * BLOCK_KH)
+        mk = (rn < N)[:, None] & (rk < 2 * KH)[None, :]
+        tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :], w, mask=mk)
+
+
+_BUFFERS: dict[tuple, torch.Tensor] = {}
+
+
+def dequantize(fmt: str, packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None,
+               dtype=torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, K/2] packed -> [N, K] in dtype (into `out` when given)."""
+    require(packed, what=f"the {fmt} dequantize kernel")
+    n, kh = packed.shape
+    if out is None:
+        out = torch.empty((n, 2 * kh), dtype=dtype, device=packed.device)
+    if scale.dtype != torch.uint8:
+        scale = scale.view(torch.uint8)
+    bn, bkh = 32, 64
+    _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(kh, bkh))](
+        packed, scale, global_scale if global_scale is not None else scale, out, n, kh,
+        packed.stride(0), scale.stride(0), out.stride(0),
+        FMT=0 if fmt == "nvfp4" else 1, BLOCK_N=bn, BLOCK_KH=bkh, num_warps=4)
+    return out
+
+
+def shared_buffer(n: int, k: int, dtype, device) -> torch.Tensor:
+    """A [N, K] view of the one reusable dequantization buffer for (device, dtype)."""
+    key = (torch.device(device), dtype)
+    buf = _BUFFERS.get(key)
+    if buf is None or buf.numel() < n * k:
+        _BUFFERS.pop(key, None)
+        buf = torch.empty(n * k, dtype=dtype, device=device)
+        _BUFFERS[key] = buf
+    return buf[: n * k].view(n, k)
+
+
+def fp4_matmul(fmt: str, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+               global_scale: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ deq(W).T for x [..., K]."""
+    require(x, packed, what=f"the {fmt} matmul kernels")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n = packed.shape[0]
+    if x2.shape[0] <= SMALL_M:
+        y = fused_linear(x2, fmt, packed, scale, global_scale)
+    else:
+        w = dequantize(fmt, packed, scale, global_scale, x.dtype, out=shared_buffer(n, x2.shape[1], x.dtype, x.device))
+        y = x2 @ w.T
+    return y.reshape(*lead, n)
+
+
+def fp4_matmul_grad(fmt: str, g: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                    global_scale: torch.Tensor | None) -> torch.Tensor:
+    """dx = g @ deq(W) for g [..., N] (the weight is frozen: no weight gradient)."""
+    require(g, packed, what=f"the {fmt} matmul kernels")
+    n, kh = packed.shape
+    w = dequantize(fmt, packed, scale, global_scale, g.dtype, out=shared_buffer(n, 2 * kh, g.dtype, g.device))
+    return (g.reshape(-1, n) @ w).reshape(*g.shape[:-1], 2 * kh)

@@ -1,0 +1,66 @@
+"""LoRA down-projection for few rows: h = x @ A.T as split-K partial sums, no atomics.
+
+Writes h_partial [S, M, R] fp32 (S = K chunks); the consumer (`fused_linear`'s LoRA
+epilogue) sums over S while it loads h, so the shrink needs no second pass, no zeroed
+buffer and no atomics, and stays deterministic. A is the concatenation of the fused
+modules' A matrices ([R_total, K], fp32 as trained), so q/k/v share one launch.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import HAS_TRITON, next_pow2, require
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _lora_shrink_kernel(x_ptr, a_ptr, h_ptr, M, K, R, chunk,
+                            stride_xm, stride_ar, stride_hs, stride_hm,
+                            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
+        pid_s = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rr = tl.arange(0, BLOCK_R)
+        m_mask = rm < M
+        r_mask = rr < R
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        k_lo = pid_s * chunk
+        for k0 in range(k_lo, k_lo + chunk, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = (rk < K) & (rk < k_lo + chunk)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            if USE_DOT:
+                acc = tl.dot(x, tl.trans(a), acc, input_precision="ieee")
+            else:
+                acc += tl.sum(x[:, None, :] * a[None, :, :], axis=2)
+        tl.store(h_ptr + pid_s * stride_hs + rm[:, None] * stride_hm + rr[None, :], acc,
+                 mask=m_mask[:, None] & r_mask[None, :])
+
+
+def shrink_splits(k: int, chunk: int = 1024) -> int:
+    return (k + chunk - 1) // chunk
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
+    """x [M, K] (any float dtype), a [R, K] -> partials [S, M, R] fp32 with S = ceil(K / chunk)."""
+    require(x, a, what="the LoRA shrink kernel")
+    m, k = x.shape
+    r = a.shape[0]
+    if a.shape[1] != k or x.stride(1) != 1 or a.stride(1) != 1:
+        raise ValueError("lora_shrink: x [M, K] and A [R, K] must share K and be row-major")
+    s = shrink_splits(k, chunk)
+    if out is None:
+        out = torch.empty((s, m, r), dtype=torch.float32, device=x.device)
+    br = max(16, next_pow2(r))
+    if m <= 8:
+        bm, use_dot = next_pow2(m), False
+        bk = max(16, min(128, 4096 // (bm * br)))
+    else:
+        bm, use_dot, bk = (16 if m <= 16 else 32), True, 32
+    grid = (s, triton.cdiv(m, bm))
+    _lora_shrink_kernel[grid](x, a, out, m, k, r, chunk, x.stride(0), a.stride(0), out.stride(0), out.stride(1),
+                              BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, USE_DOT=use_dot, num_warps=4)
+    return out

@@ -1,0 +1,284 @@
+"""The RL loop: load -> quantize -> rollout (with AQN) -> reward -> advantage -> update -> log/checkpoint.
+
+Everything runs in one process on ONE copy of the weights: the engine samples from the
+same `CausalLM` the optimizer updates, so rollouts always use the live adapter and the
+AQN noise written into its norm weights reaches the sampling distribution.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .data import build_prompt, load_records
+from .errors import QerlError
+from .evaluate import EvalSettings, evaluate
+from .logger import RunLogger, plot_run
+from .lora import lora_parameters, save_adapter
+from .noise import aqn_sigma, apply_noise
+from .rewards import compute_rewards
+from .rl import LossConfig, dynamic_sampling_keep, fill_batch, group_advantages
+from .rollout import Engine, SamplingParams, dequant_cache
+from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+from .update import build_batch, policy_update
+
+
+class PromptSampler:
+    """Shuffled passes over the training records; its position is part of the checkpoint."""
+
+    def __init__(self, records, seed: int):
+        self.records, self.seed, self.epoch, self.pos = records, seed, 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self):
+        order = list(range(len(self.records)))
+        random.Random(self.seed * 1000 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, n: int):
+        out = []
+        while len(out) < n:
+            if self.pos == len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._shuffle()
+            out.append(self.records[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+    def state(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load(self, s):
+        self.epoch, self.pos = s["epoch"], s["pos"]
+        self._order = self._shuffle()
+
+
+def _dataset(spec: str, split: str, cfg: Config, limit=None):
+    records, report = load_records(spec, split, question_key=cfg.data.question_key, answer_key=cfg.data.answer_key,
+                                   limit=limit, seed=cfg.train.seed)
+    return records, report
+
+
+class Trainer:
+    def __init__(self, cfg: Config, progress: bool = True):
+        from .loading import load_model
+
+        self.cfg, self.progress = cfg, progress
+        self.algo = cfg.algo.resolved()
+        t = cfg.train
+        self.run_dir = Path(t.output_dir)
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+        m = cfg.model
+        self.model, self.tok = load_model(m.name, quant=m.quant, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
+                                          lora_dropout=m.lora_dropout, device=m.device)
+        self.device = self.model.device
+        gc = m.gradient_checkpointing
+        self.model.gradient_checkpointing = self.device.type == "cuda" if gc is None else gc
+        self.engine = Engine(self.model, self.tok)
+        self.params = lora_parameters(self.model)
+        self.norms = {}
+        if m.train_norms:
+            self.norms = {n: p for n, p in self.model.named_parameters() if n.endswith("layernorm.weight")}
+            for p in self.norms.values():
+                p.requires_grad_(True)
+        o = cfg.optim
+        groups = [{"params": self.params, "weight_decay": o.weight_decay}]
+        if self.norms:
+            groups.append({"params": list(self.norms.values()), "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+        warm = max(1, int(o.warmup_ratio * t.max_steps))
+
+        def lr_at(step):  # linear warmup, then cosine to min_lr_ratio
+            if step < warm:
+                return (step + 1) / warm
+            frac = (step - warm) / max(1, t.max_steps - warm)
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_at)
+        self.loss_cfg = LossConfig(eps_low=self.algo.eps_low, eps_high=self.algo.eps_high,
+                                   aggregation=self.algo.aggregation, kl_beta=self.algo.kl_beta,
+                                   max_completion_len=cfg.rollout.max_new_tokens)
+        self.reward_cfg = cfg.reward
+        if self.algo.overlong == "penalty" and self.reward_cfg.overlong == 0:
+            self.reward_cfg = dataclasses.replace(self.reward_cfg, overlong=1.0)
+        train_recs, rep = _dataset(cfg.data.train, cfg.data.train_split, cfg, cfg.data.train_limit)
+        self.eval_recs, erep = _dataset(cfg.data.eval, cfg.data.eval_split, cfg, t.eval_limit)
+        self.data_reports = [rep.summary(), erep.summary()]
+        self.sampler = PromptSampler(train_recs, t.seed)
+        self.gen = torch.Generator(self.device)
+        self.gen.manual_seed(t.seed)
+        self.start_step = 0
+        if t.resume:
+            ck = latest_checkpoint(self.run_dir)
+            if ck is None:
+                raise QerlError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+            self.start_step, extra = load_checkpoint(ck, self.model, self.optimizer, self.scheduler, self.gen, self.norms)
+            self.sampler.load(extra["sampler"])
+        self.logger = RunLogger(self.run_dir, cfg.to_dict(), wandb=t.wandb, resume=t.resume)
+
+    # --- one step ------------------------------------------------------------------------
+    def prompt_ids(self, records):
+        d = self.cfg.data
+        texts = [build_prompt(self.tok, r.question, system_prompt=d.system_prompt, suffix=d.suffix,
+                              chat_template=d.chat_template) for r in records]
+        return [self.tok(x, add_special_tokens=False).input_ids for x in texts]
+
+    def rollout(self, step: int):
+        """Sample G completions for each prompt under AQN noise; score them; keep informative groups."""
+        r, G = self.cfg.rollout, self.cfg.rollout.group_size
+        sigma = aqn_sigma(step, self.cfg.train.max_steps, self.cfg.aqn)
+        params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                max_new_tokens=r.max_new_tokens, n=G, stop=tuple(r.stop))
+
+        def sample_round(n_groups):
+            recs = self.sampler.take(n_groups)
+            prompts = self.prompt_ids(recs)
+            with apply_noise(self.model, sigma, self.gen):
+                out = self.engine.generate(prompts, params, generator=self.gen)
+            golds = [rec.answer for rec in recs for _ in range(G)]
+            rewards, parts = compute_rewards(out.texts, golds, out.lengths, r.max_new_tokens, self.reward_cfg)
+            rewards = torch.tensor(rewards)
+            groups = [dict(prompt=prompts[i], out=out, rows=range(i * G, (i + 1) * G), rewards=rewards[i * G:(i + 1) * G],
+                           correct=parts["correct"][i * G:(i + 1) * G]) for i in range(len(recs))]
+            keep = dynamic_sampling_keep(rewards, G) if self.algo.dynamic_sampling else [True] * len(recs)
+            return groups, keep
+
+        rounds = self.algo.max_sampling_rounds if self.algo.dynamic_sampling else 1
+        groups, stats = fill_batch(sample_round, r.prompts_per_step, rounds)
+        return groups, sigma, stats
+
+    def step(self, step: int) -> dict:
+        t0 = time.perf_counter()
+        groups, sigma, ds = self.rollout(step)
+        t_roll = time.perf_counter() - t0
+        G = self.cfg.rollout.group_size
+        all_rewards = torch.cat([g["rewards"] for g in groups]) if groups else torch.zeros(0)
+        metrics = {"sigma": sigma, "lr": self.scheduler.get_last_lr()[0], "rollout_s": t_roll,
+                   **{f"sampling_{k}": v for k, v in ds.items()}}
+        if groups:
+            adv = group_advantages(all_rewards, G, normalize_std=self.algo.normalize_std)
+            prompts, comps, masks, logps, finish = [], [], [], [], []
+            for g in groups:
+                for row in g["rows"]:
+                    prompts.append(g["prompt"])
+                    comps.append(g["out"].completion_ids[row])
+                    m = g["out"].mask[row]
+                    if self.algo.overlong == "mask" and g["out"].finish_reasons[row] == "length":
+                        m = torch.zeros_like(m)  # DAPO overlong filtering: truncated answers teach nothing
+                    masks.append(m)
+                    logps.append(g["out"].logprobs[row])
+                    finish.append(g["out"].finish_reasons[row])
+            batch = build_batch(prompts, comps, masks, logps, adv, self.engine.pad_id, self.device)
+            a = self.algo
+            upd = policy_update(self.model, self.optimizer, self.params + list(self.norms.values()), batch,
+                                self.loss_cfg, temperature=self.cfg.rollout.temperature,
+                                micro_batch_size=self.cfg.optim.micro_batch_size, num_iterations=a.num_iterations,
+                                max_grad_norm=self.cfg.optim.max_grad_norm, is_level=a.is_level, is_mode=a.is_mode,
+                                is_threshold=a.is_threshold)
+            lengths = [float(m.sum()) for g in groups for m in g["out"].mask[list(g["rows"])]]
+            correct = [c for g in groups for c in g["correct"]]
+            metrics.update(upd)
+            metrics.update({"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()) if len(all_rewards) > 1 else 0.0,
+                            "accuracy": sum(correct) / len(correct), "completion_len": sum(lengths) / len(lengths),
+                            "truncated_frac": sum(f == "length" for f in finish) / len(finish),
+                            "tokens_per_s": sum(lengths) / max(t_roll, 1e-9)})
+        else:
+            metrics["skipped_updates"] = 1.0  # dynamic sampling found no informative group
+        self.scheduler.step()
+        metrics["step_s"] = time.perf_counter() - t0
+        if self.device.type == "cuda":
+            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            import resource
+
+            metrics["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return metrics
+
+    def run_eval(self, step: int) -> dict:
+        t, d, r = self.cfg.train, self.cfg.data, self.cfg.rollout
+        s = EvalSettings(samples=t.eval_samples, temperature=t.eval_temperature, top_p=r.top_p,
+                         max_new_tokens=r.max_new_tokens, system_prompt=d.system_prompt, suffix=d.suffix,
+                         chat_template=d.chat_template, seed=t.seed + 7, answer_order=self.reward_cfg.answer_order)
+        res = evaluate(self.engine, self.eval_recs, s, self.run_dir / "eval" / f"step-{step}.jsonl", progress=self.progress)
+        return {"eval_accuracy": res["pass@1"], f"eval_maj@{t.eval_samples}": res[f"maj@{t.eval_samples}"]}
+
+    # --- the loop ------------------------------------------------------------------------
+    def train(self) -> dict:
+        t = self.cfg.train
+        cpu = self.device.type == "cpu"
+        history = {}
+        with dequant_cache(self.model, cpu):  # CPU: dequantize the frozen base once for the whole run
+            if self.start_step == 0:
+                history["eval_start"] = self.run_eval(0)
+                self.logger.log(0, history["eval_start"])
+            bar = _progress(self.progress, t.max_steps, self.start_step)
+            for step in range(self.start_step, t.max_steps):
+                m = self.step(step)
+                if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.max_steps:
+                    m.update(self.run_eval(step + 1))
+                if step + 1 == t.max_steps:
+                    history["eval_end"] = self.run_eval(step + 1)
+                    m.update(history["eval_end"])
+                self.logger.log(step + 1, m)
+                if bar:
+                    bar[0].update(bar[1], advance=1, description=_describe(step + 1, m))
+                if (t.save_every and (step + 1) % t.save_every == 0) or step + 1 == t.max_steps:
+                    save_checkpoint(self.run_dir, step + 1, self.model, self.optimizer, self.scheduler, self.gen,
+                                    {"sampler": self.sampler.state()}, self.norms, keep=t.keep_checkpoints)
+            if bar:
+                bar[0].stop()
+        save_adapter(self.model, self.run_dir / "adapter")
+        self.logger.close()
+        plot_run(self.run_dir)
+        summary = write_summary(self.run_dir, self.cfg, history, self.data_reports)
+        return summary
+
+
+def _describe(step, m):
+    parts = [f"step {step}"]
+    for k, fmt in (("reward_mean", "reward {:.3f}"), ("accuracy", "acc {:.2f}"), ("entropy", "ent {:.2f}"),
+                   ("sigma", "sigma {:.1e}"), ("step_s", "{:.1f}s/step")):
+        if k in m:
+            parts.append(fmt.format(m[k]))
+    return " | ".join(parts)
+
+
+def _progress(enabled, total, done):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                 TimeRemainingColumn())
+    p.start()
+    return p, p.add_task("train", total=total, completed=done)
+
+
+def write_summary(run_dir: Path, cfg: Config, history: dict, data_reports: list[str]) -> dict:
+    from .logger import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    steps = [r for r in rows if "reward_mean" in r]
+    ev = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+    summary = {"steps": len(steps), "eval": ev,
+               "eval_start": ev[0][1] if ev else None, "eval_end": ev[-1][1] if ev else None,
+               "reward_first5": sum(r["reward_mean"] for r in steps[:5]) / max(1, len(steps[:5])) if steps else None,
+               "reward_last5": sum(r["reward_mean"] for r in steps[-5:]) / max(1, len(steps[-5:])) if steps else None,
+               "total_s": sum(r.get("step_s", 0) for r in steps)}
+    md = [f"# qerl run: {run_dir}", "",
+          f"- model: `{cfg.model.name}` ({cfg.model.quant}, LoRA r={cfg.model.lora_rank}), algorithm: {cfg.algo.name}, AQN: {cfg.aqn.enabled}",
+          f"- data: {'; '.join(data_reports)}",
+          f"- steps: {summary['steps']}, training time {summary['total_s']:.0f} s",
+          f"- held-out accuracy (sampled, T={cfg.train.eval_temperature}): " + ", ".join(f"step {s}: {a:.3f}" for s, a in ev),
+          f"- mean reward, first 5 steps: {summary['reward_first5']}, last 5 steps: {summary['reward_last5']}",
+          "", "![curves](curves.png)", ""]
+    (run_dir / "summary.md").write_text("\n".join(md))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

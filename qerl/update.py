@@ -1,0 +1,121 @@
+"""The policy update: pack rollout groups into sequences, micro-batch, PPO-clip, step.
+
+Log-probs and entropies come from `chunked_logprobs_and_entropy` over the completion
+positions only, so [tokens, vocab] fp32 logits never exist at once. With
+`num_iterations == 1` the "old" log-probs are the detached log-probs of the same
+forward (ratio 1), so no extra pass is spent; more iterations reuse those stored values.
+The rollout policy carried AQN noise and the training forward does not: the
+importance correction (`is_mode`) reweights by exp(train - rollout) and the mismatch
+is always measured and logged.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .lora import adapter_disabled
+from .modeling import CausalLM, causal_mask, positions_from_mask
+from .rl import LossConfig, chunked_logprobs_and_entropy, importance_weights, policy_loss
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [N, P+L] left-padded prompt, then completion (right-padded)
+    attn: torch.Tensor  # [N, P+L] 1 on real tokens
+    completion: torch.Tensor  # [N, L]
+    mask: torch.Tensor  # [N, L] bool, tokens that enter the loss
+    rollout_logp: torch.Tensor  # [N, L] log-probs the sampler reported
+    advantages: torch.Tensor  # [N]
+    prompt_len: int  # P
+
+    def slice(self, idx: slice) -> "Batch":
+        return Batch(self.input_ids[idx], self.attn[idx], self.completion[idx], self.mask[idx],
+                     self.rollout_logp[idx], self.advantages[idx], self.prompt_len)
+
+
+def build_batch(prompts: list[list[int]], completions: list[torch.Tensor], masks: list[torch.Tensor],
+                logps: list[torch.Tensor], advantages: torch.Tensor, pad_id: int, device) -> Batch:
+    """prompts[i] is the prompt of sequence i; completions/masks/logps are 1-D per sequence."""
+    n = len(prompts)
+    p = max(len(x) for x in prompts)
+    length = max(int(c.shape[0]) for c in completions)
+    ids = torch.full((n, p + length), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, p + length), dtype=torch.long)
+    comp = torch.full((n, length), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, length), dtype=torch.bool)
+    lp = torch.zeros((n, length), dtype=torch.float32)
+    for i in range(n):
+        pr, c, m = prompts[i], completions[i], masks[i]
+        ids[i, p - len(pr):p] = torch.tensor(pr)
+        attn[i, p - len(pr):p] = 1
+        k = int(c.shape[0])
+        ids[i, p:p + k], comp[i, :k], mask[i, :k], lp[i, :k] = c, c, m, logps[i]
+        attn[i, p:p + k] = m.long()
+    return Batch(ids.to(device), attn.to(device), comp.to(device), mask.to(device), lp.to(device),
+                 advantages.to(device).float(), p)
+
+
+def sequence_logprobs(model: CausalLM, b: Batch, temperature: float, chunk_tokens: int = 1024):
+    """-> (logp [N, L], entropy [N, L]) of the completion tokens under the current model."""
+    hidden = model(b.input_ids, positions_from_mask(b.attn), causal_mask(b.attn))
+    length = b.completion.shape[1]
+    h = hidden[:, b.prompt_len - 1: b.prompt_len - 1 + length]  # position t predicts completion token t
+    return chunked_logprobs_and_entropy(h, model.lm_head.weight, b.completion, chunk_tokens=chunk_tokens,
+                                        temperature=temperature)
+
+
+def policy_update(model: CausalLM, optimizer, params: list[torch.nn.Parameter], batch: Batch, loss_cfg: LossConfig,
+                  *, temperature: float, micro_batch_size: int, num_iterations: int, max_grad_norm: float,
+                  is_level: str, is_mode: str, is_threshold: float) -> dict:
+    n = batch.input_ids.shape[0]
+    tokens, seqs = int(batch.mask.sum()), n
+    old_logp = torch.zeros_like(batch.rollout_logp)
+    metrics: dict[str, list[float]] = {}
+    skipped = 0
+    model.train()
+    for it in range(num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        finite = True
+        for s in range(0, n, micro_batch_size):
+            mb = batch.slice(slice(s, s + micro_batch_size))
+            logp, ent = sequence_logprobs(model, mb, temperature)
+            if it == 0:
+                old_logp[s:s + micro_batch_size] = logp.detach()
+            old = old_logp[s:s + micro_batch_size]
+            isw, is_m = (None, {})
+            if is_mode == "none":
+                _, is_m = importance_weights(old, mb.rollout_logp, mb.mask, level=is_level, mode="truncate",
+                                             threshold=is_threshold)
+            else:
+                isw, is_m = importance_weights(old, mb.rollout_logp, mb.mask, level=is_level, mode=is_mode,
+                                               threshold=is_threshold)
+            ref = None
+            if loss_cfg.kl_beta > 0:
+                with torch.no_grad(), adapter_disabled(model):
+                    ref, _ = sequence_logprobs(model, mb, temperature)
+            loss, m = policy_loss(logp, old, mb.advantages, mb.mask, loss_cfg, ref_logp=ref, is_weights=isw,
+                                  global_tokens=tokens, global_seqs=seqs)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            w = float(mb.mask.sum()) / max(tokens, 1)
+            ent_mean = float((ent.detach() * mb.mask).sum() / mb.mask.sum().clamp(min=1))
+            for k, v in {**m, **is_m, "entropy": ent_mean}.items():
+                metrics.setdefault(k, []).append((float(v), w))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if finite else torch.tensor(float("nan"))
+        if not finite or not torch.isfinite(grad_norm):
+            warnings.warn(f"non-finite loss or gradient in iteration {it}: update skipped, adapter unchanged")
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            continue
+        optimizer.step()
+        metrics.setdefault("grad_norm", []).append((float(grad_norm), 1.0))
+    model.eval()
+    out = {k: sum(v * w for v, w in vals) / max(sum(w for _, w in vals), 1e-12) for k, vals in metrics.items()}
+    out["skipped_updates"] = float(skipped)
+    out["loss_tokens"] = float(tokens)
+    return {k: (v if math.isfinite(v) else float("nan")) for k, v in out.items()}

@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny random-weight checkpoints of each supported family and a char tokenizer.
+
+Nothing is downloaded. Each tiny checkpoint is a real Hugging Face directory (config.json,
+model.safetensors, tokenizer files) so `qerl.load_model` and `transformers` read the same files.
+Weights are saved in bf16: qerl's `bf16` format then holds exactly the numbers HF computes with
+in fp32, so the two can be compared tightly.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qerl.utils import configure_cpu_threads
+
+# Two OpenMP threads on the 2-core CI machine make small ops ~7x slower: one thread.
+configure_cpu_threads()
+
+HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE = 64, 2, 4, 2, 128
+
+
+def char_tokenizer():
+    """Character-level tokenizer over printable ASCII: ids 0 <pad>, 1 <eos>, 2 <bos>, 3.. chars.
+
+    pad != eos on purpose for most tests; `eos_is_pad` tests override the pad token.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>"]
+    vocab = {s: i for i, s in enumerate(specials + [chr(c) for c in range(32, 127)])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>")
+
+
+VOCAB = 98  # len(char_tokenizer()): every id the model can emit decodes to text
+
+
+def tiny_config(arch: str, **overrides):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, eos_token_id=1, pad_token_id=0, bos_token_id=2)
+    if arch == "llama":  # SmolLM2-like: tied embeddings, no bias
+        cfg = LlamaConfig(**common, tie_word_embeddings=True, rope_theta=10000.0)
+    elif arch == "qwen2":  # q/k/v bias, untied lm_head
+        cfg = Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1e6)
+    elif arch == "qwen3":  # q/k RMSNorm, explicit head_dim
+        cfg = Qwen3Config(**common, head_dim=HIDDEN // HEADS, tie_word_embeddings=False, rope_theta=1e6)
+    else:
+        raise ValueError(arch)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def randomize_(model, seed: int, std: float = 0.2):
+    """Non-trivial weights everywhere: HF's init leaves norms at 1 and biases at 0, which
+    would hide a loader that skips them. k_proj of layer 0 is scaled up so that the fused
+    q/k/v NVFP4 group has members with clearly different global scales."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+        model.model.layers[0].self_attn.k_proj.weight.mul_(3.0)
+    return model
+
+
+def make_tiny_checkpoint(path, arch: str, seed: int = 0, std: float = 0.2, **overrides):
+    """Write a random-weight HF checkpoint (bf16 safetensors + tokenizer) to `path`."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(arch, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    randomize_(model, seed, std)
+    model.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """{arch: checkpoint dir} for llama, qwen2, qwen3 (built once per session)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: make_tiny_checkpoint(root / arch, arch, seed=i) for i, arch in enumerate(("llama", "qwen2", "qwen3"))}
+
+
+def hf_model(path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def qerl_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Full-sequence logits [B, T, V] of a qerl CausalLM on unpadded ids [B, T]."""
+    from qerl.modeling import causal_mask, positions_from_mask
+
+    attn = torch.ones_like(ids)
+    with torch.no_grad():
+        return model.logits(model(ids, positions_from_mask(attn), causal_mask(attn))).float()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| (Frobenius)."""
+    return float((a.float() - b.float()).norm() / b.float().norm())
