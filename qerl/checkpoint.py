@@ -228,7 +228,8 @@ class ShardedWriter:
     def add(self, name: str, tensor: torch.Tensor):
         if name in self._pending or any(name in names for _, names in self._shards):
             raise ValueError(f"tensor {name} written twice")
-        t = tensor.detach().to("cpu").contiguous()
+        # A copy: fused members share one global-scale tensor, and safetensors refuses shared storage.
+        t = tensor.detach().to("cpu", copy=True).contiguous()
         nbytes = t.numel() * t.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_bytes:
             self._flush()

@@ -14,6 +14,22 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (rollout speed)."
 app.add_typer(bench_app, name="bench")
 
 
+@bench_app.command("rollout")
+def bench_rollout(model_config: str = typer.Option("qwen2.5-7b", help="qwen2.5-7b | qwen2.5-14b | qwen2.5-32b | a config.json"),
+                  quant: str = typer.Option("nvfp4,bf16", help="comma-separated weight formats (nvfp4, mxfp4, bf16)"),
+                  batch: str = typer.Option("1,8,64", help="comma-separated batch sizes"),
+                  prompt_len: int = typer.Option(256), gen_len: int = typer.Option(512),
+                  lora_rank: int = typer.Option(16),
+                  hf: bool = typer.Option(True, help="also time transformers generate (bf16)"),
+                  hf_gen_len: int = typer.Option(64, help="tokens for the (slow) transformers rows"),
+                  out: str = typer.Option(None, help="write the numbers as JSON here")):
+    """Rollout speed on random weights of a real config: qerl (CUDA engine) vs transformers, side by side."""
+    from .bench import run_rollout_bench
+
+    run_rollout_bench(model_config, tuple(q.strip() for q in quant.split(",") if q.strip()),
+                      tuple(int(b) for b in batch.split(",")), prompt_len, gen_len, lora_rank, hf, hf_gen_len, out)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(ctx: typer.Context,
           config: str = typer.Option(None, "--config", "-c", help="YAML config; the embedded default if omitted"),

@@ -142,6 +142,7 @@ class Engine:
         out_tok = torch.full((b, params.max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
         out_lp = torch.zeros((b, params.max_new_tokens), dtype=torch.float32, device=dev)
         finish = ["length"] * b
+        ends = [params.max_new_tokens] * b  # tokens each row generated, its EOS or stop string included
         eos = torch.tensor(self.eos_ids, device=dev)
         rows = torch.arange(b, device=dev)  # original row of each active slot
         for t in range(params.max_new_tokens):
@@ -156,18 +157,15 @@ class Engine:
                 break
             if bool(done.any()):
                 for r in rows[done].tolist():
-                    finish[r] = "stop"
+                    finish[r], ends[r] = "stop", t + 1
                 keep = (~done).nonzero().squeeze(-1)
                 if keep.numel() == 0:
                     break
                 rows, tok = rows[keep], tok[keep]
                 cache, keys, lengths = self._compact(cache, keys, lengths, keep)
             logits = self.decode_one(tok, lengths + t, cache, keys, p + t)
-        mask = torch.zeros_like(out_tok, dtype=torch.bool)
-        for i, row in enumerate(out_tok.tolist()):
-            n = next((j + 1 for j, x in enumerate(row) if x in self.eos_ids), None)
-            n = n or self._stop_len(row, params.stop) or params.max_new_tokens
-            mask[i, :n] = True
+        # Lengths come from the loop, not from scanning the output: padding may be the EOS id.
+        mask = torch.arange(params.max_new_tokens, device=dev) < torch.tensor(ends, device=dev)[:, None]
         out_tok = out_tok.masked_fill(~mask, self.pad_id)
         return out_tok, out_lp.masked_fill(~mask, 0.0), mask, finish
 
@@ -199,15 +197,22 @@ class Engine:
         cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
         return cache, keys[keep], lengths[keep]
 
+    @staticmethod
+    def _stop_window(stop) -> int:
+        # Tokens to decode when looking for a stop string: a token is at least one character
+        # (char- and byte-level tokenizers), so a stop string spans at most len(s) tokens; +8 slack.
+        return 8 + max((len(s) for s in stop), default=0)
+
     def _hit_stop(self, toks: torch.Tensor, stop) -> torch.Tensor:
         # Decode a short tail only: a stop string spans few tokens.
-        tails = self.tokenizer.batch_decode(toks[:, -8:].tolist())
+        tails = self.tokenizer.batch_decode(toks[:, -self._stop_window(stop):].tolist())
         return torch.tensor([any(s in x for s in stop) for x in tails], device=toks.device)
 
     def _stop_len(self, row: list[int], stop) -> int | None:
         if not stop:
             return None
+        w = self._stop_window(stop)
         for j in range(len(row)):
-            if any(s in self.tokenizer.decode(row[max(0, j - 7): j + 1]) for s in stop):
+            if any(s in self.tokenizer.decode(row[max(0, j + 1 - w): j + 1]) for s in stop):
                 return j + 1
         return None

@@ -210,8 +210,10 @@ class Trainer:
         return {"eval_accuracy": res["pass@1"], f"eval_maj@{t.eval_samples}": res[f"maj@{t.eval_samples}"]}
 
     # --- the loop ------------------------------------------------------------------------
-    def train(self) -> dict:
+    def train(self, until: int | None = None) -> dict:
+        """Run to `train.max_steps`, or stop after step `until` (checkpointed) to resume later."""
         t = self.cfg.train
+        last = t.max_steps if until is None else min(until, t.max_steps)
         cpu = self.device.type == "cpu"
         history = {}
         with dequant_cache(self.model, cpu):  # CPU: dequantize the frozen base once for the whole run
@@ -219,7 +221,7 @@ class Trainer:
                 history["eval_start"] = self.run_eval(0)
                 self.logger.log(0, history["eval_start"])
             bar = _progress(self.progress, t.max_steps, self.start_step)
-            for step in range(self.start_step, t.max_steps):
+            for step in range(self.start_step, last):
                 m = self.step(step)
                 if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.max_steps:
                     m.update(self.run_eval(step + 1))
@@ -229,11 +231,14 @@ class Trainer:
                 self.logger.log(step + 1, m)
                 if bar:
                     bar[0].update(bar[1], advance=1, description=_describe(step + 1, m))
-                if (t.save_every and (step + 1) % t.save_every == 0) or step + 1 == t.max_steps:
+                if (t.save_every and (step + 1) % t.save_every == 0) or step + 1 in (t.max_steps, last):
                     save_checkpoint(self.run_dir, step + 1, self.model, self.optimizer, self.scheduler, self.gen,
                                     {"sampler": self.sampler.state()}, self.norms, keep=t.keep_checkpoints)
             if bar:
                 bar[0].stop()
+        if last < t.max_steps:
+            self.logger.close()
+            return {"stopped_at": last}
         save_adapter(self.model, self.run_dir / "adapter")
         self.logger.close()
         plot_run(self.run_dir)

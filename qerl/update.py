@@ -4,6 +4,12 @@ Log-probs and entropies come from `chunked_logprobs_and_entropy` over the comple
 positions only, so [tokens, vocab] fp32 logits never exist at once. With
 `num_iterations == 1` the "old" log-probs are the detached log-probs of the same
 forward (ratio 1), so no extra pass is spent; more iterations reuse those stored values.
+Sequences whose advantage is exactly zero (every group whose completions all got the
+same reward, under GRPO) contribute nothing to the policy loss, so without a KL term
+they are not run at all; the loss keeps the whole batch's token and sequence counts as
+normalizers, so the gradient is unchanged. Early in a run, when most groups are all
+wrong, this skips most of the compute. Their entropy is then not measured either.
+
 The rollout policy carried AQN noise and the training forward does not: the
 importance correction (`is_mode`) reweights by exp(train - rollout) and the mismatch
 is always measured and logged.
@@ -31,7 +37,7 @@ class Batch:
     advantages: torch.Tensor  # [N]
     prompt_len: int  # P
 
-    def slice(self, idx: slice) -> "Batch":
+    def slice(self, idx) -> "Batch":
         return Batch(self.input_ids[idx], self.attn[idx], self.completion[idx], self.mask[idx],
                      self.rollout_logp[idx], self.advantages[idx], self.prompt_len)
 
@@ -70,8 +76,13 @@ def sequence_logprobs(model: CausalLM, b: Batch, temperature: float, chunk_token
 def policy_update(model: CausalLM, optimizer, params: list[torch.nn.Parameter], batch: Batch, loss_cfg: LossConfig,
                   *, temperature: float, micro_batch_size: int, num_iterations: int, max_grad_norm: float,
                   is_level: str, is_mode: str, is_threshold: float) -> dict:
+    tokens, seqs = int(batch.mask.sum()), batch.input_ids.shape[0]
+    if loss_cfg.kl_beta == 0:
+        active = (batch.advantages != 0).nonzero().squeeze(-1)
+        batch = batch.slice(active)
     n = batch.input_ids.shape[0]
-    tokens, seqs = int(batch.mask.sum()), n
+    if n == 0:
+        return {"skipped_updates": 0.0, "loss_tokens": float(tokens), "active_seqs": 0.0}
     old_logp = torch.zeros_like(batch.rollout_logp)
     metrics: dict[str, list[float]] = {}
     skipped = 0
@@ -118,4 +129,5 @@ def policy_update(model: CausalLM, optimizer, params: list[torch.nn.Parameter], 
     out = {k: sum(v * w for v, w in vals) / max(sum(w for _, w in vals), 1e-12) for k, vals in metrics.items()}
     out["skipped_updates"] = float(skipped)
     out["loss_tokens"] = float(tokens)
+    out["active_seqs"] = float(n)
     return {k: (v if math.isfinite(v) else float("nan")) for k, v in out.items()}

@@ -1,0 +1,190 @@
+"""GPU kernels against the plain-PyTorch references (fresh random data, poisoned outputs)."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qerl.bench import CONFIGS
+from qerl.quant import QuantLinear, mxfp4_dequantize, mxfp4_quantize, nvfp4_dequantize, nvfp4_quantize
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+QUANT = {"nvfp4": (nvfp4_quantize, nvfp4_dequantize), "mxfp4": (mxfp4_quantize, mxfp4_dequantize)}
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_triton_backend_on_cpu_raises_clear_error():
+    from qerl.kernels import KernelUnavailable
+
+    m = QuantLinear.from_weight(torch.randn(32, 64), "nvfp4")
+    m.backend = "triton"
+    with pytest.raises(KernelUnavailable):
+        m(torch.randn(2, 64))
+
+
+def _quantized(fmt, n, k, dev="cuda"):
+    w = torch.randn(n, k, device=dev)
+    if fmt == "bf16":
+        return {"weight": w.bfloat16()}, w.bfloat16().float()
+    q, dq = QUANT[fmt]
+    d = q(w)
+    return d, dq(d, torch.float32)
+
+
+def _linear(fmt, d, x, out):
+    from qerl.kernels.fused_linear import fused_linear
+
+    return fused_linear(x, fmt, d.get("weight_packed", d.get("weight")), d.get("weight_scale"),
+                        d.get("weight_global_scale"), out=out)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 40, 64])
+def test_fused_linear_odd_shapes(fmt, dtype, m):
+    k = {"nvfp4": 208, "mxfp4": 224, "bf16": 200}[fmt]
+    d, w = _quantized(fmt, 37, k)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    out = torch.full((m, 37), float("nan"), device="cuda", dtype=dtype)
+    y = _linear(fmt, d, x, out)
+    ref = x.float() @ w.to(dtype).float().T
+    assert not y.isnan().any()
+    assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", sorted(CONFIGS))
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_real_layer_shapes(model, fmt):
+    """Every Linear shape of Qwen2.5-7B/14B/32B, decode (M=1, 8, 64) and dequantize+cuBLAS (M=200)."""
+    from qerl.kernels.dequant import dequantize
+
+    c = CONFIGS[model]
+    h, i, kvd = c["hidden_size"], c["intermediate_size"], c["num_kv_heads"] * c["hidden_size"] // c["num_heads"]
+    for n, k in {(h, h), (kvd, h), (i, h), (h, i)}:
+        d, w = _quantized(fmt, n, k)
+        deq = torch.full((n, k), float("nan"), device="cuda", dtype=torch.bfloat16)
+        dequantize(fmt, d["weight_packed"], d["weight_scale"], d.get("weight_global_scale"), torch.bfloat16, out=deq)
+        assert torch.equal(deq, w.bfloat16()), (n, k)  # bit-exact
+        wb = w.bfloat16().float()
+        for m in (1, 8, 64):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+            y = _linear(fmt, d, x, out)
+            assert rel(y, x.float() @ wb.T) < 1e-2, (n, k, m)
+        op = torch.ops.qerl.nvfp4_matmul if fmt == "nvfp4" else torch.ops.qerl.mxfp4_matmul
+        x = torch.randn(200, k, device="cuda", dtype=torch.bfloat16)
+        args = (d["weight_packed"], d["weight_scale"]) + ((d["weight_global_scale"],) if fmt == "nvfp4" else ())
+        assert rel(op(x, *args), x.float() @ wb.T) < 1e-2
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "bf16"])
+@pytest.mark.parametrize("m", [1, 5, 70])
+def test_quantlinear_forward_backward(fmt, m):
+    """QuantLinear(backend='triton') = the reference module, forward and grad wrt x (LoRA live)."""
+    from qerl.kernels import nvfp4_matmul  # noqa: F401  (registers the ops)
+
+    k = 96 if fmt != "mxfp4" else 128
+    ref = QuantLinear.from_weight(torch.randn(52, k, device="cuda"), fmt, bias=torch.randn(52, device="cuda"))
+    ref.add_lora(8)
+    ref.lora_B.data.normal_()
+    fast = copy.deepcopy(ref)
+    fast.backend = "triton"
+    x = torch.randn(2, m, k, device="cuda", dtype=torch.float32, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y_ref, y = ref(x), fast(x2)
+    assert rel(y, y_ref) < 1e-5
+    g = torch.randn_like(y)
+    y_ref.backward(g)
+    y.backward(g)
+    assert rel(x2.grad, x.grad) < 1e-5
+    assert rel(fast.lora_B.grad, ref.lora_B.grad) < 1e-5
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 4, 24])
+def test_fused_epilogues(dtype, m):
+    """q|k|v segments (own global scales, bias, LoRA) and gate|up with SiLU, vs module composition."""
+    from qerl.kernels.fused_linear import fused_linear
+    from qerl.kernels.lora_shrink import lora_shrink
+
+    k, r, sizes = 160, 16, (64, 16, 16)
+    ws = [torch.randn(n, k, device="cuda") * s for n, s in zip(sizes, (1.0, 3.0, 0.5))]
+    ds = [nvfp4_quantize(w) for w in ws]
+    deq = torch.cat([nvfp4_dequantize(d, dtype).float() for d in ds])
+    packed = torch.cat([d["weight_packed"] for d in ds])
+    scale = torch.cat([d["weight_scale"] for d in ds])
+    gs = torch.cat([d["weight_global_scale"] for d in ds])
+    bias = torch.randn(sum(sizes), device="cuda", dtype=dtype)
+    a, b = torch.randn(3 * r, k, device="cuda"), torch.randn(sum(sizes), r, device="cuda")
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    h = lora_shrink(x, a, out=torch.full((math.ceil(k / 64), m, 3 * r), float("nan"), device="cuda"), chunk=64)
+    out = torch.full((m, sum(sizes)), float("nan"), device="cuda", dtype=dtype)
+    y = fused_linear(x, "nvfp4", packed, scale, gs, bias, h, b, r, 0.5, (64, 80), out=out)
+    segs = [slice(0, 64), slice(64, 80), slice(80, 96)]
+    lora = torch.cat([x.float() @ a[i * r:(i + 1) * r].T @ b[s].T for i, s in enumerate(segs)], 1)
+    ref = x.float() @ deq.T + bias.float() + 0.5 * lora
+    assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    # gate | up
+    wg = nvfp4_quantize(torch.randn(2 * 48, k, device="cuda"))
+    deq = nvfp4_dequantize(wg, dtype).float()
+    out = torch.full((m, 48), float("nan"), device="cuda", dtype=dtype)
+    y = fused_linear(x, "nvfp4", wg["weight_packed"], wg["weight_scale"], wg["weight_global_scale"].repeat(2),
+                     glu=True, out=out)
+    ref = F.silu(x.float() @ deq[:48].T) * (x.float() @ deq[48:].T)
+    assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_norm_rope_attention(dtype):
+    from qerl.kernels.decode_attention import decode_attention
+    from qerl.kernels.rmsnorm import add_rmsnorm
+    from qerl.kernels.rope_cache import rope_cache
+    from qerl.modeling import RMSNorm, apply_rope
+
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    x, dlt = torch.randn(5, 3584, device="cuda", dtype=dtype), torch.randn(5, 3584, device="cuda", dtype=dtype)
+    norm = RMSNorm(3584, 1e-6).cuda()
+    norm.weight.data.normal_(1.0, 0.1)
+    ref = norm(x + dlt)
+    x2 = x.clone()
+    y = add_rmsnorm(x2, norm.weight, 1e-6, delta=dlt, out=torch.full_like(x, float("nan")))
+    assert torch.equal(x2, x + dlt) and rel(y, ref) < tol
+
+    b, hq, hkv, d, s = 3, 28, 4, 128, 300
+    qkv = torch.randn(b, (hq + 2 * hkv) * d, device="cuda", dtype=dtype)
+    pos = torch.tensor([7, 100, 250], device="cuda")
+    slot = torch.tensor([260], device="cuda", dtype=torch.int32)
+    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    kc = torch.randn(4, hkv, s, d, device="cuda", dtype=dtype)
+    vc = torch.randn(4, hkv, s, d, device="cuda", dtype=dtype)
+    q = rope_cache(qkv, pos, slot, inv, kc, vc, hq, hkv, d, q_out=torch.full((b, hq, d), float("nan"), device="cuda", dtype=dtype))
+    f = pos.float()[:, None] * inv
+    emb = torch.cat([f, f], -1)[:, None]
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    assert rel(q, apply_rope(qkv[:, : hq * d].view(b, hq, d), cos, sin)) < tol
+    assert rel(kc[:b, :, 260], apply_rope(qkv[:, hq * d:(hq + hkv) * d].view(b, hkv, d), cos, sin)) < tol
+    assert torch.equal(vc[:b, :, 260], qkv[:, (hq + hkv) * d:].view(b, hkv, d))
+
+    mask = torch.rand(4, s, device="cuda") > 0.3
+    mask[:, 260] = True
+    nk = torch.tensor([261], device="cuda", dtype=torch.int32)
+    ref = F.scaled_dot_product_attention(q[:, :, None].float(), kc[:b, :, :261].float(), vc[:b, :, :261].float(),
+                                         attn_mask=mask[:b, None, None, :261], enable_gqa=True).reshape(b, -1)
+    for ns in (1, 5, 16):
+        out = torch.full((b, hq * d), float("nan"), device="cuda", dtype=dtype)
+        o = decode_attention(q, kc, vc, mask, nk, ns, out=out)
+        assert rel(o, ref) < tol, ns
