@@ -17,7 +17,7 @@ def main(quick: bool):
     h, i = 3584, 18944
     shapes = {"qkv": (4608, h), "o": (h, h), "gate|up": (2 * i, h), "down": (h, i)}
     cfgs = [dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, num_warps=w)
-            for bn in (4, 8, 16, 32) for bk in (128, 256, 512) for w in (2, 4, 8)]
+            for bn in (8, 16, 32) for bk in (128, 256, 512) for w in (4, 8)]
     for name, (n, k) in shapes.items():
         w = torch.randn(n, k, device="cuda") * 0.02
         d = nvfp4_quantize(w)
@@ -31,10 +31,11 @@ def main(quick: bool):
             if not quick and m == 1:
                 trial += cfgs
             if not quick and m == 8:
-                trial += [dict(c, BLOCK_M=8, BLOCK_K=c["BLOCK_K"] // 2) for c in cfgs if c["BLOCK_N"] <= 16]
+                trial += [dict(BLOCK_M=8, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, num_warps=w)
+                          for bn in (4, 8, 16) for bk in (64, 128, 256) for w in (4, 8)]
             if not quick and m == 64:
                 trial += [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True, num_warps=wp)
-                          for bm in (16, 32, 64) for bn in (16, 32, 64) for bk in (64, 128, 256) for wp in (4, 8)]
+                          for bm in (64,) for bn in (16, 32, 64) for bk in (64, 128, 256) for wp in (4, 8)]
             for cfg in trial:
                 try:
                     t = triton.testing.do_bench_cudagraph(lambda: fused_linear(x, "nvfp4", d["weight_packed"], d["weight_scale"],

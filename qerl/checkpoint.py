@@ -14,7 +14,8 @@ Linear's stored tensors under qerl's names (which are compressed-tensors' names)
     one ulp off x, so the weights match ModelOpt's `e2m1 * scale * weight_scale_2` to about one
     ulp (2^-23 relative), not bit for bit.
   - Linear layers a checkpoint keeps in full precision (its `ignore` / `exclude_modules`) stay
-    unquantized in qerl too (format bf16).
+    unquantized in qerl too (format bf16); a Linear qerl keeps in full precision (lm_head) that
+    the checkpoint quantized is dequantized on load.
   - Activation and KV-cache scales of W4A4 checkpoints (`input_global_scale`, `input_scale`,
     `k_scale`, `v_scale`) are ignored: qerl computes with unquantized activations (W4A16), so a
     W4A4 checkpoint runs in qerl as its weight-only variant.
@@ -223,11 +224,13 @@ class ShardedWriter:
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
+        self._names: set[str] = set()
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor):
-        if name in self._pending or any(name in names for _, names in self._shards):
+        if name in self._names:
             raise ValueError(f"tensor {name} written twice")
+        self._names.add(name)
         # A copy: fused members share one global-scale tensor, and safetensors refuses shared storage.
         t = tensor.detach().to("cpu", copy=True).contiguous()
         nbytes = t.numel() * t.element_size()

@@ -87,12 +87,12 @@ def eval_cmd(model: str = typer.Option("smollm2-135m-instruct", "--model", "-m")
 
 @app.command()
 def quantize(model: str = typer.Argument(..., help="HF directory, hub id or GGUF file (or a ModelOpt NVFP4 checkpoint)"),
-             format: str = typer.Option("nvfp4", "--format", "-f", help="nvfp4 or mxfp4"),
+             fmt: str = typer.Option("nvfp4", "--format", "-f", help="nvfp4 or mxfp4"),
              out: str = typer.Option(..., "--out", "-o", help="new output directory")):
     """Write a compressed-tensors checkpoint (what vLLM serves), streaming one layer group at a time."""
     from .export import quantize_checkpoint
 
-    print(f"qerl quantize: {format} checkpoint in {quantize_checkpoint(model, out, format)}")
+    print(f"qerl quantize: {fmt} checkpoint in {quantize_checkpoint(model, out, fmt)}")
 
 
 @app.command()

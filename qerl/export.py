@@ -224,5 +224,5 @@ def export_adapter(adapter: str | Path, out: str | Path, merge: str | None = Non
             shutil.copy2(f, out / "adapter" / f.name)
     peft_cfg["base_model_name_or_path"] = str(base_ref)
     (out / "adapter" / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2))
-    log.info("serve with: vllm serve %s --enable-lora --lora-modules qerl=%s", base_ref, out / "adapter")
+    log.info("serve with: vllm serve %s --enable-lora --lora-modules qerl=%s", base_ref, (out / "adapter").resolve())
     return out

@@ -128,16 +128,26 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, strict: bool = True)
 
 @torch.no_grad()
 def merge_lora(model: nn.Module, quant: str | None = None):
-    """Fold each adapter into its base: dequantize, add (alpha/r) B A, re-quantize (or keep bf16)."""
-    for m in quant_linears(model).values():
-        if not m.lora_rank:
-            continue
-        w = m.dequantized(torch.float32) + m.lora_delta().float()
-        if quant and quant != m.format.name:
-            from .quant import get_format
+    """Fold each adapter into its base: dequantize, add (alpha/r) B A in fp32, re-quantize once.
 
-            m.format = get_format(quant)
+    `quant` picks the merged format (default: each layer's own). Fused groups (q/k/v,
+    gate/up) are re-quantized together so they share one NVFP4 global scale, as vLLM needs.
+    """
+    from .checkpoint import quantize_group
+    from .quant import get_format
+
+    groups: dict[tuple[str, str], list[tuple[str, QuantLinear]]] = {}
+    for name, m in quant_linears(model).items():
+        if m.lora_rank:
+            parent, leaf = name.rsplit(".", 1)
+            kind = "qkv" if leaf in ("q_proj", "k_proj", "v_proj") else "gate_up" if leaf in ("gate_proj", "up_proj") else leaf
+            groups.setdefault((parent, kind), []).append((name, m))
+    for members in groups.values():
+        fmt = get_format(quant or members[0][1].format.name)
+        weights = [m.dequantized(torch.float32) + m.lora_delta().float() for _, m in members]
+        for (name, m), w, q in zip(members, weights, quantize_group([n for n, _ in members], weights, fmt)):
             for n in ("weight_packed", "weight_scale", "weight_global_scale", "weight"):
                 m._buffers.pop(n, None)
-        m.set_weight(w)
-        m.lora_rank, m.lora_A, m.lora_B = 0, None, None
+            m.format = fmt if q is not None else get_format("bf16")
+            m.load_quantized(q if q is not None else m.format.quantize(w))
+            m.lora_rank, m.lora_A, m.lora_B = 0, None, None

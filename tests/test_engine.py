@@ -248,3 +248,23 @@ def test_engine_samples_from_the_live_adapter(engine):
         base = engine.generate(PROMPTS[:1], params)
     assert _rows(base)[0][0] != _rows(before)[0][0]
     assert engine.model.training is False
+
+
+# --- the real default model ---------------------------------------------------------------------
+def test_smollm2_greedy_equals_transformers_generate(smollm2_dir):
+    """SmolLM2-135M-Instruct, qerl bf16 vs `transformers` generate on the same weights (fp32 compute)."""
+    from conftest import chat_prompt, hf_model, hf_with_bf16_linears
+
+    model, tok = load_model(str(smollm2_dir), quant="bf16", lora_rank=0)
+    hf = hf_with_bf16_linears(hf_model(smollm2_dir))
+    questions = ["What is 2 + 3? Answer with a number.", "Name a color of the sky."]
+    prompts = [chat_prompt(tok, q) for q in questions]
+    r = Engine(model, tok).generate(prompts, SamplingParams(temperature=0, max_new_tokens=20))
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([_ids(tok, p)])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                              pad_token_id=tok.pad_token_id)
+        assert _rows(r)[i][0] == out[0, ids.shape[1]:].tolist()
+        torch.testing.assert_close(qerl_logits(model, ids), hf(ids).logits.float().detach(), rtol=1e-4, atol=1e-4)
+    assert "5" in r.texts[0] and r.finish_reasons == ["stop", "stop"]

@@ -18,7 +18,7 @@ from qerl.errors import QerlError
 from qerl.export import export_adapter, quantize_checkpoint
 from qerl.loading import load_model
 from qerl.lora import quant_linears, save_adapter
-from qerl.quant import get_format
+from qerl.quant import get_format, nvfp4_dequantize, nvfp4_quantize
 from qerl.quant.e2m1 import e2m1_decode, unpack_nibbles
 
 pytest.importorskip("compressed_tensors")
@@ -91,8 +91,11 @@ def _ct_decompress(path) -> dict:
     return CompressedTensorsDequantizer(path, dtype=torch.float32).process(_read_dir(path))
 
 
+CASES = [("qwen2", "nvfp4"), ("qwen2", "mxfp4"), ("llama", "nvfp4")]
+
+
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
+def src_dirs(tmp_path_factory):
     """Own tiny checkpoints (the measured bounds below belong to these exact weights): qwen2 has
     q/k/v biases and an untied lm_head, llama ties lm_head to the embeddings."""
     root = tmp_path_factory.mktemp("interop-src")
@@ -101,12 +104,12 @@ def tiny_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def written(tiny_dirs, tmp_path_factory):
+def written(src_dirs, tmp_path_factory):
     """{(arch, fmt): (qerl-written dir, compressed-tensors-written dir)} of the same tiny model."""
     root = tmp_path_factory.mktemp("interop")
     out = {}
-    for arch, fmt in (("qwen2", "nvfp4"), ("qwen2", "mxfp4"), ("llama", "nvfp4")):
-        src = tiny_dirs[arch]
+    for arch, fmt in CASES:
+        src = src_dirs[arch]
         # A tiny shard limit so that the qwen2 NVFP4 checkpoint spans several shards + index.
         limit = 20_000 if (arch, fmt) == ("qwen2", "nvfp4") else 10**9
         ours = quantize_checkpoint(str(src), root / f"{arch}-{fmt}-qerl", fmt, device="cpu", max_shard_bytes=limit)
@@ -114,16 +117,13 @@ def written(tiny_dirs, tmp_path_factory):
     return out
 
 
-CASES = [("qwen2", "nvfp4"), ("qwen2", "mxfp4"), ("llama", "nvfp4")]
-
-
 @pytest.mark.parametrize("arch, fmt", CASES)
-def test_quantize_writes_what_compressed_tensors_writes(written, tiny_dirs, arch, fmt):
+def test_quantize_writes_what_compressed_tensors_writes(written, src_dirs, arch, fmt):
     ours, theirs = written[arch, fmt]
     # Every tensor (names, dtypes, bytes) equals compressed-tensors' own compression, fused scales
     # included; unquantized tensors are the source's, untouched (bf16).
     _assert_same_tensors(_read_dir(ours), _read_dir(theirs))
-    src = _read_dir(tiny_dirs[arch])
+    src = _read_dir(src_dirs[arch])
     for k, v in _read_dir(ours).items():
         if not k.endswith(("weight_packed", "weight_scale", "weight_global_scale")):
             assert torch.equal(_bits(v), _bits(src[k])), k
@@ -144,11 +144,11 @@ def test_quantize_writes_what_compressed_tensors_writes(written, tiny_dirs, arch
 
 
 @pytest.mark.parametrize("arch, fmt", CASES)
-def test_quantized_checkpoints_load_as_stored(written, tiny_dirs, arch, fmt):
+def test_quantized_checkpoints_load_as_stored(written, src_dirs, arch, fmt):
     """Both checkpoints load in qerl with their bytes untouched, equal to quantize-on-load, and
     compressed-tensors' decompression equals qerl's dequantization exactly."""
     ours, theirs = written[arch, fmt]
-    on_load, _ = load_model(str(tiny_dirs[arch]), quant=fmt, lora_rank=0, device="cpu")
+    on_load, _ = load_model(str(src_dirs[arch]), quant=fmt, lora_rank=0, device="cpu")
     ref = quant_linears(on_load)
     ct_dense = _ct_decompress(ours)
     for path in (ours, theirs):
@@ -247,11 +247,49 @@ def test_format_mismatch_and_unsupported_are_one_line_errors(written, tmp_path):
         load_model(str(gptq), quant="nvfp4", lora_rank=0, device="cpu")
 
 
+def test_layers_left_unquantized_round_trip(tmp_path):
+    """hidden 48 is not a multiple of MXFP4's 32: q/k/v, o and gate/up stay full precision, listed
+    in `ignore`; compressed-tensors and qerl both read them back as they were."""
+    src = make_tiny_checkpoint(tmp_path / "odd", "qwen2", seed=3, std=0.05, hidden_size=48)
+    out = quantize_checkpoint(str(src), tmp_path / "odd-mx", "mxfp4", device="cpu")
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert ignore[0] == "lm_head" and len(ignore) == 1 + 2 * 6  # all but down_proj (K = 128), 2 layers
+    original, dense = _read_dir(src), _ct_decompress(out)
+    model, _ = load_model(str(out), quant="mxfp4", lora_rank=0, device="cpu")
+    for name, m in quant_linears(model).items():
+        if name in ignore:
+            assert m.format.name == "bf16"
+            assert torch.equal(m.dequantized(torch.bfloat16), original[f"{name}.weight"])
+        else:
+            assert m.format.name == "mxfp4"
+        assert torch.equal(m.dequantized(torch.float32), dense[f"{name}.weight"].float())
+
+
+def test_quantized_lm_head_is_dequantized_on_load(written, tmp_path):
+    """qerl keeps lm_head in full precision; a checkpoint that quantized it loads dequantized."""
+    ct_dir = written["qwen2", "nvfp4"][0]
+    path = tmp_path / "qhead"
+    shutil.copytree(ct_dir, path)
+    tensors = _read_dir(path)
+    for f in path.glob("*.safetensors*"):
+        f.unlink()
+    head = nvfp4_quantize(tensors.pop("lm_head.weight").float())
+    tensors.update({f"lm_head.{k}": v for k, v in head.items()})
+    save_file(tensors, str(path / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"]["ignore"] = []
+    (path / "config.json").write_text(json.dumps(cfg))
+    model, _ = load_model(str(path), quant="nvfp4", lora_rank=0, device="cpu")
+    assert torch.equal(model.lm_head.weight, nvfp4_dequantize(head, torch.float32))
+    with pytest.raises(QerlError, match="lm_head.weight_.* is quantized"):
+        quantize_checkpoint(str(path), tmp_path / "again", "nvfp4")
+
+
 # --- adapters ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def trained(tiny_dirs, tmp_path_factory):
+def trained(src_dirs, tmp_path_factory):
     """A qwen2 NVFP4 model with a non-trivial rank-4 adapter, saved in PEFT format."""
-    src = tiny_dirs["qwen2"]
+    src = src_dirs["qwen2"]
     model, _ = load_model(str(src), quant="nvfp4", lora_rank=4, lora_alpha=8, device="cpu")
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -309,7 +347,7 @@ def test_merged_nvfp4_export_loads_in_qerl_and_compressed_tensors(trained, tmp_p
     assert rel_err(qerl_logits(merged, IDS), qerl_logits(model, IDS)) < 0.2
 
 
-def test_export_without_merge_serves_adapter_on_the_nvfp4_base(trained, tiny_dirs, tmp_path):
+def test_export_without_merge_serves_adapter_on_the_nvfp4_base(trained, src_dirs, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
@@ -318,14 +356,14 @@ def test_export_without_merge_serves_adapter_on_the_nvfp4_base(trained, tiny_dir
     base, ad = out / "base", out / "adapter"
     assert json.loads((ad / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base.resolve())
     # The written base is bit for bit the model the adapter was trained on.
-    trained_on, _ = load_model(str(tiny_dirs["qwen2"]), quant="nvfp4", lora_rank=0, device="cpu")
+    trained_on, _ = load_model(str(src_dirs["qwen2"]), quant="nvfp4", lora_rank=0, device="cpu")
     loaded, _ = load_model(str(base), quant="nvfp4", lora_rank=0, device="cpu")
     ref = quant_linears(trained_on)
     for name, m in quant_linears(loaded).items():
         _assert_same_tensors(m.quantized_tensors(), ref[name].quantized_tensors())
 
     # PEFT loads the adapter onto the bf16 base ...
-    peft_bf16 = PeftModel.from_pretrained(hf_model(tiny_dirs["qwen2"]), ad)
+    peft_bf16 = PeftModel.from_pretrained(hf_model(src_dirs["qwen2"]), ad)
     a = peft_bf16.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
     assert torch.equal(a, model.model.layers[0].self_attn.q_proj.lora_A)
     # ... and onto the NVFP4 base as transformers + compressed-tensors load it, where it gives
@@ -345,13 +383,13 @@ def test_export_without_merge_serves_adapter_on_the_nvfp4_base(trained, tiny_dir
     assert json.loads((again / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base.resolve())
 
 
-def test_cli_quantize_and_export(trained, tiny_dirs, tmp_path):
+def test_cli_quantize_and_export(trained, src_dirs, tmp_path):
     from typer.testing import CliRunner
 
     from qerl.cli import app
 
     runner = CliRunner()
-    r = runner.invoke(app, ["quantize", str(tiny_dirs["llama"]), "--format", "mxfp4", "--out", str(tmp_path / "q")])
+    r = runner.invoke(app, ["quantize", str(src_dirs["llama"]), "--format", "mxfp4", "--out", str(tmp_path / "q")])
     assert r.exit_code == 0, r.output
     assert detect_quantized(tmp_path / "q").format == "mxfp4"
     r = runner.invoke(app, ["export", "--adapter", str(trained[1]), "--out", str(tmp_path / "e"), "--merge", "fp8"])

@@ -64,6 +64,7 @@ def test_fused_linear_odd_shapes(fmt, dtype, m):
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_real_layer_shapes(model, fmt):
     """Every Linear shape of Qwen2.5-7B/14B/32B, decode (M=1, 8, 64) and dequantize+cuBLAS (M=200)."""
+    from qerl.kernels import mxfp4_matmul, nvfp4_matmul  # noqa: F401  (register the ops)
     from qerl.kernels.dequant import dequantize
 
     c = CONFIGS[model]

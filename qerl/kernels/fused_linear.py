@@ -63,36 +63,64 @@ if HAS_TRITON:
         """[BM, BN] fp32 outputs of weight rows rn, rounded like the reference module."""
         out_ty = x_ptr.dtype.element_ty
         seg = (rn >= n1).to(tl.int32) + (rn >= n2).to(tl.int32)  # [BN] fused-module index
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if FMT == 2:
+            if USE_DOT:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            else:  # per-lane partial sums, reduced once after the loop
+                acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 k_mask = rk < K
                 w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
                 x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-                acc = _mac(acc, x, w.to(out_ty), USE_DOT, DOT_PREC)
+                if USE_DOT:
+                    acc = tl.dot(x, tl.trans(w.to(out_ty)), acc, input_precision=DOT_PREC)
+                else:
+                    acc3 += x.to(tl.float32)[:, None, :] * w.to(out_ty).to(tl.float32)[None, :, :]
+            if not USE_DOT:
+                acc = tl.sum(acc3, axis=2)
         else:
+            # Packed bytes are read as [BN, NB, G]: G bytes share one block scale (NVFP4: 8 bytes =
+            # 16 values, MXFP4: 16 bytes = 32 values), so the scale broadcasts instead of being gathered.
+            G: tl.constexpr = 8 if FMT == 0 else 16
             KH: tl.constexpr = BLOCK_K // 2
+            NB: tl.constexpr = KH // G
+            rb = tl.arange(0, NB)
+            rj = tl.arange(0, G)
             if FMT == 0:
                 gs = tl.load(gs_ptr + seg, mask=n_mask, other=1.0)  # [BN] global scale of each row's module
+            if USE_DOT:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            else:
+                acc4 = tl.zeros((BLOCK_M, BLOCK_N, NB, G), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                rh = k0 // 2 + tl.arange(0, KH)  # packed byte index: columns 2*rh (low nibble) and 2*rh+1
-                h_mask = rh < K // 2
-                wm = n_mask[:, None] & h_mask[None, :]
-                p = tl.load(w_ptr + rn[:, None] * stride_wn + rh[None, :], mask=wm, other=0).to(tl.int32)
-                if FMT == 0:  # NVFP4: E4M3 scale per 16 columns = per 8 bytes
-                    sb = tl.load(s_ptr + rn[:, None] * stride_sn + (rh // 8)[None, :], mask=wm, other=0).to(tl.int32)
+                blk = k0 // (2 * G) + rb  # [NB] scale column
+                hb = blk[:, None] * G + rj[None, :]  # [NB, G] packed byte index: columns 2*hb (low nibble), 2*hb+1
+                h_mask = hb < K // 2
+                wm = n_mask[:, None, None] & h_mask[None, :, :]
+                p = tl.load(w_ptr + rn[:, None, None] * stride_wn + hb[None, :, :], mask=wm, other=0).to(tl.int32)
+                sm = n_mask[:, None] & (blk < K // (2 * G))[None, :]
+                sb = tl.load(s_ptr + rn[:, None] * stride_sn + blk[None, :], mask=sm, other=0).to(tl.int32)
+                if FMT == 0:
                     step = (_e4m3_value(sb) / gs[:, None]) * 16384.0
-                else:  # MXFP4: E8M0 scale per 32 columns = per 16 bytes (e = 0 reads as 0, not 2**-127)
-                    sb = tl.load(s_ptr + rn[:, None] * stride_sn + (rh // 16)[None, :], mask=wm, other=0).to(tl.int32)
+                else:  # E8M0; e = 0 reads as 0, not 2**-127
                     step = (sb << 23).to(tl.float32, bitcast=True) * 16384.0
-                w_lo = (_e2m1_scaled(p & 15) * step).to(out_ty)
-                w_hi = (_e2m1_scaled(p >> 4) * step).to(out_ty)
-                xm = m_mask[:, None] & h_mask[None, :]
-                x_lo = tl.load(x_ptr + rm[:, None] * stride_xm + (2 * rh)[None, :], mask=xm, other=0.0)
-                x_hi = tl.load(x_ptr + rm[:, None] * stride_xm + (2 * rh + 1)[None, :], mask=xm, other=0.0)
-                acc = _mac(acc, x_lo, w_lo, USE_DOT, DOT_PREC)
-                acc = _mac(acc, x_hi, w_hi, USE_DOT, DOT_PREC)
+                w_lo = (_e2m1_scaled(p & 15) * step[:, :, None]).to(out_ty)  # [BN, NB, G]
+                w_hi = (_e2m1_scaled(p >> 4) * step[:, :, None]).to(out_ty)
+                xm = m_mask[:, None, None] & h_mask[None, :, :]
+                xp = x_ptr + rm[:, None, None] * stride_xm + 2 * hb[None, :, :]
+                x_lo = tl.load(xp, mask=xm, other=0.0)  # [BM, NB, G]
+                x_hi = tl.load(xp + 1, mask=xm, other=0.0)
+                if USE_DOT:
+                    acc = tl.dot(tl.reshape(x_lo, (BLOCK_M, KH)), tl.trans(tl.reshape(w_lo, (BLOCK_N, KH))), acc,
+                                 input_precision=DOT_PREC)
+                    acc = tl.dot(tl.reshape(x_hi, (BLOCK_M, KH)), tl.trans(tl.reshape(w_hi, (BLOCK_N, KH))), acc,
+                                 input_precision=DOT_PREC)
+                else:
+                    acc4 += (x_lo.to(tl.float32)[:, None, :, :] * w_lo.to(tl.float32)[None, :, :, :]
+                             + x_hi.to(tl.float32)[:, None, :, :] * w_hi.to(tl.float32)[None, :, :, :])
+            if not USE_DOT:
+                acc = tl.sum(tl.sum(acc4, axis=3), axis=2)
         y = acc.to(out_ty).to(tl.float32)
         if HAS_BIAS:
             b = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)

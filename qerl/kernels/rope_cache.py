@@ -35,18 +35,18 @@ if HAS_TRITON:
         o1 = ((x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)).to(dt)
         o2 = ((x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)).to(dt)
         if h < HQ:
-            dst = q_ptr + b * stride_qb + h * stride_qh
-            tl.store(dst + i, o1)
-            tl.store(dst + HALF + i, o2)
+            qdst = q_ptr + b * stride_qb + h * stride_qh
+            tl.store(qdst + i, o1)
+            tl.store(qdst + HALF + i, o2)
         else:
             j = h - HQ
             slot = tl.load(slot_ptr)
-            dst = b * stride_kb + j * stride_kh + slot * stride_ks
-            tl.store(k_ptr + dst + i, o1)
-            tl.store(k_ptr + dst + HALF + i, o2)
+            off = b * stride_kb + j * stride_kh + slot * stride_ks
+            tl.store(k_ptr + off + i, o1)
+            tl.store(k_ptr + off + HALF + i, o2)
             vsrc = qkv_ptr + b * stride_qkv + (HQ + HKV + j) * D
-            tl.store(v_ptr + dst + i, tl.load(vsrc + i))
-            tl.store(v_ptr + dst + HALF + i, tl.load(vsrc + HALF + i))
+            tl.store(v_ptr + off + i, tl.load(vsrc + i))
+            tl.store(v_ptr + off + HALF + i, tl.load(vsrc + HALF + i))
 
 
 def rope_cache(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, inv_freq: torch.Tensor,
