@@ -9,8 +9,12 @@ uint8 bits, and the step `float(scale) / global_scale` is formed in fp32 exactly
 the reference does, so the dequantized weight is bit-identical to
 `qerl.quant.nvfp4.nvfp4_dequantize(...).to(x.dtype)` before it meets x.
 
-- M <= 8: CUDA-core multiply-add (x broadcast over the rows of W), no tensor cores.
-- M > 8: `tl.dot` on tiles of 16..64 rows of x.
+- M <= 8: CUDA-core multiply-add: x times the exact E2M1 values, summed over each
+  scale block in registers, then one multiply by the block step (the decode is
+  ALU-bound, so ops per weight decide the speed). Here W is not rounded to the
+  activation dtype first: bf16 results differ from the reference by that rounding.
+- M > 8: `tl.dot` on tiles of 16..64 rows of x, with W dequantized to the activation
+  dtype (bit-identical to the reference weight).
 
 Epilogue, fused so the decode step has few launches:
 - bias, then the LoRA update `scale * h @ B.T` where `h = x @ A.T` comes from
@@ -89,10 +93,9 @@ if HAS_TRITON:
             rj = tl.arange(0, G)
             if FMT == 0:
                 gs = tl.load(gs_ptr + seg, mask=n_mask, other=1.0)  # [BN] global scale of each row's module
-            if USE_DOT:
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            else:
-                acc4 = tl.zeros((BLOCK_M, BLOCK_N, NB, G), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if not USE_DOT:
+                acc3 = tl.zeros((BLOCK_M, BLOCK_N, NB), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 blk = k0 // (2 * G) + rb  # [NB] scale column
                 hb = blk[:, None] * G + rj[None, :]  # [NB, G] packed byte index: columns 2*hb (low nibble), 2*hb+1
@@ -105,22 +108,29 @@ if HAS_TRITON:
                     step = (_e4m3_value(sb) / gs[:, None]) * 16384.0
                 else:  # E8M0; e = 0 reads as 0, not 2**-127
                     step = (sb << 23).to(tl.float32, bitcast=True) * 16384.0
-                w_lo = (_e2m1_scaled(p & 15) * step[:, :, None]).to(out_ty)  # [BN, NB, G]
-                w_hi = (_e2m1_scaled(p >> 4) * step[:, :, None]).to(out_ty)
                 xm = m_mask[:, None, None] & h_mask[None, :, :]
                 xp = x_ptr + rm[:, None, None] * stride_xm + 2 * hb[None, :, :]
                 x_lo = tl.load(xp, mask=xm, other=0.0)  # [BM, NB, G]
                 x_hi = tl.load(xp + 1, mask=xm, other=0.0)
-                if USE_DOT:
+                if USE_DOT:  # dequantize in full (rounded to the activation dtype, as the reference), tensor cores
+                    w_lo = (_e2m1_scaled(p & 15) * step[:, :, None]).to(out_ty)  # [BN, NB, G]
+                    w_hi = (_e2m1_scaled(p >> 4) * step[:, :, None]).to(out_ty)
                     acc = tl.dot(tl.reshape(x_lo, (BLOCK_M, KH)), tl.trans(tl.reshape(w_lo, (BLOCK_N, KH))), acc,
                                  input_precision=DOT_PREC)
                     acc = tl.dot(tl.reshape(x_hi, (BLOCK_M, KH)), tl.trans(tl.reshape(w_hi, (BLOCK_N, KH))), acc,
                                  input_precision=DOT_PREC)
                 else:
-                    acc4 += (x_lo.to(tl.float32)[:, None, :, :] * w_lo.to(tl.float32)[None, :, :, :]
-                             + x_hi.to(tl.float32)[:, None, :, :] * w_hi.to(tl.float32)[None, :, :, :])
+                    # Few rows: x times the exact E2M1 values, summed over the block in registers, then
+                    # one multiply by the block step: ~6 ALU ops per weight instead of ~20 (the decode
+                    # loop is ALU-bound, not memory-bound). The weight is not rounded to the activation
+                    # dtype first, so bf16 results differ from the reference by that rounding (~2**-9).
+                    v_lo = _e2m1_scaled(p & 15)
+                    v_hi = _e2m1_scaled(p >> 4)
+                    part = tl.sum(x_lo.to(tl.float32)[:, None, :, :] * v_lo[None, :, :, :]
+                                  + x_hi.to(tl.float32)[:, None, :, :] * v_hi[None, :, :, :], axis=3)  # [BM, BN, NB]
+                    acc3 += part * step[None, :, :]
             if not USE_DOT:
-                acc = tl.sum(tl.sum(acc4, axis=3), axis=2)
+                acc = tl.sum(acc3, axis=2)
         y = acc.to(out_ty).to(tl.float32)
         if HAS_BIAS:
             b = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
@@ -170,13 +180,12 @@ def pick_config(m: int, n: int, k: int, fmt: str) -> dict:
     """Tile sizes by shape (tuned on an H100; see benchmarks/RESULTS.md)."""
     if m <= 8:
         bm = next_pow2(m)
-        bk = 256 if fmt != "bf16" else 128
-        bn = 16 if bm <= 2 else 8
-        if bm == 8:
-            bk = 128 if fmt != "bf16" else 64
-        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, num_warps=4)
+        if fmt == "bf16":
+            return dict(BLOCK_M=bm, BLOCK_N=8, BLOCK_K=128 if bm <= 2 else 64, USE_DOT=False, num_warps=4)
+        return dict(BLOCK_M=bm, BLOCK_N=8 if bm <= 2 else 16, BLOCK_K=512 if bm <= 2 else 128, USE_DOT=False, num_warps=4)
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-    return dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=128, USE_DOT=True, num_warps=4)
+    return dict(BLOCK_M=bm, BLOCK_N=64 if n >= 8192 else 32, BLOCK_K=256, USE_DOT=True,
+                num_warps=8 if n >= 8192 else 4)
 
 
 def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Tensor | None = None,
