@@ -28,6 +28,7 @@ class ModelConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     device: str | None = None  # default: cuda if available, else cpu
+    dtype: str = "auto"  # compute dtype: auto (bf16 on GPUs and AMX/AVX512-BF16 CPUs, else fp32) | bfloat16 | float32
     gradient_checkpointing: bool | None = None  # default: on with CUDA, off on CPU (small models)
     train_norms: bool = False  # the released QeRL scripts also trained the RMSNorm weights
 

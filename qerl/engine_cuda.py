@@ -40,6 +40,10 @@ from .modeling import CausalLM, causal_mask, positions_from_mask, rope_inv_freq
 from .quant import QuantLinear
 from .rollout import Engine, Rollout, SamplingParams, sample_tokens
 
+# rows at or below: the one-pass NVFP4/MXFP4 decode kernel; above (and bf16): cuBLAS + epilogue kernel
+# (measured on an H100: at 8 rows dequantize + cuBLAS beats the decode kernel, see benchmarks/RESULTS.md)
+DECODE_MAX_M = 4
+
 _WEIGHT_BUFFERS = {"nvfp4": ("weight_packed", "weight_scale"), "mxfp4": ("weight_packed", "weight_scale"),
                    "bf16": ("weight",)}
 
@@ -59,6 +63,7 @@ class _FusedLinear:
     segments: tuple[int, int] | None
     glu: bool
     in_features: int
+    dense: torch.Tensor | None = None  # bf16 weights in the activation dtype, for cuBLAS (None: use weight)
 
     @property
     def n_out(self) -> int:
@@ -127,6 +132,9 @@ class CudaEngine(Engine):
                 ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
                 qkv=_fuse([at.q_proj, at.k_proj, at.v_proj]), o=_fuse([at.o_proj]),
                 gu=_fuse([mlp.gate_proj, mlp.up_proj], glu=True), down=_fuse([mlp.down_proj])))
+        for f in self._fused():
+            if f.fmt == "bf16" and f.weight.dtype != model.dtype:  # e.g. an fp32 model with bf16 weights
+                f.dense = f.weight.to(model.dtype)
         self.inv_freq = rope_inv_freq(a, model.device)
         self.cap = (0, 0)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -190,6 +198,11 @@ class CudaEngine(Engine):
         self.act = torch.zeros((b, a.intermediate_size), dtype=dt, device=dev)
         self.d = torch.zeros((b, a.hidden_size), dtype=dt, device=dev)
         self.logits = torch.zeros((b, a.vocab_size), dtype=dt, device=dev)
+        fl = self._fused()
+        self.y0 = torch.zeros(b * max(f.weight.shape[0] for f in fl), dtype=dt, device=dev)
+        self.deq = None  # the engine's own dequantization buffer (one layer): graphs keep its address
+        if b > DECODE_MAX_M and any(f.fmt != "bf16" for f in fl):
+            self.deq = torch.empty(max(f.weight.shape[0] * f.in_features for f in fl), dtype=dt, device=dev)
         from .kernels.lora_shrink import shrink_splits
 
         hmax = max([shrink_splits(f.in_features) * b * f.A.shape[0] for f in self._fused() if f.rank] or [1])
@@ -212,10 +225,28 @@ class CudaEngine(Engine):
         from .kernels.lora_shrink import lora_shrink, shrink_splits
 
         h = None
+        m = x.shape[0]
         if f.rank:
-            m = x.shape[0]
             h = lora_shrink(x, f.A, out=self.hbuf[: shrink_splits(f.in_features) * m * f.A.shape[0]]
                             .view(shrink_splits(f.in_features), m, f.A.shape[0]))
+        if f.fmt == "bf16" or m > DECODE_MAX_M:  # cuBLAS for the product, one small kernel for the epilogue
+            from .kernels.dequant import dequantize
+            from .kernels.fused_linear import linear_epilogue
+
+            n_rows, k = f.weight.shape[0], f.in_features
+            if f.fmt == "bf16":
+                w = f.dense if f.dense is not None else f.weight
+            else:
+                w = self.deq[: n_rows * k].view(n_rows, k)
+                off = 0
+                for i, mod in enumerate(f.mods):
+                    n = mod.out_features
+                    dequantize(f.fmt, f.weight[off:off + n], f.scale[off:off + n],
+                               f.gs[i:i + 1] if f.gs is not None else None, x.dtype, out=w[off:off + n])
+                    off += n
+            y0 = self.y0[: m * n_rows].view(m, n_rows)
+            torch.mm(x, w.t(), out=y0)
+            return linear_epilogue(y0, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out)
         return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out)
 
     def _decode_step(self, b: int):

@@ -171,7 +171,15 @@ class Attention(nn.Module):
             cache.v[layer, :, :, start:start + t] = v
             k = cache.k[layer, :, :, : mask.shape[-1]]
             v = cache.v[layer, :, :, : mask.shape[-1]]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        if self.num_kv_heads != self.num_heads:
+            # GQA without materializing repeated keys: query heads [j*g, (j+1)*g) share kv head j,
+            # so fold them into the query-length axis ([B, H_kv, g*T, D]) and repeat the mask rows.
+            g = self.num_heads // self.num_kv_heads
+            q = q.reshape(b, self.num_kv_heads, g * t, self.head_dim)
+            if mask is not None and mask.shape[-2] != 1:
+                mask = mask.repeat(1, 1, g, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.reshape(b, self.num_heads, t, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

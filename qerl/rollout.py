@@ -69,9 +69,12 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     logp = logits.log_softmax(-1)
-    # argmax(log p - log E), E ~ Exp(1) samples from p without a host sync (no multinomial)
-    e = torch.empty_like(logp).exponential_(1.0, generator=generator)
-    tok = (logp - e.log()).argmax(-1)
+    # Inverse-CDF sampling: one uniform per row and a binary search; no host sync (no
+    # multinomial) and ~40x cheaper on CPU than drawing an exponential per vocabulary entry.
+    # Masked tokens have zero mass, so a flat CDF step can never be the first index >= u.
+    cdf = logp.exp().cumsum(-1)  # [B, V]
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+    tok = torch.searchsorted(cdf, u.clamp(min=torch.finfo(cdf.dtype).tiny)).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
@@ -93,6 +96,25 @@ def dequant_cache(model: torch.nn.Module, enabled: bool = True):
             m.cache_dequantized = was
             if not was:
                 m.clear_cache()
+
+
+@contextlib.contextmanager
+def folded_weights(model: torch.nn.Module, dtype: torch.dtype, enabled: bool = True):
+    """For one rollout (weights fixed while it runs) every QuantLinear computes with one dense
+    weight, deq(W) + (alpha/r) B A, instead of base + two small LoRA GEMMs (CPU speed).
+
+    Folded afresh on entry, so the adapter as it is now is always the one sampled from, and
+    dropped on exit. Memory: one dense copy of the base, as a per-call `dequant_cache` holds
+    (plus the run-wide cache, if one is held). Forwards with autograd on ignore it.
+    """
+    mods = [m for m in model.modules() if isinstance(m, QuantLinear)] if enabled else []
+    try:
+        for m in mods:
+            m.fold_lora(dtype)
+        yield
+    finally:
+        for m in mods:
+            m.unfold_lora()
 
 
 class Engine:
@@ -144,13 +166,15 @@ class Engine:
         finish = ["length"] * b
         ends = [params.max_new_tokens] * b  # tokens each row generated, its EOS or stop string included
         eos = torch.tensor(self.eos_ids, device=dev)
-        rows = torch.arange(b, device=dev)  # original row of each active slot
+        rows = torch.arange(b, device=dev)  # original row of each slot in the running batch
+        alive = torch.ones(b, dtype=torch.bool, device=dev)
         for t in range(params.max_new_tokens):
             tok, lp = sample_tokens(logits, params.temperature, params.top_k, params.top_p, gen)
-            out_tok[rows, t], out_lp[rows, t] = tok, lp
-            done = torch.isin(tok, eos)
+            live = rows[alive]
+            out_tok[live, t], out_lp[live, t] = tok[alive], lp[alive]
+            done = torch.isin(tok, eos) & alive
             if params.stop:
-                done |= self._hit_stop(out_tok[rows, : t + 1], params.stop)
+                done |= self._hit_stop(out_tok[rows, : t + 1], params.stop) & alive
             if t + 1 == params.max_new_tokens:
                 for r in rows[done].tolist():
                     finish[r] = "stop"
@@ -158,11 +182,16 @@ class Engine:
             if bool(done.any()):
                 for r in rows[done].tolist():
                     finish[r], ends[r] = "stop", t + 1
-                keep = (~done).nonzero().squeeze(-1)
-                if keep.numel() == 0:
+                alive &= ~done
+                n_alive = int(alive.sum())
+                if n_alive == 0:
                     break
-                rows, tok = rows[keep], tok[keep]
-                cache, keys, lengths = self._compact(cache, keys, lengths, keep)
+                # Finished rows stop costing work, but copying the KV cache is not free:
+                # compact only once a quarter of the running batch has finished.
+                if n_alive <= 0.75 * len(rows):
+                    keep = alive.nonzero().squeeze(-1)
+                    rows, tok, alive = rows[keep], tok[keep], alive[keep]
+                    cache, keys, lengths = self._compact(cache, keys, lengths, keep)
             logits = self.decode_one(tok, lengths + t, cache, keys, p + t)
         # Lengths come from the loop, not from scanning the output: padding may be the EOS id.
         mask = torch.arange(params.max_new_tokens, device=dev) < torch.tensor(ends, device=dev)[:, None]
@@ -180,7 +209,7 @@ class Engine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with dequant_cache(self.model, self.cache_weights):
+            with folded_weights(self.model, self.model.dtype, self.cache_weights):
                 logits, cache, keys, lengths = self.prefill(ids, params.max_new_tokens)
                 if params.n > 1:
                     cache = cache.repeat_interleave(params.n, keys.shape[1] - params.max_new_tokens)

@@ -77,7 +77,7 @@ class Trainer:
         random.seed(t.seed)
         m = cfg.model
         self.model, self.tok = load_model(m.name, quant=m.quant, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
-                                          lora_dropout=m.lora_dropout, device=m.device)
+                                          lora_dropout=m.lora_dropout, device=m.device, dtype=m.dtype)
         self.device = self.model.device
         gc = m.gradient_checkpointing
         self.model.gradient_checkpointing = self.device.type == "cuda" if gc is None else gc

@@ -268,3 +268,9 @@ def test_smollm2_greedy_equals_transformers_generate(smollm2_dir):
         assert _rows(r)[i][0] == out[0, ids.shape[1]:].tolist()
         torch.testing.assert_close(qerl_logits(model, ids), hf(ids).logits.float().detach(), rtol=1e-4, atol=1e-4)
     assert "5" in r.texts[0] and r.finish_reasons == ["stop", "stop"]
+
+
+def test_generate_leaves_no_folded_or_cached_weights(engine):
+    engine.generate(PROMPTS[:1], SamplingParams(temperature=0, max_new_tokens=4))
+    mods = [m for m in engine.model.modules() if hasattr(m, "_folded")]
+    assert mods and all(m._folded is None and m._cache is None for m in mods)

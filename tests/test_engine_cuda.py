@@ -53,6 +53,20 @@ def test_greedy_matches_reference(fmt):
     assert ref.lengths != [40] * 6  # some rows did stop early
 
 
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_greedy_matches_reference_cublas_path(fmt, monkeypatch):
+    """Rows above DECODE_MAX_M run dequantize + cuBLAS + the epilogue kernel: force it for every bucket."""
+    from qerl import engine_cuda
+
+    monkeypatch.setattr(engine_cuda, "DECODE_MAX_M", 0)
+    model = build_random_model(ARGS, fmt, lora_rank=16, dtype=torch.float32, seed=4)
+    params = SamplingParams(temperature=0.0, max_new_tokens=24, n=2)
+    ref = Engine(model, Tok()).generate(_prompts(), params)
+    fast = engine_cuda.CudaEngine(model, Tok(), check_every=4).generate(_prompts(), params)
+    assert torch.equal(fast.completion_ids, ref.completion_ids)
+    assert torch.allclose(fast.logprobs, ref.logprobs, atol=1e-4)
+
+
 def test_lora_update_is_seen_and_bf16_close():
     from qerl.engine_cuda import CudaEngine
 

@@ -147,6 +147,83 @@ def test_fused_epilogues(dtype, m):
     assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+DECODE_CFGS = [
+    dict(BLOCK_N=16, BKW=16, SPLIT=1, XPERM=False, USE_ASM=True),
+    dict(BLOCK_N=32, BKW=32, SPLIT=3, XPERM=False, USE_ASM=True),
+    dict(BLOCK_N=8, BKW=16, SPLIT=2, XPERM=True, USE_ASM=True),
+    dict(BLOCK_N=16, BKW=32, SPLIT=1, XPERM=False, USE_ASM=False),
+    dict(BLOCK_N=64, BKW=64, SPLIT=2, XPERM=False, USE_ASM=True, num_warps=8),
+]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("ci", range(len(DECODE_CFGS)))
+def test_decode_kernel_configs(fmt, dtype, ci):
+    """Version 4 (int32 words, split-K + epilogue launch) for every tile variant, M = 1..8, uneven K,
+    q|k|v segments with bias and LoRA, and gate|up with SiLU."""
+    from qerl.kernels.fused_linear import fused_linear
+    from qerl.kernels.lora_shrink import lora_shrink
+
+    q, dq = QUANT[fmt]
+    cfg = dict(WORDS=True, **DECODE_CFGS[ci])
+    k, r, sizes = 1088, 16, (96, 24, 24)
+    ds = [q(torch.randn(n, k, device="cuda") * s) for n, s in zip(sizes, (1.0, 3.0, 0.5))]
+    deq = torch.cat([dq(d, torch.float32) for d in ds])
+    packed = torch.cat([d["weight_packed"] for d in ds])
+    scale = torch.cat([d["weight_scale"] for d in ds])
+    gs = torch.cat([d["weight_global_scale"] for d in ds]) if fmt == "nvfp4" else None
+    bias = torch.randn(sum(sizes), device="cuda", dtype=dtype)
+    a, b = torch.randn(3 * r, k, device="cuda") * 0.1, torch.randn(sum(sizes), r, device="cuda")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for m in range(1, 9):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        h = lora_shrink(x, a)
+        out = torch.full((m, sum(sizes)), float("nan"), device="cuda", dtype=dtype)
+        y = fused_linear(x, fmt, packed, scale, gs, bias, h, b, r, 0.5, (96, 120), out=out, config=cfg)
+        segs = [slice(0, 96), slice(96, 120), slice(120, 144)]
+        lora = torch.cat([x.float() @ a[i * r:(i + 1) * r].T @ b[s].T for i, s in enumerate(segs)], 1)
+        ref = x.float() @ deq.T + bias.float() + 0.5 * lora
+        assert not y.isnan().any()
+        assert rel(y, ref) < tol, (m, rel(y, ref))
+        out = torch.full((m, 48), float("nan"), device="cuda", dtype=dtype)
+        y = fused_linear(x, fmt, packed[:96], scale[:96], gs[:1].repeat(2) if gs is not None else None,
+                         glu=True, out=out, config=cfg)
+        w = deq[:96]
+        ref = F.silu(x.float() @ w[:48].T) * (x.float() @ w[48:].T)
+        assert not y.isnan().any()
+        assert rel(y, ref) < (tol if dtype == torch.float32 else 2e-2), (m, rel(y, ref))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 8, 40])
+def test_linear_epilogue_on_cublas_product(dtype, m):
+    """cuBLAS product + the epilogue kernel (bias, q|k|v LoRA, gate|up) = module composition."""
+    from qerl.kernels.fused_linear import linear_epilogue
+    from qerl.kernels.lora_shrink import lora_shrink
+
+    k, r, sizes = 160, 16, (64, 16, 16)
+    w = torch.randn(sum(sizes), k, device="cuda", dtype=dtype)
+    bias = torch.randn(sum(sizes), device="cuda", dtype=dtype)
+    a, b = torch.randn(3 * r, k, device="cuda"), torch.randn(sum(sizes), r, device="cuda")
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    h = lora_shrink(x, a)
+    out = torch.full((m, sum(sizes)), float("nan"), device="cuda", dtype=dtype)
+    y = linear_epilogue(x @ w.T, bias, h, b, r, 0.5, (64, 80), out=out)
+    segs = [slice(0, 64), slice(64, 80), slice(80, 96)]
+    lora = torch.cat([x.float() @ a[i * r:(i + 1) * r].T @ b[s].T for i, s in enumerate(segs)], 1)
+    ref = x.float() @ w.float().T + bias.float() + 0.5 * lora
+    assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    out = torch.full((m, 48), float("nan"), device="cuda", dtype=dtype)
+    y = linear_epilogue(x @ w[:96].T, glu=True, out=out)
+    ref = F.silu(x.float() @ w[:48].float().T) * (x.float() @ w[48:96].float().T)
+    assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -149,3 +149,28 @@ def test_set_weight_checks_shape():
     layer, _ = _layer("nvfp4")
     with pytest.raises(ValueError, match="weight shape"):
         layer.set_weight(torch.zeros(48, 64))
+
+
+def test_folded_lora_is_inference_only():
+    layer, _ = _layer("nvfp4")
+    layer.add_lora(rank=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = _x()
+    with torch.no_grad():
+        unfolded = layer(x)
+    layer.fold_lora(torch.float32)
+    with torch.no_grad():
+        folded = layer(x)
+    torch.testing.assert_close(folded, unfolded, rtol=1e-5, atol=1e-5)  # one GEMM on W + (a/r) B A
+    assert not torch.equal(folded, unfolded)  # it really took the folded path
+    y = layer(x)  # autograd on: the folded weight is ignored, gradients reach LoRA as always
+    assert torch.equal(y.detach(), unfolded)
+    y.sum().backward()
+    assert layer.lora_B.grad is not None
+    layer.lora_enabled = False  # a disabled adapter folds to the base alone
+    layer.fold_lora(torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized(torch.float32), layer.bias))
+    layer.unfold_lora()
+    assert layer._folded is None

@@ -14,7 +14,7 @@ import torch
 from ._triton import HAS_TRITON, require
 from .fused_linear import fused_linear
 
-SMALL_M = 64  # at or below: the fused one-pass kernel; above: dequantize + cuBLAS
+SMALL_M = 8  # at or below: the fused one-pass decode kernel; above: dequantize + cuBLAS
 
 if HAS_TRITON:
     import triton

@@ -176,16 +176,272 @@ if HAS_TRITON:
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(out_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+    # ---- version 4: M <= 8 decode GEMV on int32 words (8 E2M1 codes each) -----------------------------
+    # Word w of a row holds columns 8w..8w+7, nibble i (bits 4i..4i+3) = column 8w+i. One inline-asm
+    # block turns a word into 8 fp32 values (E2M1 * 2**-14) with 4 shift/mask pairs that place two
+    # codes at once into the sign/exponent/mantissa bits of an f16x2, then 8 exact f16->f32 converts
+    # (~3 ALU ops per weight instead of ~10). x is read as 8 stride-8 vectors x[8w+i] (L1 hits,
+    # shared by all rows of the tile) or, with XPERM, from a permuted copy [M, 8, K/8].
+    # fp32 accumulation: per word sum_i x_i * v_i, times the block's E4M3/E8M0 scale, summed over K;
+    # the NVFP4 global scale (and the 2**14) is applied once per row at the end.
+
+    @triton.jit
+    def _decode_word(q, USE_ASM: tl.constexpr):
+        """int32 words [..] -> 8 fp32 tensors: E2M1 value * 2**-14 of nibbles 0..7 (exact)."""
+        if USE_ASM:
+            return tl.inline_asm_elementwise("""
+    {
+    .reg .b32 t, s, p;
+    .reg .b16 l, h;
+    shl.b32 t, $8, 9;  shl.b32 s, $8, 12; and.b32 t, t, 0x0E000E00; and.b32 s, s, 0x80008000; or.b32 p, t, s;
+    mov.b32 {l, h}, p; cvt.f32.f16 $0, l; cvt.f32.f16 $4, h;
+    shl.b32 t, $8, 5;  shl.b32 s, $8, 8;  and.b32 t, t, 0x0E000E00; and.b32 s, s, 0x80008000; or.b32 p, t, s;
+    mov.b32 {l, h}, p; cvt.f32.f16 $1, l; cvt.f32.f16 $5, h;
+    shl.b32 t, $8, 1;  shl.b32 s, $8, 4;  and.b32 t, t, 0x0E000E00; and.b32 s, s, 0x80008000; or.b32 p, t, s;
+    mov.b32 {l, h}, p; cvt.f32.f16 $2, l; cvt.f32.f16 $6, h;
+    shr.b32 t, $8, 3;  and.b32 t, t, 0x0E000E00; and.b32 s, $8, 0x80008000; or.b32 p, t, s;
+    mov.b32 {l, h}, p; cvt.f32.f16 $3, l; cvt.f32.f16 $7, h;
+    }
+    """, "=r,=r,=r,=r,=r,=r,=r,=r,r", [q],
+                                             dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        else:
+            return (_e2m1_scaled(q & 15), _e2m1_scaled((q >> 4) & 15), _e2m1_scaled((q >> 8) & 15),
+                    _e2m1_scaled((q >> 12) & 15), _e2m1_scaled((q >> 16) & 15), _e2m1_scaled((q >> 20) & 15),
+                    _e2m1_scaled((q >> 24) & 15), _e2m1_scaled((q >> 28) & 15))
+
+    @triton.jit
+    def _xdot(xr, rw, km, KW, v, sv, EVEN_K: tl.constexpr, XPERM: tl.constexpr):
+        """sum_i x[8w+i] * v_i per word, times the word's block scale: [BN, BKW] fp32."""
+        v0, v1, v2, v3, v4, v5, v6, v7 = v
+        if XPERM:
+            xb = xr + rw
+            st = KW
+        else:
+            xb = xr + rw * 8
+            st = 1
+        if EVEN_K:
+            x0 = tl.load(xb).to(tl.float32)
+            x1 = tl.load(xb + st).to(tl.float32)
+            x2 = tl.load(xb + 2 * st).to(tl.float32)
+            x3 = tl.load(xb + 3 * st).to(tl.float32)
+            x4 = tl.load(xb + 4 * st).to(tl.float32)
+            x5 = tl.load(xb + 5 * st).to(tl.float32)
+            x6 = tl.load(xb + 6 * st).to(tl.float32)
+            x7 = tl.load(xb + 7 * st).to(tl.float32)
+        else:
+            x0 = tl.load(xb, mask=km, other=0.0).to(tl.float32)
+            x1 = tl.load(xb + st, mask=km, other=0.0).to(tl.float32)
+            x2 = tl.load(xb + 2 * st, mask=km, other=0.0).to(tl.float32)
+            x3 = tl.load(xb + 3 * st, mask=km, other=0.0).to(tl.float32)
+            x4 = tl.load(xb + 4 * st, mask=km, other=0.0).to(tl.float32)
+            x5 = tl.load(xb + 5 * st, mask=km, other=0.0).to(tl.float32)
+            x6 = tl.load(xb + 6 * st, mask=km, other=0.0).to(tl.float32)
+            x7 = tl.load(xb + 7 * st, mask=km, other=0.0).to(tl.float32)
+        p = x0[None, :] * v0 + x1[None, :] * v1 + x2[None, :] * v2 + x3[None, :] * v3
+        p += x4[None, :] * v4 + x5[None, :] * v5 + x6[None, :] * v6 + x7[None, :] * v7
+        return p * sv
+
+    @triton.jit
+    def _words_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww, stride_sn,
+                    FMT: tl.constexpr, MR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BKW: tl.constexpr, EVEN_K: tl.constexpr, XPERM: tl.constexpr, USE_ASM: tl.constexpr):
+        """[BLOCK_M, BLOCK_N] fp32 partial sums over words [k_lo, k_lo + k_per_split) of rows rn (global scale applied)."""
+        GW: tl.constexpr = 2 if FMT == 0 else 4  # words per scale block (16 or 32 columns)
+        rnc = tl.where(n_mask, rn, 0)  # clamped rows: unmasked (vectorized) loads
+        wrow = w_ptr + rnc[:, None] * stride_ww
+        srow = s_ptr + rnc[:, None] * stride_sn
+        xs = stride_xm
+        a0 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
+        a1 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
+        a2 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
+        a3 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
+        a4 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
+        a5 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
+        a6 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
+        a7 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
+        rw0 = tl.arange(0, BKW)
+        for kk in range(0, k_per_split, BKW):
+            rw = k_lo + kk + rw0
+            km = rw < KW
+            if EVEN_K:
+                q = tl.load(wrow + rw[None, :])
+                sb = tl.load(srow + (rw // GW)[None, :]).to(tl.int32)
+            else:
+                q = tl.load(wrow + rw[None, :], mask=km[None, :], other=0)
+                sb = tl.load(srow + (rw // GW)[None, :], mask=km[None, :], other=0).to(tl.int32)
+            if FMT == 0:
+                sv = _e4m3_value(sb)
+            else:  # E8M0; e = 0 reads as 0
+                sv = (sb << 23).to(tl.float32, bitcast=True)
+            v = _decode_word(q, USE_ASM)
+            a0 += _xdot(x_ptr, rw, km, KW, v, sv, EVEN_K, XPERM)
+            if MR > 1:
+                a1 += _xdot(x_ptr + xs, rw, km, KW, v, sv, EVEN_K, XPERM)
+            if MR > 2:
+                a2 += _xdot(x_ptr + 2 * xs, rw, km, KW, v, sv, EVEN_K, XPERM)
+            if MR > 3:
+                a3 += _xdot(x_ptr + 3 * xs, rw, km, KW, v, sv, EVEN_K, XPERM)
+            if MR > 4:
+                a4 += _xdot(x_ptr + 4 * xs, rw, km, KW, v, sv, EVEN_K, XPERM)
+            if MR > 5:
+                a5 += _xdot(x_ptr + 5 * xs, rw, km, KW, v, sv, EVEN_K, XPERM)
+            if MR > 6:
+                a6 += _xdot(x_ptr + 6 * xs, rw, km, KW, v, sv, EVEN_K, XPERM)
+            if MR > 7:
+                a7 += _xdot(x_ptr + 7 * xs, rw, km, KW, v, sv, EVEN_K, XPERM)
+        if FMT == 0:
+            gs = tl.load(gs_ptr + seg, mask=n_mask, other=1.0)
+            f = 16384.0 / gs
+        else:
+            f = tl.full((BLOCK_N,), 16384.0, tl.float32)
+        ri = tl.arange(0, BLOCK_M)[:, None]
+        acc = tl.where(ri == 0, (tl.sum(a0, axis=1) * f)[None, :], 0.0)
+        if MR > 1:
+            acc = tl.where(ri == 1, (tl.sum(a1, axis=1) * f)[None, :], acc)
+        if MR > 2:
+            acc = tl.where(ri == 2, (tl.sum(a2, axis=1) * f)[None, :], acc)
+        if MR > 3:
+            acc = tl.where(ri == 3, (tl.sum(a3, axis=1) * f)[None, :], acc)
+        if MR > 4:
+            acc = tl.where(ri == 4, (tl.sum(a4, axis=1) * f)[None, :], acc)
+        if MR > 5:
+            acc = tl.where(ri == 5, (tl.sum(a5, axis=1) * f)[None, :], acc)
+        if MR > 6:
+            acc = tl.where(ri == 6, (tl.sum(a6, axis=1) * f)[None, :], acc)
+        if MR > 7:
+            acc = tl.where(ri == 7, (tl.sum(a7, axis=1) * f)[None, :], acc)
+        return acc
+
+    @triton.jit
+    def _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
+                  stride_hs, stride_hm, stride_lbn, out_ty: tl.constexpr, BLOCK_M: tl.constexpr,
+                  USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr,
+                  NSEG: tl.constexpr):
+        """Round like the reference module: matmul, + bias, + LoRA, each rounded to the output dtype."""
+        y = acc.to(out_ty).to(tl.float32)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+            y = (y + b[None, :]).to(out_ty).to(tl.float32)
+        if LORA_R > 0:
+            rr = tl.arange(0, LORA_RP)
+            r_mask = rr < LORA_R
+            bl = tl.load(lb_ptr + rn[:, None] * stride_lbn + rr[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            lora = tl.zeros(acc.shape, dtype=tl.float32)
+            for s in tl.static_range(NSEG):
+                hs = tl.zeros((BLOCK_M, LORA_RP), dtype=tl.float32)
+                for sp in range(0, n_hsplit):
+                    hs += tl.load(h_ptr + sp * stride_hs + rm[:, None] * stride_hm + (s * LORA_R + rr)[None, :],
+                                  mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+                bs = tl.where((seg == s)[:, None], bl, 0.0)
+                lora = _mac(lora, hs, bs, USE_DOT and LORA_RP >= 16, "ieee")
+            y = (y + (lora * lora_scale).to(out_ty).to(tl.float32)).to(out_ty).to(tl.float32)
+        return y
+
+    @triton.jit
+    def _decode_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, h_ptr, lb_ptr, y_ptr, ws_ptr,
+                       M, N, KW, k_per_split, n1, n2, n_hsplit, lora_scale,
+                       stride_xm, stride_ww, stride_sn, stride_hs, stride_hm, stride_lbn, stride_ym, stride_wss,
+                       FMT: tl.constexpr, MR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BKW: tl.constexpr, EVEN_K: tl.constexpr, XPERM: tl.constexpr, USE_ASM: tl.constexpr,
+                       SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr,
+                       NSEG: tl.constexpr, GLU: tl.constexpr):
+        """M <= 8 rows in one tile. SPLIT > 1: fp32 partials [SPLIT, M, N_rows] to ws (epilogue: _pre_kernel)."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rm = tl.arange(0, BLOCK_M)
+        m_mask = rm < M
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = rn < N
+        k_lo = pid_s * k_per_split
+        seg = (rn >= n1).to(tl.int32) + (rn >= n2).to(tl.int32)
+        y = _words_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww, stride_sn,
+                        FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM)
+        if SPLIT > 1:
+            wsp = ws_ptr + pid_s * stride_wss + rm[:, None] * stride_ym + rn[None, :]
+            tl.store(wsp, y, mask=m_mask[:, None] & n_mask[None, :])
+            if GLU:
+                segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
+                u = _words_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rn + N, n_mask, segu, k_lo, k_per_split, KW, stride_xm, stride_ww,
+                                stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM)
+                tl.store(wsp + N, u, mask=m_mask[:, None] & n_mask[None, :])
+        else:
+            out_ty: tl.constexpr = y_ptr.dtype.element_ty
+            y = _epilogue(y, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
+                          stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, False, HAS_BIAS, LORA_R, LORA_RP, NSEG)
+            if GLU:
+                segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
+                u = _words_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rn + N, n_mask, segu, k_lo, k_per_split, KW, stride_xm, stride_ww,
+                                stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM)
+                u = _epilogue(u, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn + N, n_mask, segu, n_hsplit, lora_scale,
+                              stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, False, HAS_BIAS, LORA_R, LORA_RP, NSEG)
+                g = y * tl.sigmoid(y)
+                y = g.to(out_ty).to(tl.float32) * u
+            tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(out_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _pre_kernel(p_ptr, bias_ptr, h_ptr, lb_ptr, y_ptr, M, N, n1, n2, n_hsplit, lora_scale,
+                    stride_ps, stride_pm, stride_hs, stride_hm, stride_lbn, stride_ym,
+                    S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr, NSEG: tl.constexpr,
+                    GLU: tl.constexpr):
+        """Epilogue over a precomputed product: the sum of S partials p[s, M, N_rows] (a cuBLAS output when
+        S = 1, rounded to its dtype like the reference matmul), + bias, + LoRA, (+ SiLU gate)."""
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = rm < M
+        n_mask = rn < N
+        msk = m_mask[:, None] & n_mask[None, :]
+        out_ty: tl.constexpr = y_ptr.dtype.element_ty
+        pp = p_ptr + rm[:, None] * stride_pm + rn[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in tl.static_range(S):
+            acc += tl.load(pp + s * stride_ps, mask=msk, other=0.0).to(tl.float32)
+        seg = (rn >= n1).to(tl.int32) + (rn >= n2).to(tl.int32)
+        y = _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
+                      stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG)
+        if GLU:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(S):
+                acc += tl.load(pp + N + s * stride_ps, mask=msk, other=0.0).to(tl.float32)
+            segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
+            u = _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn + N, n_mask, segu, n_hsplit, lora_scale,
+                          stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG)
+            g = y * tl.sigmoid(y)
+            y = g.to(out_ty).to(tl.float32) * u
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(out_ty), mask=msk)
+
+
 def pick_config(m: int, n: int, k: int, fmt: str) -> dict:
-    """Tile sizes by shape (tuned on an H100; see benchmarks/RESULTS.md)."""
+    """Tile sizes by shape (measured on an H100/H200; see benchmarks/RESULTS.md)."""
+    if m <= 8 and fmt in ("nvfp4", "mxfp4"):
+        return decode_config(m, n, k)
     if m <= 8:
         bm = next_pow2(m)
-        if fmt == "bf16":
-            return dict(BLOCK_M=bm, BLOCK_N=8, BLOCK_K=128 if bm <= 2 else 64, USE_DOT=False, num_warps=4)
-        return dict(BLOCK_M=bm, BLOCK_N=8 if bm <= 2 else 16, BLOCK_K=512 if bm <= 2 else 128, USE_DOT=False, num_warps=4)
+        return dict(BLOCK_M=bm, BLOCK_N=8, BLOCK_K=128 if bm <= 2 else 64, USE_DOT=False, num_warps=4)
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     return dict(BLOCK_M=bm, BLOCK_N=64 if n >= 8192 else 32, BLOCK_K=256, USE_DOT=True,
                 num_warps=8 if n >= 8192 else 4)
+
+
+# version 4 (int32 words): tiles from the sweep in benchmarks/bench_kernels_gpu.py (H100, Qwen2.5-7B shapes)
+TARGET_PROGRAMS = 264  # split K until the grid has about this many programs (2 per SM on H100/H200)
+
+
+def decode_config(m: int, n: int, k: int) -> dict:
+    if m <= 2:
+        if k >= 8192:  # down_proj: few long rows
+            bn, bkw, split, xperm = 64, 32, 4, False
+        elif n <= 4096:  # o_proj (7B)
+            bn, bkw, split, xperm = 64, 16, 4, False
+        else:  # q|k|v, gate|up
+            bn, bkw, split, xperm = 16, 16, 1, False
+    else:
+        bn, bkw, xperm = (32, 32, False) if k >= 8192 else (16, 32, True)
+        split = 2 if k >= 8192 else 1
+    kw = k // 8
+    while split > 1 and kw // split < 2 * bkw:
+        split //= 2
+    return dict(WORDS=True, BLOCK_N=bn, BKW=bkw, SPLIT=split, XPERM=xperm, USE_ASM=True, num_warps=4, num_stages=1)
 
 
 def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Tensor | None = None,
@@ -216,6 +472,9 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     cfg = dict(config or pick_config(m, n, k, fmt))
+    if cfg.pop("WORDS", False):
+        return _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
+                              segments, glu, out, n, cfg)
     if x.dtype == torch.float32 and cfg["USE_DOT"]:
         cfg["DOT_PREC"] = "ieee"
     cfg.setdefault("DOT_PREC", "tf32")
@@ -235,4 +494,97 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
         lora_h.stride(0) if lora else 0, lora_h.stride(1) if lora else 0, lora_B.stride(0) if lora else 0, out.stride(0),
         FMT=FMT_CODES[fmt], HAS_BIAS=bias is not None, LORA_R=lora, LORA_RP=max(next_pow2(lora), 1) if lora else 1,
         NSEG=nseg, GLU=glu, num_warps=num_warps, **cfg)
+    return out
+
+
+_WS: dict = {}
+
+
+def _workspace(numel: int, device) -> torch.Tensor:
+    """fp32 split-K partials, one buffer per device (a call's partials are consumed by its own epilogue
+    launch right after, in stream order, so consecutive calls may share it)."""
+    buf = _WS.get(device)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, 1 << 20), dtype=torch.float32, device=device)
+        _WS[device] = buf
+    return buf[:numel]
+
+
+def _lora_args(lora_h, lora_B, lora_rank):
+    lora = lora_rank if (lora_h is not None and lora_B is not None and lora_rank) else 0
+    return lora, (max(next_pow2(lora), 1) if lora else 1)
+
+
+def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
+                   segments, glu, out, n, cfg):
+    """Version 4: M <= 8 rows, packed weights read as int32 words; split-K partials + epilogue launch."""
+    m, k = x.shape
+    n_rows = weight.shape[0]
+    if k % 8 or weight.stride(0) % 4 or weight.data_ptr() % 4:
+        raise ValueError("the decode kernel needs K % 8 == 0 and 4-byte aligned weight rows")
+    if m > 8:
+        raise ValueError("the decode kernel takes at most 8 rows")
+    w32 = weight.view(torch.int32) if weight.dtype == torch.uint8 else weight
+    kw = k // 8
+    bn, bkw, split = cfg["BLOCK_N"], cfg["BKW"], cfg.get("SPLIT", 1)
+    kps = -(-kw // split)
+    kps = -(-kps // bkw) * bkw  # each split a whole number of steps
+    split = -(-kw // kps)
+    even = kw % bkw == 0 and split * kps == kw
+    if cfg.get("XPERM", False):
+        x = x.view(m, kw, 8).transpose(1, 2).contiguous()
+        sxm = 8 * kw
+    else:
+        sxm = x.stride(0)
+    n1, n2 = segments if segments is not None else ((n, 1 << 30) if glu else (1 << 30, 1 << 30))
+    nseg = 1 + (n1 < n_rows) + (n2 < n_rows)
+    lora, lora_rp = _lora_args(lora_h, lora_B, lora_rank)
+    if scale is not None and scale.dtype != torch.uint8:
+        scale = scale.view(torch.uint8)
+    dummy = weight
+    gs = global_scale if global_scale is not None else dummy
+    grid = (triton.cdiv(n, bn), split)
+    common = dict(FMT=FMT_CODES[fmt], MR=m, BLOCK_M=next_pow2(m), BLOCK_N=bn, BKW=bkw, EVEN_K=even,
+                  XPERM=bool(cfg.get("XPERM", False)), USE_ASM=bool(cfg.get("USE_ASM", True)), SPLIT=split,
+                  HAS_BIAS=bias is not None, LORA_R=lora, LORA_RP=lora_rp, NSEG=nseg, GLU=glu,
+                  num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
+    hargs = (lora_h.stride(0) if lora else 0, lora_h.stride(1) if lora else 0, lora_B.stride(0) if lora else 0)
+    if split == 1:
+        _decode_kernel[grid](x, w32, scale, gs, bias if bias is not None else dummy, lora_h if lora else dummy,
+                             lora_B if lora else dummy, out, dummy, m, n, kw, kps, n1, n2,
+                             lora_h.shape[0] if lora else 0, float(lora_scale), sxm, w32.stride(0), scale.stride(0),
+                             *hargs, out.stride(0), 0, **common)
+        return out
+    ws = _workspace(split * m * n_rows, x.device).view(split, m, n_rows)
+    _decode_kernel[grid](x, w32, scale, gs, dummy, dummy, dummy, ws, ws, m, n, kw, kps, n1, n2, 0, 1.0,
+                         sxm, w32.stride(0), scale.stride(0), 0, 0, 0, ws.stride(1), ws.stride(0), **common)
+    return linear_epilogue(ws, bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out)
+
+
+def linear_epilogue(p: torch.Tensor, bias: torch.Tensor | None = None, lora_h: torch.Tensor | None = None,
+                    lora_B: torch.Tensor | None = None, lora_rank: int = 0, lora_scale: float = 1.0,
+                    segments: tuple[int, int] | None = None, glu: bool = False,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused epilogue over a precomputed product p: [M, N_rows] (a cuBLAS output in the activation
+    dtype) or [S, M, N_rows] fp32 split-K partials (summed). Same arguments as `fused_linear`."""
+    require(p, what="the linear epilogue kernel")
+    p3 = p if p.ndim == 3 else p.unsqueeze(0)
+    if p3.stride(2) != 1:
+        raise ValueError("the product must have unit stride along N")
+    s_, m, n_rows = p3.shape
+    n = n_rows // 2 if glu else n_rows
+    if out is None:
+        out = torch.empty((m, n), dtype=p.dtype, device=p.device)
+    n1, n2 = segments if segments is not None else ((n, 1 << 30) if glu else (1 << 30, 1 << 30))
+    nseg = 1 + (n1 < n_rows) + (n2 < n_rows)
+    lora, lora_rp = _lora_args(lora_h, lora_B, lora_rank)
+    bm = min(next_pow2(m), 32)
+    bn = 64 if bm <= 8 else 32
+    dummy = p3
+    _pre_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
+        p3, bias if bias is not None else dummy, lora_h if lora else dummy, lora_B if lora else dummy, out,
+        m, n, n1, n2, lora_h.shape[0] if lora else 0, float(lora_scale), p3.stride(0), p3.stride(1),
+        lora_h.stride(0) if lora else 0, lora_h.stride(1) if lora else 0, lora_B.stride(0) if lora else 0,
+        out.stride(0), S=s_, BLOCK_M=bm, BLOCK_N=bn, USE_DOT=bm >= 16, HAS_BIAS=bias is not None, LORA_R=lora,
+        LORA_RP=lora_rp, NSEG=nseg, GLU=glu, num_warps=4)
     return out

@@ -9,7 +9,7 @@ Scales are stored biased by 127 in uint8: scale = 2 ** (e - 127).
 """
 import torch
 
-from .e2m1 import e2m1_decode, e2m1_encode, pack_nibbles, unpack_nibbles
+from .e2m1 import decode_packed, e2m1_encode, e2m1_lut, pack_nibbles
 
 BLOCK = 32
 _ELEM_OFFSET = 2  # floor(log2(E2M1 max = 6))
@@ -41,6 +41,6 @@ def mxfp4_quantize(weight: torch.Tensor) -> dict:
 def mxfp4_dequantize(d: dict, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     packed, scale = d["weight_packed"], d["weight_scale"]
     n = packed.shape[0]
-    values = e2m1_decode(unpack_nibbles(packed)).view(n, -1, BLOCK)
+    values = decode_packed(packed, e2m1_lut(packed.device)).view(n, -1, BLOCK)
     step = torch.exp2(scale.float() - 127)
-    return (values * step.unsqueeze(-1)).view(n, -1).to(dtype)
+    return values.mul_(step.unsqueeze(-1)).view(n, -1).to(dtype)

@@ -7,7 +7,7 @@ the nearest codebook entry (midpoint thresholds), as bitsandbytes does.
 """
 import torch
 
-from .e2m1 import pack_nibbles, unpack_nibbles
+from .e2m1 import decode_packed, pack_nibbles
 
 BLOCK = 64
 NF4_CODEBOOK = (
@@ -36,5 +36,5 @@ def nf4_dequantize(d: dict, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor
     packed, absmax = d["weight_packed"], d["weight_scale"]
     n = packed.shape[0]
     book = torch.tensor(NF4_CODEBOOK, device=packed.device)
-    values = book[unpack_nibbles(packed).long()].view(n, -1, BLOCK)
-    return (values * absmax.float().unsqueeze(-1)).view(n, -1).to(dtype)
+    values = decode_packed(packed, book).view(n, -1, BLOCK)
+    return values.mul_(absmax.float().unsqueeze(-1)).view(n, -1).to(dtype)

@@ -11,7 +11,7 @@ decides the last bit of the FP8 scales:
 """
 import torch
 
-from .e2m1 import E2M1_MAX, e2m1_decode, e2m1_encode, pack_nibbles, unpack_nibbles
+from .e2m1 import E2M1_MAX, decode_packed, e2m1_encode, e2m1_lut, pack_nibbles
 
 BLOCK = 16
 FP8_MAX = 448.0
@@ -51,6 +51,6 @@ def nvfp4_quantize(weight: torch.Tensor, global_scale: torch.Tensor | None = Non
 def nvfp4_dequantize(d: dict, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     packed, scale, gs = d["weight_packed"], d["weight_scale"], d["weight_global_scale"]
     n = packed.shape[0]
-    values = e2m1_decode(unpack_nibbles(packed)).view(n, -1, BLOCK)  # [N, K/16, 16]
+    values = decode_packed(packed, e2m1_lut(packed.device)).view(n, -1, BLOCK)  # [N, K/16, 16]
     step = scale.float() / gs.float()
-    return (values * step.unsqueeze(-1)).view(n, -1).to(dtype)
+    return values.mul_(step.unsqueeze(-1)).view(n, -1).to(dtype)
