@@ -85,6 +85,42 @@ def eval_cmd(model: str = typer.Option("smollm2-135m-instruct", "--model", "-m")
           f"(adapter: {adapter or 'none'}) -> {output}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def plan(ctx: typer.Context,
+         config: str = typer.Option(None, "--config", "-c", help="YAML config (the embedded default if omitted)"),
+         model_config: str = typer.Option(None, "--model-config", help="qwen2.5-7b | qwen2.5-14b | qwen2.5-32b | a config.json or HF dir; default: the config's model"),
+         gpu_mem: float = typer.Option(None, "--gpu-mem", help="GB available; default: the visible GPU's memory"),
+         prompt_len: int = typer.Option(512, "--prompt-len", help="longest prompt in tokens")):
+    """Estimate GPU memory for a training run, component by component, before starting it."""
+    import torch
+
+    from .bench import model_args
+    from .config import load_config
+    from .plan import plan_memory
+
+    cfg = load_config(config, ctx.args)
+    if gpu_mem is None and torch.cuda.is_available():
+        gpu_mem = torch.cuda.get_device_properties(0).total_memory / 1e9
+    args = model_args(model_config or _model_dir(cfg.model.name))
+    p = plan_memory(args, cfg, prompt_len=prompt_len, available_gb=gpu_mem)
+    print(f"memory plan: {model_config or cfg.model.name}, {cfg.model.quant} + LoRA r={cfg.model.lora_rank}, "
+          f"{cfg.rollout.prompts_per_step}x{cfg.rollout.group_size} rollouts of {prompt_len}+{cfg.rollout.max_new_tokens} tokens")
+    print(p.table())
+    if p.fits is False:
+        sys.exit(1)
+
+
+def _model_dir(name: str) -> str:
+    from .loading import resolve
+
+    path, gguf = resolve(name)
+    if gguf:
+        from .loading import gguf_to_hf_dir
+
+        return str(gguf_to_hf_dir(path / gguf))
+    return str(path)
+
+
 @app.command()
 def quantize(model: str = typer.Argument(..., help="HF directory, hub id or GGUF file (or a ModelOpt NVFP4 checkpoint)"),
              fmt: str = typer.Option("nvfp4", "--format", "-f", help="nvfp4 or mxfp4"),

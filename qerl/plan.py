@@ -1,0 +1,82 @@
+"""Memory planner: says before a run starts whether it fits on the GPU, and what dominates.
+
+An analytic estimate from the model's shape and the run config, component by component:
+quantized weights (bits per weight of the format, scales included), bf16 embeddings and
+lm_head, LoRA parameters with their gradients and AdamW states (fp32), the rollout KV cache
+(all prompts x group size, prompt + completion length), sampling logits, training activations
+(per micro-batch; with gradient checkpointing one layer's worth plus each layer's input),
+the chunked log-prob buffers, one layer's dequantization buffer, and a fixed CUDA context /
+allocator reserve. It is an estimate, not a measurement: the reserve and the 10% headroom are
+there because allocators fragment.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import Config
+from .modeling import LINEAR_NAMES, ModelArgs
+from .quant import get_format
+
+GB = 1e9
+CUDA_RESERVE_GB = 1.5  # context, cuBLAS workspaces, allocator slack
+
+
+def linear_shapes(a: ModelArgs) -> dict[str, tuple[int, int]]:
+    h, i, d = a.hidden_size, a.intermediate_size, a.head_dim
+    return {"q_proj": (a.num_heads * d, h), "k_proj": (a.num_kv_heads * d, h), "v_proj": (a.num_kv_heads * d, h),
+            "o_proj": (h, a.num_heads * d), "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
+@dataclass
+class Plan:
+    components: dict[str, float]  # bytes
+    available: float | None  # bytes
+
+    @property
+    def total(self) -> float:
+        return sum(self.components.values()) * 1.10
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.available is None else self.total <= self.available
+
+    def table(self) -> str:
+        rows = [f"{k:<34} {v / GB:8.2f} GB" for k, v in sorted(self.components.items(), key=lambda kv: -kv[1])]
+        rows.append(f"{'total (+10% headroom)':<34} {self.total / GB:8.2f} GB")
+        if self.available is not None:
+            verdict = "fits" if self.fits else "does NOT fit"
+            rows.append(f"{'available':<34} {self.available / GB:8.2f} GB  -> {verdict}")
+        return "\n".join(rows)
+
+
+def plan_memory(a: ModelArgs, cfg: Config, prompt_len: int = 512, available_gb: float | None = None,
+                quant: str | None = None) -> Plan:
+    fmt = get_format(quant or cfg.model.quant)
+    shapes = linear_shapes(a)
+    r = cfg.model.lora_rank
+    act = 2  # bf16 activations on the GPU
+    weights = a.num_layers * sum(n * k * fmt.bits_per_weight / 8 + 4 for n, k in shapes.values())
+    embed = a.vocab_size * a.hidden_size * act * (1 if a.tie_word_embeddings else 2)
+    lora_params = a.num_layers * sum(r * (n + k) for name, (n, k) in shapes.items() if name in LINEAR_NAMES)
+    rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    seq = prompt_len + cfg.rollout.max_new_tokens
+    kv = a.num_layers * 2 * rows * a.num_kv_heads * a.head_dim * seq * act
+    sampling = rows * a.vocab_size * 4 * 3  # fp32 logits, probabilities, CDF
+    tokens = cfg.optim.micro_batch_size * seq
+    per_layer = tokens * (10 * a.hidden_size + 3 * a.intermediate_size + 2 * a.num_heads * a.head_dim) * act
+    ckpt = cfg.model.gradient_checkpointing is not False
+    activations = (a.num_layers * tokens * a.hidden_size * act + per_layer) if ckpt else a.num_layers * per_layer
+    logits = min(1024, tokens) * a.vocab_size * 4 * 3  # one chunk of chunked log-probs, forward + backward
+    dequant = max(n * k for n, k in shapes.values()) * act if fmt.name != "bf16" else 0
+    comps = {
+        f"weights ({fmt.name}, decoder Linears)": weights,
+        "embeddings + lm_head (bf16)": embed,
+        f"LoRA r={r}: params+grads+AdamW (fp32)": lora_params * 16,
+        f"rollout KV cache ({rows} x {seq} tokens)": kv,
+        "sampling logits": sampling,
+        f"training activations ({'checkpointed' if ckpt else 'full'})": activations,
+        "log-prob chunk": logits,
+        "dequantization buffer (one layer)": dequant,
+        "CUDA context + reserve": CUDA_RESERVE_GB * GB,
+    }
+    return Plan(comps, available_gb * GB if available_gb else None)

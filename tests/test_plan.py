@@ -1,0 +1,23 @@
+"""The memory planner against the published model sizes (REFERENCE.md section 5)."""
+import pytest
+
+from qerl.bench import model_args
+from qerl.config import load_config
+from qerl.plan import GB, plan_memory
+
+
+@pytest.mark.parametrize("name,nvfp4_gb,bf16_gb", [("qwen2.5-7b", 5.9, 15.2), ("qwen2.5-32b", 20.7, 65.5)])
+def test_model_sizes_match_published(name, nvfp4_gb, bf16_gb):
+    cfg = load_config(None, {"model": {"lora_rank": 16}})
+    for quant, want in (("nvfp4", nvfp4_gb), ("bf16", bf16_gb)):
+        c = plan_memory(model_args(name), cfg, quant=quant).components
+        size = (c[f"weights ({quant}, decoder Linears)"] + c["embeddings + lm_head (bf16)"]) / GB
+        assert size == pytest.approx(want, rel=0.03), (quant, size)
+
+
+def test_32b_fits_one_80gb_gpu_only_in_nvfp4():
+    cfg = load_config(None, {"model": {"lora_rank": 32, "gradient_checkpointing": True},
+                             "rollout": {"prompts_per_step": 2, "group_size": 8, "max_new_tokens": 2048},
+                             "optim": {"micro_batch_size": 4}})
+    assert plan_memory(model_args("qwen2.5-32b"), cfg, available_gb=80).fits is True
+    assert plan_memory(model_args("qwen2.5-32b"), cfg, available_gb=80, quant="bf16").fits is False
