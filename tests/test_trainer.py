@@ -165,3 +165,17 @@ def test_skipping_zero_advantage_sequences_keeps_the_gradient(tiny):
         with torch.no_grad():
             for s0, p in zip(start, params):
                 p.copy_(s0)
+
+
+def test_dapo_and_drgrpo_steps_run_with_their_settings(tiny, tmp_path, digit_reward):
+    for name in ("dapo", "drgrpo"):
+        extra = {"algo": {"name": name, "max_sampling_rounds": 2}, "train": {"max_steps": 1, "save_every": 0}}
+        if name == "dapo":
+            extra["algo"]["overlong"] = "mask"
+        t = Trainer(_cfg(tiny, tmp_path / name, **extra), progress=False)
+        m = t.step(0)
+        assert t.algo.aggregation == {"dapo": "token_mean", "drgrpo": "constant"}[name]
+        assert t.algo.normalize_std is (name == "dapo")
+        assert 1 <= m["sampling_rounds"] <= 2
+        if name == "dapo":
+            assert t.loss_cfg.eps_high == 0.28
