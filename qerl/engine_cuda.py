@@ -11,7 +11,10 @@ What differs from the reference engine (and why):
 - Fused launches. q/k/v and gate/up run as one kernel each (their packed weights are
   made adjacent rows of one buffer at construction, and the modules' buffers become
   views of it: no second copy), with bias, live LoRA and SiLU-gate fused into the
-  weight-streaming kernel (`qerl.kernels.fused_linear`); residual add + RMSNorm and
+  weight-streaming kernel (`qerl.kernels.fused_linear`) for NVFP4/MXFP4 at up to
+  DECODE_MAX_M rows; bf16 weights, and more rows, use cuBLAS (one layer dequantized
+  into the engine's own buffer for NVFP4/MXFP4) and one epilogue launch
+  (`linear_epilogue`: bias, LoRA, SiLU gate); residual add + RMSNorm and
   RoPE + cache write are one launch each. Per layer: 13 launches with LoRA.
 - LoRA stays live: each `generate` copies the current A, B (scaling folded into B)
   into the fused buffers first, so an optimizer step is seen by the next rollout.

@@ -245,3 +245,29 @@ class Engine:
             if any(s in self.tokenizer.decode(row[max(0, j + 1 - w): j + 1]) for s in stop):
                 return j + 1
         return None
+
+
+def make_engine(model: CausalLM, tokenizer, backend: str = "auto", **kwargs) -> Engine:
+    """The fastest engine that can run `model` here.
+
+    backend="auto": `qerl.engine_cuda.CudaEngine` when the model is on a CUDA device, Triton works
+    and the architecture and weight formats are supported; else the reference `Engine`.
+    backend="cuda": `CudaEngine`, or a `KernelUnavailable` error saying why it cannot run (no fallback).
+    backend="reference": `Engine`. Extra keyword arguments go to `CudaEngine` (eos_ids, check_every, ...).
+    """
+    if backend not in ("auto", "cuda", "reference"):
+        raise ValueError(f"unknown rollout backend '{backend}' (auto, cuda or reference)")
+    if backend == "reference":
+        return Engine(model, tokenizer)
+    from .kernels import KernelUnavailable
+
+    try:
+        from .engine_cuda import CudaEngine
+
+        return CudaEngine(model, tokenizer, **kwargs)
+    except (KernelUnavailable, ImportError) as e:  # no GPU or Triton, q/k-norm, nf4 weights
+        if backend == "cuda":
+            if isinstance(e, KernelUnavailable):
+                raise
+            raise KernelUnavailable(f"the CUDA rollout engine cannot run here: {e}") from e
+        return Engine(model, tokenizer)

@@ -147,12 +147,13 @@ def test_fused_epilogues(dtype, m):
     assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
-DECODE_CFGS = [
-    dict(BLOCK_N=16, BKW=16, SPLIT=1, XPERM=False, USE_ASM=True),
-    dict(BLOCK_N=32, BKW=32, SPLIT=3, XPERM=False, USE_ASM=True),
-    dict(BLOCK_N=8, BKW=16, SPLIT=2, XPERM=True, USE_ASM=True),
-    dict(BLOCK_N=16, BKW=32, SPLIT=1, XPERM=False, USE_ASM=False),
-    dict(BLOCK_N=64, BKW=64, SPLIT=2, XPERM=False, USE_ASM=True, num_warps=8),
+DECODE_CFGS = [  # the tiles decode_config picks (and the plain-Triton decode), with the rows each is used for
+    (dict(BLOCK_N=16, BKW=16, SPLIT=1, XPERM=False, USE_ASM=True), range(1, 9)),
+    (dict(BLOCK_N=64, BKW=16, SPLIT=3, XPERM=False, USE_ASM=True), (1, 2)),
+    (dict(BLOCK_N=64, BKW=32, SPLIT=2, XPERM=False, USE_ASM=True), (1, 2)),
+    (dict(BLOCK_N=16, BKW=32, SPLIT=1, XPERM=True, USE_ASM=True), range(1, 9)),
+    (dict(BLOCK_N=32, BKW=32, SPLIT=2, XPERM=False, USE_ASM=True), (3, 8)),
+    (dict(BLOCK_N=16, BKW=16, SPLIT=2, XPERM=False, USE_ASM=False), (1, 5)),
 ]
 
 
@@ -168,7 +169,8 @@ def test_decode_kernel_configs(fmt, dtype, ci):
     from qerl.kernels.lora_shrink import lora_shrink
 
     q, dq = QUANT[fmt]
-    cfg = dict(WORDS=True, **DECODE_CFGS[ci])
+    cfg, rows = DECODE_CFGS[ci]
+    cfg = dict(WORDS=True, **cfg)
     k, r, sizes = 1088, 16, (96, 24, 24)
     ds = [q(torch.randn(n, k, device="cuda") * s) for n, s in zip(sizes, (1.0, 3.0, 0.5))]
     deq = torch.cat([dq(d, torch.float32) for d in ds])
@@ -178,7 +180,7 @@ def test_decode_kernel_configs(fmt, dtype, ci):
     bias = torch.randn(sum(sizes), device="cuda", dtype=dtype)
     a, b = torch.randn(3 * r, k, device="cuda") * 0.1, torch.randn(sum(sizes), r, device="cuda")
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for m in range(1, 9):
+    for m in rows:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         h = lora_shrink(x, a)
         out = torch.full((m, sum(sizes)), float("nan"), device="cuda", dtype=dtype)

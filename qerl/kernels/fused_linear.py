@@ -9,12 +9,16 @@ uint8 bits, and the step `float(scale) / global_scale` is formed in fp32 exactly
 the reference does, so the dequantized weight is bit-identical to
 `qerl.quant.nvfp4.nvfp4_dequantize(...).to(x.dtype)` before it meets x.
 
-- M <= 8: CUDA-core multiply-add: x times the exact E2M1 values, summed over each
-  scale block in registers, then one multiply by the block step (the decode is
-  ALU-bound, so ops per weight decide the speed). Here W is not rounded to the
+- M <= 8, NVFP4/MXFP4 (version 4, `_decode_kernel`): packed weights read as int32 words
+  (8 codes), decoded by one inline-asm block (two codes per shift/mask into an f16x2,
+  then exact f16->f32), x times the exact E2M1 values in fp32, times the block scale
+  per word, global scale once per row; split-K for short grids, whose fp32 partials
+  are summed by the epilogue launch (`linear_epilogue`). W is not rounded to the
   activation dtype first: bf16 results differ from the reference by that rounding.
-- M > 8: `tl.dot` on tiles of 16..64 rows of x, with W dequantized to the activation
-  dtype (bit-identical to the reference weight).
+  Tiles per shape class: `decode_config`.
+- M <= 8, bf16 weights, and M > 8: the older loop (`_fused_linear_kernel`, `tl.dot` on
+  tiles of 16..64 rows, W dequantized bit-identically). The decode engine instead runs
+  bf16 weights and M > 4 through cuBLAS + `linear_epilogue` (see `qerl.engine_cuda`).
 
 Epilogue, fused so the decode step has few launches:
 - bias, then the LoRA update `scale * h @ B.T` where `h = x @ A.T` comes from
