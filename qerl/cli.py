@@ -69,7 +69,7 @@ def eval_cmd(model: str = typer.Option("smollm2-135m-instruct", "--model", "-m")
     from .evaluate import EvalSettings, evaluate
     from .loading import load_model
     from .lora import load_adapter
-    from .rollout import Engine
+    from .rollout import make_engine
 
     records, report = load_records(dataset, split, question_key=question_key, answer_key=answer_key, limit=limit)
     print(report.summary())
@@ -79,7 +79,7 @@ def eval_cmd(model: str = typer.Option("smollm2-135m-instruct", "--model", "-m")
         print(f"adapter {adapter}: applied to {len(applied)} layers")
     s = EvalSettings(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
                      system_prompt=system_prompt, suffix=suffix, seed=seed)
-    res = evaluate(Engine(m, tok), records, s, output,
+    res = evaluate(make_engine(m, tok), records, s, output,
                    extra={"model": model, "quant": quant, "adapter": adapter, "dataset": dataset, "split": split})
     print(f"{dataset}/{split}: n={res['n']} pass@1={res['pass@1']:.4f} maj@{samples}={res[f'maj@{samples}']:.4f} "
           f"(adapter: {adapter or 'none'}) -> {output}")

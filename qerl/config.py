@@ -56,6 +56,7 @@ class RolloutConfig:
     top_k: int = 0
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=list)
+    backend: str = "auto"  # auto: the CUDA-graph engine on a GPU when it supports the model | cuda | reference
 
 
 ALGORITHMS = {
@@ -279,6 +280,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 def validate(cfg: Config):
     cfg.algo.resolved()
+    _choice("rollout.backend", cfg.rollout.backend, ("auto", "cuda", "reference"))
     from .quant import FORMATS
 
     _choice("model.quant", cfg.model.quant, tuple(FORMATS))

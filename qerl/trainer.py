@@ -24,7 +24,7 @@ from .lora import lora_parameters, save_adapter
 from .noise import aqn_sigma, apply_noise
 from .rewards import compute_rewards
 from .rl import LossConfig, dynamic_sampling_keep, fill_batch, group_advantages
-from .rollout import Engine, SamplingParams, dequant_cache
+from .rollout import SamplingParams, dequant_cache, make_engine
 from .state import latest_checkpoint, load_checkpoint, save_checkpoint
 from .update import build_batch, policy_update
 
@@ -81,7 +81,7 @@ class Trainer:
         self.device = self.model.device
         gc = m.gradient_checkpointing
         self.model.gradient_checkpointing = self.device.type == "cuda" if gc is None else gc
-        self.engine = Engine(self.model, self.tok)
+        self.engine = make_engine(self.model, self.tok, backend=cfg.rollout.backend)
         self.params = lora_parameters(self.model)
         self.norms = {}
         if m.train_norms:
