@@ -148,7 +148,7 @@ DEFAULT_OVERRIDES: dict = {
     "data": {"suffix": "Give the final answer as a number at the end."},
     "rollout": {"prompts_per_step": 8, "group_size": 8, "max_new_tokens": 40},
     "optim": {"lr": 5e-4, "micro_batch_size": 16, "max_grad_norm": 1.0, "weight_decay": 0.0},
-    "train": {"max_steps": 30, "eval_limit": 200, "save_every": 10, "output_dir": "runs/default"},
+    "train": {"max_steps": 24, "eval_every": 12, "eval_limit": 200, "save_every": 8, "output_dir": "runs/default"},
 }
 
 
