@@ -19,6 +19,7 @@ the compute time itself).
 
     .venv/bin/python benchmarks/bench_engine_cpu.py                 # batch 1 and 8, 64 new tokens
     .venv/bin/python benchmarks/bench_engine_cpu.py --batch 8 --repeats 5 --json out.json
+    .venv/bin/python benchmarks/bench_engine_cpu.py --decode-steps 80   # per-token forward cost only
 
 Threads: `qerl.utils.configure_cpu_threads()` (1 intra-op thread unless OMP_NUM_THREADS is set)
 applies to both sides; set OMP_NUM_THREADS=2 to compare with two threads.
@@ -90,12 +91,55 @@ def hf_system(path, new_tokens: int):
     return run
 
 
+def decode_step_times(path, batch: int, steps: int, prompt_len: int = 40) -> dict[str, list[float]]:
+    """CPU seconds of single decode steps (model forward of one token per row, KV cache of the
+    prompt), qerl vs HF, interleaved step by step: the per-token cost without either generate loop."""
+    import contextlib
+
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from qerl.loading import load_model
+    from qerl.modeling import KVCache, causal_mask, positions_from_mask
+    from qerl.rollout import Engine, folded_weights
+
+    ids = torch.randint(100, 1000, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    stack, step = contextlib.ExitStack(), {}
+    for quant in ("bf16", "nvfp4"):
+        model, tok = load_model(str(path), quant=quant, lora_rank=0, device="cpu")
+        a = model.args
+        stack.enter_context(folded_weights(model, model.dtype))  # as inside Engine.generate
+        engine = Engine(model, tok)
+        cache = KVCache(a.num_layers, batch, a.num_kv_heads, prompt_len + steps, a.head_dim, model.dtype, model.device)
+        keys = torch.ones(batch, prompt_len + steps, dtype=torch.bool)
+        attn = torch.ones(batch, prompt_len, dtype=torch.long)
+        with torch.no_grad():
+            model(ids, positions_from_mask(attn), causal_mask(attn), cache, 0)
+        step[f"qerl {quant}"] = lambda i, e=engine, c=cache, k=keys: e.decode_one(
+            torch.full((batch,), 5), torch.full((batch,), prompt_len + i), c, k, prompt_len + i)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf_cache = DynamicCache(config=hf.config)
+    with torch.no_grad():
+        hf(input_ids=ids, past_key_values=hf_cache, use_cache=True)
+    step["transformers"] = lambda i: hf(input_ids=torch.full((batch, 1), 5), past_key_values=hf_cache, use_cache=True)
+    out = {name: [] for name in step}
+    with torch.no_grad():
+        for i in range(steps):
+            for name, f in step.items():
+                c = time.process_time()
+                f(i)
+                out[name].append(time.process_time() - c)
+    stack.close()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--decode-steps", type=int, default=0,
+                    help="instead: CPU ms of this many single decode steps per batch size, qerl vs HF forward")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
@@ -110,6 +154,12 @@ def main():
     chat = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
             for q in QUESTIONS]
     n = args.new_tokens
+    if args.decode_steps:
+        print("| batch | system | decode step, CPU ms (median) | (min) |\n|---|---|---|---|")
+        for b in args.batch:
+            for name, ts in decode_step_times(path, b, args.decode_steps).items():
+                print(f"| {b} | {name} | {statistics.median(ts) * 1e3:.1f} | {min(ts) * 1e3:.1f} |", flush=True)
+        return
     print(f"SmolLM2-135M-Instruct from {path}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
           f"greedy, {n} new tokens; {args.repeats} interleaved rounds after 1 warm-up", flush=True)
     systems = {
@@ -143,8 +193,9 @@ def main():
     print("|---|---|---|---|---|---|")
     for r in results:
         base = next(x for x in results if x["batch"] == r["batch"] and x["system"].startswith("transformers"))
-        print(f"| {r['batch']} | {r['system']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x"
-              f" | {r['tokens_per_cpu_s']:.1f} | {r['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:.2f}x |")
+        wall, cpu = r["tokens_per_s"] / base["tokens_per_s"], r["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
+        print(f"| {r['batch']} | {r['system']} | {r['tokens_per_s']:.1f} | {wall:.2f}x | {r['tokens_per_cpu_s']:.1f} | "
+              f"{cpu:.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

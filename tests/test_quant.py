@@ -234,6 +234,21 @@ def test_nvfp4_global_scale_is_reciprocal_times_2688(ct):
     assert ref_nvfp4(w)[2] == 24576.001953125
 
 
+def test_nvfp4_scale_arithmetic_order(ct):
+    # With a fused group's shared global scale, gs * (amax / 6) and (gs * amax) / 6 can land on
+    # opposite sides of an FP8 rounding midpoint. Spec order (compressed-tensors): divide first.
+    w = torch.zeros(1, 16)
+    w[0, 0] = 5.068450450897217
+    gs = torch.tensor([0.019652826711535454])
+    assert float(((gs * w.abs().max()) / 6).to(torch.float8_e4m3fn).float()) == 0.015625  # the other order
+    assert nvfp4_quantize(w, global_scale=gs)["weight_scale"].float().tolist() == [[0.017578125]]
+    assert ref_nvfp4(w, float(gs))[1].tolist() == [[0.017578125]]
+    args = ct["QuantizationArgs"](num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True,
+                                  dynamic=False, scale_dtype=torch.float8_e4m3fn)
+    scale, _ = ct["qparams"](w.amin(-1, keepdim=True), w.amax(-1, keepdim=True), args, global_scale=gs)
+    assert scale.float().tolist() == [[0.017578125]]
+
+
 def test_nvfp4_override_global_scale_matches_reference():
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
     own = nvfp4_global_scale(w).item()
