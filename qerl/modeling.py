@@ -157,7 +157,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, args.rms_norm_eps)
             self.k_norm = RMSNorm(d, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int, prefix=None, capture=None):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
@@ -166,6 +166,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if capture is not None:  # a shared prompt's keys/values, kept for the completions (with grad)
+            capture.append((k, v))
+        if prefix is not None:  # keys/values of this row's prompt, computed once per group
+            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
         if cache is not None:
             cache.k[layer, :, :, start:start + t] = k
             cache.v[layer, :, :, start:start + t] = v
@@ -202,8 +206,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, layer, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+    def forward(self, x, cos, sin, mask, cache, layer, start, prefix=None, capture=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start, prefix, capture)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -240,14 +244,19 @@ class CausalLM(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # [B, 1, T, D]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, input_ids, positions, mask, cache: KVCache | None = None, start: int = 0):
+    def forward(self, input_ids, positions, mask, cache: KVCache | None = None, start: int = 0,
+                prefix: list | None = None, capture: list | None = None):
+        """prefix: per layer (k, v) [B, H_kv, P, D] of keys before these tokens (a shared prompt);
+        capture: a list that receives each layer's (k, v). Both serve training with one prompt
+        forward per group of completions; mask then covers the P prefix keys too."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
+            pre = prefix[i] if prefix is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, cache, i, start, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, cache, i, start, pre, capture, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, i, start)
+                x = layer(x, cos, sin, mask, cache, i, start, pre, capture)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

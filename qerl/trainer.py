@@ -181,7 +181,7 @@ class Trainer:
                                 self.loss_cfg, temperature=self.cfg.rollout.temperature,
                                 micro_batch_size=self.cfg.optim.micro_batch_size, num_iterations=a.num_iterations,
                                 max_grad_norm=self.cfg.optim.max_grad_norm, is_level=a.is_level, is_mode=a.is_mode,
-                                is_threshold=a.is_threshold)
+                                is_threshold=a.is_threshold, group=G)
             lengths = [float(m.sum()) for g in groups for m in g["out"].mask[list(g["rows"])]]
             correct = [c for g in groups for c in g["correct"]]
             metrics.update(upd)

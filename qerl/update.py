@@ -64,35 +64,61 @@ def build_batch(prompts: list[list[int]], completions: list[torch.Tensor], masks
                  advantages.to(device).float(), p)
 
 
-def sequence_logprobs(model: CausalLM, b: Batch, temperature: float, chunk_tokens: int = 1024):
-    """-> (logp [N, L], entropy [N, L]) of the completion tokens under the current model."""
-    hidden = model(b.input_ids, positions_from_mask(b.attn), causal_mask(b.attn))
+def sequence_logprobs(model: CausalLM, b: Batch, temperature: float, chunk_tokens: int = 1024, group: int = 1):
+    """-> (logp [N, L], entropy [N, L]) of the completion tokens under the current model.
+
+    group > 1: rows come in contiguous groups of `group` completions of one prompt; the prompt
+    is run once per group and its keys/values (with their gradient) are shared by the group's
+    completions, instead of once per completion. Same values, G times fewer prompt tokens.
+    """
     length = b.completion.shape[1]
-    h = hidden[:, b.prompt_len - 1: b.prompt_len - 1 + length]  # position t predicts completion token t
+    if group <= 1:
+        hidden = model(b.input_ids, positions_from_mask(b.attn), causal_mask(b.attn))
+        h = hidden[:, b.prompt_len - 1: b.prompt_len - 1 + length]  # position t predicts completion token t
+    else:
+        p, n = b.prompt_len, b.input_ids.shape[0]
+        prompt_attn = b.attn[::group, :p]  # [N/G, P]
+        kv: list = []
+        h_prompt = model(b.input_ids[::group, :p], positions_from_mask(prompt_attn), causal_mask(prompt_attn), capture=kv)
+        prefix = [(k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)) for k, v in kv]
+        plen = prompt_attn.sum(1).repeat_interleave(group)  # [N]
+        pos = plen[:, None] + torch.arange(length, device=plen.device)  # completion token t sits at plen + t
+        keys_prompt = prompt_attn.bool().repeat_interleave(group, 0)[:, None, None, :].expand(n, 1, length, p)
+        causal = torch.ones(length, length, dtype=torch.bool, device=plen.device).tril().expand(n, 1, length, length)
+        h_comp = model(b.completion, pos, torch.cat([keys_prompt, causal], dim=-1), prefix=prefix)
+        # token 0 is predicted by the prompt's last position, token t by completion position t-1
+        h = torch.cat([h_prompt[:, -1:].repeat_interleave(group, 0), h_comp[:, :-1]], dim=1)
     return chunked_logprobs_and_entropy(h, model.lm_head.weight, b.completion, chunk_tokens=chunk_tokens,
                                         temperature=temperature)
 
 
 def policy_update(model: CausalLM, optimizer, params: list[torch.nn.Parameter], batch: Batch, loss_cfg: LossConfig,
                   *, temperature: float, micro_batch_size: int, num_iterations: int, max_grad_norm: float,
-                  is_level: str, is_mode: str, is_threshold: float) -> dict:
+                  is_level: str, is_mode: str, is_threshold: float, group: int = 1) -> dict:
+    """group > 1: rows are contiguous groups sharing a prompt (see `sequence_logprobs`);
+    micro-batches then hold whole groups (micro_batch_size rounded down to a multiple of group)."""
     tokens, seqs = int(batch.mask.sum()), batch.input_ids.shape[0]
-    if loss_cfg.kl_beta == 0:
-        active = (batch.advantages != 0).nonzero().squeeze(-1)
-        batch = batch.slice(active)
+    if tokens == 0:  # e.g. every completion truncated and masked (DAPO overlong filtering)
+        return {"skipped_updates": 0.0, "loss_tokens": 0.0, "active_seqs": 0.0}
+    if loss_cfg.kl_beta == 0:  # drop whole groups whose advantages are all zero
+        g = max(group, 1)
+        live = (batch.advantages != 0).view(-1, g).any(1).repeat_interleave(g)
+        batch = batch.slice(live.nonzero().squeeze(-1))
     n = batch.input_ids.shape[0]
     if n == 0:
         return {"skipped_updates": 0.0, "loss_tokens": float(tokens), "active_seqs": 0.0}
     old_logp = torch.zeros_like(batch.rollout_logp)
     metrics: dict[str, list[float]] = {}
     skipped = 0
+    if group > 1:
+        micro_batch_size = max(group, micro_batch_size // group * group)
     model.train()
     for it in range(num_iterations):
         optimizer.zero_grad(set_to_none=True)
         finite = True
         for s in range(0, n, micro_batch_size):
             mb = batch.slice(slice(s, s + micro_batch_size))
-            logp, ent = sequence_logprobs(model, mb, temperature)
+            logp, ent = sequence_logprobs(model, mb, temperature, group=group)
             if it == 0:
                 old_logp[s:s + micro_batch_size] = logp.detach()
             old = old_logp[s:s + micro_batch_size]
@@ -106,7 +132,7 @@ def policy_update(model: CausalLM, optimizer, params: list[torch.nn.Parameter], 
             ref = None
             if loss_cfg.kl_beta > 0:
                 with torch.no_grad(), adapter_disabled(model):
-                    ref, _ = sequence_logprobs(model, mb, temperature)
+                    ref, _ = sequence_logprobs(model, mb, temperature, group=group)
             loss, m = policy_loss(logp, old, mb.advantages, mb.mask, loss_cfg, ref_logp=ref, is_weights=isw,
                                   global_tokens=tokens, global_seqs=seqs)
             if not torch.isfinite(loss):

@@ -179,3 +179,34 @@ def test_dapo_and_drgrpo_steps_run_with_their_settings(tiny, tmp_path, digit_rew
         assert 1 <= m["sampling_rounds"] <= 2
         if name == "dapo":
             assert t.loss_cfg.eps_high == 0.28
+
+
+@pytest.mark.parametrize("arch,ckpt", [("llama", False), ("qwen2", True)])
+def test_shared_prompt_forward_equals_per_sequence_forward(tmp_path, arch, ckpt):
+    """One prompt forward per group gives the same log-probs and LoRA gradients as one per sequence."""
+    path = make_tiny_checkpoint(tmp_path / arch, arch, seed=7, std=0.05)
+    model, tok = load_model(path, quant="nvfp4", lora_rank=4, device="cpu")
+    model.gradient_checkpointing = ckpt
+    params = lora_parameters(model)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+    group, n_prompts, length = 3, 2, 5
+    prompts = [torch.randint(3, 90, (k,), generator=g).tolist() for k in (4, 7)]
+    rows = [prompts[i // group] for i in range(group * n_prompts)]
+    comps = [torch.randint(3, 90, (length,), generator=g) for _ in rows]
+    masks = [torch.arange(length) < k for k in (5, 3, 4, 5, 2, 1)]
+    b = build_batch(rows, comps, masks, [torch.zeros(length)] * len(rows), torch.zeros(len(rows)), tok.pad_token_id, "cpu")
+    model.train()
+    out = {}
+    for grp in (1, group):
+        model.zero_grad()
+        logp, ent = sequence_logprobs(model, b, 1.0, group=grp)
+        (logp * b.mask).sum().backward()
+        out[grp] = (logp.detach(), ent.detach(), [p.grad.clone() for p in params])
+    m = b.mask
+    torch.testing.assert_close(out[1][0][m], out[group][0][m], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[1][1][m], out[group][1][m], rtol=1e-4, atol=1e-5)
+    for a, c in zip(out[1][2], out[group][2]):
+        torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-6)
