@@ -45,12 +45,12 @@ QUESTIONS = [
 ]
 
 
-def qerl_system(path, quant: str, lora_rank: int, new_tokens: int, run_wide_cache: bool):
+def qerl_system(path, quant: str, lora_rank: int, new_tokens: int, run_wide_cache: bool, dtype=torch.float32):
     """-> run(prompts): qerl's Engine, greedy, exactly new_tokens per row."""
     from qerl.loading import load_model
     from qerl.rollout import Engine, SamplingParams, dequant_cache
 
-    model, tok = load_model(str(path), quant=quant, lora_rank=lora_rank, device="cpu")
+    model, tok = load_model(str(path), quant=quant, lora_rank=lora_rank, device="cpu", dtype=dtype)
     if lora_rank:  # a trained adapter, not the B = 0 no-op
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
@@ -70,15 +70,15 @@ def qerl_system(path, quant: str, lora_rank: int, new_tokens: int, run_wide_cach
     return run
 
 
-def hf_system(path, new_tokens: int):
-    """-> run(prompts): `transformers` generate, fp32, greedy, exactly new_tokens per row."""
+def hf_system(path, new_tokens: int, dtype=torch.float32):
+    """-> run(prompts): `transformers` generate, greedy, exactly new_tokens per row."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # no token ends a row
 
     def run(prompts):
@@ -138,6 +138,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="compute dtype of BOTH sides (bfloat16: what `qerl train` uses on AMX / AVX512-BF16 CPUs)")
     ap.add_argument("--decode-steps", type=int, default=0,
                     help="instead: CPU ms of this many single decode steps per batch size, qerl vs HF forward")
     args = ap.parse_args()
@@ -162,12 +164,14 @@ def main():
         return
     print(f"SmolLM2-135M-Instruct from {path}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
           f"greedy, {n} new tokens; {args.repeats} interleaved rounds after 1 warm-up", flush=True)
+    dt = getattr(torch, args.dtype)
+    d = "fp32" if dt == torch.float32 else "bf16"
     systems = {
-        "transformers generate (fp32)": hf_system(path, n),
-        "qerl Engine, bf16 weights": qerl_system(path, "bf16", 0, n, False),
-        "qerl Engine, nvfp4, per call": qerl_system(path, "nvfp4", 0, n, False),
-        "qerl Engine, nvfp4, run-wide cache": qerl_system(path, "nvfp4", 0, n, True),
-        "qerl Engine, nvfp4 + LoRA r16, run-wide cache": qerl_system(path, "nvfp4", 16, n, True),
+        f"transformers generate ({d})": hf_system(path, n, dt),
+        f"qerl Engine, bf16 weights, {d} compute": qerl_system(path, "bf16", 0, n, False, dt),
+        f"qerl Engine, nvfp4, per call, {d} compute": qerl_system(path, "nvfp4", 0, n, False, dt),
+        f"qerl Engine, nvfp4, run-wide cache, {d} compute": qerl_system(path, "nvfp4", 0, n, True, dt),
+        f"qerl Engine, nvfp4 + LoRA r16, run-wide cache, {d} compute": qerl_system(path, "nvfp4", 16, n, True, dt),
     }
     results = []
     for b in args.batch:
