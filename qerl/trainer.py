@@ -11,6 +11,7 @@ import json
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,6 +76,13 @@ class Trainer:
         self.run_dir = Path(t.output_dir)
         torch.manual_seed(t.seed)
         random.seed(t.seed)
+        # Data first: a bad path or an empty file fails in a second, before the model loads.
+        train_recs, rep = _dataset(cfg.data.train, cfg.data.train_split, cfg, cfg.data.train_limit)
+        self.eval_recs, erep = _dataset(cfg.data.eval, cfg.data.eval_split, cfg, t.eval_limit)
+        self.data_reports = [rep.summary(), erep.summary()]
+        for r in (rep, erep):
+            if not r.n_skipped:  # reports with skipped rows were already logged as warnings
+                print(r.summary())
         m = cfg.model
         self.model, self.tok = load_model(m.name, quant=m.quant, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
                                           lora_dropout=m.lora_dropout, device=m.device, dtype=m.dtype)
@@ -108,9 +116,6 @@ class Trainer:
         self.reward_cfg = cfg.reward
         if self.algo.overlong == "penalty" and self.reward_cfg.overlong == 0:
             self.reward_cfg = dataclasses.replace(self.reward_cfg, overlong=1.0)
-        train_recs, rep = _dataset(cfg.data.train, cfg.data.train_split, cfg, cfg.data.train_limit)
-        self.eval_recs, erep = _dataset(cfg.data.eval, cfg.data.eval_split, cfg, t.eval_limit)
-        self.data_reports = [rep.summary(), erep.summary()]
         self.sampler = PromptSampler(train_recs, t.seed)
         self.gen = torch.Generator(self.device)
         self.gen.manual_seed(t.seed)
@@ -191,7 +196,9 @@ class Trainer:
                             "tokens_per_s": sum(lengths) / max(t_roll, 1e-9)})
         else:
             metrics["skipped_updates"] = 1.0  # dynamic sampling found no informative group
-        self.scheduler.step()
+        with warnings.catch_warnings():  # the schedule follows rollout steps, also when an update was skipped
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
         metrics["step_s"] = time.perf_counter() - t0
         if self.device.type == "cuda":
             metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
