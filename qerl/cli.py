@@ -77,6 +77,16 @@ def eval_cmd(model: str = typer.Option("smollm2-135m-instruct", "--model", "-m")
     if adapter:
         applied = load_adapter(m, adapter)
         print(f"adapter {adapter}: applied to {len(applied)} layers")
+    if adapter and system_prompt is None and suffix is None:
+        # An adapter from a qerl run is evaluated with the prompt it was trained on.
+        import json
+        from pathlib import Path
+
+        run_cfg = Path(adapter).resolve().parent / "config.json"
+        if run_cfg.exists():
+            data = json.loads(run_cfg.read_text()).get("data", {})
+            system_prompt, suffix = data.get("system_prompt"), data.get("suffix")
+            print(f"prompt settings from {run_cfg}: system_prompt={system_prompt!r}, suffix={suffix!r}")
     s = EvalSettings(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
                      system_prompt=system_prompt, suffix=suffix, seed=seed)
     res = evaluate(make_engine(m, tok), records, s, output,
