@@ -41,7 +41,7 @@ import torch
 from .kernels import KernelUnavailable, available
 from .modeling import CausalLM, causal_mask, positions_from_mask, rope_inv_freq
 from .quant import QuantLinear
-from .rollout import Engine, Rollout, SamplingParams, sample_tokens
+from .rollout import Engine, Rollout, SamplingParams, left_pad, sample_tokens
 
 # rows at or below: the one-pass NVFP4/MXFP4 decode kernel; above (and bf16): cuBLAS + epilogue kernel
 # (measured on an H100: at 8 rows dequantize + cuBLAS beats the decode kernel, see benchmarks/RESULTS.md)
@@ -313,12 +313,8 @@ class CudaEngine(Engine):
 
     def _prefill_into_cache(self, prompts: list[list[int]]):
         dev = self.model.device
-        p = max(len(x) for x in prompts)
-        ids = torch.full((len(prompts), p), self.pad_id, dtype=torch.long, device=dev)
-        attn = torch.zeros((len(prompts), p), dtype=torch.long, device=dev)
-        for i, x in enumerate(prompts):
-            ids[i, p - len(x):] = torch.tensor(x, device=dev)
-            attn[i, p - len(x):] = 1
+        ids, attn = left_pad(prompts, self.pad_id, dev)
+        p = ids.shape[1]
         view = SimpleNamespace(k=self.k[:, : len(prompts)], v=self.v[:, : len(prompts)])
         with self._triton_backend():
             hidden = self.model(ids, positions_from_mask(attn), causal_mask(attn), view, start=0)

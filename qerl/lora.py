@@ -134,14 +134,15 @@ def merge_lora(model: nn.Module, quant: str | None = None):
     gate/up) are re-quantized together so they share one NVFP4 global scale, as vLLM needs.
     """
     from .checkpoint import quantize_group
+    from .loading import FUSED_GROUPS
     from .quant import get_format
 
-    groups: dict[tuple[str, str], list[tuple[str, QuantLinear]]] = {}
+    group_of = {leaf: g for g in FUSED_GROUPS for leaf in g}
+    groups: dict[tuple[str, tuple], list[tuple[str, QuantLinear]]] = {}
     for name, m in quant_linears(model).items():
         if m.lora_rank:
             parent, leaf = name.rsplit(".", 1)
-            kind = "qkv" if leaf in ("q_proj", "k_proj", "v_proj") else "gate_up" if leaf in ("gate_proj", "up_proj") else leaf
-            groups.setdefault((parent, kind), []).append((name, m))
+            groups.setdefault((parent, group_of.get(leaf, (leaf,))), []).append((name, m))
     for members in groups.values():
         fmt = get_format(quant or members[0][1].format.name)
         weights = [m.dequantized(torch.float32) + m.lora_delta().float() for _, m in members]

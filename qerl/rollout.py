@@ -78,6 +78,17 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids [B, P], attn [B, P]) left-padded to the longest, attn 1 on real tokens."""
+    p = max(len(x) for x in prompts)
+    ids = torch.full((len(prompts), p), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros((len(prompts), p), dtype=torch.long, device=device)
+    for i, x in enumerate(prompts):
+        ids[i, p - len(x):] = torch.tensor(x, device=device)
+        attn[i, p - len(x):] = 1
+    return ids, attn
+
+
 @contextlib.contextmanager
 def dequant_cache(model: torch.nn.Module, enabled: bool = True):
     """Keep dequantized weights between forwards (CPU speed) inside the block.
@@ -138,12 +149,8 @@ class Engine:
     def prefill(self, prompts: list[list[int]], max_new: int):
         """Left-pad, run all prompt tokens once, return (last logits [B, V], cache, key mask, lengths)."""
         dev = self.model.device
-        p = max(len(x) for x in prompts)
-        ids = torch.full((len(prompts), p), self.pad_id, dtype=torch.long, device=dev)
-        attn = torch.zeros((len(prompts), p), dtype=torch.long, device=dev)
-        for i, x in enumerate(prompts):
-            ids[i, p - len(x):] = torch.tensor(x, device=dev)
-            attn[i, p - len(x):] = 1
+        ids, attn = left_pad(prompts, self.pad_id, dev)
+        p = ids.shape[1]
         a = self.model.args
         cache = KVCache(a.num_layers, len(prompts), a.num_kv_heads, p + max_new, a.head_dim, self.model.dtype, dev)
         hidden = self.model(ids, positions_from_mask(attn), causal_mask(attn), cache, start=0)

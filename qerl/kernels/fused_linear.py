@@ -69,7 +69,7 @@ if HAS_TRITON:
               USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, HAS_BIAS: tl.constexpr,
               LORA_R: tl.constexpr, LORA_RP: tl.constexpr, NSEG: tl.constexpr):
         """[BM, BN] fp32 outputs of weight rows rn, rounded like the reference module."""
-        out_ty = x_ptr.dtype.element_ty
+        out_ty: tl.constexpr = x_ptr.dtype.element_ty
         seg = (rn >= n1).to(tl.int32) + (rn >= n2).to(tl.int32)  # [BN] fused-module index
         if FMT == 2:
             if USE_DOT:
@@ -135,24 +135,8 @@ if HAS_TRITON:
                     acc3 += part * step[None, :, :]
             if not USE_DOT:
                 acc = tl.sum(acc3, axis=2)
-        y = acc.to(out_ty).to(tl.float32)
-        if HAS_BIAS:
-            b = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-            y = (y + b[None, :]).to(out_ty).to(tl.float32)
-        if LORA_R > 0:
-            rr = tl.arange(0, LORA_RP)
-            r_mask = rr < LORA_R
-            bl = tl.load(lb_ptr + rn[:, None] * stride_lbn + rr[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-            lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in tl.static_range(NSEG):
-                hs = tl.zeros((BLOCK_M, LORA_RP), dtype=tl.float32)
-                for sp in range(0, n_hsplit):
-                    hs += tl.load(h_ptr + sp * stride_hs + rm[:, None] * stride_hm + (s * LORA_R + rr)[None, :],
-                                  mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-                bs = tl.where((seg == s)[:, None], bl, 0.0)
-                lora = _mac(lora, hs, bs, USE_DOT and LORA_RP >= 16, "ieee")
-            y = (y + (lora * lora_scale).to(out_ty).to(tl.float32)).to(out_ty).to(tl.float32)
-        return y
+        return _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
+                         stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG)
 
     @triton.jit
     def _fused_linear_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, h_ptr, lb_ptr, y_ptr,
