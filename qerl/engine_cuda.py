@@ -11,8 +11,8 @@ What differs from the reference engine (and why):
 - Fused launches. q/k/v and gate/up run as one kernel each (their packed weights are
   made adjacent rows of one buffer at construction, and the modules' buffers become
   views of it: no second copy), with bias, live LoRA and SiLU-gate fused into the
-  weight-streaming kernel (`qerl.kernels.fused_linear`) for NVFP4/MXFP4 at up to
-  DECODE_MAX_M rows; bf16 weights, and more rows, use cuBLAS (one layer dequantized
+  weight-streaming kernel (`qerl.kernels.fused_linear`: CUDA cores at one row, tensor
+  cores from 2 to DECODE_MAX_M rows) for NVFP4/MXFP4; bf16 weights, and more rows, use cuBLAS (one layer dequantized
   into the engine's own buffer for NVFP4/MXFP4) and one epilogue launch
   (`linear_epilogue`: bias, LoRA, SiLU gate); residual add + RMSNorm and
   RoPE + cache write are one launch each. Per layer: 13 launches with LoRA.
@@ -43,9 +43,9 @@ from .modeling import CausalLM, causal_mask, positions_from_mask, rope_inv_freq
 from .quant import QuantLinear
 from .rollout import Engine, Rollout, SamplingParams, left_pad, sample_tokens
 
-# rows at or below: the one-pass NVFP4/MXFP4 decode kernel; above (and bf16): cuBLAS + epilogue kernel
-# (measured on an H100: at 8 rows dequantize + cuBLAS beats the decode kernel, see benchmarks/RESULTS.md)
-DECODE_MAX_M = 4
+# rows at or below: the one-pass NVFP4/MXFP4 decode kernels (CUDA cores at 1 row, tensor cores from 2 rows);
+# above: one layer dequantized into the engine's buffer, cuBLAS, and the epilogue kernel
+DECODE_MAX_M = 64
 
 _WEIGHT_BUFFERS = {"nvfp4": ("weight_packed", "weight_scale"), "mxfp4": ("weight_packed", "weight_scale"),
                    "bf16": ("weight",)}

@@ -154,6 +154,14 @@ DECODE_CFGS = [  # the tiles decode_config picks (and the plain-Triton decode), 
     (dict(BLOCK_N=16, BKW=32, SPLIT=1, XPERM=True, USE_ASM=True), range(1, 9)),
     (dict(BLOCK_N=32, BKW=32, SPLIT=2, XPERM=False, USE_ASM=True), (3, 8)),
     (dict(BLOCK_N=16, BKW=16, SPLIT=2, XPERM=False, USE_ASM=False), (1, 5)),
+    (dict(BLOCK_N=16, BKW=16, SPLIT=2, XPERM=False, USE_ASM=True, PREFETCH=True), (1, 2, 5)),
+    (dict(BLOCK_N=32, BKW=32, SPLIT=1, XPERM=False, USE_ASM=True, PREFETCH=True), (1, 8)),
+    # version 5, tensor cores (swap AB), up to 64 rows
+    (dict(TC=True, BLOCK_N=64, BKW=16, SPLIT=1, USE_ASM=True, num_stages=2), (1, 2, 8, 17, 64)),
+    (dict(TC=True, BLOCK_N=32, BKW=16, SPLIT=3, USE_ASM=True, num_stages=3), (3, 8, 33)),
+    (dict(TC=True, BLOCK_N=128, BKW=8, SPLIT=2, USE_ASM=True, num_warps=8), (1, 16, 40)),
+    (dict(TC=True, BLOCK_N=64, BKW=16, SPLIT=2, USE_ASM=False), (2, 16)),
+    (dict(TC=True, BLOCK_N=64, BKW=8, SPLIT=4, USE_ASM=True, num_stages=3), (3, 8, 64)),
 ]
 
 
@@ -163,7 +171,7 @@ DECODE_CFGS = [  # the tiles decode_config picks (and the plain-Triton decode), 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("ci", range(len(DECODE_CFGS)))
 def test_decode_kernel_configs(fmt, dtype, ci):
-    """Version 4 (int32 words, split-K + epilogue launch) for every tile variant, M = 1..8, uneven K,
+    """Versions 4 and 5 (int32 words, split-K + epilogue launch) for every tile variant, M = 1..64, uneven K,
     q|k|v segments with bias and LoRA, and gate|up with SiLU."""
     from qerl.kernels.fused_linear import fused_linear
     from qerl.kernels.lora_shrink import lora_shrink

@@ -67,7 +67,7 @@ if HAS_TRITON:
               stride_xm, stride_wn, stride_sn, stride_hs, stride_hm, stride_lbn,
               FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, HAS_BIAS: tl.constexpr,
-              LORA_R: tl.constexpr, LORA_RP: tl.constexpr, NSEG: tl.constexpr):
+              LORA_R: tl.constexpr, LORA_RP: tl.constexpr, NSEG: tl.constexpr, HS_P: tl.constexpr):
         """[BM, BN] fp32 outputs of weight rows rn, rounded like the reference module."""
         out_ty: tl.constexpr = x_ptr.dtype.element_ty
         seg = (rn >= n1).to(tl.int32) + (rn >= n2).to(tl.int32)  # [BN] fused-module index
@@ -136,7 +136,7 @@ if HAS_TRITON:
             if not USE_DOT:
                 acc = tl.sum(acc3, axis=2)
         return _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
-                         stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG)
+                         stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
 
     @triton.jit
     def _fused_linear_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, h_ptr, lb_ptr, y_ptr,
@@ -144,7 +144,8 @@ if HAS_TRITON:
                              stride_xm, stride_wn, stride_sn, stride_hs, stride_hm, stride_lbn, stride_ym,
                              FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             LORA_R: tl.constexpr, LORA_RP: tl.constexpr, NSEG: tl.constexpr, GLU: tl.constexpr):
+                             LORA_R: tl.constexpr, LORA_RP: tl.constexpr, NSEG: tl.constexpr, HS_P: tl.constexpr,
+                             GLU: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -153,12 +154,12 @@ if HAS_TRITON:
         n_mask = rn < N
         y = _rows(x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, h_ptr, lb_ptr, rm, m_mask, rn, n_mask,
                   K, n1, n2, n_hsplit, lora_scale, stride_xm, stride_wn, stride_sn, stride_hs, stride_hm, stride_lbn,
-                  FMT, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_PREC, HAS_BIAS, LORA_R, LORA_RP, NSEG)
+                  FMT, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_PREC, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
         out_ty = y_ptr.dtype.element_ty
         if GLU:
             u = _rows(x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, h_ptr, lb_ptr, rm, m_mask, rn + N, n_mask,
                       K, n1, n2, n_hsplit, lora_scale, stride_xm, stride_wn, stride_sn, stride_hs, stride_hm, stride_lbn,
-                      FMT, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_PREC, HAS_BIAS, LORA_R, LORA_RP, NSEG)
+                      FMT, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_PREC, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
             g = y * tl.sigmoid(y)
             y = g.to(out_ty).to(tl.float32) * u
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(out_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -232,8 +233,10 @@ if HAS_TRITON:
     @triton.jit
     def _words_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww, stride_sn,
                     FMT: tl.constexpr, MR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BKW: tl.constexpr, EVEN_K: tl.constexpr, XPERM: tl.constexpr, USE_ASM: tl.constexpr):
-        """[BLOCK_M, BLOCK_N] fp32 partial sums over words [k_lo, k_lo + k_per_split) of rows rn (global scale applied)."""
+                    BKW: tl.constexpr, EVEN_K: tl.constexpr, XPERM: tl.constexpr, USE_ASM: tl.constexpr,
+                    PREFETCH: tl.constexpr):
+        """[BLOCK_M, BLOCK_N] fp32 partial sums over words [k_lo, k_lo + k_per_split) of rows rn (global scale applied).
+        PREFETCH: the next step's words are loaded before this step's math (twice the bytes in flight)."""
         GW: tl.constexpr = 2 if FMT == 0 else 4  # words per scale block (16 or 32 columns)
         rnc = tl.where(n_mask, rn, 0)  # clamped rows: unmasked (vectorized) loads
         wrow = w_ptr + rnc[:, None] * stride_ww
@@ -248,10 +251,21 @@ if HAS_TRITON:
         a6 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
         a7 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
         rw0 = tl.arange(0, BKW)
+        k_hi = tl.minimum(k_lo + k_per_split, KW)
+        if PREFETCH:
+            pm = (k_lo + rw0) < k_hi
+            q_n = tl.load(wrow + (k_lo + rw0)[None, :], mask=pm[None, :], other=0)
+            s_n = tl.load(srow + ((k_lo + rw0) // GW)[None, :], mask=pm[None, :], other=0)
         for kk in range(0, k_per_split, BKW):
             rw = k_lo + kk + rw0
             km = rw < KW
-            if EVEN_K:
+            if PREFETCH:
+                q = q_n
+                sb = s_n.to(tl.int32)
+                pm = (rw + BKW) < k_hi
+                q_n = tl.load(wrow + (rw + BKW)[None, :], mask=pm[None, :], other=0)
+                s_n = tl.load(srow + ((rw + BKW) // GW)[None, :], mask=pm[None, :], other=0)
+            elif EVEN_K:
                 q = tl.load(wrow + rw[None, :])
                 sb = tl.load(srow + (rw // GW)[None, :]).to(tl.int32)
             else:
@@ -300,11 +314,103 @@ if HAS_TRITON:
             acc = tl.where(ri == 7, (tl.sum(a7, axis=1) * f)[None, :], acc)
         return acc
 
+    # ---- version 5: 1..64 rows on tensor cores (swap AB: weight rows fill the MMA's M dimension) --------
+    # A [BN, 8*BKW] weight tile is decoded in registers to bf16 values v * scale * 2**-16 (exact: an E2M1
+    # value times an E4M3 or power-of-two scale has at most 6 significant bits) and multiplied with
+    # x^T [8*BKW, BM] (rows padded to 16) by tl.dot with fp32 accumulation; 2**16 (and the NVFP4 global
+    # scale) is applied once per row at the end. The asm decode places the codes of nibbles i and i+4
+    # of a word into a bf16x2 as v * 2**-126 (e1 e0 m in exponent/mantissa bits 8..6, the E=0 codes
+    # landing on bf16 subnormals) and one mul.rn.bf16x2 by scale * 2**110 gives v * scale * 2**-16:
+    # about 1.5 integer ops and half a multiply per weight. Non-bf16 activations use fp32 weights.
+
+    @triton.jit
+    def _decode_word_tc(q, c, cf, USE_ASM: tl.constexpr, W_BF16: tl.constexpr):
+        """int32 words [..] -> 8 tensors (nibbles 0..7) of v * scale * 2**-16.
+        c: int32 bf16x2 pair of scale * 2**110 (asm); cf: fp32 scale * 2**-2 (plain path)."""
+        if USE_ASM and W_BF16:
+            return tl.inline_asm_elementwise("""
+    {
+    .reg .b32 t, s, p;
+    shl.b32 t, $8, 6;  shl.b32 s, $8, 12; and.b32 t, t, 0x01C001C0; and.b32 s, s, 0x80008000; or.b32 p, t, s;
+    mul.rn.bf16x2 p, p, $9; mov.b32 {$0, $4}, p;
+    shl.b32 t, $8, 2;  shl.b32 s, $8, 8;  and.b32 t, t, 0x01C001C0; and.b32 s, s, 0x80008000; or.b32 p, t, s;
+    mul.rn.bf16x2 p, p, $9; mov.b32 {$1, $5}, p;
+    shr.b32 t, $8, 2;  shl.b32 s, $8, 4;  and.b32 t, t, 0x01C001C0; and.b32 s, s, 0x80008000; or.b32 p, t, s;
+    mul.rn.bf16x2 p, p, $9; mov.b32 {$2, $6}, p;
+    shr.b32 t, $8, 6;  and.b32 t, t, 0x01C001C0; and.b32 s, $8, 0x80008000; or.b32 p, t, s;
+    mul.rn.bf16x2 p, p, $9; mov.b32 {$3, $7}, p;
+    }
+    """, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [q, c], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            wt: tl.constexpr = tl.bfloat16 if W_BF16 else tl.float32
+            return ((_e2m1_scaled(q & 15) * cf).to(wt), (_e2m1_scaled((q >> 4) & 15) * cf).to(wt),
+                    (_e2m1_scaled((q >> 8) & 15) * cf).to(wt), (_e2m1_scaled((q >> 12) & 15) * cf).to(wt),
+                    (_e2m1_scaled((q >> 16) & 15) * cf).to(wt), (_e2m1_scaled((q >> 20) & 15) * cf).to(wt),
+                    (_e2m1_scaled((q >> 24) & 15) * cf).to(wt), (_e2m1_scaled((q >> 28) & 15) * cf).to(wt))
+
+    @triton.jit
+    def _tc_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW,
+                 stride_xm, stride_ww, stride_sn, FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BKW: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, W_BF16: tl.constexpr):
+        """[BLOCK_M, BLOCK_N] fp32 partial sums over words [k_lo, k_lo + k_per_split) of rows rn (global scale applied)."""
+        GW: tl.constexpr = 2 if FMT == 0 else 4  # words per scale block
+        BK: tl.constexpr = BKW * 8
+        rnc = tl.where(n_mask, rn, 0)
+        wrow = w_ptr + rnc[:, None] * stride_ww
+        srow = s_ptr + rnc[:, None] * stride_sn
+        rw0 = tl.arange(0, BKW)
+        rk0 = tl.arange(0, BK)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for kk in range(0, k_per_split, BKW):
+            rw = k_lo + kk + rw0
+            rk = (k_lo + kk) * 8 + rk0
+            if EVEN_K:
+                q = tl.load(wrow + rw[None, :])
+                sb = tl.load(srow + (rw // GW)[None, :]).to(tl.int32)
+            else:
+                km = rw < KW
+                q = tl.load(wrow + rw[None, :], mask=km[None, :], other=0)
+                sb = tl.load(srow + (rw // GW)[None, :], mask=km[None, :], other=0).to(tl.int32)
+            if FMT == 0:
+                sv = _e4m3_value(sb)
+            else:
+                sv = (sb << 23).to(tl.float32, bitcast=True)
+            cb = (sv * 1.2980742146337069e33).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF  # * 2**110
+            v0, v1, v2, v3, v4, v5, v6, v7 = _decode_word_tc(q, cb | (cb << 16), sv * 0.25, USE_ASM, W_BF16)
+            # tl.join adds a new minor axis, so the outermost join picks bit 0 of the nibble index and the
+            # innermost bit 2: [BN, BKW, 2, 2, 2] flattens to column 8 * word + nibble (K in natural order)
+            w = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+            w = tl.reshape(w, (BLOCK_N, BK))
+            xm = m_mask[None, :] & (rk < KW * 8)[:, None]
+            xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None], mask=xm, other=0.0)  # x^T [BK, BM]
+            if W_BF16:
+                acc = tl.dot(w, xt, acc)
+            else:
+                acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
+        if FMT == 0:
+            gs = tl.load(gs_ptr + seg, mask=n_mask, other=1.0)
+            f = 65536.0 / gs
+        else:
+            f = tl.full((BLOCK_N,), 65536.0, tl.float32)
+        return tl.trans(acc * f[:, None])
+
+    @triton.jit
+    def _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww,
+              stride_sn, FMT: tl.constexpr, MR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BKW: tl.constexpr, EVEN_K: tl.constexpr, XPERM: tl.constexpr, USE_ASM: tl.constexpr, TC: tl.constexpr,
+              W_BF16: tl.constexpr, PREFETCH: tl.constexpr):
+        if TC:
+            return _tc_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW,
+                            stride_xm, stride_ww, stride_sn, FMT, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, W_BF16)
+        else:
+            return _words_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm,
+                               stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, PREFETCH)
+
     @triton.jit
     def _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
                   stride_hs, stride_hm, stride_lbn, out_ty: tl.constexpr, BLOCK_M: tl.constexpr,
                   USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr,
-                  NSEG: tl.constexpr):
+                  NSEG: tl.constexpr, HS_P: tl.constexpr):
         """Round like the reference module: matmul, + bias, + LoRA, each rounded to the output dtype."""
         y = acc.to(out_ty).to(tl.float32)
         if HAS_BIAS:
@@ -315,11 +421,11 @@ if HAS_TRITON:
             r_mask = rr < LORA_R
             bl = tl.load(lb_ptr + rn[:, None] * stride_lbn + rr[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
             lora = tl.zeros(acc.shape, dtype=tl.float32)
+            rsp = tl.arange(0, HS_P)  # all split-K partials of h in one load, summed in registers
+            hmask = (rsp < n_hsplit)[:, None, None] & m_mask[None, :, None] & r_mask[None, None, :]
             for s in tl.static_range(NSEG):
-                hs = tl.zeros((BLOCK_M, LORA_RP), dtype=tl.float32)
-                for sp in range(0, n_hsplit):
-                    hs += tl.load(h_ptr + sp * stride_hs + rm[:, None] * stride_hm + (s * LORA_R + rr)[None, :],
-                                  mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+                hs = tl.sum(tl.load(h_ptr + rsp[:, None, None] * stride_hs + rm[None, :, None] * stride_hm
+                                    + (s * LORA_R + rr)[None, None, :], mask=hmask, other=0.0), axis=0)
                 bs = tl.where((seg == s)[:, None], bl, 0.0)
                 lora = _mac(lora, hs, bs, USE_DOT and LORA_RP >= 16, "ieee")
             y = (y + (lora * lora_scale).to(out_ty).to(tl.float32)).to(out_ty).to(tl.float32)
@@ -332,8 +438,9 @@ if HAS_TRITON:
                        FMT: tl.constexpr, MR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BKW: tl.constexpr, EVEN_K: tl.constexpr, XPERM: tl.constexpr, USE_ASM: tl.constexpr,
                        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr,
-                       NSEG: tl.constexpr, GLU: tl.constexpr):
-        """M <= 8 rows in one tile. SPLIT > 1: fp32 partials [SPLIT, M, N_rows] to ws (epilogue: _pre_kernel)."""
+                       NSEG: tl.constexpr, HS_P: tl.constexpr, GLU: tl.constexpr, TC: tl.constexpr,
+                       W_BF16: tl.constexpr, PREFETCH: tl.constexpr, EPI_DOT: tl.constexpr):
+        """All M rows in one tile (TC: tensor cores, else <= 8 rows on CUDA cores). SPLIT > 1: fp32 partials [SPLIT, M, N_rows] to ws (epilogue: _pre_kernel)."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         rm = tl.arange(0, BLOCK_M)
@@ -342,26 +449,26 @@ if HAS_TRITON:
         n_mask = rn < N
         k_lo = pid_s * k_per_split
         seg = (rn >= n1).to(tl.int32) + (rn >= n2).to(tl.int32)
-        y = _words_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww, stride_sn,
-                        FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM)
+        y = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww,
+                  stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, TC, W_BF16, PREFETCH)
         if SPLIT > 1:
             wsp = ws_ptr + pid_s * stride_wss + rm[:, None] * stride_ym + rn[None, :]
             tl.store(wsp, y, mask=m_mask[:, None] & n_mask[None, :])
             if GLU:
                 segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
-                u = _words_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rn + N, n_mask, segu, k_lo, k_per_split, KW, stride_xm, stride_ww,
-                                stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM)
+                u = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn + N, n_mask, segu, k_lo, k_per_split, KW, stride_xm,
+                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, TC, W_BF16, PREFETCH)
                 tl.store(wsp + N, u, mask=m_mask[:, None] & n_mask[None, :])
         else:
             out_ty: tl.constexpr = y_ptr.dtype.element_ty
             y = _epilogue(y, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
-                          stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, False, HAS_BIAS, LORA_R, LORA_RP, NSEG)
+                          stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, EPI_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
             if GLU:
                 segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
-                u = _words_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rn + N, n_mask, segu, k_lo, k_per_split, KW, stride_xm, stride_ww,
-                                stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM)
+                u = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn + N, n_mask, segu, k_lo, k_per_split, KW, stride_xm,
+                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, TC, W_BF16, PREFETCH)
                 u = _epilogue(u, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn + N, n_mask, segu, n_hsplit, lora_scale,
-                              stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, False, HAS_BIAS, LORA_R, LORA_RP, NSEG)
+                              stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, EPI_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
                 g = y * tl.sigmoid(y)
                 y = g.to(out_ty).to(tl.float32) * u
             tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(out_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -371,7 +478,7 @@ if HAS_TRITON:
                     stride_ps, stride_pm, stride_hs, stride_hm, stride_lbn, stride_ym,
                     S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
                     HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr, NSEG: tl.constexpr,
-                    GLU: tl.constexpr):
+                    HS_P: tl.constexpr, GLU: tl.constexpr):
         """Epilogue over a precomputed product: the sum of S partials p[s, M, N_rows] (a cuBLAS output when
         S = 1, rounded to its dtype like the reference matmul), + bias, + LoRA, (+ SiLU gate)."""
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -386,21 +493,27 @@ if HAS_TRITON:
             acc += tl.load(pp + s * stride_ps, mask=msk, other=0.0).to(tl.float32)
         seg = (rn >= n1).to(tl.int32) + (rn >= n2).to(tl.int32)
         y = _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
-                      stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG)
+                      stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
         if GLU:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(S):
                 acc += tl.load(pp + N + s * stride_ps, mask=msk, other=0.0).to(tl.float32)
             segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
             u = _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn + N, n_mask, segu, n_hsplit, lora_scale,
-                          stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG)
+                          stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
             g = y * tl.sigmoid(y)
             y = g.to(out_ty).to(tl.float32) * u
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(out_ty), mask=msk)
 
 
+TC_MAX_M = 64  # rows the tensor-core decode kernel (version 5) takes in one tile
+TC_MIN_M = 3  # from this many rows up, NVFP4/MXFP4 use version 5; below it version 4 (H200 sweep)
+
+
 def pick_config(m: int, n: int, k: int, fmt: str) -> dict:
     """Tile sizes by shape (measured on an H100/H200; see benchmarks/RESULTS.md)."""
+    if TC_MIN_M <= m <= TC_MAX_M and fmt in ("nvfp4", "mxfp4"):
+        return tc_config(m, n, k)
     if m <= 8 and fmt in ("nvfp4", "mxfp4"):
         return decode_config(m, n, k)
     if m <= 8:
@@ -430,6 +543,17 @@ def decode_config(m: int, n: int, k: int) -> dict:
     while split > 1 and kw // split < 2 * bkw:
         split //= 2
     return dict(WORDS=True, BLOCK_N=bn, BKW=bkw, SPLIT=split, XPERM=xperm, USE_ASM=True, num_warps=4, num_stages=1)
+
+
+def tc_config(m: int, n: int, k: int, block_n: int = 64, bkw: int = 8, num_warps: int = 4,
+              num_stages: int = 3) -> dict:
+    """Version 5: split K until the grid has about TARGET_PROGRAMS programs (at most 8 splits)."""
+    programs = -(-n // block_n)
+    split, kw = max(1, min(8, TARGET_PROGRAMS // programs)), k // 8
+    while split > 1 and kw // split < 2 * bkw:
+        split -= 1
+    return dict(WORDS=True, TC=True, BLOCK_N=block_n, BKW=bkw, SPLIT=split, USE_ASM=True, num_warps=num_warps,
+                num_stages=num_stages)
 
 
 def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Tensor | None = None,
@@ -481,7 +605,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
         x.stride(0), weight.stride(0), scale.stride(0) if scale is not None else 0,
         lora_h.stride(0) if lora else 0, lora_h.stride(1) if lora else 0, lora_B.stride(0) if lora else 0, out.stride(0),
         FMT=FMT_CODES[fmt], HAS_BIAS=bias is not None, LORA_R=lora, LORA_RP=max(next_pow2(lora), 1) if lora else 1,
-        NSEG=nseg, GLU=glu, num_warps=num_warps, **cfg)
+        NSEG=nseg, HS_P=_hs_p(lora_h, lora), GLU=glu, num_warps=num_warps, **cfg)
     return out
 
 
@@ -498,6 +622,11 @@ def _workspace(numel: int, device) -> torch.Tensor:
     return buf[:numel]
 
 
+def _hs_p(lora_h, lora: int) -> int:
+    """Tile height for the split-K partials of h (all loaded at once by the epilogue)."""
+    return next_pow2(lora_h.shape[0]) if lora else 1
+
+
 def _lora_args(lora_h, lora_B, lora_rank):
     lora = lora_rank if (lora_h is not None and lora_B is not None and lora_rank) else 0
     return lora, (max(next_pow2(lora), 1) if lora else 1)
@@ -505,13 +634,15 @@ def _lora_args(lora_h, lora_B, lora_rank):
 
 def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
                    segments, glu, out, n, cfg):
-    """Version 4: M <= 8 rows, packed weights read as int32 words; split-K partials + epilogue launch."""
+    """Versions 4 (<= 8 rows, CUDA cores) and 5 (TC: <= 64 rows, tensor cores): packed weights read as
+    int32 words; split-K partials + epilogue launch."""
     m, k = x.shape
     n_rows = weight.shape[0]
     if k % 8 or weight.stride(0) % 4 or weight.data_ptr() % 4:
         raise ValueError("the decode kernel needs K % 8 == 0 and 4-byte aligned weight rows")
-    if m > 8:
-        raise ValueError("the decode kernel takes at most 8 rows")
+    tc = bool(cfg.get("TC", False))
+    if m > (TC_MAX_M if tc else 8):
+        raise ValueError(f"the decode kernel takes at most {TC_MAX_M if tc else 8} rows")
     w32 = weight.view(torch.int32) if weight.dtype == torch.uint8 else weight
     kw = k // 8
     bn, bkw, split = cfg["BLOCK_N"], cfg["BKW"], cfg.get("SPLIT", 1)
@@ -532,9 +663,14 @@ def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lo
     dummy = weight
     gs = global_scale if global_scale is not None else dummy
     grid = (triton.cdiv(n, bn), split)
-    common = dict(FMT=FMT_CODES[fmt], MR=m, BLOCK_M=next_pow2(m), BLOCK_N=bn, BKW=bkw, EVEN_K=even,
+    bm = max(16, next_pow2(m)) if tc else next_pow2(m)
+    # MR (rows unrolled by version 4) is unused by version 5: one compiled kernel per row tile, not per row count.
+    # The in-kernel LoRA epilogue uses tl.dot from 32 rows (measured: slower than the FMA form at 16).
+    common = dict(FMT=FMT_CODES[fmt], MR=0 if tc else m, BLOCK_M=bm, BLOCK_N=bn, EPI_DOT=tc and bm >= 32,
+                  BKW=bkw, EVEN_K=even, TC=tc, W_BF16=x.dtype == torch.bfloat16,
+                  PREFETCH=bool(cfg.get("PREFETCH", False)),
                   XPERM=bool(cfg.get("XPERM", False)), USE_ASM=bool(cfg.get("USE_ASM", True)), SPLIT=split,
-                  HAS_BIAS=bias is not None, LORA_R=lora, LORA_RP=lora_rp, NSEG=nseg, GLU=glu,
+                  HAS_BIAS=bias is not None, LORA_R=lora, LORA_RP=lora_rp, NSEG=nseg, HS_P=_hs_p(lora_h, lora), GLU=glu,
                   num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
     hargs = (lora_h.stride(0) if lora else 0, lora_h.stride(1) if lora else 0, lora_B.stride(0) if lora else 0)
     if split == 1:
@@ -574,5 +710,5 @@ def linear_epilogue(p: torch.Tensor, bias: torch.Tensor | None = None, lora_h: t
         m, n, n1, n2, lora_h.shape[0] if lora else 0, float(lora_scale), p3.stride(0), p3.stride(1),
         lora_h.stride(0) if lora else 0, lora_h.stride(1) if lora else 0, lora_B.stride(0) if lora else 0,
         out.stride(0), S=s_, BLOCK_M=bm, BLOCK_N=bn, USE_DOT=bm >= 16, HAS_BIAS=bias is not None, LORA_R=lora,
-        LORA_RP=lora_rp, NSEG=nseg, GLU=glu, num_warps=4)
+        LORA_RP=lora_rp, NSEG=nseg, HS_P=_hs_p(lora_h, lora), GLU=glu, num_warps=4)
     return out
