@@ -11,11 +11,12 @@ What differs from the reference engine (and why):
 - Fused launches. q/k/v and gate/up run as one kernel each (their packed weights are
   made adjacent rows of one buffer at construction, and the modules' buffers become
   views of it: no second copy), with bias, live LoRA and SiLU-gate fused into the
-  weight-streaming kernel (`qerl.kernels.fused_linear`: CUDA cores at one row, tensor
-  cores from 2 to DECODE_MAX_M rows) for NVFP4/MXFP4; bf16 weights, and more rows, use cuBLAS (one layer dequantized
-  into the engine's own buffer for NVFP4/MXFP4) and one epilogue launch
-  (`linear_epilogue`: bias, LoRA, SiLU gate); residual add + RMSNorm and
-  RoPE + cache write are one launch each. Per layer: 13 launches with LoRA.
+  weight-streaming kernel (`qerl.kernels.fused_linear`: CUDA cores at 1-2 rows, tensor
+  cores from 3 to DECODE_MAX_M rows) for NVFP4/MXFP4; bf16 weights, and more rows, use
+  cuBLAS (one layer dequantized into the engine's own buffer for NVFP4/MXFP4) and one
+  epilogue launch (`linear_epilogue`: bias, LoRA, SiLU gate); residual add + RMSNorm
+  and RoPE + cache write are one launch each. About 15 launches a layer with LoRA
+  (`benchmarks/profile_decode_gpu.py` lists them with their time).
 - LoRA stays live: each `generate` copies the current A, B (scaling folded into B)
   into the fused buffers first, so an optimizer step is seen by the next rollout.
   AQN writes the norm weights in place, which the graph reads directly.
@@ -39,13 +40,14 @@ from types import SimpleNamespace
 import torch
 
 from .kernels import KernelUnavailable, available
+from .kernels.fused_linear import TC_MAX_M
 from .modeling import CausalLM, causal_mask, positions_from_mask, rope_inv_freq
 from .quant import QuantLinear
 from .rollout import Engine, Rollout, SamplingParams, left_pad, sample_tokens
 
-# rows at or below: the one-pass NVFP4/MXFP4 decode kernels (CUDA cores at 1 row, tensor cores from 2 rows);
+# rows at or below: the one-pass NVFP4/MXFP4 decode kernels (fused_linear.pick_config picks CUDA or tensor cores);
 # above: one layer dequantized into the engine's buffer, cuBLAS, and the epilogue kernel
-DECODE_MAX_M = 64
+DECODE_MAX_M = TC_MAX_M
 
 _WEIGHT_BUFFERS = {"nvfp4": ("weight_packed", "weight_scale"), "mxfp4": ("weight_packed", "weight_scale"),
                    "bf16": ("weight",)}

@@ -9,16 +9,19 @@ uint8 bits, and the step `float(scale) / global_scale` is formed in fp32 exactly
 the reference does, so the dequantized weight is bit-identical to
 `qerl.quant.nvfp4.nvfp4_dequantize(...).to(x.dtype)` before it meets x.
 
-- M <= 8, NVFP4/MXFP4 (version 4, `_decode_kernel`): packed weights read as int32 words
+- M < TC_MIN_M, NVFP4/MXFP4 (version 4, `_decode_kernel`): packed weights read as int32 words
   (8 codes), decoded by one inline-asm block (two codes per shift/mask into an f16x2,
   then exact f16->f32), x times the exact E2M1 values in fp32, times the block scale
   per word, global scale once per row; split-K for short grids, whose fp32 partials
   are summed by the epilogue launch (`linear_epilogue`). W is not rounded to the
   activation dtype first: bf16 results differ from the reference by that rounding.
   Tiles per shape class: `decode_config`.
-- M <= 8, bf16 weights, and M > 8: the older loop (`_fused_linear_kernel`, `tl.dot` on
+- TC_MIN_M..TC_MAX_M rows (3..64), NVFP4/MXFP4 (version 5, `_tc_rows`, same launch and
+  epilogues): the weight tile is decoded in registers straight to bf16 and multiplied
+  on tensor cores with x^T (swap AB, rows padded to 16). Tiles: `tc_config`.
+- bf16 weights, and the rest: the older loop (`_fused_linear_kernel`, `tl.dot` on
   tiles of 16..64 rows, W dequantized bit-identically). The decode engine instead runs
-  bf16 weights and M > 4 through cuBLAS + `linear_epilogue` (see `qerl.engine_cuda`).
+  bf16 weights, and NVFP4/MXFP4 above 64 rows, through cuBLAS + `linear_epilogue`.
 
 Epilogue, fused so the decode step has few launches:
 - bias, then the LoRA update `scale * h @ B.T` where `h = x @ A.T` comes from
