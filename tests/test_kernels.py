@@ -276,3 +276,29 @@ def test_norm_rope_attention(dtype):
         out = torch.full((b, hq * d), float("nan"), device="cuda", dtype=dtype)
         o = decode_attention(q, kc, vc, mask, nk, ns, out=out)
         assert rel(o, ref) < tol, ns
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 2, 8, 40])
+def test_lora_epilogue_many_splits(dtype, m):
+    """A real down_proj K (Qwen2.5-32B, 27648): the shrink writes 27 split-K partials, which the epilogue
+    loads as one [32, M, R] tile; CUDA-core (M <= 2) and tensor-core (M >= 3) kernels, default tiles."""
+    from qerl.kernels.fused_linear import fused_linear
+    from qerl.kernels.lora_shrink import lora_shrink
+
+    k, n, r = 27648, 96, 16
+    d = nvfp4_quantize(torch.randn(n, k, device="cuda"))
+    deq = nvfp4_dequantize(d, torch.float32)
+    a, b = torch.randn(r, k, device="cuda") * 0.05, torch.randn(n, r, device="cuda")
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    h = lora_shrink(x, a)
+    assert h.shape[0] == 27
+    assert rel(h.sum(0), x.float() @ a.T) < 1e-5
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+    y = fused_linear(x, "nvfp4", d["weight_packed"], d["weight_scale"], d["weight_global_scale"], None, h, b, r, 0.5,
+                     out=out)
+    ref = x.float() @ deq.T + 0.5 * (x.float() @ a.T) @ b.T
+    assert not y.isnan().any()
+    assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
