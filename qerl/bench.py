@@ -7,7 +7,8 @@ holding its bf16 weights. Every row of the table is measured in the same process
 - qerl NVFP4 / MXFP4 / bf16: `CudaEngine` (same engine, same LoRA), EOS disabled so
   each row decodes exactly `gen_len` tokens;
 - transformers bf16: `Qwen2ForCausalLM.generate` (random init; LoRA added through PEFT
-  when it is installed, so that it also carries a live adapter), greedy,
+  when it is installed, so that it also carries a live adapter), greedy (or sampled at
+  `temperature`, full vocabulary, on both sides),
   `min_new_tokens = max_new_tokens`.
 
 Columns: decode tokens/s (rows * steps / decode time), end-to-end tokens/s (prefill
@@ -153,7 +154,7 @@ def decode_bytes(model, rows: int, mean_ctx: float) -> float:
     return float(total)
 
 
-def bench_qerl(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0) -> dict:
+def bench_qerl(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0, temperature: float = 0.0) -> dict:
     from .engine_cuda import CudaEngine
     from .rollout import SamplingParams
 
@@ -162,9 +163,9 @@ def bench_qerl(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0) 
     g.manual_seed(seed)
     prompts = torch.randint(0, model.args.vocab_size, (batch, prompt_len), generator=g).tolist()
     eng._ensure_capacity(batch, prompt_len + gen_len)
-    eng.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=32))  # compile + capture
+    eng.generate(prompts, SamplingParams(temperature=temperature, max_new_tokens=32, seed=seed))  # compile + capture
     torch.cuda.synchronize()
-    r = eng.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=gen_len))
+    r = eng.generate(prompts, SamplingParams(temperature=temperature, max_new_tokens=gen_len, seed=seed))
     s = eng.last_stats
     assert r.completion_ids.shape == (batch, gen_len) and bool(r.mask.all())
     step_ms = s["decode_ms"] / s["decode_steps"]
@@ -175,7 +176,7 @@ def bench_qerl(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0) 
     return out
 
 
-def bench_hf(args: ModelArgs, batch: int, prompt_len: int, gen_len: int, lora_rank: int) -> dict:
+def bench_hf(args: ModelArgs, batch: int, prompt_len: int, gen_len: int, lora_rank: int, temperature: float = 0.0) -> dict:
     """transformers generate in bf16 on a random-init Qwen2ForCausalLM (+ PEFT LoRA when available)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -207,8 +208,9 @@ def bench_hf(args: ModelArgs, batch: int, prompt_len: int, gen_len: int, lora_ra
     def run(n):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             pad_token_id=0)
+        sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+                             **sample)
         torch.cuda.synchronize()
         assert out.shape[1] == prompt_len + n
         return time.perf_counter() - t
@@ -229,7 +231,7 @@ def _free():
 
 def run_rollout_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16"), batches=(1, 8, 64),
                       prompt_len: int = 256, gen_len: int = 512, lora_rank: int = 16, hf: bool = True,
-                      hf_gen_len: int = 64, out: str | None = None) -> list[dict]:
+                      hf_gen_len: int = 64, out: str | None = None, temperature: float = 0.0) -> list[dict]:
     if not torch.cuda.is_available():
         from .kernels import KernelUnavailable
 
@@ -238,7 +240,7 @@ def run_rollout_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16")
     bw = copy_bandwidth()
     dev = torch.cuda.get_device_name()
     print(f"device {dev}; device-to-device copy {bw / 1e9:.0f} GB/s (read + write); model {model_config}, "
-          f"prompt {prompt_len}, gen {gen_len}, LoRA r{lora_rank}", flush=True)
+          f"prompt {prompt_len}, gen {gen_len}, LoRA r{lora_rank}, temperature {temperature}", flush=True)
     rows = []
     for q in quants:
         t = time.perf_counter()
@@ -246,7 +248,7 @@ def run_rollout_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16")
         torch.cuda.synchronize()
         print(f"built {q} model in {time.perf_counter() - t:.1f}s, {torch.cuda.memory_allocated() / 1e9:.1f} GB", flush=True)
         for b in batches:
-            r = bench_qerl(model, b, prompt_len, gen_len)
+            r = bench_qerl(model, b, prompt_len, gen_len, temperature=temperature)
             r.update(system=f"qerl {q}", batch=b, gen_len=gen_len)
             rows.append(r)
             print(_fmt(r, bw), flush=True)
@@ -254,7 +256,7 @@ def run_rollout_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16")
         _free()
     if hf:
         for b in batches:
-            r = bench_hf(args, b, prompt_len, hf_gen_len, lora_rank)
+            r = bench_hf(args, b, prompt_len, hf_gen_len, lora_rank, temperature)
             r.update(system=f"transformers bf16 ({r.pop('lora')} LoRA)", batch=b)
             rows.append(r)
             print(_fmt(r, bw), flush=True)
@@ -263,7 +265,8 @@ def run_rollout_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16")
     print(table(rows, bw))
     if out:
         Path(out).write_text(json.dumps(dict(device=dev, copy_bytes_per_s=bw, model=model_config,
-                                             prompt_len=prompt_len, gen_len=gen_len, lora_rank=lora_rank, rows=rows),
+                                             prompt_len=prompt_len, gen_len=gen_len, lora_rank=lora_rank,
+                                             temperature=temperature, rows=rows),
                                         indent=1))
     return rows
 
