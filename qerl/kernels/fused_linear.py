@@ -236,10 +236,8 @@ if HAS_TRITON:
     @triton.jit
     def _words_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww, stride_sn,
                     FMT: tl.constexpr, MR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BKW: tl.constexpr, EVEN_K: tl.constexpr, XPERM: tl.constexpr, USE_ASM: tl.constexpr,
-                    PREFETCH: tl.constexpr):
-        """[BLOCK_M, BLOCK_N] fp32 partial sums over words [k_lo, k_lo + k_per_split) of rows rn (global scale applied).
-        PREFETCH: the next step's words are loaded before this step's math (twice the bytes in flight)."""
+                    BKW: tl.constexpr, EVEN_K: tl.constexpr, XPERM: tl.constexpr, USE_ASM: tl.constexpr):
+        """[BLOCK_M, BLOCK_N] fp32 partial sums over words [k_lo, k_lo + k_per_split) of rows rn (global scale applied)."""
         GW: tl.constexpr = 2 if FMT == 0 else 4  # words per scale block (16 or 32 columns)
         rnc = tl.where(n_mask, rn, 0)  # clamped rows: unmasked (vectorized) loads
         wrow = w_ptr + rnc[:, None] * stride_ww
@@ -254,21 +252,10 @@ if HAS_TRITON:
         a6 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
         a7 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
         rw0 = tl.arange(0, BKW)
-        k_hi = tl.minimum(k_lo + k_per_split, KW)
-        if PREFETCH:
-            pm = (k_lo + rw0) < k_hi
-            q_n = tl.load(wrow + (k_lo + rw0)[None, :], mask=pm[None, :], other=0)
-            s_n = tl.load(srow + ((k_lo + rw0) // GW)[None, :], mask=pm[None, :], other=0)
         for kk in range(0, k_per_split, BKW):
             rw = k_lo + kk + rw0
             km = rw < KW
-            if PREFETCH:
-                q = q_n
-                sb = s_n.to(tl.int32)
-                pm = (rw + BKW) < k_hi
-                q_n = tl.load(wrow + (rw + BKW)[None, :], mask=pm[None, :], other=0)
-                s_n = tl.load(srow + ((rw + BKW) // GW)[None, :], mask=pm[None, :], other=0)
-            elif EVEN_K:
+            if EVEN_K:
                 q = tl.load(wrow + rw[None, :])
                 sb = tl.load(srow + (rw // GW)[None, :]).to(tl.int32)
             else:
@@ -401,13 +388,13 @@ if HAS_TRITON:
     def _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww,
               stride_sn, FMT: tl.constexpr, MR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BKW: tl.constexpr, EVEN_K: tl.constexpr, XPERM: tl.constexpr, USE_ASM: tl.constexpr, TC: tl.constexpr,
-              W_BF16: tl.constexpr, PREFETCH: tl.constexpr):
+              W_BF16: tl.constexpr):
         if TC:
             return _tc_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW,
                             stride_xm, stride_ww, stride_sn, FMT, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, W_BF16)
         else:
             return _words_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm,
-                               stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, PREFETCH)
+                               stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM)
 
     @triton.jit
     def _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
@@ -442,7 +429,7 @@ if HAS_TRITON:
                        BKW: tl.constexpr, EVEN_K: tl.constexpr, XPERM: tl.constexpr, USE_ASM: tl.constexpr,
                        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr,
                        NSEG: tl.constexpr, HS_P: tl.constexpr, GLU: tl.constexpr, TC: tl.constexpr,
-                       W_BF16: tl.constexpr, PREFETCH: tl.constexpr, EPI_DOT: tl.constexpr):
+                       W_BF16: tl.constexpr, EPI_DOT: tl.constexpr):
         """All M rows in one tile (TC: tensor cores, else <= 8 rows on CUDA cores). SPLIT > 1: fp32 partials [SPLIT, M, N_rows] to ws (epilogue: _pre_kernel)."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -453,14 +440,14 @@ if HAS_TRITON:
         k_lo = pid_s * k_per_split
         seg = (rn >= n1).to(tl.int32) + (rn >= n2).to(tl.int32)
         y = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww,
-                  stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, TC, W_BF16, PREFETCH)
+                  stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, TC, W_BF16)
         if SPLIT > 1:
             wsp = ws_ptr + pid_s * stride_wss + rm[:, None] * stride_ym + rn[None, :]
             tl.store(wsp, y, mask=m_mask[:, None] & n_mask[None, :])
             if GLU:
                 segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
                 u = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn + N, n_mask, segu, k_lo, k_per_split, KW, stride_xm,
-                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, TC, W_BF16, PREFETCH)
+                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, TC, W_BF16)
                 tl.store(wsp + N, u, mask=m_mask[:, None] & n_mask[None, :])
         else:
             out_ty: tl.constexpr = y_ptr.dtype.element_ty
@@ -469,7 +456,7 @@ if HAS_TRITON:
             if GLU:
                 segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
                 u = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn + N, n_mask, segu, k_lo, k_per_split, KW, stride_xm,
-                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, TC, W_BF16, PREFETCH)
+                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, TC, W_BF16)
                 u = _epilogue(u, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn + N, n_mask, segu, n_hsplit, lora_scale,
                               stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, EPI_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
                 g = y * tl.sigmoid(y)
@@ -671,7 +658,6 @@ def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lo
     # The in-kernel LoRA epilogue uses tl.dot from 32 rows (measured: slower than the FMA form at 16).
     common = dict(FMT=FMT_CODES[fmt], MR=0 if tc else m, BLOCK_M=bm, BLOCK_N=bn, EPI_DOT=tc and bm >= 32,
                   BKW=bkw, EVEN_K=even, TC=tc, W_BF16=x.dtype == torch.bfloat16,
-                  PREFETCH=bool(cfg.get("PREFETCH", False)),
                   XPERM=bool(cfg.get("XPERM", False)), USE_ASM=bool(cfg.get("USE_ASM", True)), SPLIT=split,
                   HAS_BIAS=bias is not None, LORA_R=lora, LORA_RP=lora_rp, NSEG=nseg, HS_P=_hs_p(lora_h, lora), GLU=glu,
                   num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
