@@ -154,12 +154,14 @@ DECODE_CFGS = [  # the tiles decode_config picks (and the plain-Triton decode), 
     (dict(BLOCK_N=16, BKW=32, SPLIT=1, XPERM=True, USE_ASM=True), (1, 4, 7)),
     (dict(BLOCK_N=32, BKW=32, SPLIT=2, XPERM=False, USE_ASM=True), (3, 8)),
     (dict(BLOCK_N=16, BKW=16, SPLIT=2, XPERM=False, USE_ASM=False), (1, 5)),
+    (dict(BLOCK_N=4, BKW=128, SPLIT=2, XPERM=False, USE_ASM=True, num_warps=1), (1, 2)),  # one-warp programs
     # version 5, tensor cores (swap AB), up to 64 rows
     (dict(TC=True, BLOCK_N=64, BKW=16, SPLIT=1, USE_ASM=True, num_stages=2), (1, 2, 8, 17, 64)),
     (dict(TC=True, BLOCK_N=32, BKW=16, SPLIT=3, USE_ASM=True, num_stages=3), (3, 8, 33)),
     (dict(TC=True, BLOCK_N=128, BKW=8, SPLIT=2, USE_ASM=True, num_warps=8), (1, 16, 40)),
     (dict(TC=True, BLOCK_N=64, BKW=16, SPLIT=2, USE_ASM=False), (2, 16)),
     (dict(TC=True, BLOCK_N=64, BKW=8, SPLIT=4, USE_ASM=True, num_stages=3), (3, 8, 64)),
+    (dict(TC=True, BLOCK_N=16, BKW=8, SPLIT=4, USE_ASM=True, num_warps=1, num_stages=3), (3, 8, 20)),
 ]
 
 
