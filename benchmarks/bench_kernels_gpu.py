@@ -33,13 +33,15 @@ V4_TILES = [(4, 64, 1), (4, 128, 1), (8, 32, 1), (8, 64, 2), (16, 16, 2), (16, 1
 
 
 def tc_sweep(m: int, n: int, k: int, quick: bool):
-    """Version 5 tiles, each at its default split and 2x, 4x it, 3 stages."""
+    """Version 5 tiles, each at its default split and 2x, 4x it; 3 stages or 1 (no wgmma serialization);
+    up to 16 rows also with the weights as the B operand of mma.sync (SWAP_AB=False)."""
     if quick:
         return []
     out = []
     for bn, bkw, nw in TC_TILES:
-        base = tc_config(m, n, k, block_n=bn, bkw=bkw, num_warps=nw, num_stages=3)
-        out += [dict(base, SPLIT=sp) for sp in _splits(base["SPLIT"], k, bkw)]
+        for st, swap in ((3, True), (1, True)) + (((3, False), (1, False)) if m <= 16 else ()):
+            base = tc_config(m, n, k, block_n=bn, bkw=bkw, num_warps=nw, num_stages=st)
+            out += [dict(base, SPLIT=sp, SWAP_AB=swap) for sp in _splits(base["SPLIT"], k, bkw)]
     return out
 
 

@@ -162,6 +162,7 @@ DECODE_CFGS = [  # the tiles decode_config picks (and the plain-Triton decode), 
     (dict(TC=True, BLOCK_N=64, BKW=16, SPLIT=2, USE_ASM=False), (2, 16)),
     (dict(TC=True, BLOCK_N=64, BKW=8, SPLIT=4, USE_ASM=True, num_stages=3), (3, 8, 64)),
     (dict(TC=True, BLOCK_N=16, BKW=8, SPLIT=4, USE_ASM=True, num_warps=1, num_stages=3), (3, 8, 20)),
+    (dict(TC=True, SWAP_AB=False, BLOCK_N=64, BKW=8, SPLIT=2, USE_ASM=True, num_stages=1), (1, 8, 16, 40)),
 ]
 
 

@@ -341,7 +341,8 @@ if HAS_TRITON:
     @triton.jit
     def _tc_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW,
                  stride_xm, stride_ww, stride_sn, FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BKW: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, W_BF16: tl.constexpr):
+                 BKW: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, W_BF16: tl.constexpr,
+                 SWAP_AB: tl.constexpr):
         """[BLOCK_M, BLOCK_N] fp32 partial sums over words [k_lo, k_lo + k_per_split) of rows rn (global scale applied)."""
         GW: tl.constexpr = 2 if FMT == 0 else 4  # words per scale block
         BK: tl.constexpr = BKW * 8
@@ -350,7 +351,8 @@ if HAS_TRITON:
         srow = s_ptr + rnc[:, None] * stride_sn
         rw0 = tl.arange(0, BKW)
         rk0 = tl.arange(0, BK)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # SWAP_AB: y^T
+        acc_t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # else: y
         for kk in range(0, k_per_split, BKW):
             rw = k_lo + kk + rw0
             rk = (k_lo + kk) * 8 + rk0
@@ -371,27 +373,37 @@ if HAS_TRITON:
             # innermost bit 2: [BN, BKW, 2, 2, 2] flattens to column 8 * word + nibble (K in natural order)
             w = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
             w = tl.reshape(w, (BLOCK_N, BK))
-            xm = m_mask[None, :] & (rk < KW * 8)[:, None]
-            xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None], mask=xm, other=0.0)  # x^T [BK, BM]
-            if W_BF16:
-                acc = tl.dot(w, xt, acc)
-            else:
-                acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
+            if SWAP_AB:  # weights as the MMA's A operand (wgmma for 64-row tiles: the tile is staged in smem)
+                xm = m_mask[None, :] & (rk < KW * 8)[:, None]
+                xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None], mask=xm, other=0.0)  # x^T [BK, BM]
+                if W_BF16:
+                    acc = tl.dot(w, xt, acc)
+                else:
+                    acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
+            else:  # weights as the B operand of mma.sync, from registers (no smem round trip of the tile); <= 16 rows
+                xm = m_mask[:, None] & (rk < KW * 8)[None, :]
+                xr = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=xm, other=0.0)  # x [BM, BK]
+                if W_BF16:
+                    acc_t = tl.dot(xr, tl.trans(w), acc_t)
+                else:
+                    acc_t = tl.dot(xr.to(tl.float32), tl.trans(w), acc_t, input_precision="ieee")
         if FMT == 0:
             gs = tl.load(gs_ptr + seg, mask=n_mask, other=1.0)
             f = 65536.0 / gs
         else:
             f = tl.full((BLOCK_N,), 65536.0, tl.float32)
-        return tl.trans(acc * f[:, None])
+        if SWAP_AB:
+            return tl.trans(acc * f[:, None])
+        return acc_t * f[None, :]
 
     @triton.jit
     def _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww,
               stride_sn, FMT: tl.constexpr, MR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BKW: tl.constexpr, EVEN_K: tl.constexpr, XPERM: tl.constexpr, USE_ASM: tl.constexpr, TC: tl.constexpr,
-              W_BF16: tl.constexpr):
+              W_BF16: tl.constexpr, SWAP_AB: tl.constexpr):
         if TC:
             return _tc_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW,
-                            stride_xm, stride_ww, stride_sn, FMT, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, W_BF16)
+                            stride_xm, stride_ww, stride_sn, FMT, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, W_BF16, SWAP_AB)
         else:
             return _words_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm,
                                stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM)
@@ -429,7 +441,7 @@ if HAS_TRITON:
                        BKW: tl.constexpr, EVEN_K: tl.constexpr, XPERM: tl.constexpr, USE_ASM: tl.constexpr,
                        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr,
                        NSEG: tl.constexpr, HS_P: tl.constexpr, GLU: tl.constexpr, TC: tl.constexpr,
-                       W_BF16: tl.constexpr, EPI_DOT: tl.constexpr):
+                       W_BF16: tl.constexpr, EPI_DOT: tl.constexpr, SWAP_AB: tl.constexpr):
         """All M rows in one tile (TC: tensor cores, else <= 8 rows on CUDA cores). SPLIT > 1: fp32 partials [SPLIT, M, N_rows] to ws (epilogue: _pre_kernel)."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -440,14 +452,14 @@ if HAS_TRITON:
         k_lo = pid_s * k_per_split
         seg = (rn >= n1).to(tl.int32) + (rn >= n2).to(tl.int32)
         y = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww,
-                  stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, TC, W_BF16)
+                  stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, TC, W_BF16, SWAP_AB)
         if SPLIT > 1:
             wsp = ws_ptr + pid_s * stride_wss + rm[:, None] * stride_ym + rn[None, :]
             tl.store(wsp, y, mask=m_mask[:, None] & n_mask[None, :])
             if GLU:
                 segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
                 u = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn + N, n_mask, segu, k_lo, k_per_split, KW, stride_xm,
-                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, TC, W_BF16)
+                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, TC, W_BF16, SWAP_AB)
                 tl.store(wsp + N, u, mask=m_mask[:, None] & n_mask[None, :])
         else:
             out_ty: tl.constexpr = y_ptr.dtype.element_ty
@@ -456,7 +468,7 @@ if HAS_TRITON:
             if GLU:
                 segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
                 u = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn + N, n_mask, segu, k_lo, k_per_split, KW, stride_xm,
-                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, TC, W_BF16)
+                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, TC, W_BF16, SWAP_AB)
                 u = _epilogue(u, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn + N, n_mask, segu, n_hsplit, lora_scale,
                               stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, EPI_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
                 g = y * tl.sigmoid(y)
@@ -658,6 +670,7 @@ def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lo
     # The in-kernel LoRA epilogue uses tl.dot from 32 rows (measured: slower than the FMA form at 16).
     common = dict(FMT=FMT_CODES[fmt], MR=0 if tc else m, BLOCK_M=bm, BLOCK_N=bn, EPI_DOT=tc and bm >= 32,
                   BKW=bkw, EVEN_K=even, TC=tc, W_BF16=x.dtype == torch.bfloat16,
+                  SWAP_AB=bool(cfg.get("SWAP_AB", True)) or bm > 16,  # Triton 3.6 fails to compile the other above 16
                   XPERM=bool(cfg.get("XPERM", False)), USE_ASM=bool(cfg.get("USE_ASM", True)), SPLIT=split,
                   HAS_BIAS=bias is not None, LORA_R=lora, LORA_RP=lora_rp, NSEG=nseg, HS_P=_hs_p(lora_h, lora), GLU=glu,
                   num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))

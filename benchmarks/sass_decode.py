@@ -1,0 +1,140 @@
+"""Offline look at the compiled decode kernels: no GPU needed, only `pip install triton`.
+
+Compiles `qerl.kernels.fused_linear._decode_kernel` for sm_90 (Hopper) with the engine's
+default tiles (or the ones given) on Qwen2.5 layer shapes, then reports what ptxas and the
+disassembler say: registers per thread, spill bytes, whether wgmma is serialized, shared
+memory, and the main loop's instruction count and mix, also per weight
+(loop instructions x threads / weights per step). Cheap evidence between GPU sessions:
+it shows register spills, shared-memory round trips and barriers that timings alone hide.
+It is not a timing: compare candidates here, measure them on the GPU.
+
+Usage: python benchmarks/sass_decode.py [--model qwen2.5-7b] [--rows 1,8,64] [--shapes "gate|up,down"]
+       [--config '{"BLOCK_N": 64, "BKW": 8, "num_warps": 8}']
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from qerl.bench import CONFIGS
+from qerl.kernels import fused_linear as fl
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_decode(m: int, n: int, k: int, cfg: dict, glu: bool = False, lora: int = 16):
+    """Compile the decode kernel as `fused_linear` would launch it (bf16 activations, NVFP4, LoRA rank 16)."""
+    fn = fl._decode_kernel
+    tc = bool(cfg.get("TC", False))
+    kw = k // 8
+    bkw, split = cfg["BKW"], cfg.get("SPLIT", 1)
+    kps = -(-kw // split)
+    kps = -(-kps // bkw) * bkw
+    split = -(-kw // kps)
+    bm = max(16, triton.next_power_of_2(m)) if tc else triton.next_power_of_2(m)
+    const = dict(FMT=0, MR=0 if tc else m, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BKW=bkw,
+                 EVEN_K=kw % bkw == 0 and split * kps == kw, XPERM=bool(cfg.get("XPERM", False)),
+                 USE_ASM=bool(cfg.get("USE_ASM", True)), SPLIT=split, HAS_BIAS=False,
+                 LORA_R=lora if split == 1 else 0, LORA_RP=16, NSEG=1, HS_P=16 if split == 1 else 1, GLU=glu, TC=tc,
+                 W_BF16=True, EPI_DOT=tc and bm >= 32, SWAP_AB=bool(cfg.get("SWAP_AB", True)) or bm > 16)
+    ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", bias_ptr="*u8", h_ptr="*fp32",
+                lb_ptr="*fp32", y_ptr="*bf16" if split == 1 else "*fp32", ws_ptr="*fp32")
+    ints = dict(M=m, N=n, KW=kw, k_per_split=kps, n1=n if glu else 1 << 30, n2=1 << 30, n_hsplit=14,
+                lora_scale=1.0, stride_xm=k, stride_ww=kw, stride_sn=k // 16, stride_hs=m * 16, stride_hm=16,
+                stride_lbn=16, stride_ym=n * (2 if glu else 1), stride_wss=m * n * 2)
+    sig, attrs, constexprs = {}, {}, {}
+    for i, a in enumerate(fn.arg_names):  # the launcher's specialization: 16-aligned pointers and ints, ints == 1
+        if a in const:
+            sig[a], constexprs[a] = "constexpr", const[a]
+        elif a in ptrs:
+            sig[a], attrs[(i,)] = ptrs[a], [["tt.divisibility", 16]]
+        elif isinstance(ints[a], float):
+            sig[a] = "fp32"
+        elif ints[a] == 1:
+            sig[a], constexprs[a] = "constexpr", 1
+        else:
+            sig[a] = "i32"
+            if ints[a] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1)))
+
+
+def main_loop(sass: str):
+    """(instruction count, opcode histogram) of the longest backward-branch loop."""
+    labels, instrs, pending = {}, [], []
+    for line in sass.splitlines():
+        lab = re.match(r"^\.(L_x_\d+):", line)
+        if lab:
+            pending.append(lab.group(1))
+            continue
+        ins = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*)", line)
+        if ins:
+            addr = int(ins.group(1), 16)
+            labels.update({p: addr for p in pending})
+            pending = []
+            instrs.append((addr, ins.group(2)))
+    best = (0, collections.Counter())
+    for addr, text in instrs:
+        br = re.search(r"BRA\s+`\(\.(L_x_\d+)\)", text)
+        if br and labels.get(br.group(1), 1 << 62) <= addr:
+            lo = labels[br.group(1)]
+            ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for a, t in instrs if lo <= a <= addr]
+            if len(ops) > best[0]:
+                best = (len(ops), collections.Counter(ops))
+    return best
+
+
+def inspect(m: int, n: int, k: int, cfg: dict, glu: bool = False) -> dict:
+    ck = compile_decode(m, n, k, cfg, glu)
+    with tempfile.TemporaryDirectory() as d:
+        ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(ck.asm["ptx"])
+        with open(cubin, "wb") as f:
+            f.write(ck.asm["cubin"])
+        info = subprocess.run([os.path.join(BIN, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", os.path.join(d, "x.cubin")],
+                              capture_output=True, text=True).stderr
+        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", cubin], capture_output=True, text=True).stdout
+    n_loop, hist = main_loop(sass)
+    threads = 32 * cfg.get("num_warps", 4)
+    return dict(regs=int(re.search(r"Used (\d+) registers", info).group(1)),
+                spill_bytes=int(re.search(r"(\d+) bytes spill stores", info).group(1)),
+                wgmma_serialized="C7513" in info, smem=ck.metadata.shared, loop_instrs=n_loop,
+                instrs_per_weight=round(n_loop * threads / (cfg["BLOCK_N"] * cfg["BKW"] * 8), 2),
+                loop_mix=dict(hist.most_common(10)))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-7b")
+    ap.add_argument("--rows", default="1,8,64")
+    ap.add_argument("--shapes", default="qkv,o,gate|up,down")
+    ap.add_argument("--config", default=None, help="JSON tile overrides for every row count")
+    a = ap.parse_args()
+    c = CONFIGS[a.model]
+    h, i = c["hidden_size"], c["intermediate_size"]
+    kvd = c["num_kv_heads"] * h // c["num_heads"]
+    shapes = {"qkv": (h + 2 * kvd, h, False), "o": (h, h, False), "gate|up": (i, h, True), "down": (h, i, False)}
+    for name in a.shapes.split(","):
+        n, k, glu = shapes[name]
+        for m in map(int, a.rows.split(",")):
+            cfg = fl.pick_config(m, n, k, "nvfp4")
+            cfg.update(json.loads(a.config) if a.config else {})
+            r = inspect(m, n, k, cfg, glu)
+            print(f"{name:8s} M={m:<3d} {'v5' if cfg.get('TC') else 'v4'} BN{cfg['BLOCK_N']} BKW{cfg['BKW']} "
+                  f"w{cfg.get('num_warps', 4)} st{cfg.get('num_stages', 1)} split{cfg.get('SPLIT', 1)}: "
+                  f"{r['regs']} regs, {r['spill_bytes']} B spilled, wgmma serialized {r['wgmma_serialized']}, "
+                  f"smem {r['smem']} B, loop {r['loop_instrs']} instrs = {r['instrs_per_weight']} per weight "
+                  f"{r['loop_mix']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
