@@ -14,7 +14,7 @@ import json
 import torch
 import triton.testing
 
-from qerl.bench import CONFIGS
+from qerl.bench import fused_layer_shapes
 from qerl.kernels.dequant import dequantize
 from qerl.kernels.fused_linear import decode_config, fused_linear, tc_config
 from qerl.quant import nvfp4_quantize
@@ -50,7 +50,7 @@ def v4_sweep(m: int, n: int, k: int):
     base = decode_config(m, n, k)
     out = []
     for bn, bkw, nw in V4_TILES:
-        for sp in _splits(max(1, base["SPLIT"]), k, bkw):
+        for sp in _splits(base["SPLIT"], k, bkw):
             out.append(dict(base, BLOCK_N=bn, BKW=bkw, num_warps=nw, SPLIT=sp))
     return out
 
@@ -78,10 +78,7 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
-    c = CONFIGS[a.model]
-    h, i = c["hidden_size"], c["intermediate_size"]
-    kvd = c["num_kv_heads"] * h // c["num_heads"]
-    shapes = {"qkv": (h + 2 * kvd, h, False), "o": (h, h, False), "gate|up": (2 * i, h, True), "down": (h, i, False)}
+    shapes = fused_layer_shapes(a.model)
     results = []
     for name, (n, k, glu) in shapes.items():
         if name not in a.shapes.split(","):

@@ -23,7 +23,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from qerl.bench import CONFIGS
+from qerl.bench import fused_layer_shapes
 from qerl.kernels import fused_linear as fl
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -119,12 +119,10 @@ def main():
     ap.add_argument("--shapes", default="qkv,o,gate|up,down")
     ap.add_argument("--config", default=None, help="JSON tile overrides for every row count")
     a = ap.parse_args()
-    c = CONFIGS[a.model]
-    h, i = c["hidden_size"], c["intermediate_size"]
-    kvd = c["num_kv_heads"] * h // c["num_heads"]
-    shapes = {"qkv": (h + 2 * kvd, h, False), "o": (h, h, False), "gate|up": (i, h, True), "down": (h, i, False)}
+    shapes = fused_layer_shapes(a.model)
     for name in a.shapes.split(","):
-        n, k, glu = shapes[name]
+        n_rows, k, glu = shapes[name]
+        n = n_rows // 2 if glu else n_rows  # output rows, as fused_linear counts them
         for m in map(int, a.rows.split(",")):
             cfg = fl.pick_config(m, n, k, "nvfp4")
             cfg.update(json.loads(a.config) if a.config else {})

@@ -35,6 +35,14 @@ CONFIGS = {  # REFERENCE.md section 7
 }
 
 
+def fused_layer_shapes(name: str) -> dict[str, tuple[int, int, bool]]:
+    """The decode engine's four fused linears of a CONFIGS model: name -> (packed weight rows, K, GLU)."""
+    c = CONFIGS[name.lower()]
+    h, i = c["hidden_size"], c["intermediate_size"]
+    kvd = c["num_kv_heads"] * h // c["num_heads"]
+    return {"qkv": (h + 2 * kvd, h, False), "o": (h, h, False), "gate|up": (2 * i, h, True), "down": (h, i, False)}
+
+
 def model_args(name_or_path: str) -> ModelArgs:
     key = name_or_path.lower()
     if key in CONFIGS:
@@ -205,10 +213,11 @@ def bench_hf(args: ModelArgs, batch: int, prompt_len: int, gen_len: int, lora_ra
     ids = torch.randint(0, args.vocab_size, (batch, prompt_len), device="cuda")
     am = torch.ones_like(ids)
 
+    sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+
     def run(n):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
         out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
                              **sample)
         torch.cuda.synchronize()

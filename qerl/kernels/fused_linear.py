@@ -331,12 +331,11 @@ if HAS_TRITON:
     mul.rn.bf16x2 p, p, $9; mov.b32 {$3, $7}, p;
     }
     """, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [q, c], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
-        else:
+        else:  # version 4's plain decode (v * 2**-14 in fp32) times scale * 2**-2
             wt: tl.constexpr = tl.bfloat16 if W_BF16 else tl.float32
-            return ((_e2m1_scaled(q & 15) * cf).to(wt), (_e2m1_scaled((q >> 4) & 15) * cf).to(wt),
-                    (_e2m1_scaled((q >> 8) & 15) * cf).to(wt), (_e2m1_scaled((q >> 12) & 15) * cf).to(wt),
-                    (_e2m1_scaled((q >> 16) & 15) * cf).to(wt), (_e2m1_scaled((q >> 20) & 15) * cf).to(wt),
-                    (_e2m1_scaled((q >> 24) & 15) * cf).to(wt), (_e2m1_scaled((q >> 28) & 15) * cf).to(wt))
+            v0, v1, v2, v3, v4, v5, v6, v7 = _decode_word(q, False)
+            return ((v0 * cf).to(wt), (v1 * cf).to(wt), (v2 * cf).to(wt), (v3 * cf).to(wt),
+                    (v4 * cf).to(wt), (v5 * cf).to(wt), (v6 * cf).to(wt), (v7 * cf).to(wt))
 
     @triton.jit
     def _tc_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW,
@@ -351,8 +350,10 @@ if HAS_TRITON:
         srow = s_ptr + rnc[:, None] * stride_sn
         rw0 = tl.arange(0, BKW)
         rk0 = tl.arange(0, BK)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # SWAP_AB: y^T
-        acc_t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # else: y
+        if SWAP_AB:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # y
         for kk in range(0, k_per_split, BKW):
             rw = k_lo + kk + rw0
             rk = (k_lo + kk) * 8 + rk0
@@ -384,17 +385,19 @@ if HAS_TRITON:
                 xm = m_mask[:, None] & (rk < KW * 8)[None, :]
                 xr = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=xm, other=0.0)  # x [BM, BK]
                 if W_BF16:
-                    acc_t = tl.dot(xr, tl.trans(w), acc_t)
+                    acc = tl.dot(xr, tl.trans(w), acc)
                 else:
-                    acc_t = tl.dot(xr.to(tl.float32), tl.trans(w), acc_t, input_precision="ieee")
+                    acc = tl.dot(xr.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
         if FMT == 0:
             gs = tl.load(gs_ptr + seg, mask=n_mask, other=1.0)
             f = 65536.0 / gs
         else:
             f = tl.full((BLOCK_N,), 65536.0, tl.float32)
         if SWAP_AB:
-            return tl.trans(acc * f[:, None])
-        return acc_t * f[None, :]
+            y = tl.trans(acc * f[:, None])
+        else:
+            y = acc * f[None, :]
+        return y
 
     @triton.jit
     def _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww,
