@@ -1,11 +1,11 @@
 """Kernel-level timing of the NVFP4 decode linear on Qwen2.5 layer shapes, M = 1..64 rows, to pick tiles.
 
 Per shape and row count, side by side (medians of CUDA-graph replays, `do_bench_cudagraph`):
-cuBLAS bf16 (x @ W.T), dequantize-one-layer + cuBLAS (the old path above 4 rows), version 4
-(CUDA cores, <= 8 rows, `decode_config`), version 5 (tensor cores, `tc_config`) and a sweep of
-version-5 tiles. GB/s counts the packed weight + scale bytes (bf16: 2 bytes a weight).
+cuBLAS bf16 (x @ W.T), dequantize-one-layer + cuBLAS (the engine's path above 64 rows), version 6
+(CUDA cores, <= 8 rows, `gemv_config`, with --v6-sweep a sweep of its tiles), version 5 (tensor cores,
+`tc_config`) and a sweep of version-5 tiles. GB/s counts the packed weight + scale bytes (bf16: 2 bytes a weight).
 Usage: python benchmarks/bench_kernels_gpu.py [--quick] [--model qwen2.5-7b] [--rows 1,8,64] [--sweep-rows 8]
-       [--v4-sweep] [--shapes "gate|up,down"]
+       [--v6-sweep] [--shapes "gate|up,down"]
 """
 import argparse
 import itertools
@@ -16,7 +16,7 @@ import triton.testing
 
 from qerl.bench import fused_layer_shapes
 from qerl.kernels.dequant import dequantize
-from qerl.kernels.fused_linear import decode_config, fused_linear, tc_config
+from qerl.kernels.fused_linear import GEMV_MAX_M, fused_linear, gemv_config, tc_config
 from qerl.quant import nvfp4_quantize
 
 
@@ -28,10 +28,6 @@ def _splits(base: int, k: int, bkw: int) -> list[int]:
 # (BLOCK_N, BKW, num_warps): from wide 4-8 warp tiles to small 1-2 warp programs (many per SM, more loads in flight)
 TC_TILES = [(16, 8, 1), (16, 16, 1), (16, 16, 2), (32, 8, 2), (32, 16, 2), (32, 16, 4), (64, 8, 4), (64, 16, 4),
             (128, 8, 8)]
-V4_TILES = [(4, 64, 1), (4, 128, 1), (8, 32, 1), (8, 64, 2), (16, 16, 2), (16, 16, 4), (16, 32, 4), (32, 16, 4),
-            (64, 32, 4)]
-
-
 def tc_sweep(m: int, n: int, k: int, quick: bool):
     """Version 5 tiles, each at its default split and 2x, 4x it; 3 stages or 1 (no wgmma serialization);
     up to 16 rows also with the weights as the B operand of mma.sync (SWAP_AB=False)."""
@@ -45,13 +41,16 @@ def tc_sweep(m: int, n: int, k: int, quick: bool):
     return out
 
 
-def v4_sweep(m: int, n: int, k: int):
-    """Version 4 at few rows: tiles around decode_config, down to one-warp programs."""
-    base = decode_config(m, n, k)
+V6_TILES = [(16, 32, 1), (32, 32, 2), (32, 32, 4), (64, 16, 4), (64, 32, 4), (128, 32, 4), (128, 32, 8)]
+V6_TILES_MANY_ROWS = [(16, 32, 1), (32, 32, 4), (64, 32, 4), (128, 32, 8)]
+
+
+def v6_sweep(m: int, n: int, k: int):
+    """Version 6 (CUDA cores, 16-byte weight loads): tiles at their default split and 2x, 4x it."""
     out = []
-    for bn, bkw, nw in V4_TILES:
-        for sp in _splits(base["SPLIT"], k, bkw):
-            out.append(dict(base, BLOCK_N=bn, BKW=bkw, num_warps=nw, SPLIT=sp))
+    for bn, bkw, nw in (V6_TILES if m == 1 else V6_TILES_MANY_ROWS):
+        base = gemv_config(m, n, k, block_n=bn, bkw=bkw, num_warps=nw)
+        out += [dict(base, SPLIT=sp) for sp in _splits(base["SPLIT"], k, bkw)]
     return out
 
 
@@ -73,7 +72,7 @@ def main():
     ap.add_argument("--model", default="qwen2.5-7b")
     ap.add_argument("--rows", default="1,2,4,8,16,32,64")
     ap.add_argument("--sweep-rows", default="1,8,64")
-    ap.add_argument("--v4-sweep", action="store_true")
+    ap.add_argument("--v6-sweep", action="store_true")
     ap.add_argument("--shapes", default="qkv,o,gate|up,down")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -107,22 +106,30 @@ def main():
             ref = x.float() @ wb.float().T
             t_bf = time_it(lambda: x @ wb.T)
             row = dict(shape=name, n=n, k=k, m=m, cublas_bf16_us=t_bf * 1e3, deq_cublas_us=time_it(deq_mm) * 1e3)
-            if m <= 8:
-                row["v4_us"] = time_it(run(decode_config(m, nout, k))) * 1e3
-            if m <= 2 and a.v4_sweep:
-                b4 = (row["v4_us"], decode_config(m, nout, k))
-                for cfg in v4_sweep(m, nout, k):
+            if m <= GEMV_MAX_M:
+                g6 = gemv_config(m, nout, k)
+                run(g6)()
+                if not glu:  # against the bf16 weights it was quantized from
+                    row["v6_rel_err"] = float((y.float() - ref).norm() / ref.norm())
+                row["v6_us"] = time_it(run(g6)) * 1e3
+                b6 = (row["v6_us"], g6)
+                for cfg in (v6_sweep(m, nout, k) if a.v6_sweep else []):
                     try:
                         t = time_it(run(cfg)) * 1e3
                     except Exception as e:  # a tile that does not compile or fit
                         print("skip", cfg, type(e).__name__, str(e)[:100], flush=True)
                         continue
-                    if t < b4[0]:
-                        b4 = (t, cfg)
-                row["v4_best_agrees"] = agrees(run, y, b4[1], decode_config(m, nout, k))
-                row.update(v4_best_us=b4[0], v4_best_cfg=b4[1])
-                print(f"{name:8s} M={m} v4 default {row['v4_us']:.1f} us, best {b4[0]:.1f} us {b4[1]} "
-                      f"(agrees: {row['v4_best_agrees']})", flush=True)
+                    if t < b6[0]:
+                        b6 = (t, cfg)
+                if a.v6_sweep:  # the best tile again with the next step's words loaded one step ahead
+                    t = time_it(run(dict(b6[1], PREFETCH=True))) * 1e3
+                    row["v6_best_prefetch_us"] = t
+                    if t < b6[0]:
+                        b6 = (t, dict(b6[1], PREFETCH=True))
+                row.update(v6_best_us=b6[0], v6_best_cfg=b6[1], v6_best_GBs=nbytes / b6[0] / 1e3,
+                           v6_best_agrees=agrees(run, y, b6[1], g6))
+                print(f"{name:8s} M={m} v6 default {row['v6_us']:.1f} us (err {row.get('v6_rel_err', float('nan')):.1e}) | v6 best {b6[0]:.1f} us {row['v6_best_GBs']:.0f} GB/s "
+                      f"{b6[1]} (agrees: {row['v6_best_agrees']})", flush=True)
             dflt = tc_config(m, nout, k)
             run(dflt)()
             if not glu:  # the TC kernel's product against the bf16 weights it was quantized from
@@ -142,7 +149,7 @@ def main():
                        best_agrees=agrees(run, y, best[1], dflt))
             results.append(row)
             print(f"{name:8s} M={m:<3d} N={n:6d} K={k:6d} | cuBLAS bf16 {t_bf * 1e3:6.1f} us | deq+cuBLAS "
-                  f"{row['deq_cublas_us']:6.1f} | v4 {row.get('v4_us', float('nan')):6.1f} | v5 {t5 * 1e3:6.1f} "
+                  f"{row['deq_cublas_us']:6.1f} | v6 {row.get('v6_us', float('nan')):6.1f} | v5 {t5 * 1e3:6.1f} "
                   f"(err {row.get('v5_rel_err', float('nan')):.1e}) | best v5 {best[0] * 1e3:6.1f} us "
                   f"{row['best_GBs']:5.0f} GB/s {best[1]} (agrees: {row['best_agrees']})", flush=True)
     if a.out:

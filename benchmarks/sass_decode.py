@@ -40,10 +40,10 @@ def compile_decode(m: int, n: int, k: int, cfg: dict, glu: bool = False, lora: i
     split = -(-kw // kps)
     bm = max(16, triton.next_power_of_2(m)) if tc else triton.next_power_of_2(m)
     const = dict(FMT=0, MR=0 if tc else m, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BKW=bkw,
-                 EVEN_K=kw % bkw == 0 and split * kps == kw, XPERM=bool(cfg.get("XPERM", False)),
+                 EVEN_K=kw % bkw == 0 and split * kps == kw,
                  USE_ASM=bool(cfg.get("USE_ASM", True)), SPLIT=split, HAS_BIAS=False,
                  LORA_R=lora if split == 1 else 0, LORA_RP=16, NSEG=1, HS_P=16 if split == 1 else 1, GLU=glu, TC=tc,
-                 W_BF16=True, EPI_DOT=tc and bm >= 32, SWAP_AB=bool(cfg.get("SWAP_AB", True)) or bm > 16)
+                 W_BF16=True, PREFETCH=bool(cfg.get("PREFETCH", False)), EPI_DOT=tc and bm >= 32, SWAP_AB=bool(cfg.get("SWAP_AB", True)) or bm > 16)
     ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", bias_ptr="*u8", h_ptr="*fp32",
                 lb_ptr="*fp32", y_ptr="*bf16" if split == 1 else "*fp32", ws_ptr="*fp32")
     ints = dict(M=m, N=n, KW=kw, k_per_split=kps, n1=n if glu else 1 << 30, n2=1 << 30, n_hsplit=14,
@@ -127,7 +127,7 @@ def main():
             cfg = fl.pick_config(m, n, k, "nvfp4")
             cfg.update(json.loads(a.config) if a.config else {})
             r = inspect(m, n, k, cfg, glu)
-            print(f"{name:8s} M={m:<3d} {'v5' if cfg.get('TC') else 'v4'} BN{cfg['BLOCK_N']} BKW{cfg['BKW']} "
+            print(f"{name:8s} M={m:<3d} {'v5' if cfg.get('TC') else 'v6'} BN{cfg['BLOCK_N']} BKW{cfg['BKW']} "
                   f"w{cfg.get('num_warps', 4)} st{cfg.get('num_stages', 1)} split{cfg.get('SPLIT', 1)}: "
                   f"{r['regs']} regs, {r['spill_bytes']} B spilled, wgmma serialized {r['wgmma_serialized']}, "
                   f"smem {r['smem']} B, loop {r['loop_instrs']} instrs = {r['instrs_per_weight']} per weight "

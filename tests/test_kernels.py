@@ -152,14 +152,13 @@ def test_fused_epilogues(dtype, m):
     assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
-DECODE_CFGS = [  # the tiles decode_config picks (and the plain-Triton decode), with the rows each is used for
-    (dict(BLOCK_N=16, BKW=16, SPLIT=1, XPERM=False, USE_ASM=True), range(1, 9)),
-    (dict(BLOCK_N=64, BKW=16, SPLIT=3, XPERM=False, USE_ASM=True), (1, 2)),
-    (dict(BLOCK_N=64, BKW=32, SPLIT=2, XPERM=False, USE_ASM=True), (1, 2)),
-    (dict(BLOCK_N=16, BKW=32, SPLIT=1, XPERM=True, USE_ASM=True), (1, 4, 7)),
-    (dict(BLOCK_N=32, BKW=32, SPLIT=2, XPERM=False, USE_ASM=True), (3, 8)),
-    (dict(BLOCK_N=16, BKW=16, SPLIT=2, XPERM=False, USE_ASM=False), (1, 5)),
-    (dict(BLOCK_N=4, BKW=128, SPLIT=2, XPERM=False, USE_ASM=True, num_warps=1), (1, 2)),  # one-warp programs
+DECODE_CFGS = [  # the tiles gemv_config / tc_config pick and others (plain-Triton decode, one-warp programs)
+    # version 6, CUDA cores with 16-byte weight loads, up to 8 rows
+    (dict(BLOCK_N=64, BKW=32, SPLIT=1, USE_ASM=True), (1, 2, 3, 8)),
+    (dict(BLOCK_N=16, BKW=16, SPLIT=3, USE_ASM=True, num_warps=1), (1, 2, 5)),
+    (dict(BLOCK_N=32, BKW=8, SPLIT=2, USE_ASM=False), (1, 4, 7)),
+    (dict(BLOCK_N=32, BKW=16, SPLIT=2, USE_ASM=True, PREFETCH=True), (1, 2, 6)),
+    (dict(BLOCK_N=16, BKW=32, SPLIT=4, USE_ASM=True, num_warps=1, PREFETCH=True), (1, 3, 4)),
     # version 5, tensor cores (swap AB), up to 64 rows
     (dict(TC=True, BLOCK_N=64, BKW=16, SPLIT=1, USE_ASM=True, num_stages=2), (1, 2, 8, 17, 64)),
     (dict(TC=True, BLOCK_N=32, BKW=16, SPLIT=3, USE_ASM=True, num_stages=3), (3, 8, 33)),
@@ -175,9 +174,9 @@ DECODE_CFGS = [  # the tiles decode_config picks (and the plain-Triton decode), 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("ci", range(len(DECODE_CFGS)))
+@pytest.mark.parametrize("ci", range(len(DECODE_CFGS)), ids=[f"c{i:02d}" for i in range(len(DECODE_CFGS))])
 def test_decode_kernel_configs(fmt, dtype, ci):
-    """Versions 4 and 5 (int32 words, split-K + epilogue launch) for every tile variant, M = 1..64, uneven K,
+    """Versions 6 and 5 (int32 words, split-K + epilogue launch) for every tile variant, M = 1..64, uneven K,
     q|k|v segments with bias and LoRA, and gate|up with SiLU."""
     from qerl.kernels.fused_linear import fused_linear
     from qerl.kernels.lora_shrink import lora_shrink
@@ -306,3 +305,4 @@ def test_lora_epilogue_many_splits(dtype, m):
     ref = x.float() @ deq.T + 0.5 * (x.float() @ a.T) @ b.T
     assert not y.isnan().any()
     assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+

@@ -9,14 +9,14 @@ uint8 bits, and the step `float(scale) / global_scale` is formed in fp32 exactly
 the reference does, so the dequantized weight is bit-identical to
 `qerl.quant.nvfp4.nvfp4_dequantize(...).to(x.dtype)` before it meets x.
 
-- M < TC_MIN_M, NVFP4/MXFP4 (version 4, `_decode_kernel`): packed weights read as int32 words
-  (8 codes), decoded by one inline-asm block (two codes per shift/mask into an f16x2,
-  then exact f16->f32), x times the exact E2M1 values in fp32, times the block scale
-  per word, global scale once per row; split-K for short grids, whose fp32 partials
-  are summed by the epilogue launch (`linear_epilogue`). W is not rounded to the
-  activation dtype first: bf16 results differ from the reference by that rounding.
-  Tiles per shape class: `decode_config`.
-- TC_MIN_M..TC_MAX_M rows (3..64), NVFP4/MXFP4 (version 5, `_tc_rows`, same launch and
+- M < TC_MIN_M, NVFP4/MXFP4 (version 6, `_gemv_rows` in `_decode_kernel`): packed weights read as
+  int32 words (8 codes) in 16-byte runs, decoded by one inline-asm block (two codes per shift/mask
+  into an f16x2, then exact f16->f32), joined into natural K order and multiplied in fp32 with one
+  contiguous vector of x per row; each scale block's products are summed and scaled once, the NVFP4
+  global scale is applied once per row. Split-K for short grids, whose fp32 partials are summed by the
+  epilogue launch (`linear_epilogue`). W is not rounded to the activation dtype first: bf16 results
+  differ from the reference by that rounding. Tiles per shape class: `gemv_config`.
+- TC_MIN_M..TC_MAX_M rows (5..64), NVFP4/MXFP4 (version 5, `_tc_rows`, same launch and
   epilogues): the weight tile is decoded in registers straight to bf16 and multiplied
   on tensor cores with x^T (swap AB, rows padded to 16). Tiles: `tc_config`.
 - bf16 weights, and the rest: the older loop (`_fused_linear_kernel`, `tl.dot` on
@@ -168,14 +168,10 @@ if HAS_TRITON:
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(out_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-    # ---- version 4: M <= 8 decode GEMV on int32 words (8 E2M1 codes each) -----------------------------
+    # ---- int32 words of packed E2M1 codes (8 a word) ----------------------------------------------------
     # Word w of a row holds columns 8w..8w+7, nibble i (bits 4i..4i+3) = column 8w+i. One inline-asm
     # block turns a word into 8 fp32 values (E2M1 * 2**-14) with 4 shift/mask pairs that place two
-    # codes at once into the sign/exponent/mantissa bits of an f16x2, then 8 exact f16->f32 converts
-    # (~3 ALU ops per weight instead of ~10). x is read as 8 stride-8 vectors x[8w+i] (L1 hits,
-    # shared by all rows of the tile) or, with XPERM, from a permuted copy [M, 8, K/8].
-    # fp32 accumulation: per word sum_i x_i * v_i, times the block's E4M3/E8M0 scale, summed over K;
-    # the NVFP4 global scale (and the 2**14) is applied once per row at the end.
+    # codes at once into the sign/exponent/mantissa bits of an f16x2, then 8 exact f16->f32 converts.
 
     @triton.jit
     def _decode_word(q, USE_ASM: tl.constexpr):
@@ -202,90 +198,8 @@ if HAS_TRITON:
                     _e2m1_scaled((q >> 24) & 15), _e2m1_scaled((q >> 28) & 15))
 
     @triton.jit
-    def _xdot(xr, rw, km, KW, v, sv, EVEN_K: tl.constexpr, XPERM: tl.constexpr):
-        """sum_i x[8w+i] * v_i per word, times the word's block scale: [BN, BKW] fp32."""
-        v0, v1, v2, v3, v4, v5, v6, v7 = v
-        if XPERM:
-            xb = xr + rw
-            st = KW
-        else:
-            xb = xr + rw * 8
-            st = 1
-        if EVEN_K:
-            x0 = tl.load(xb).to(tl.float32)
-            x1 = tl.load(xb + st).to(tl.float32)
-            x2 = tl.load(xb + 2 * st).to(tl.float32)
-            x3 = tl.load(xb + 3 * st).to(tl.float32)
-            x4 = tl.load(xb + 4 * st).to(tl.float32)
-            x5 = tl.load(xb + 5 * st).to(tl.float32)
-            x6 = tl.load(xb + 6 * st).to(tl.float32)
-            x7 = tl.load(xb + 7 * st).to(tl.float32)
-        else:
-            x0 = tl.load(xb, mask=km, other=0.0).to(tl.float32)
-            x1 = tl.load(xb + st, mask=km, other=0.0).to(tl.float32)
-            x2 = tl.load(xb + 2 * st, mask=km, other=0.0).to(tl.float32)
-            x3 = tl.load(xb + 3 * st, mask=km, other=0.0).to(tl.float32)
-            x4 = tl.load(xb + 4 * st, mask=km, other=0.0).to(tl.float32)
-            x5 = tl.load(xb + 5 * st, mask=km, other=0.0).to(tl.float32)
-            x6 = tl.load(xb + 6 * st, mask=km, other=0.0).to(tl.float32)
-            x7 = tl.load(xb + 7 * st, mask=km, other=0.0).to(tl.float32)
-        p = x0[None, :] * v0 + x1[None, :] * v1 + x2[None, :] * v2 + x3[None, :] * v3
-        p += x4[None, :] * v4 + x5[None, :] * v5 + x6[None, :] * v6 + x7[None, :] * v7
-        return p * sv
-
-    @triton.jit
-    def _words_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww, stride_sn,
-                    FMT: tl.constexpr, MR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BKW: tl.constexpr, EVEN_K: tl.constexpr, XPERM: tl.constexpr, USE_ASM: tl.constexpr):
-        """[BLOCK_M, BLOCK_N] fp32 partial sums over words [k_lo, k_lo + k_per_split) of rows rn (global scale applied)."""
-        GW: tl.constexpr = 2 if FMT == 0 else 4  # words per scale block (16 or 32 columns)
-        rnc = tl.where(n_mask, rn, 0)  # clamped rows: unmasked (vectorized) loads
-        wrow = w_ptr + rnc[:, None] * stride_ww
-        srow = s_ptr + rnc[:, None] * stride_sn
-        xs = stride_xm
-        a0 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
-        a1 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
-        a2 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
-        a3 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
-        a4 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
-        a5 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
-        a6 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
-        a7 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
-        rw0 = tl.arange(0, BKW)
-        for kk in range(0, k_per_split, BKW):
-            rw = k_lo + kk + rw0
-            km = rw < KW
-            if EVEN_K:
-                q = tl.load(wrow + rw[None, :])
-                sb = tl.load(srow + (rw // GW)[None, :]).to(tl.int32)
-            else:
-                q = tl.load(wrow + rw[None, :], mask=km[None, :], other=0)
-                sb = tl.load(srow + (rw // GW)[None, :], mask=km[None, :], other=0).to(tl.int32)
-            if FMT == 0:
-                sv = _e4m3_value(sb)
-            else:  # E8M0; e = 0 reads as 0
-                sv = (sb << 23).to(tl.float32, bitcast=True)
-            v = _decode_word(q, USE_ASM)
-            a0 += _xdot(x_ptr, rw, km, KW, v, sv, EVEN_K, XPERM)
-            if MR > 1:
-                a1 += _xdot(x_ptr + xs, rw, km, KW, v, sv, EVEN_K, XPERM)
-            if MR > 2:
-                a2 += _xdot(x_ptr + 2 * xs, rw, km, KW, v, sv, EVEN_K, XPERM)
-            if MR > 3:
-                a3 += _xdot(x_ptr + 3 * xs, rw, km, KW, v, sv, EVEN_K, XPERM)
-            if MR > 4:
-                a4 += _xdot(x_ptr + 4 * xs, rw, km, KW, v, sv, EVEN_K, XPERM)
-            if MR > 5:
-                a5 += _xdot(x_ptr + 5 * xs, rw, km, KW, v, sv, EVEN_K, XPERM)
-            if MR > 6:
-                a6 += _xdot(x_ptr + 6 * xs, rw, km, KW, v, sv, EVEN_K, XPERM)
-            if MR > 7:
-                a7 += _xdot(x_ptr + 7 * xs, rw, km, KW, v, sv, EVEN_K, XPERM)
-        if FMT == 0:
-            gs = tl.load(gs_ptr + seg, mask=n_mask, other=1.0)
-            f = 16384.0 / gs
-        else:
-            f = tl.full((BLOCK_N,), 16384.0, tl.float32)
+    def _stack_rows(a0, a1, a2, a3, a4, a5, a6, a7, f, MR: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Per-row partial tiles a_m [BN, *] -> [BLOCK_M, BN]: row m = sum(a_m, axis=1) * f."""
         ri = tl.arange(0, BLOCK_M)[:, None]
         acc = tl.where(ri == 0, (tl.sum(a0, axis=1) * f)[None, :], 0.0)
         if MR > 1:
@@ -303,6 +217,96 @@ if HAS_TRITON:
         if MR > 7:
             acc = tl.where(ri == 7, (tl.sum(a7, axis=1) * f)[None, :], acc)
         return acc
+
+    # ---- version 6: up to 8 rows on CUDA cores, 16-byte weight loads, one contiguous vector of x per row ---
+    # Version 4 (deleted) spent most of its loop on addressing (a word and eight scalar x loads per thread)
+    # with 8 bytes of weights in flight per thread. Here a [BLOCK_N, BKW] tile of words is decoded
+    # (`_decode_word`) and joined into [BLOCK_N, 8 * BKW] columns in natural K order, so each thread holds whole
+    # 16-byte runs of a row (several rows per thread) and multiplies them with one contiguous vector of x
+    # (loaded once per step for all rows); each scale block's 16 (or 32) products are summed in registers
+    # and scaled once, rows are reduced across threads after the loop.
+
+    @triton.jit
+    def _gemv_row(w, xp, rk, k_ok, sv, NBS: tl.constexpr, G: tl.constexpr, EVEN_K: tl.constexpr):
+        """One row of x against the decoded tile w [BN, BK]: per scale block sum(x * v) * scale, [BN, NBS]."""
+        if EVEN_K:
+            x = tl.load(xp + rk).to(tl.float32)
+        else:
+            x = tl.load(xp + rk, mask=k_ok, other=0.0).to(tl.float32)
+        return tl.sum(tl.reshape(w * x[None, :], (w.shape[0], NBS, G)), axis=2) * sv
+
+    @triton.jit
+    def _gemv_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww,
+                   stride_sn, FMT: tl.constexpr, MR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BKW: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr):
+        """[BLOCK_M, BLOCK_N] fp32 partial sums over words [k_lo, k_lo + k_per_split) of rows rn (global scale applied)."""
+        GW: tl.constexpr = 2 if FMT == 0 else 4  # words per scale block
+        NBS: tl.constexpr = BKW // GW  # scale blocks per step
+        BK: tl.constexpr = BKW * 8
+        rnc = tl.where(n_mask, rn, 0)
+        wrow = w_ptr + rnc[:, None] * stride_ww
+        srow = s_ptr + rnc[:, None] * stride_sn
+        xs = stride_xm
+        rw0 = tl.arange(0, BKW)
+        rb0 = tl.arange(0, NBS)
+        rk0 = tl.arange(0, BK)
+        a0 = tl.zeros((BLOCK_N, NBS), dtype=tl.float32)
+        a1 = tl.zeros((BLOCK_N, NBS), dtype=tl.float32)
+        a2 = tl.zeros((BLOCK_N, NBS), dtype=tl.float32)
+        a3 = tl.zeros((BLOCK_N, NBS), dtype=tl.float32)
+        a4 = tl.zeros((BLOCK_N, NBS), dtype=tl.float32)
+        a5 = tl.zeros((BLOCK_N, NBS), dtype=tl.float32)
+        a6 = tl.zeros((BLOCK_N, NBS), dtype=tl.float32)
+        a7 = tl.zeros((BLOCK_N, NBS), dtype=tl.float32)
+        if PREFETCH:
+            qn = tl.load(wrow + (k_lo + rw0)[None, :], mask=(k_lo + rw0 < KW)[None, :], other=0)
+        for kk in range(0, k_per_split, BKW):
+            w0 = k_lo + kk
+            rw = w0 + rw0
+            rb = w0 // GW + rb0
+            rk = w0 * 8 + rk0
+            k_ok = rk < KW * 8
+            if PREFETCH:  # this step's words were loaded one step ahead
+                q = qn
+                qn = tl.load(wrow + (rw + BKW)[None, :], mask=((rw + BKW < KW) & (kk + BKW < k_per_split))[None, :],
+                             other=0)
+            elif EVEN_K:
+                q = tl.load(wrow + rw[None, :])
+            else:
+                q = tl.load(wrow + rw[None, :], mask=(rw < KW)[None, :], other=0)
+            if EVEN_K:
+                sb = tl.load(srow + rb[None, :]).to(tl.int32)
+            else:
+                sb = tl.load(srow + rb[None, :], mask=(rb < KW // GW)[None, :], other=0).to(tl.int32)
+            if FMT == 0:
+                sv = _e4m3_value(sb)
+            else:  # E8M0; e = 0 reads as 0
+                sv = (sb << 23).to(tl.float32, bitcast=True)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _decode_word(q, USE_ASM)
+            # natural K order (see _tc_rows): [BN, BKW, 2, 2, 2] -> [BN, 8 * BKW]
+            w = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+            w = tl.reshape(w, (BLOCK_N, BK))
+            a0 += _gemv_row(w, x_ptr, rk, k_ok, sv, NBS, GW * 8, EVEN_K)
+            if MR > 1:
+                a1 += _gemv_row(w, x_ptr + xs, rk, k_ok, sv, NBS, GW * 8, EVEN_K)
+            if MR > 2:
+                a2 += _gemv_row(w, x_ptr + 2 * xs, rk, k_ok, sv, NBS, GW * 8, EVEN_K)
+            if MR > 3:
+                a3 += _gemv_row(w, x_ptr + 3 * xs, rk, k_ok, sv, NBS, GW * 8, EVEN_K)
+            if MR > 4:
+                a4 += _gemv_row(w, x_ptr + 4 * xs, rk, k_ok, sv, NBS, GW * 8, EVEN_K)
+            if MR > 5:
+                a5 += _gemv_row(w, x_ptr + 5 * xs, rk, k_ok, sv, NBS, GW * 8, EVEN_K)
+            if MR > 6:
+                a6 += _gemv_row(w, x_ptr + 6 * xs, rk, k_ok, sv, NBS, GW * 8, EVEN_K)
+            if MR > 7:
+                a7 += _gemv_row(w, x_ptr + 7 * xs, rk, k_ok, sv, NBS, GW * 8, EVEN_K)
+        if FMT == 0:
+            gs = tl.load(gs_ptr + seg, mask=n_mask, other=1.0)
+            f = 16384.0 / gs
+        else:
+            f = tl.full((BLOCK_N,), 16384.0, tl.float32)
+        return _stack_rows(a0, a1, a2, a3, a4, a5, a6, a7, f, MR, BLOCK_M)
 
     # ---- version 5: 1..64 rows on tensor cores (swap AB: weight rows fill the MMA's M dimension) --------
     # A [BN, 8*BKW] weight tile is decoded in registers to bf16 values v * scale * 2**-16 (exact: an E2M1
@@ -331,7 +335,7 @@ if HAS_TRITON:
     mul.rn.bf16x2 p, p, $9; mov.b32 {$3, $7}, p;
     }
     """, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [q, c], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
-        else:  # version 4's plain decode (v * 2**-14 in fp32) times scale * 2**-2
+        else:  # the plain decode (v * 2**-14 in fp32) times scale * 2**-2
             wt: tl.constexpr = tl.bfloat16 if W_BF16 else tl.float32
             v0, v1, v2, v3, v4, v5, v6, v7 = _decode_word(q, False)
             return ((v0 * cf).to(wt), (v1 * cf).to(wt), (v2 * cf).to(wt), (v3 * cf).to(wt),
@@ -402,14 +406,14 @@ if HAS_TRITON:
     @triton.jit
     def _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww,
               stride_sn, FMT: tl.constexpr, MR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BKW: tl.constexpr, EVEN_K: tl.constexpr, XPERM: tl.constexpr, USE_ASM: tl.constexpr, TC: tl.constexpr,
-              W_BF16: tl.constexpr, SWAP_AB: tl.constexpr):
+              BKW: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, TC: tl.constexpr,
+              W_BF16: tl.constexpr, SWAP_AB: tl.constexpr, PREFETCH: tl.constexpr):
         if TC:
             return _tc_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW,
                             stride_xm, stride_ww, stride_sn, FMT, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, W_BF16, SWAP_AB)
         else:
-            return _words_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm,
-                               stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM)
+            return _gemv_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww,
+                              stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, PREFETCH)
 
     @triton.jit
     def _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
@@ -441,11 +445,13 @@ if HAS_TRITON:
                        M, N, KW, k_per_split, n1, n2, n_hsplit, lora_scale,
                        stride_xm, stride_ww, stride_sn, stride_hs, stride_hm, stride_lbn, stride_ym, stride_wss,
                        FMT: tl.constexpr, MR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BKW: tl.constexpr, EVEN_K: tl.constexpr, XPERM: tl.constexpr, USE_ASM: tl.constexpr,
+                       BKW: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
                        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr,
                        NSEG: tl.constexpr, HS_P: tl.constexpr, GLU: tl.constexpr, TC: tl.constexpr,
-                       W_BF16: tl.constexpr, EPI_DOT: tl.constexpr, SWAP_AB: tl.constexpr):
-        """All M rows in one tile (TC: tensor cores, else <= 8 rows on CUDA cores). SPLIT > 1: fp32 partials [SPLIT, M, N_rows] to ws (epilogue: _pre_kernel)."""
+                       W_BF16: tl.constexpr, EPI_DOT: tl.constexpr, SWAP_AB: tl.constexpr, PREFETCH: tl.constexpr):
+        """All M rows in one tile (TC: tensor cores, else <= GEMV_MAX_M rows on CUDA cores). SPLIT > 1: fp32
+        partials [SPLIT, M, N_rows] to ws (epilogue: _pre_kernel, a second launch; summing them in the last
+        program of each tile instead was measured slower, benchmarks/RESULTS.md)."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         rm = tl.arange(0, BLOCK_M)
@@ -455,14 +461,14 @@ if HAS_TRITON:
         k_lo = pid_s * k_per_split
         seg = (rn >= n1).to(tl.int32) + (rn >= n2).to(tl.int32)
         y = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww,
-                  stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, TC, W_BF16, SWAP_AB)
+                  stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, TC, W_BF16, SWAP_AB, PREFETCH)
         if SPLIT > 1:
             wsp = ws_ptr + pid_s * stride_wss + rm[:, None] * stride_ym + rn[None, :]
             tl.store(wsp, y, mask=m_mask[:, None] & n_mask[None, :])
             if GLU:
                 segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
                 u = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn + N, n_mask, segu, k_lo, k_per_split, KW, stride_xm,
-                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, TC, W_BF16, SWAP_AB)
+                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, TC, W_BF16, SWAP_AB, PREFETCH)
                 tl.store(wsp + N, u, mask=m_mask[:, None] & n_mask[None, :])
         else:
             out_ty: tl.constexpr = y_ptr.dtype.element_ty
@@ -471,7 +477,7 @@ if HAS_TRITON:
             if GLU:
                 segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
                 u = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn + N, n_mask, segu, k_lo, k_per_split, KW, stride_xm,
-                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, XPERM, USE_ASM, TC, W_BF16, SWAP_AB)
+                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, TC, W_BF16, SWAP_AB, PREFETCH)
                 u = _epilogue(u, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn + N, n_mask, segu, n_hsplit, lora_scale,
                               stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, EPI_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
                 g = y * tl.sigmoid(y)
@@ -512,15 +518,16 @@ if HAS_TRITON:
 
 
 TC_MAX_M = 64  # rows the tensor-core decode kernel (version 5) takes in one tile
-TC_MIN_M = 3  # from this many rows up, NVFP4/MXFP4 use version 5; below it version 4 (H200 sweep)
+GEMV_MAX_M = 8  # rows version 6 (CUDA cores) takes
+TC_MIN_M = 5  # from this many rows up, NVFP4/MXFP4 use version 5 (tensor cores); below it version 6 (H100 sweep)
 
 
 def pick_config(m: int, n: int, k: int, fmt: str) -> dict:
     """Tile sizes by shape (measured on an H100/H200; see benchmarks/RESULTS.md)."""
     if TC_MIN_M <= m <= TC_MAX_M and fmt in ("nvfp4", "mxfp4"):
         return tc_config(m, n, k)
-    if m <= 8 and fmt in ("nvfp4", "mxfp4"):
-        return decode_config(m, n, k)
+    if m <= GEMV_MAX_M and fmt in ("nvfp4", "mxfp4"):
+        return gemv_config(m, n, k)
     if m <= 8:
         bm = next_pow2(m)
         return dict(BLOCK_M=bm, BLOCK_N=8, BLOCK_K=128 if bm <= 2 else 64, USE_DOT=False, num_warps=4)
@@ -529,25 +536,32 @@ def pick_config(m: int, n: int, k: int, fmt: str) -> dict:
                 num_warps=8 if n >= 8192 else 4)
 
 
-# version 4 (int32 words): tiles from the sweep in benchmarks/bench_kernels_gpu.py (H100, Qwen2.5-7B shapes)
-TARGET_PROGRAMS = 264  # split K until the grid has about this many programs (2 per SM on H100/H200)
+TARGET_PROGRAMS = 264  # version 5 splits K until the grid has about this many programs (2 per SM on H100/H200)
 
 
-def decode_config(m: int, n: int, k: int) -> dict:
-    if m <= 2:
-        if k >= 8192:  # down_proj: few long rows
-            bn, bkw, split, xperm = 64, 32, 4, False
-        elif n <= 4096:  # o_proj (7B)
-            bn, bkw, split, xperm = 64, 16, 4, False
-        else:  # q|k|v, gate|up
-            bn, bkw, split, xperm = 16, 16, 1, False
-    else:
-        bn, bkw, xperm = (32, 32, False) if k >= 8192 else (16, 32, True)
-        split = 2 if k >= 8192 else 1
-    kw = k // 8
+# version 6: (BLOCK_N, num_warps, PREFETCH, warps in the grid) by shape class and rows, from the H100 sweep
+# (benchmarks/bench_kernels_gpu.py --v6-sweep, Qwen2.5-7B shapes); K is split until the grid holds about
+# that many warps, so other model sizes keep the same number of loads in flight.
+GEMV_TILES = {
+    "down": {1: (32, 4, True, 3584), 2: (32, 4, True, 3584), 4: (16, 1, True, 1792)},  # long K
+    "narrow": {1: (64, 4, False, 1792), 2: (32, 4, False, 1792), 4: (16, 1, True, 1792)},  # q|k|v, o_proj
+    "wide": {1: (16, 1, False, 2368), 2: (32, 4, True, 4736), 4: (16, 1, False, 2368)},  # gate|up
+}
+
+
+def gemv_config(m: int, n: int, k: int, block_n: int | None = None, bkw: int = 32, num_warps: int | None = None,
+                prefetch: bool | None = None) -> dict:
+    """Version 6 tiles for m <= GEMV_MAX_M rows of an [n, k] weight (tile fields given override the table)."""
+    cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
+    bn, nw, pf, warps = GEMV_TILES[cls][1 if m == 1 else (2 if m == 2 else 4)]
+    bn, nw = block_n or bn, num_warps or nw
+    pf = pf if prefetch is None else prefetch
+    programs, kw = -(-n // bn), k // 8
+    split = max(1, min(16, round(warps / (programs * nw))))
     while split > 1 and kw // split < 2 * bkw:
-        split //= 2
-    return dict(WORDS=True, BLOCK_N=bn, BKW=bkw, SPLIT=split, XPERM=xperm, USE_ASM=True, num_warps=4, num_stages=1)
+        split -= 1
+    return dict(WORDS=True, BLOCK_N=bn, BKW=bkw, SPLIT=split, PREFETCH=pf, USE_ASM=True, num_warps=nw,
+                num_stages=1)
 
 
 def tc_config(m: int, n: int, k: int, block_n: int = 64, bkw: int = 8, num_warps: int = 4,
@@ -639,15 +653,16 @@ def _lora_args(lora_h, lora_B, lora_rank):
 
 def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
                    segments, glu, out, n, cfg):
-    """Versions 4 (<= 8 rows, CUDA cores) and 5 (TC: <= 64 rows, tensor cores): packed weights read as
+    """Versions 6 (<= GEMV_MAX_M rows, CUDA cores) and 5 (TC: <= 64 rows, tensor cores): packed weights read as
     int32 words; split-K partials + epilogue launch."""
     m, k = x.shape
     n_rows = weight.shape[0]
     if k % 8 or weight.stride(0) % 4 or weight.data_ptr() % 4:
         raise ValueError("the decode kernel needs K % 8 == 0 and 4-byte aligned weight rows")
     tc = bool(cfg.get("TC", False))
-    if m > (TC_MAX_M if tc else 8):
-        raise ValueError(f"the decode kernel takes at most {TC_MAX_M if tc else 8} rows")
+    max_m = TC_MAX_M if tc else GEMV_MAX_M
+    if m > max_m:
+        raise ValueError(f"the decode kernel takes at most {max_m} rows")
     w32 = weight.view(torch.int32) if weight.dtype == torch.uint8 else weight
     kw = k // 8
     bn, bkw, split = cfg["BLOCK_N"], cfg["BKW"], cfg.get("SPLIT", 1)
@@ -655,11 +670,7 @@ def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lo
     kps = -(-kps // bkw) * bkw  # each split a whole number of steps
     split = -(-kw // kps)
     even = kw % bkw == 0 and split * kps == kw
-    if cfg.get("XPERM", False):
-        x = x.view(m, kw, 8).transpose(1, 2).contiguous()
-        sxm = 8 * kw
-    else:
-        sxm = x.stride(0)
+    sxm = x.stride(0)
     n1, n2 = segments if segments is not None else ((n, 1 << 30) if glu else (1 << 30, 1 << 30))
     nseg = 1 + (n1 < n_rows) + (n2 < n_rows)
     lora, lora_rp = _lora_args(lora_h, lora_B, lora_rank)
@@ -669,12 +680,12 @@ def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lo
     gs = global_scale if global_scale is not None else dummy
     grid = (triton.cdiv(n, bn), split)
     bm = max(16, next_pow2(m)) if tc else next_pow2(m)
-    # MR (rows unrolled by version 4) is unused by version 5: one compiled kernel per row tile, not per row count.
+    # MR (rows unrolled by version 6) is unused by version 5: one compiled kernel per row tile, not per row count.
     # The in-kernel LoRA epilogue uses tl.dot from 32 rows (measured: slower than the FMA form at 16).
     common = dict(FMT=FMT_CODES[fmt], MR=0 if tc else m, BLOCK_M=bm, BLOCK_N=bn, EPI_DOT=tc and bm >= 32,
                   BKW=bkw, EVEN_K=even, TC=tc, W_BF16=x.dtype == torch.bfloat16,
                   SWAP_AB=bool(cfg.get("SWAP_AB", True)) or bm > 16,  # Triton 3.6 fails to compile the other above 16
-                  XPERM=bool(cfg.get("XPERM", False)), USE_ASM=bool(cfg.get("USE_ASM", True)), SPLIT=split,
+                  PREFETCH=bool(cfg.get("PREFETCH", False)), USE_ASM=bool(cfg.get("USE_ASM", True)), SPLIT=split,
                   HAS_BIAS=bias is not None, LORA_R=lora, LORA_RP=lora_rp, NSEG=nseg, HS_P=_hs_p(lora_h, lora), GLU=glu,
                   num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
     hargs = (lora_h.stride(0) if lora else 0, lora_h.stride(1) if lora else 0, lora_B.stride(0) if lora else 0)
