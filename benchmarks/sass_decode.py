@@ -43,7 +43,7 @@ def compile_decode(m: int, n: int, k: int, cfg: dict, glu: bool = False, lora: i
                  EVEN_K=kw % bkw == 0 and split * kps == kw,
                  USE_ASM=bool(cfg.get("USE_ASM", True)), SPLIT=split, HAS_BIAS=False,
                  LORA_R=lora if split == 1 else 0, LORA_RP=16, NSEG=1, HS_P=16 if split == 1 else 1, GLU=glu, TC=tc,
-                 W_BF16=True, PREFETCH=bool(cfg.get("PREFETCH", False)), EPI_DOT=tc and bm >= 32, SWAP_AB=bool(cfg.get("SWAP_AB", True)) or bm > 16)
+                 W_BF16=True, PREFETCH=bool(cfg.get("PREFETCH", False)), PDL=bool(cfg.get("PDL", False)), EPI_DOT=tc and bm >= 32, SWAP_AB=bool(cfg.get("SWAP_AB", True)) or bm > 16)
     ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", bias_ptr="*u8", h_ptr="*fp32",
                 lb_ptr="*fp32", y_ptr="*bf16" if split == 1 else "*fp32", ws_ptr="*fp32")
     ints = dict(M=m, N=n, KW=kw, k_per_split=kps, n1=n if glu else 1 << 30, n2=1 << 30, n_hsplit=14,
@@ -64,7 +64,8 @@ def compile_decode(m: int, n: int, k: int, cfg: dict, glu: bool = False, lora: i
             if ints[a] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1)))
+                          options=dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),
+                                       launch_pdl=bool(cfg.get("PDL", False))))
 
 
 def main_loop(sass: str):

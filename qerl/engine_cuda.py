@@ -40,6 +40,7 @@ from types import SimpleNamespace
 import torch
 
 from .kernels import KernelUnavailable, available
+from .kernels._triton import programmatic_launch
 from .kernels.fused_linear import TC_MAX_M
 from .modeling import CausalLM, causal_mask, positions_from_mask, rope_inv_freq
 from .quant import QuantLinear
@@ -120,7 +121,7 @@ class CudaEngine(Engine):
     """`generate(prompts, params, generator) -> Rollout`, as `Engine`, with the decode step in CUDA graphs."""
 
     def __init__(self, model: CausalLM, tokenizer, eos_ids: list[int] | None = None, check_every: int = 16,
-                 use_graphs: bool = True):
+                 use_graphs: bool = True, pdl: bool = False):
         if not available() or model.device.type != "cuda":
             raise KernelUnavailable("CudaEngine needs a CUDA device and Triton; use qerl.rollout.Engine here")
         a = model.args
@@ -130,6 +131,7 @@ class CudaEngine(Engine):
         if eos_ids is not None:  # e.g. [] for benchmarks that must run to the length limit
             self.eos_ids = list(eos_ids)
         self.check_every, self.use_graphs = check_every, use_graphs
+        self.pdl = pdl  # programmatic dependent launch of the step's Triton kernels (Hopper+; not yet measured)
         self.layers = []
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -255,6 +257,10 @@ class CudaEngine(Engine):
         return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out)
 
     def _decode_step(self, b: int):
+        with programmatic_launch(self.pdl):
+            self._decode_kernels(b)
+
+    def _decode_kernels(self, b: int):
         from .kernels.decode_attention import attention_splits, decode_attention
         from .kernels.rmsnorm import add_rmsnorm
         from .kernels.rope_cache import rope_cache

@@ -23,6 +23,20 @@ def _qkv_lora(x, a, b, r, sizes):
     return torch.cat([x.float() @ a[i * r:(i + 1) * r].T @ b[bounds[i]:bounds[i + 1]].T for i in range(len(sizes))], 1)
 
 
+def test_programmatic_launch_is_off_by_default_and_needs_hopper():
+    from qerl.kernels._triton import HAS_TRITON, INTERPRET, pdl_launch, programmatic_launch
+
+    assert pdl_launch() == dict(PDL=False, launch_pdl=False)
+    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+    with programmatic_launch(True) as p:
+        assert p.enabled == (hopper and HAS_TRITON and not INTERPRET)
+        assert pdl_launch()["launch_pdl"] == p.enabled
+        with programmatic_launch(False):
+            assert pdl_launch() == dict(PDL=False, launch_pdl=False)
+        assert pdl_launch()["PDL"] == p.enabled
+    assert pdl_launch() == dict(PDL=False, launch_pdl=False)
+
+
 def test_triton_backend_on_cpu_raises_clear_error():
     from qerl.kernels import KernelUnavailable
 

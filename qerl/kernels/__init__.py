@@ -4,7 +4,7 @@ One op per file:
 - `nvfp4_matmul.py`, `mxfp4_matmul.py`: `torch.ops.qerl.{nvfp4,mxfp4}_matmul` (+ `_grad`),
   what `QuantLinear(backend="triton")` calls. Few rows: `fused_linear`; many rows:
   `dequant` into one shared bf16 buffer + cuBLAS.
-- `fused_linear.py`: the one-pass W4A16 / bf16 linear for decode (CUDA cores at 1-2 rows,
+- `fused_linear.py`: the one-pass W4A16 / bf16 linear for decode (CUDA cores at 1-4 rows,
   tensor cores up to 64), with bias, LoRA and gate/up (SiLU) epilogues fused.
 - `lora_shrink.py`: x @ A.T (split-K partials) for the fused LoRA epilogue.
 - `rmsnorm.py`, `rope_cache.py`, `decode_attention.py`: the rest of the decode step

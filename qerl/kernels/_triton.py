@@ -41,3 +41,47 @@ def require(*tensors: torch.Tensor, what: str = "qerl GPU kernels"):
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# ---- programmatic dependent launch (PDL, Hopper+) ---------------------------------------------------------
+# Inside `programmatic_launch(True)`, the decode-step kernels are launched with CUDA's programmatic stream
+# serialization: a kernel may be scheduled while the previous one is still running and waits for it with
+# `griddepcontrol.wait` (`pdl_wait`) before touching its inputs; every PDL kernel waits unconditionally, so
+# each kernel's completion still implies its predecessors' (the chain stays transitive). Off by default.
+_PDL = [False]
+
+
+class programmatic_launch:
+    """Context manager: launch the decode-step kernels with PDL (`enabled` and a Hopper-or-newer GPU)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = bool(enabled) and HAS_TRITON and not INTERPRET and torch.cuda.is_available() \
+            and torch.cuda.get_device_capability() >= (9, 0)
+
+    def __enter__(self):
+        self.prev, _PDL[0] = _PDL[0], self.enabled
+        return self
+
+    def __exit__(self, *exc):
+        _PDL[0] = self.prev
+
+
+def pdl_launch() -> dict:
+    """Launch arguments of a PDL-aware kernel: the PDL constexpr and Triton's launch_pdl option."""
+    return dict(PDL=_PDL[0], launch_pdl=_PDL[0])
+
+
+if HAS_TRITON:
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # older Triton: PDL stays off (programmatic_launch is never entered with it)
+        gdc_launch_dependents = gdc_wait = None
+
+    @triton.jit
+    def pdl_wait(PDL: tl.constexpr):
+        """Wait for the previous kernel (its writes visible), then let the next one be scheduled."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+else:
+    pdl_wait = None

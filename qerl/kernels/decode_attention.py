@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ._triton import HAS_TRITON, next_pow2, require
+from ._triton import HAS_TRITON, next_pow2, pdl_launch, pdl_wait, require
 
 if HAS_TRITON:
     import triton
@@ -25,7 +25,8 @@ if HAS_TRITON:
                            stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_mb,
                            stride_ob, stride_oh, stride_os, stride_mlb, stride_mlh,
                            NSPLIT: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                           PREC: tl.constexpr):
+                           PREC: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_wait(PDL)
         b = tl.program_id(0)
         hk = tl.program_id(1)
         sp = tl.program_id(2)
@@ -66,7 +67,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_merge_kernel(o_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, stride_os, stride_mlb, stride_mlh,
-                           stride_outb, NSPLIT: tl.constexpr, NSP: tl.constexpr, D: tl.constexpr):
+                           stride_outb, NSPLIT: tl.constexpr, NSP: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_wait(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.arange(0, NSP)
@@ -110,8 +112,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, key_mask, n_keys, o_part, ml, g, 1.0 / math.sqrt(d),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), key_mask.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), ml.stride(0), ml.stride(1),
-        NSPLIT=nsplit, GP=max(16, next_pow2(g)), D=d, BS=32, PREC=prec, num_warps=4)
+        NSPLIT=nsplit, GP=max(16, next_pow2(g)), D=d, BS=32, PREC=prec, num_warps=4, **pdl_launch())
     _attn_merge_kernel[(b, hq)](o_part, ml, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
                                 ml.stride(0), ml.stride(1), out.stride(0), NSPLIT=nsplit, NSP=next_pow2(nsplit),
-                                D=d, num_warps=1)
+                                D=d, num_warps=1, **pdl_launch())
     return out

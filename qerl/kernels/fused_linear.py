@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, next_pow2, require
+from ._triton import HAS_TRITON, next_pow2, pdl_launch, pdl_wait, require
 
 FMT_CODES = {"nvfp4": 0, "mxfp4": 1, "bf16": 2}
 
@@ -448,10 +448,12 @@ if HAS_TRITON:
                        BKW: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
                        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr,
                        NSEG: tl.constexpr, HS_P: tl.constexpr, GLU: tl.constexpr, TC: tl.constexpr,
-                       W_BF16: tl.constexpr, EPI_DOT: tl.constexpr, SWAP_AB: tl.constexpr, PREFETCH: tl.constexpr):
+                       W_BF16: tl.constexpr, EPI_DOT: tl.constexpr, SWAP_AB: tl.constexpr, PREFETCH: tl.constexpr,
+                       PDL: tl.constexpr = False):
         """All M rows in one tile (TC: tensor cores, else <= GEMV_MAX_M rows on CUDA cores). SPLIT > 1: fp32
         partials [SPLIT, M, N_rows] to ws (epilogue: _pre_kernel, a second launch; summing them in the last
         program of each tile instead was measured slower, benchmarks/RESULTS.md)."""
+        pdl_wait(PDL)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         rm = tl.arange(0, BLOCK_M)
@@ -489,9 +491,10 @@ if HAS_TRITON:
                     stride_ps, stride_pm, stride_hs, stride_hm, stride_lbn, stride_ym,
                     S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
                     HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr, NSEG: tl.constexpr,
-                    HS_P: tl.constexpr, GLU: tl.constexpr):
+                    HS_P: tl.constexpr, GLU: tl.constexpr, PDL: tl.constexpr = False):
         """Epilogue over a precomputed product: the sum of S partials p[s, M, N_rows] (a cuBLAS output when
         S = 1, rounded to its dtype like the reference matmul), + bias, + LoRA, (+ SiLU gate)."""
+        pdl_wait(PDL)
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = rm < M
@@ -687,7 +690,7 @@ def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lo
                   SWAP_AB=bool(cfg.get("SWAP_AB", True)) or bm > 16,  # Triton 3.6 fails to compile the other above 16
                   PREFETCH=bool(cfg.get("PREFETCH", False)), USE_ASM=bool(cfg.get("USE_ASM", True)), SPLIT=split,
                   HAS_BIAS=bias is not None, LORA_R=lora, LORA_RP=lora_rp, NSEG=nseg, HS_P=_hs_p(lora_h, lora), GLU=glu,
-                  num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
+                  num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1), **pdl_launch())
     hargs = (lora_h.stride(0) if lora else 0, lora_h.stride(1) if lora else 0, lora_B.stride(0) if lora else 0)
     if split == 1:
         _decode_kernel[grid](x, w32, scale, gs, bias if bias is not None else dummy, lora_h if lora else dummy,
@@ -726,5 +729,5 @@ def linear_epilogue(p: torch.Tensor, bias: torch.Tensor | None = None, lora_h: t
         m, n, n1, n2, lora_h.shape[0] if lora else 0, float(lora_scale), p3.stride(0), p3.stride(1),
         lora_h.stride(0) if lora else 0, lora_h.stride(1) if lora else 0, lora_B.stride(0) if lora else 0,
         out.stride(0), S=s_, BLOCK_M=bm, BLOCK_N=bn, USE_DOT=bm >= 16, HAS_BIAS=bias is not None, LORA_R=lora,
-        LORA_RP=lora_rp, NSEG=nseg, HS_P=_hs_p(lora_h, lora), GLU=glu, num_warps=4)
+        LORA_RP=lora_rp, NSEG=nseg, HS_P=_hs_p(lora_h, lora), GLU=glu, num_warps=4, **pdl_launch())
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, next_pow2, require
+from ._triton import HAS_TRITON, next_pow2, pdl_launch, pdl_wait, require
 
 if HAS_TRITON:
     import triton
@@ -18,7 +18,8 @@ if HAS_TRITON:
     @triton.jit
     def _lora_shrink_kernel(x_ptr, a_ptr, h_ptr, M, K, R, chunk,
                             stride_xm, stride_ar, stride_hs, stride_hm,
-                            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_wait(PDL)
         pid_s = tl.program_id(0)
         pid_r = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -77,5 +78,5 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor | None = Non
     br = 16
     grid = (s, triton.cdiv(r, br), triton.cdiv(m, bm))
     _lora_shrink_kernel[grid](x, a, out, m, k, r, chunk, x.stride(0), a.stride(0), out.stride(0), out.stride(1),
-                              BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, USE_DOT=use_dot, num_warps=4)
+                              BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, USE_DOT=use_dot, num_warps=4, **pdl_launch())
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, next_pow2, require
+from ._triton import HAS_TRITON, next_pow2, pdl_launch, pdl_wait, require
 
 if HAS_TRITON:
     import triton
@@ -18,7 +18,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, H, eps, stride_x, stride_d, stride_y,
-                            HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                            HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_wait(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
@@ -44,5 +45,5 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.
     block = next_pow2(h)
     _add_rmsnorm_kernel[(m,)](x, delta if delta is not None else x, weight, out, h, float(eps),
                               x.stride(0), delta.stride(0) if delta is not None else 0, out.stride(0),
-                              HAS_DELTA=delta is not None, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+                              HAS_DELTA=delta is not None, BLOCK=block, num_warps=8 if block >= 4096 else 4, **pdl_launch())
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, require
+from ._triton import HAS_TRITON, pdl_launch, pdl_wait, require
 
 if HAS_TRITON:
     import triton
@@ -19,7 +19,8 @@ if HAS_TRITON:
     @triton.jit
     def _rope_cache_kernel(qkv_ptr, pos_ptr, slot_ptr, inv_ptr, q_ptr, k_ptr, v_ptr,
                            HQ, HKV, stride_qkv, stride_qb, stride_qh,
-                           stride_kb, stride_kh, stride_ks, D: tl.constexpr):
+                           stride_kb, stride_kh, stride_ks, D: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_wait(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)  # 0..HQ-1: a q head; HQ..HQ+HKV-1: a kv head
         HALF: tl.constexpr = D // 2
@@ -62,5 +63,5 @@ def rope_cache(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, inv_fre
     _rope_cache_kernel[(b, num_heads + num_kv_heads)](
         qkv, pos, slot, inv_freq, q_out, k_cache, v_cache, num_heads, num_kv_heads,
         qkv.stride(0), q_out.stride(0), q_out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        D=head_dim, num_warps=1)
+        D=head_dim, num_warps=1, **pdl_launch())
     return q_out
