@@ -2,7 +2,7 @@
 eager launches, same kernels as the graph) next to the CUDA-graph replay time of the same step.
 
 Random Qwen2.5 weights (no download), LoRA rank 16 live, KV cache filled to `--ctx` keys.
-Usage: python benchmarks/profile_decode_gpu.py [--model qwen2.5-7b] [--quant nvfp4,bf16] [--batch 1,8,64] [--pdl]
+Usage: python benchmarks/profile_decode_gpu.py [--model qwen2.5-7b] [--quant nvfp4,bf16] [--batch 1,8,64] [--pdl] [--fuse-shrink]
 """
 import argparse
 import json
@@ -73,12 +73,13 @@ def main():
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--out", default=None)
     ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch of the step's kernels")
+    ap.add_argument("--fuse-shrink", action="store_true", help="LoRA shrink inside the split-K decode kernels")
     a = ap.parse_args()
     args = model_args(a.model)
     res = []
     for q in a.quant.split(","):
         model = build_random_model(args, q, 16)
-        eng = CudaEngine(model, NullTokenizer(), eos_ids=[], pdl=a.pdl)
+        eng = CudaEngine(model, NullTokenizer(), eos_ids=[], pdl=a.pdl, fuse_shrink=a.fuse_shrink)
         for b in map(int, a.batch.split(",")):
             r = profile_step(eng, b, a.ctx)
             r["quant"] = q

@@ -9,7 +9,7 @@ it shows register spills, shared-memory round trips and barriers that timings al
 It is not a timing: compare candidates here, measure them on the GPU.
 
 Usage: python benchmarks/sass_decode.py [--model qwen2.5-7b] [--rows 1,8,64] [--shapes "gate|up,down"]
-       [--config '{"BLOCK_N": 64, "BKW": 8, "num_warps": 8}']
+       [--config '{"BLOCK_N": 64, "BKW": 8, "num_warps": 8, "SHRINK": true, "PDL": true}']
 """
 import argparse
 import collections
@@ -43,12 +43,14 @@ def compile_decode(m: int, n: int, k: int, cfg: dict, glu: bool = False, lora: i
                  EVEN_K=kw % bkw == 0 and split * kps == kw,
                  USE_ASM=bool(cfg.get("USE_ASM", True)), SPLIT=split, HAS_BIAS=False,
                  LORA_R=lora if split == 1 else 0, LORA_RP=16, NSEG=1, HS_P=16 if split == 1 else 1, GLU=glu, TC=tc,
-                 W_BF16=True, PREFETCH=bool(cfg.get("PREFETCH", False)), PDL=bool(cfg.get("PDL", False)), EPI_DOT=tc and bm >= 32, SWAP_AB=bool(cfg.get("SWAP_AB", True)) or bm > 16)
+                 W_BF16=True, PREFETCH=bool(cfg.get("PREFETCH", False)), PDL=bool(cfg.get("PDL", False)),
+                 SHRINK_R=48 if cfg.get("SHRINK") and split > 1 else 0, SHRINK_BK=min(256, max(32, 4096 // bm)), EPI_DOT=tc and bm >= 32, SWAP_AB=bool(cfg.get("SWAP_AB", True)) or bm > 16)
     ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", bias_ptr="*u8", h_ptr="*fp32",
-                lb_ptr="*fp32", y_ptr="*bf16" if split == 1 else "*fp32", ws_ptr="*fp32")
+                lb_ptr="*fp32", y_ptr="*bf16" if split == 1 else "*fp32", ws_ptr="*fp32", a_ptr="*fp32")
     ints = dict(M=m, N=n, KW=kw, k_per_split=kps, n1=n if glu else 1 << 30, n2=1 << 30, n_hsplit=14,
                 lora_scale=1.0, stride_xm=k, stride_ww=kw, stride_sn=k // 16, stride_hs=m * 16, stride_hm=16,
-                stride_lbn=16, stride_ym=n * (2 if glu else 1), stride_wss=m * n * 2)
+                stride_lbn=16, stride_ym=n * (2 if glu else 1), stride_wss=m * n * 2,
+                stride_ar=k)
     sig, attrs, constexprs = {}, {}, {}
     for i, a in enumerate(fn.arg_names):  # the launcher's specialization: 16-aligned pointers and ints, ints == 1
         if a in const:

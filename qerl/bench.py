@@ -163,11 +163,11 @@ def decode_bytes(model, rows: int, mean_ctx: float) -> float:
 
 
 def bench_qerl(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0, temperature: float = 0.0,
-               pdl: bool = False) -> dict:
+               **engine_opts) -> dict:
     from .engine_cuda import CudaEngine
     from .rollout import SamplingParams
 
-    eng = CudaEngine(model, NullTokenizer(), eos_ids=[], pdl=pdl)
+    eng = CudaEngine(model, NullTokenizer(), eos_ids=[], **engine_opts)
     g = torch.Generator("cpu")
     g.manual_seed(seed)
     prompts = torch.randint(0, model.args.vocab_size, (batch, prompt_len), generator=g).tolist()
@@ -242,8 +242,9 @@ def _free():
 def run_rollout_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16"), batches=(1, 8, 64),
                       prompt_len: int = 256, gen_len: int = 512, lora_rank: int = 16, hf: bool = True,
                       hf_gen_len: int = 64, out: str | None = None, temperature: float = 0.0,
-                      pdl: bool = False) -> list[dict]:
-    """pdl: also time each qerl row with programmatic dependent launch (rows 'qerl <fmt> +pdl'), same run."""
+                      variants: tuple[str, ...] = ()) -> list[dict]:
+    """variants: also time each qerl row with these `CudaEngine` options switched on, in the same run
+    ("pdl", "fuse_shrink", or several joined by '+'); rows 'qerl <fmt> +<variant>'."""
     if not torch.cuda.is_available():
         from .kernels import KernelUnavailable
 
@@ -260,9 +261,10 @@ def run_rollout_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16")
         torch.cuda.synchronize()
         print(f"built {q} model in {time.perf_counter() - t:.1f}s, {torch.cuda.memory_allocated() / 1e9:.1f} GB", flush=True)
         for b in batches:
-            for p in (False, True) if pdl else (False,):
-                r = bench_qerl(model, b, prompt_len, gen_len, temperature=temperature, pdl=p)
-                r.update(system=f"qerl {q}" + (" +pdl" if p else ""), batch=b, gen_len=gen_len)
+            for v in ("",) + tuple(variants):
+                opts = {o: True for o in v.split("+") if o}
+                r = bench_qerl(model, b, prompt_len, gen_len, temperature=temperature, **opts)
+                r.update(system=f"qerl {q}" + (f" +{v}" if v else ""), batch=b, gen_len=gen_len)
                 rows.append(r)
                 print(_fmt(r, bw), flush=True)
         del model

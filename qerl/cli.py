@@ -23,14 +23,15 @@ def bench_rollout(model_config: str = typer.Option("qwen2.5-7b", help="qwen2.5-7
                   hf: bool = typer.Option(True, help="also time transformers generate (bf16)"),
                   hf_gen_len: int = typer.Option(64, help="tokens for the (slow) transformers rows"),
                   temperature: float = typer.Option(0.0, help="0: greedy; > 0: sampled, as in training rollouts"),
-                  pdl: bool = typer.Option(False, help="also time qerl with programmatic dependent launch (Hopper)"),
+                  variants: str = typer.Option("", help="also time qerl with engine options on, e.g. "
+                                               "'pdl,fuse_shrink,pdl+fuse_shrink' (same run)"),
                   out: str = typer.Option(None, help="write the numbers as JSON here")):
     """Rollout speed on random weights of a real config: qerl (CUDA engine) vs transformers, side by side."""
     from .bench import run_rollout_bench
 
     run_rollout_bench(model_config, tuple(q.strip() for q in quant.split(",") if q.strip()),
                       tuple(int(b) for b in batch.split(",")), prompt_len, gen_len, lora_rank, hf, hf_gen_len, out,
-                      temperature, pdl)
+                      temperature, tuple(v.strip() for v in variants.split(",") if v.strip()))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

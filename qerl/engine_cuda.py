@@ -121,7 +121,7 @@ class CudaEngine(Engine):
     """`generate(prompts, params, generator) -> Rollout`, as `Engine`, with the decode step in CUDA graphs."""
 
     def __init__(self, model: CausalLM, tokenizer, eos_ids: list[int] | None = None, check_every: int = 16,
-                 use_graphs: bool = True, pdl: bool = False):
+                 use_graphs: bool = True, pdl: bool = False, fuse_shrink: bool = False):
         if not available() or model.device.type != "cuda":
             raise KernelUnavailable("CudaEngine needs a CUDA device and Triton; use qerl.rollout.Engine here")
         a = model.args
@@ -131,7 +131,9 @@ class CudaEngine(Engine):
         if eos_ids is not None:  # e.g. [] for benchmarks that must run to the length limit
             self.eos_ids = list(eos_ids)
         self.check_every, self.use_graphs = check_every, use_graphs
-        self.pdl = pdl  # programmatic dependent launch of the step's Triton kernels (Hopper+; not yet measured)
+        # not yet measured on a GPU, so off by default (benchmarks/RESULTS.md): programmatic dependent launch of
+        # the step's Triton kernels (Hopper+), and the LoRA shrink computed by the split-K decode kernels
+        self.pdl, self.fuse_shrink = pdl, fuse_shrink
         self.layers = []
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -210,9 +212,9 @@ class CudaEngine(Engine):
         self.deq = None  # the engine's own dequantization buffer (one layer): graphs keep its address
         if b > DECODE_MAX_M and any(f.fmt != "bf16" for f in fl):
             self.deq = torch.empty(max(f.weight.shape[0] * f.in_features for f in fl), dtype=dt, device=dev)
-        from .kernels.lora_shrink import shrink_splits
+        from .kernels.lora_shrink import MAX_SPLITS
 
-        hmax = max([shrink_splits(f.in_features) * b * f.A.shape[0] for f in self._fused() if f.rank] or [1])
+        hmax = max([MAX_SPLITS * b * f.A.shape[0] for f in self._fused() if f.rank] or [1])  # any split count
         self.hbuf = torch.zeros(hmax, dtype=torch.float32, device=dev)
         from .kernels.decode_attention import attention_splits
 
@@ -233,10 +235,14 @@ class CudaEngine(Engine):
 
         h = None
         m = x.shape[0]
+        one_pass = f.fmt != "bf16" and m <= DECODE_MAX_M
+        if one_pass and f.rank and self.fuse_shrink:  # h from the decode kernel where it splits K
+            return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, None, f.B, f.rank, 1.0, f.segments, f.glu,
+                                out=out, lora_A=f.A, h_out=self.hbuf)
         if f.rank:
             h = lora_shrink(x, f.A, out=self.hbuf[: shrink_splits(f.in_features) * m * f.A.shape[0]]
                             .view(shrink_splits(f.in_features), m, f.A.shape[0]))
-        if f.fmt == "bf16" or m > DECODE_MAX_M:  # cuBLAS for the product, one small kernel for the epilogue
+        if not one_pass:  # cuBLAS for the product, one small kernel for the epilogue
             from .kernels.dequant import dequantize
             from .kernels.fused_linear import linear_epilogue
 

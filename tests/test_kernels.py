@@ -216,6 +216,13 @@ def test_decode_kernel_configs(fmt, dtype, ci):
         ref = x.float() @ deq.T + bias.float() + 0.5 * lora
         assert not y.isnan().any()
         assert rel(y, ref) < tol, (m, rel(y, ref))
+        # A instead of h: the split-K decode programs compute the LoRA shrink themselves (one launch fewer)
+        out.fill_(float("nan"))
+        hbuf = torch.full((32 * m * 3 * r,), float("nan"), device="cuda")
+        y = fused_linear(x, fmt, packed, scale, gs, bias, None, b, r, 0.5, (96, 120), out=out, config=cfg, lora_A=a,
+                         h_out=hbuf)
+        assert not y.isnan().any()
+        assert rel(y, ref) < tol, (m, rel(y, ref))
         out = torch.full((m, 48), float("nan"), device="cuda", dtype=dtype)
         y = fused_linear(x, fmt, packed[:96], scale[:96], gs[:1].repeat(2) if gs is not None else None,
                          glu=True, out=out, config=cfg)

@@ -441,18 +441,38 @@ if HAS_TRITON:
         return y
 
     @triton.jit
-    def _decode_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, h_ptr, lb_ptr, y_ptr, ws_ptr,
+    def _shrink_part(x_ptr, a_ptr, h_ptr, rm, m_mask, r0, s, k_lo, k_hi, stride_xm, stride_ar, stride_hs, stride_hm,
+                     R: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr):
+        """The LoRA shrink's split-K partial h[s, :, r] = x[:, k_lo:k_hi] @ A[r, k_lo:k_hi] for rows
+        r = r0, r0 + grid width, ... < R: what `lora_shrink` writes, from the programs of split s."""
+        for r in range(r0, R, tl.num_programs(0)):
+            acc = tl.zeros((BLOCK_M, BK), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BK):
+                rk = k0 + tl.arange(0, BK)
+                km = rk < k_hi
+                a = tl.load(a_ptr + r * stride_ar + rk, mask=km, other=0.0).to(tl.float32)
+                xv = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & km[None, :],
+                             other=0.0).to(tl.float32)
+                acc += xv * a[None, :]
+            tl.store(h_ptr + s * stride_hs + rm * stride_hm + r, tl.sum(acc, axis=1), mask=m_mask)
+
+    @triton.jit
+    def _decode_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, h_ptr, lb_ptr, y_ptr, ws_ptr, a_ptr,
                        M, N, KW, k_per_split, n1, n2, n_hsplit, lora_scale,
                        stride_xm, stride_ww, stride_sn, stride_hs, stride_hm, stride_lbn, stride_ym, stride_wss,
+                       stride_ar,
                        FMT: tl.constexpr, MR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BKW: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
                        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr,
                        NSEG: tl.constexpr, HS_P: tl.constexpr, GLU: tl.constexpr, TC: tl.constexpr,
                        W_BF16: tl.constexpr, EPI_DOT: tl.constexpr, SWAP_AB: tl.constexpr, PREFETCH: tl.constexpr,
-                       PDL: tl.constexpr = False):
+                       SHRINK_R: tl.constexpr = 0, SHRINK_BK: tl.constexpr = 256, PDL: tl.constexpr = False):
         """All M rows in one tile (TC: tensor cores, else <= GEMV_MAX_M rows on CUDA cores). SPLIT > 1: fp32
         partials [SPLIT, M, N_rows] to ws (epilogue: _pre_kernel, a second launch; summing them in the last
-        program of each tile instead was measured slower, benchmarks/RESULTS.md)."""
+        program of each tile instead was measured slower, benchmarks/RESULTS.md).
+        SHRINK_R > 0 (with SPLIT > 1): the programs of split s also write the LoRA shrink's partials
+        h[s] = x[:, chunk s] @ A[:, chunk s].T (A [SHRINK_R, K], one row of A per program) to h_ptr, which the
+        epilogue launch sums: no separate `lora_shrink` launch."""
         pdl_wait(PDL)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -472,6 +492,10 @@ if HAS_TRITON:
                 u = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn + N, n_mask, segu, k_lo, k_per_split, KW, stride_xm,
                           stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, TC, W_BF16, SWAP_AB, PREFETCH)
                 tl.store(wsp + N, u, mask=m_mask[:, None] & n_mask[None, :])
+            if SHRINK_R > 0:
+                _shrink_part(x_ptr, a_ptr, h_ptr, rm, m_mask, pid_n, pid_s, k_lo * 8,
+                             tl.minimum(k_lo + k_per_split, KW) * 8, stride_xm, stride_ar, stride_hs, stride_hm,
+                             SHRINK_R, SHRINK_BK, BLOCK_M)
         else:
             out_ty: tl.constexpr = y_ptr.dtype.element_ty
             y = _epilogue(y, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
@@ -582,12 +606,16 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
                  global_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  lora_h: torch.Tensor | None = None, lora_B: torch.Tensor | None = None, lora_rank: int = 0,
                  lora_scale: float = 1.0, segments: tuple[int, int] | None = None, glu: bool = False,
-                 out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, config: dict | None = None, lora_A: torch.Tensor | None = None,
+                 h_out: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] -> y [M, N] (or [M, N/2] with glu) in x.dtype.
 
     weight: nvfp4/mxfp4 packed uint8 [N, K/2] (+ scale [N, K/16] e4m3 or [N, K/32] e8m0,
     + global_scale fp32 [n_segments] for nvfp4), or dense [N, K].
     lora_h: [S, M, R_total] fp32 partial sums of x @ A.T; lora_B: [N, r] fp32.
+    lora_A: [R_total, K] instead of lora_h: h is computed here, by the split-K decode kernel itself where it
+    splits K (no `lora_shrink` launch), else by `lora_shrink`; h_out: flat fp32 scratch for its partials
+    (>= MAX_SPLITS * M * R_total; allocated if None).
     segments: (n1, n2) row boundaries of fused modules (q | k | v); with glu, rows of up start at N/2.
     """
     require(x, weight, what="the fused linear kernel")
@@ -608,7 +636,9 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     cfg = dict(config or pick_config(m, n, k, fmt))
     if cfg.pop("WORDS", False):
         return _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
-                              segments, glu, out, n, cfg)
+                              segments, glu, out, n, cfg, lora_A, h_out)
+    if lora_A is not None and lora_h is None:
+        lora_h = _shrink(x, lora_A, h_out)
     if x.dtype == torch.float32 and cfg["USE_DOT"]:
         cfg["DOT_PREC"] = "ieee"
     cfg.setdefault("DOT_PREC", "tf32")
@@ -654,8 +684,23 @@ def _lora_args(lora_h, lora_B, lora_rank):
     return lora, (max(next_pow2(lora), 1) if lora else 1)
 
 
+def _shrink(x, a, h_out):
+    from .lora_shrink import lora_shrink, shrink_splits
+
+    s = shrink_splits(x.shape[1])
+    return lora_shrink(x, a, out=_h_view(h_out, s, x.shape[0], a.shape[0], x.device))
+
+
+def _h_view(h_out, s: int, m: int, r: int, device) -> torch.Tensor:
+    if h_out is None:
+        return torch.empty((s, m, r), dtype=torch.float32, device=device)
+    if h_out.numel() < s * m * r:
+        raise ValueError(f"h_out holds {h_out.numel()} values, the LoRA partials need {s * m * r}")
+    return h_out.view(-1)[: s * m * r].view(s, m, r)
+
+
 def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
-                   segments, glu, out, n, cfg):
+                   segments, glu, out, n, cfg, lora_A=None, h_out=None):
     """Versions 6 (<= GEMV_MAX_M rows, CUDA cores) and 5 (TC: <= 64 rows, tensor cores): packed weights read as
     int32 words; split-K partials + epilogue launch."""
     m, k = x.shape
@@ -676,6 +721,13 @@ def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lo
     sxm = x.stride(0)
     n1, n2 = segments if segments is not None else ((n, 1 << 30) if glu else (1 << 30, 1 << 30))
     nseg = 1 + (n1 < n_rows) + (n2 < n_rows)
+    fuse_shrink = lora_A is not None and lora_h is None and split > 1
+    if fuse_shrink:  # the decode programs of split s write h's partial s (one row of A each)
+        if lora_A.shape[1] != k or lora_A.stride(1) != 1:
+            raise ValueError("lora_A must be [R_total, K] and row-major")
+        lora_h = _h_view(h_out, split, m, lora_A.shape[0], x.device)
+    elif lora_A is not None and lora_h is None:
+        lora_h = _shrink(x, lora_A, h_out)
     lora, lora_rp = _lora_args(lora_h, lora_B, lora_rank)
     if scale is not None and scale.dtype != torch.uint8:
         scale = scale.view(torch.uint8)
@@ -694,13 +746,19 @@ def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lo
     hargs = (lora_h.stride(0) if lora else 0, lora_h.stride(1) if lora else 0, lora_B.stride(0) if lora else 0)
     if split == 1:
         _decode_kernel[grid](x, w32, scale, gs, bias if bias is not None else dummy, lora_h if lora else dummy,
-                             lora_B if lora else dummy, out, dummy, m, n, kw, kps, n1, n2,
+                             lora_B if lora else dummy, out, dummy, dummy, m, n, kw, kps, n1, n2,
                              lora_h.shape[0] if lora else 0, float(lora_scale), sxm, w32.stride(0), scale.stride(0),
-                             *hargs, out.stride(0), 0, **common)
+                             *hargs, out.stride(0), 0, 0, **common)
         return out
     ws = _workspace(split * m * n_rows, x.device).view(split, m, n_rows)
-    _decode_kernel[grid](x, w32, scale, gs, dummy, dummy, dummy, ws, ws, m, n, kw, kps, n1, n2, 0, 1.0,
-                         sxm, w32.stride(0), scale.stride(0), 0, 0, 0, ws.stride(1), ws.stride(0), **common)
+    if fuse_shrink:
+        shrink = dict(SHRINK_R=lora_A.shape[0], SHRINK_BK=min(256, max(32, 4096 // bm)))
+        hout = (lora_h, lora_A, lora_h.stride(0), lora_h.stride(1), lora_A.stride(0))
+    else:
+        shrink, hout = {}, (dummy, dummy, 0, 0, 0)
+    _decode_kernel[grid](x, w32, scale, gs, dummy, hout[0], dummy, ws, ws, hout[1], m, n, kw, kps, n1, n2, 0, 1.0,
+                         sxm, w32.stride(0), scale.stride(0), hout[2], hout[3], 0, ws.stride(1), ws.stride(0), hout[4],
+                         **common, **shrink)
     return linear_epilogue(ws, bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out)
 
 
