@@ -128,7 +128,8 @@ def main():
                         b6 = (t, dict(b6[1], PREFETCH=True))
                 row.update(v6_best_us=b6[0], v6_best_cfg=b6[1], v6_best_GBs=nbytes / b6[0] / 1e3,
                            v6_best_agrees=agrees(run, y, b6[1], g6))
-                print(f"{name:8s} M={m} v6 default {row['v6_us']:.1f} us (err {row.get('v6_rel_err', float('nan')):.1e}) | v6 best {b6[0]:.1f} us {row['v6_best_GBs']:.0f} GB/s "
+                print(f"{name:8s} M={m} v6 default {row['v6_us']:.1f} us (err {row.get('v6_rel_err', float('nan')):.1e}) "
+                      f"| v6 best {b6[0]:.1f} us {row['v6_best_GBs']:.0f} GB/s "
                       f"{b6[1]} (agrees: {row['v6_best_agrees']})", flush=True)
             dflt = tc_config(m, nout, k)
             run(dflt)()

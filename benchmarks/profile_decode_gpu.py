@@ -2,7 +2,8 @@
 eager launches, same kernels as the graph) next to the CUDA-graph replay time of the same step.
 
 Random Qwen2.5 weights (no download), LoRA rank 16 live, KV cache filled to `--ctx` keys.
-Usage: python benchmarks/profile_decode_gpu.py [--model qwen2.5-7b] [--quant nvfp4,bf16] [--batch 1,8,64] [--pdl] [--fuse-shrink]
+Usage: python benchmarks/profile_decode_gpu.py [--model qwen2.5-7b] [--quant nvfp4,bf16] [--batch 1,8,64]
+       [--pdl] [--fuse-shrink]
 """
 import argparse
 import json

@@ -44,7 +44,8 @@ def compile_decode(m: int, n: int, k: int, cfg: dict, glu: bool = False, lora: i
                  USE_ASM=bool(cfg.get("USE_ASM", True)), SPLIT=split, HAS_BIAS=False,
                  LORA_R=lora if split == 1 else 0, LORA_RP=16, NSEG=1, HS_P=16 if split == 1 else 1, GLU=glu, TC=tc,
                  W_BF16=True, PREFETCH=bool(cfg.get("PREFETCH", False)), PDL=bool(cfg.get("PDL", False)),
-                 SHRINK_R=48 if cfg.get("SHRINK") and split > 1 else 0, SHRINK_BK=min(256, max(32, 4096 // bm)), EPI_DOT=tc and bm >= 32, SWAP_AB=bool(cfg.get("SWAP_AB", True)) or bm > 16)
+                 SHRINK_R=48 if cfg.get("SHRINK") and split > 1 else 0, SHRINK_BK=min(256, max(32, 4096 // bm)),
+                 EPI_DOT=tc and bm >= 32, SWAP_AB=bool(cfg.get("SWAP_AB", True)) or bm > 16)
     ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", bias_ptr="*u8", h_ptr="*fp32",
                 lb_ptr="*fp32", y_ptr="*bf16" if split == 1 else "*fp32", ws_ptr="*fp32", a_ptr="*fp32")
     ints = dict(M=m, N=n, KW=kw, k_per_split=kps, n1=n if glu else 1 << 30, n2=1 << 30, n_hsplit=14,

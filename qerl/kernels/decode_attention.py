@@ -67,7 +67,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_merge_kernel(o_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, stride_os, stride_mlb, stride_mlh,
-                           stride_outb, NSPLIT: tl.constexpr, NSP: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr = False):
+                           stride_outb, NSPLIT: tl.constexpr, NSP: tl.constexpr, D: tl.constexpr,
+                           PDL: tl.constexpr = False):
         pdl_wait(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)

@@ -490,7 +490,8 @@ if HAS_TRITON:
             if GLU:
                 segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
                 u = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn + N, n_mask, segu, k_lo, k_per_split, KW, stride_xm,
-                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, TC, W_BF16, SWAP_AB, PREFETCH)
+                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, TC, W_BF16, SWAP_AB,
+                          PREFETCH)
                 tl.store(wsp + N, u, mask=m_mask[:, None] & n_mask[None, :])
             if SHRINK_R > 0:
                 _shrink_part(x_ptr, a_ptr, h_ptr, rm, m_mask, pid_n, pid_s, k_lo * 8,
@@ -503,7 +504,8 @@ if HAS_TRITON:
             if GLU:
                 segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
                 u = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn + N, n_mask, segu, k_lo, k_per_split, KW, stride_xm,
-                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, TC, W_BF16, SWAP_AB, PREFETCH)
+                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, TC, W_BF16, SWAP_AB,
+                          PREFETCH)
                 u = _epilogue(u, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn + N, n_mask, segu, n_hsplit, lora_scale,
                               stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, EPI_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
                 g = y * tl.sigmoid(y)

@@ -18,7 +18,8 @@ if HAS_TRITON:
     @triton.jit
     def _lora_shrink_kernel(x_ptr, a_ptr, h_ptr, M, K, R, chunk,
                             stride_xm, stride_ar, stride_hs, stride_hm,
-                            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr = False):
+                            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+                            PDL: tl.constexpr = False):
         pdl_wait(PDL)
         pid_s = tl.program_id(0)
         pid_r = tl.program_id(1)

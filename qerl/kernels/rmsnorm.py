@@ -45,5 +45,6 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.
     block = next_pow2(h)
     _add_rmsnorm_kernel[(m,)](x, delta if delta is not None else x, weight, out, h, float(eps),
                               x.stride(0), delta.stride(0) if delta is not None else 0, out.stride(0),
-                              HAS_DELTA=delta is not None, BLOCK=block, num_warps=8 if block >= 4096 else 4, **pdl_launch())
+                              HAS_DELTA=delta is not None, BLOCK=block, num_warps=8 if block >= 4096 else 4,
+                              **pdl_launch())
     return out
