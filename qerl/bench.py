@@ -162,6 +162,9 @@ def decode_bytes(model, rows: int, mean_ctx: float) -> float:
     return float(total)
 
 
+ENGINE_OPTIONS = ("pdl", "fuse_shrink")  # CudaEngine switches `--variants` may turn on
+
+
 def bench_qerl(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0, temperature: float = 0.0,
                **engine_opts) -> dict:
     from .engine_cuda import CudaEngine
@@ -245,6 +248,10 @@ def run_rollout_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16")
                       variants: tuple[str, ...] = ()) -> list[dict]:
     """variants: also time each qerl row with these `CudaEngine` options switched on, in the same run
     ("pdl", "fuse_shrink", or several joined by '+'); rows 'qerl <fmt> +<variant>'."""
+    for v in variants:
+        bad = [o for o in v.split("+") if o not in ENGINE_OPTIONS]
+        if bad:
+            raise ValueError(f"unknown engine option {bad[0]!r} in variant {v!r}; known: {', '.join(ENGINE_OPTIONS)}")
     if not torch.cuda.is_available():
         from .kernels import KernelUnavailable
 

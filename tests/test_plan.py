@@ -21,3 +21,10 @@ def test_32b_fits_one_80gb_gpu_only_in_nvfp4():
                              "optim": {"micro_batch_size": 4}})
     assert plan_memory(model_args("qwen2.5-32b"), cfg, available_gb=80).fits is True
     assert plan_memory(model_args("qwen2.5-32b"), cfg, available_gb=80, quant="bf16").fits is False
+
+
+def test_bench_rejects_unknown_engine_option_before_any_work():
+    from qerl.bench import run_rollout_bench
+
+    with pytest.raises(ValueError, match="unknown engine option 'foo'.*known: pdl, fuse_shrink"):
+        run_rollout_bench("qwen2.5-7b", variants=("pdl+foo",))
