@@ -32,20 +32,13 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 def compile_decode(m: int, n: int, k: int, cfg: dict, glu: bool = False, lora: int = 16):
     """Compile the decode kernel as `fused_linear` would launch it (bf16 activations, NVFP4, LoRA rank 16)."""
     fn = fl._decode_kernel
-    tc = bool(cfg.get("TC", False))
     kw = k // 8
-    bkw, split = cfg["BKW"], cfg.get("SPLIT", 1)
-    kps = -(-kw // split)
-    kps = -(-kps // bkw) * bkw
-    split = -(-kw // kps)
-    bm = max(16, triton.next_power_of_2(m)) if tc else triton.next_power_of_2(m)
-    const = dict(FMT=0, MR=0 if tc else m, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BKW=bkw,
-                 EVEN_K=kw % bkw == 0 and split * kps == kw,
-                 USE_ASM=bool(cfg.get("USE_ASM", True)), SPLIT=split, HAS_BIAS=False,
-                 LORA_R=lora if split == 1 else 0, LORA_RP=16, NSEG=1, HS_P=16 if split == 1 else 1, GLU=glu, TC=tc,
-                 W_BF16=True, PREFETCH=bool(cfg.get("PREFETCH", False)), PDL=bool(cfg.get("PDL", False)),
-                 SHRINK_R=48 if cfg.get("SHRINK") and split > 1 else 0, SHRINK_BK=min(256, max(32, 4096 // bm)),
-                 EPI_DOT=tc and bm >= 32, SWAP_AB=bool(cfg.get("SWAP_AB", True)) or bm > 16)
+    split, kps, const = fl._decode_tiling("nvfp4", m, k, cfg, w_bf16=True)
+    options = dict(num_warps=const.pop("num_warps"), num_stages=const.pop("num_stages"),
+                   launch_pdl=bool(cfg.get("PDL", False)))
+    const.update(HAS_BIAS=False, LORA_R=lora if split == 1 else 0, LORA_RP=16, NSEG=1, HS_P=16 if split == 1 else 1,
+                 GLU=glu, PDL=bool(cfg.get("PDL", False)), SHRINK_R=48 if cfg.get("SHRINK") and split > 1 else 0,
+                 SHRINK_BK=fl.shrink_block_k(const["BLOCK_M"]))
     ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", bias_ptr="*u8", h_ptr="*fp32",
                 lb_ptr="*fp32", y_ptr="*bf16" if split == 1 else "*fp32", ws_ptr="*fp32", a_ptr="*fp32")
     ints = dict(M=m, N=n, KW=kw, k_per_split=kps, n1=n if glu else 1 << 30, n2=1 << 30, n_hsplit=14,
@@ -66,9 +59,7 @@ def compile_decode(m: int, n: int, k: int, cfg: dict, glu: bool = False, lora: i
             sig[a] = "i32"
             if ints[a] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),
-                                       launch_pdl=bool(cfg.get("PDL", False))))
+    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def main_loop(sass: str):

@@ -11,8 +11,8 @@ What differs from the reference engine (and why):
 - Fused launches. q/k/v and gate/up run as one kernel each (their packed weights are
   made adjacent rows of one buffer at construction, and the modules' buffers become
   views of it: no second copy), with bias, live LoRA and SiLU-gate fused into the
-  weight-streaming kernel (`qerl.kernels.fused_linear`: CUDA cores at 1-2 rows, tensor
-  cores from 3 to DECODE_MAX_M rows) for NVFP4/MXFP4; bf16 weights, and more rows, use
+  weight-streaming kernel (`qerl.kernels.fused_linear`: CUDA cores at 1-4 rows, tensor
+  cores from 5 to DECODE_MAX_M rows) for NVFP4/MXFP4; bf16 weights, and more rows, use
   cuBLAS (one layer dequantized into the engine's own buffer for NVFP4/MXFP4) and one
   epilogue launch (`linear_epilogue`: bias, LoRA, SiLU gate); residual add + RMSNorm
   and RoPE + cache write are one launch each. About 15 launches a layer with LoRA
@@ -231,7 +231,7 @@ class CudaEngine(Engine):
     # --- one decode step (captured) ------------------------------------------------------
     def _linear(self, f: _FusedLinear, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         from .kernels.fused_linear import fused_linear
-        from .kernels.lora_shrink import lora_shrink, shrink_splits
+        from .kernels.lora_shrink import lora_shrink
 
         h = None
         m = x.shape[0]
@@ -240,8 +240,7 @@ class CudaEngine(Engine):
             return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, None, f.B, f.rank, 1.0, f.segments, f.glu,
                                 out=out, lora_A=f.A, h_out=self.hbuf)
         if f.rank:
-            h = lora_shrink(x, f.A, out=self.hbuf[: shrink_splits(f.in_features) * m * f.A.shape[0]]
-                            .view(shrink_splits(f.in_features), m, f.A.shape[0]))
+            h = lora_shrink(x, f.A, out=self.hbuf)
         if not one_pass:  # cuBLAS for the product, one small kernel for the epilogue
             from .kernels.dequant import dequantize
             from .kernels.fused_linear import linear_epilogue

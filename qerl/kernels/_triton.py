@@ -7,6 +7,7 @@ benchmark or a rollout never reports reference-path numbers as kernel numbers.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -51,12 +52,16 @@ def next_pow2(n: int) -> int:
 _PDL = [False]
 
 
+@functools.cache
+def _pdl_supported() -> bool:
+    return HAS_TRITON and not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
 class programmatic_launch:
     """Context manager: launch the decode-step kernels with PDL (`enabled` and a Hopper-or-newer GPU)."""
 
     def __init__(self, enabled: bool = True):
-        self.enabled = bool(enabled) and HAS_TRITON and not INTERPRET and torch.cuda.is_available() \
-            and torch.cuda.get_device_capability() >= (9, 0)
+        self.enabled = bool(enabled) and _pdl_supported()
 
     def __enter__(self):
         self.prev, _PDL[0] = _PDL[0], self.enabled

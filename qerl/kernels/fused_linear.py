@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, next_pow2, pdl_launch, pdl_wait, require
+from .lora_shrink import lora_shrink, partials_view
 
 FMT_CODES = {"nvfp4": 0, "mxfp4": 1, "bf16": 2}
 
@@ -198,6 +199,30 @@ if HAS_TRITON:
                     _e2m1_scaled((q >> 24) & 15), _e2m1_scaled((q >> 28) & 15))
 
     @triton.jit
+    def _block_scale(sb, FMT: tl.constexpr):
+        """Scale bytes (int32) -> fp32 block scale: E4M3 (NVFP4) or E8M0 (MXFP4; e = 0 reads as 0)."""
+        if FMT == 0:
+            return _e4m3_value(sb)
+        else:
+            return (sb << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _row_factor(gs_ptr, seg, n_mask, c, FMT: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Per output row: c / the row's NVFP4 global scale (c for MXFP4)."""
+        if FMT == 0:
+            return c / tl.load(gs_ptr + seg, mask=n_mask, other=1.0)
+        else:
+            return tl.full((BLOCK_N,), c, tl.float32)
+
+    @triton.jit
+    def _natural_k(v0, v1, v2, v3, v4, v5, v6, v7, BLOCK_N: tl.constexpr, BK: tl.constexpr):
+        """The 8 nibble planes [BN, BKW] of a word tile -> [BN, 8 * BKW] columns in K order. tl.join adds a
+        new minor axis, so the outermost join picks bit 0 of the nibble index and the innermost bit 2:
+        [BN, BKW, 2, 2, 2] flattens to column 8 * word + nibble."""
+        w = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+        return tl.reshape(w, (BLOCK_N, BK))
+
+    @triton.jit
     def _stack_rows(a0, a1, a2, a3, a4, a5, a6, a7, f, MR: tl.constexpr, BLOCK_M: tl.constexpr):
         """Per-row partial tiles a_m [BN, *] -> [BLOCK_M, BN]: row m = sum(a_m, axis=1) * f."""
         ri = tl.arange(0, BLOCK_M)[:, None]
@@ -278,14 +303,9 @@ if HAS_TRITON:
                 sb = tl.load(srow + rb[None, :]).to(tl.int32)
             else:
                 sb = tl.load(srow + rb[None, :], mask=(rb < KW // GW)[None, :], other=0).to(tl.int32)
-            if FMT == 0:
-                sv = _e4m3_value(sb)
-            else:  # E8M0; e = 0 reads as 0
-                sv = (sb << 23).to(tl.float32, bitcast=True)
+            sv = _block_scale(sb, FMT)
             v0, v1, v2, v3, v4, v5, v6, v7 = _decode_word(q, USE_ASM)
-            # natural K order (see _tc_rows): [BN, BKW, 2, 2, 2] -> [BN, 8 * BKW]
-            w = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
-            w = tl.reshape(w, (BLOCK_N, BK))
+            w = _natural_k(v0, v1, v2, v3, v4, v5, v6, v7, BLOCK_N, BK)
             a0 += _gemv_row(w, x_ptr, rk, k_ok, sv, NBS, GW * 8, EVEN_K)
             if MR > 1:
                 a1 += _gemv_row(w, x_ptr + xs, rk, k_ok, sv, NBS, GW * 8, EVEN_K)
@@ -301,11 +321,7 @@ if HAS_TRITON:
                 a6 += _gemv_row(w, x_ptr + 6 * xs, rk, k_ok, sv, NBS, GW * 8, EVEN_K)
             if MR > 7:
                 a7 += _gemv_row(w, x_ptr + 7 * xs, rk, k_ok, sv, NBS, GW * 8, EVEN_K)
-        if FMT == 0:
-            gs = tl.load(gs_ptr + seg, mask=n_mask, other=1.0)
-            f = 16384.0 / gs
-        else:
-            f = tl.full((BLOCK_N,), 16384.0, tl.float32)
+        f = _row_factor(gs_ptr, seg, n_mask, 16384.0, FMT, BLOCK_N)
         return _stack_rows(a0, a1, a2, a3, a4, a5, a6, a7, f, MR, BLOCK_M)
 
     # ---- version 5: 1..64 rows on tensor cores (swap AB: weight rows fill the MMA's M dimension) --------
@@ -368,16 +384,10 @@ if HAS_TRITON:
                 km = rw < KW
                 q = tl.load(wrow + rw[None, :], mask=km[None, :], other=0)
                 sb = tl.load(srow + (rw // GW)[None, :], mask=km[None, :], other=0).to(tl.int32)
-            if FMT == 0:
-                sv = _e4m3_value(sb)
-            else:
-                sv = (sb << 23).to(tl.float32, bitcast=True)
+            sv = _block_scale(sb, FMT)
             cb = (sv * 1.2980742146337069e33).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF  # * 2**110
             v0, v1, v2, v3, v4, v5, v6, v7 = _decode_word_tc(q, cb | (cb << 16), sv * 0.25, USE_ASM, W_BF16)
-            # tl.join adds a new minor axis, so the outermost join picks bit 0 of the nibble index and the
-            # innermost bit 2: [BN, BKW, 2, 2, 2] flattens to column 8 * word + nibble (K in natural order)
-            w = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
-            w = tl.reshape(w, (BLOCK_N, BK))
+            w = _natural_k(v0, v1, v2, v3, v4, v5, v6, v7, BLOCK_N, BK)
             if SWAP_AB:  # weights as the MMA's A operand (wgmma for 64-row tiles: the tile is staged in smem)
                 xm = m_mask[None, :] & (rk < KW * 8)[:, None]
                 xt = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None], mask=xm, other=0.0)  # x^T [BK, BM]
@@ -392,11 +402,7 @@ if HAS_TRITON:
                     acc = tl.dot(xr, tl.trans(w), acc)
                 else:
                     acc = tl.dot(xr.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
-        if FMT == 0:
-            gs = tl.load(gs_ptr + seg, mask=n_mask, other=1.0)
-            f = 65536.0 / gs
-        else:
-            f = tl.full((BLOCK_N,), 65536.0, tl.float32)
+        f = _row_factor(gs_ptr, seg, n_mask, 65536.0, FMT, BLOCK_N)
         if SWAP_AB:
             y = tl.trans(acc * f[:, None])
         else:
@@ -578,6 +584,13 @@ GEMV_TILES = {
 }
 
 
+def _fit_split(split: int, k: int, bkw: int) -> int:
+    """Fewer splits until each keeps at least two steps of bkw words."""
+    while split > 1 and (k // 8) // split < 2 * bkw:
+        split -= 1
+    return split
+
+
 def gemv_config(m: int, n: int, k: int, block_n: int | None = None, bkw: int = 32, num_warps: int | None = None,
                 prefetch: bool | None = None) -> dict:
     """Version 6 tiles for m <= GEMV_MAX_M rows of an [n, k] weight (tile fields given override the table)."""
@@ -585,10 +598,7 @@ def gemv_config(m: int, n: int, k: int, block_n: int | None = None, bkw: int = 3
     bn, nw, pf, warps = GEMV_TILES[cls][1 if m == 1 else (2 if m == 2 else 4)]
     bn, nw = block_n or bn, num_warps or nw
     pf = pf if prefetch is None else prefetch
-    programs, kw = -(-n // bn), k // 8
-    split = max(1, min(16, round(warps / (programs * nw))))
-    while split > 1 and kw // split < 2 * bkw:
-        split -= 1
+    split = _fit_split(max(1, min(16, round(warps / (-(-n // bn) * nw)))), k, bkw)
     return dict(WORDS=True, BLOCK_N=bn, BKW=bkw, SPLIT=split, PREFETCH=pf, USE_ASM=True, num_warps=nw,
                 num_stages=1)
 
@@ -596,10 +606,7 @@ def gemv_config(m: int, n: int, k: int, block_n: int | None = None, bkw: int = 3
 def tc_config(m: int, n: int, k: int, block_n: int = 64, bkw: int = 8, num_warps: int = 4,
               num_stages: int = 3) -> dict:
     """Version 5: split K until the grid has about TARGET_PROGRAMS programs (at most 8 splits)."""
-    programs = -(-n // block_n)
-    split, kw = max(1, min(8, TARGET_PROGRAMS // programs)), k // 8
-    while split > 1 and kw // split < 2 * bkw:
-        split -= 1
+    split = _fit_split(max(1, min(8, TARGET_PROGRAMS // -(-n // block_n))), k, bkw)
     return dict(WORDS=True, TC=True, BLOCK_N=block_n, BKW=bkw, SPLIT=split, USE_ASM=True, num_warps=num_warps,
                 num_stages=num_stages)
 
@@ -616,8 +623,8 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     + global_scale fp32 [n_segments] for nvfp4), or dense [N, K].
     lora_h: [S, M, R_total] fp32 partial sums of x @ A.T; lora_B: [N, r] fp32.
     lora_A: [R_total, K] instead of lora_h: h is computed here, by the split-K decode kernel itself where it
-    splits K (no `lora_shrink` launch), else by `lora_shrink`; h_out: flat fp32 scratch for its partials
-    (>= MAX_SPLITS * M * R_total; allocated if None).
+    splits K (no `lora_shrink` launch), else by `lora_shrink`; h_out: fp32 scratch for its partials
+    (>= MAX_SPLITS * M * R_total values; allocated if None).
     segments: (n1, n2) row boundaries of fused modules (q | k | v); with glu, rows of up start at N/2.
     """
     require(x, weight, what="the fused linear kernel")
@@ -640,13 +647,12 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
         return _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
                               segments, glu, out, n, cfg, lora_A, h_out)
     if lora_A is not None and lora_h is None:
-        lora_h = _shrink(x, lora_A, h_out)
+        lora_h = lora_shrink(x, lora_A, out=h_out)
     if x.dtype == torch.float32 and cfg["USE_DOT"]:
         cfg["DOT_PREC"] = "ieee"
     cfg.setdefault("DOT_PREC", "tf32")
-    n1, n2 = segments if segments is not None else ((n, 1 << 30) if glu else (1 << 30, 1 << 30))
-    nseg = 1 + (n1 < n_rows) + (n2 < n_rows)
-    lora = lora_rank if (lora_h is not None and lora_B is not None and lora_rank) else 0
+    n1, n2, nseg = _segments(segments, n, n_rows, glu)
+    lora, lora_rp = _lora_args(lora_h, lora_B, lora_rank)
     dummy = weight
     if scale is not None and scale.dtype != torch.uint8:
         scale = scale.view(torch.uint8)  # the kernel decodes E4M3 / E8M0 from the bits
@@ -658,7 +664,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
         m, n, k, n1, n2, lora_h.shape[0] if lora else 0, float(lora_scale),
         x.stride(0), weight.stride(0), scale.stride(0) if scale is not None else 0,
         lora_h.stride(0) if lora else 0, lora_h.stride(1) if lora else 0, lora_B.stride(0) if lora else 0, out.stride(0),
-        FMT=FMT_CODES[fmt], HAS_BIAS=bias is not None, LORA_R=lora, LORA_RP=max(next_pow2(lora), 1) if lora else 1,
+        FMT=FMT_CODES[fmt], HAS_BIAS=bias is not None, LORA_R=lora, LORA_RP=lora_rp,
         NSEG=nseg, HS_P=_hs_p(lora_h, lora), GLU=glu, num_warps=num_warps, **cfg)
     return out
 
@@ -681,24 +687,39 @@ def _hs_p(lora_h, lora: int) -> int:
     return next_pow2(lora_h.shape[0]) if lora else 1
 
 
+def _segments(segments, n: int, n_rows: int, glu: bool) -> tuple[int, int, int]:
+    """Row boundaries (n1, n2) of the fused modules and their count (with glu, the up rows start at n)."""
+    n1, n2 = segments if segments is not None else ((n, 1 << 30) if glu else (1 << 30, 1 << 30))
+    return n1, n2, 1 + (n1 < n_rows) + (n2 < n_rows)
+
+
 def _lora_args(lora_h, lora_B, lora_rank):
     lora = lora_rank if (lora_h is not None and lora_B is not None and lora_rank) else 0
     return lora, (max(next_pow2(lora), 1) if lora else 1)
 
 
-def _shrink(x, a, h_out):
-    from .lora_shrink import lora_shrink, shrink_splits
+def _decode_tiling(fmt: str, m: int, k: int, cfg: dict, w_bf16: bool) -> tuple[int, int, dict]:
+    """(splits, words per split, the tile's `_decode_kernel` constexprs and launch options) for m rows and a
+    words config (`gemv_config` / `tc_config`); benchmarks/sass_decode.py compiles with the same."""
+    tc = bool(cfg.get("TC", False))
+    kw, bkw = k // 8, cfg["BKW"]
+    kps = -(-kw // cfg.get("SPLIT", 1))
+    kps = -(-kps // bkw) * bkw  # each split a whole number of steps
+    split = -(-kw // kps)
+    bm = max(16, next_pow2(m)) if tc else next_pow2(m)
+    # MR (rows unrolled by version 6) is unused by version 5: one compiled kernel per row tile, not per row count.
+    # The in-kernel LoRA epilogue uses tl.dot from 32 rows (measured: slower than the FMA form at 16).
+    return split, kps, dict(
+        FMT=FMT_CODES[fmt], MR=0 if tc else m, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], EPI_DOT=tc and bm >= 32,
+        BKW=bkw, EVEN_K=kw % bkw == 0 and split * kps == kw, TC=tc, W_BF16=w_bf16,
+        SWAP_AB=bool(cfg.get("SWAP_AB", True)) or bm > 16,  # Triton 3.6 fails to compile the other above 16
+        PREFETCH=bool(cfg.get("PREFETCH", False)), USE_ASM=bool(cfg.get("USE_ASM", True)), SPLIT=split,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
 
-    s = shrink_splits(x.shape[1])
-    return lora_shrink(x, a, out=_h_view(h_out, s, x.shape[0], a.shape[0], x.device))
 
-
-def _h_view(h_out, s: int, m: int, r: int, device) -> torch.Tensor:
-    if h_out is None:
-        return torch.empty((s, m, r), dtype=torch.float32, device=device)
-    if h_out.numel() < s * m * r:
-        raise ValueError(f"h_out holds {h_out.numel()} values, the LoRA partials need {s * m * r}")
-    return h_out.view(-1)[: s * m * r].view(s, m, r)
+def shrink_block_k(block_m: int) -> int:
+    """K columns per step of the fused LoRA shrink (about 32 fp32 registers a thread for its x tile)."""
+    return min(256, max(32, 4096 // block_m))
 
 
 def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
@@ -709,57 +730,43 @@ def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lo
     n_rows = weight.shape[0]
     if k % 8 or weight.stride(0) % 4 or weight.data_ptr() % 4:
         raise ValueError("the decode kernel needs K % 8 == 0 and 4-byte aligned weight rows")
-    tc = bool(cfg.get("TC", False))
-    max_m = TC_MAX_M if tc else GEMV_MAX_M
+    max_m = TC_MAX_M if cfg.get("TC", False) else GEMV_MAX_M
     if m > max_m:
         raise ValueError(f"the decode kernel takes at most {max_m} rows")
     w32 = weight.view(torch.int32) if weight.dtype == torch.uint8 else weight
     kw = k // 8
-    bn, bkw, split = cfg["BLOCK_N"], cfg["BKW"], cfg.get("SPLIT", 1)
-    kps = -(-kw // split)
-    kps = -(-kps // bkw) * bkw  # each split a whole number of steps
-    split = -(-kw // kps)
-    even = kw % bkw == 0 and split * kps == kw
-    sxm = x.stride(0)
-    n1, n2 = segments if segments is not None else ((n, 1 << 30) if glu else (1 << 30, 1 << 30))
-    nseg = 1 + (n1 < n_rows) + (n2 < n_rows)
+    split, kps, tile = _decode_tiling(fmt, m, k, cfg, x.dtype == torch.bfloat16)
+    n1, n2, nseg = _segments(segments, n, n_rows, glu)
     fuse_shrink = lora_A is not None and lora_h is None and split > 1
     if fuse_shrink:  # the decode programs of split s write h's partial s (one row of A each)
         if lora_A.shape[1] != k or lora_A.stride(1) != 1:
             raise ValueError("lora_A must be [R_total, K] and row-major")
-        lora_h = _h_view(h_out, split, m, lora_A.shape[0], x.device)
+        lora_h = partials_view(h_out, split, m, lora_A.shape[0], x.device)
     elif lora_A is not None and lora_h is None:
-        lora_h = _shrink(x, lora_A, h_out)
+        lora_h = lora_shrink(x, lora_A, out=h_out)
     lora, lora_rp = _lora_args(lora_h, lora_B, lora_rank)
     if scale is not None and scale.dtype != torch.uint8:
         scale = scale.view(torch.uint8)
     dummy = weight
     gs = global_scale if global_scale is not None else dummy
-    grid = (triton.cdiv(n, bn), split)
-    bm = max(16, next_pow2(m)) if tc else next_pow2(m)
-    # MR (rows unrolled by version 6) is unused by version 5: one compiled kernel per row tile, not per row count.
-    # The in-kernel LoRA epilogue uses tl.dot from 32 rows (measured: slower than the FMA form at 16).
-    common = dict(FMT=FMT_CODES[fmt], MR=0 if tc else m, BLOCK_M=bm, BLOCK_N=bn, EPI_DOT=tc and bm >= 32,
-                  BKW=bkw, EVEN_K=even, TC=tc, W_BF16=x.dtype == torch.bfloat16,
-                  SWAP_AB=bool(cfg.get("SWAP_AB", True)) or bm > 16,  # Triton 3.6 fails to compile the other above 16
-                  PREFETCH=bool(cfg.get("PREFETCH", False)), USE_ASM=bool(cfg.get("USE_ASM", True)), SPLIT=split,
-                  HAS_BIAS=bias is not None, LORA_R=lora, LORA_RP=lora_rp, NSEG=nseg, HS_P=_hs_p(lora_h, lora), GLU=glu,
-                  num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1), **pdl_launch())
+    grid = (triton.cdiv(n, tile["BLOCK_N"]), split)
+    common = dict(tile, HAS_BIAS=bias is not None, LORA_R=lora, LORA_RP=lora_rp, NSEG=nseg, HS_P=_hs_p(lora_h, lora),
+                  GLU=glu, **pdl_launch())
     hargs = (lora_h.stride(0) if lora else 0, lora_h.stride(1) if lora else 0, lora_B.stride(0) if lora else 0)
     if split == 1:
         _decode_kernel[grid](x, w32, scale, gs, bias if bias is not None else dummy, lora_h if lora else dummy,
                              lora_B if lora else dummy, out, dummy, dummy, m, n, kw, kps, n1, n2,
-                             lora_h.shape[0] if lora else 0, float(lora_scale), sxm, w32.stride(0), scale.stride(0),
-                             *hargs, out.stride(0), 0, 0, **common)
+                             lora_h.shape[0] if lora else 0, float(lora_scale), x.stride(0), w32.stride(0),
+                             scale.stride(0), *hargs, out.stride(0), 0, 0, **common)
         return out
     ws = _workspace(split * m * n_rows, x.device).view(split, m, n_rows)
-    if fuse_shrink:
-        shrink = dict(SHRINK_R=lora_A.shape[0], SHRINK_BK=min(256, max(32, 4096 // bm)))
-        hout = (lora_h, lora_A, lora_h.stride(0), lora_h.stride(1), lora_A.stride(0))
+    if fuse_shrink:  # h_ptr is the shrink's output here (no epilogue in this launch)
+        shrink = dict(SHRINK_R=lora_A.shape[0], SHRINK_BK=shrink_block_k(tile["BLOCK_M"]))
+        h_arg, a_arg, shs, shm, sar = lora_h, lora_A, lora_h.stride(0), lora_h.stride(1), lora_A.stride(0)
     else:
-        shrink, hout = {}, (dummy, dummy, 0, 0, 0)
-    _decode_kernel[grid](x, w32, scale, gs, dummy, hout[0], dummy, ws, ws, hout[1], m, n, kw, kps, n1, n2, 0, 1.0,
-                         sxm, w32.stride(0), scale.stride(0), hout[2], hout[3], 0, ws.stride(1), ws.stride(0), hout[4],
+        shrink, (h_arg, a_arg, shs, shm, sar) = {}, (dummy, dummy, 0, 0, 0)
+    _decode_kernel[grid](x, w32, scale, gs, dummy, h_arg, dummy, ws, ws, a_arg, m, n, kw, kps, n1, n2, 0, 1.0,
+                         x.stride(0), w32.stride(0), scale.stride(0), shs, shm, 0, ws.stride(1), ws.stride(0), sar,
                          **common, **shrink)
     return linear_epilogue(ws, bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out)
 
@@ -778,8 +785,7 @@ def linear_epilogue(p: torch.Tensor, bias: torch.Tensor | None = None, lora_h: t
     n = n_rows // 2 if glu else n_rows
     if out is None:
         out = torch.empty((m, n), dtype=p.dtype, device=p.device)
-    n1, n2 = segments if segments is not None else ((n, 1 << 30) if glu else (1 << 30, 1 << 30))
-    nseg = 1 + (n1 < n_rows) + (n2 < n_rows)
+    n1, n2, nseg = _segments(segments, n, n_rows, glu)
     lora, lora_rp = _lora_args(lora_h, lora_B, lora_rank)
     bm = min(next_pow2(m), 32)
     bn = 64 if bm <= 8 else 32

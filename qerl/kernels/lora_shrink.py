@@ -56,8 +56,20 @@ def shrink_splits(k: int, chunk: int | None = None) -> int:
     return (k + chunk - 1) // chunk
 
 
+def partials_view(buf: torch.Tensor | None, s: int, m: int, r: int, device) -> torch.Tensor:
+    """[S, M, R] fp32 partials of h in the first S * M * R values of buf (a new tensor if buf is None)."""
+    if buf is None:
+        return torch.empty((s, m, r), dtype=torch.float32, device=device)
+    if buf.shape == (s, m, r):
+        return buf
+    if buf.numel() < s * m * r:
+        raise ValueError(f"the buffer holds {buf.numel()} values, the LoRA partials need {s * m * r}")
+    return buf.view(-1)[: s * m * r].view(s, m, r)
+
+
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
-    """x [M, K] (any float dtype), a [R, K] -> partials [S, M, R] fp32 with S = shrink_splits(K, chunk).
+    """x [M, K] (any float dtype), a [R, K] -> partials [S, M, R] fp32 with S = shrink_splits(K, chunk),
+    written to the first S * M * R values of `out` (any fp32 buffer at least that large) if given.
 
     One program per (K chunk, 16 columns of R, row block): a short loop over wide tiles, so the
     launch is one wave of small independent programs (the first version looped over K in one
@@ -70,8 +82,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor | None = Non
         raise ValueError("lora_shrink: x [M, K] and A [R, K] must share K and be row-major")
     chunk = chunk or shrink_chunk(k)
     s = shrink_splits(k, chunk)
-    if out is None:
-        out = torch.empty((s, m, r), dtype=torch.float32, device=x.device)
+    out = partials_view(out, s, m, r, x.device)
     if m <= 8:  # one row per program, [16, BLOCK_K] of A against it
         bm, use_dot, bk = 1, False, min(256, next_pow2(chunk))
     else:
