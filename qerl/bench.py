@@ -162,7 +162,7 @@ def decode_bytes(model, rows: int, mean_ctx: float) -> float:
     return float(total)
 
 
-ENGINE_OPTIONS = ("pdl", "fuse_shrink")  # CudaEngine switches `--variants` may turn on
+ENGINE_OPTIONS = ("pdl", "fuse_shrink")  # CudaEngine switches `--variants` may turn on ("pdl") or off ("no_fuse_shrink")
 
 
 def bench_qerl(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0, temperature: float = 0.0,
@@ -246,10 +246,10 @@ def run_rollout_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16")
                       prompt_len: int = 256, gen_len: int = 512, lora_rank: int = 16, hf: bool = True,
                       hf_gen_len: int = 64, out: str | None = None, temperature: float = 0.0,
                       variants: tuple[str, ...] = ()) -> list[dict]:
-    """variants: also time each qerl row with these `CudaEngine` options switched on, in the same run
-    ("pdl", "fuse_shrink", or several joined by '+'); rows 'qerl <fmt> +<variant>'."""
+    """variants: also time each qerl row with these `CudaEngine` options switched on ("pdl") or off
+    ("no_fuse_shrink"), in the same run; several joined by '+'; rows 'qerl <fmt> +<variant>'."""
     for v in variants:
-        bad = [o for o in v.split("+") if o not in ENGINE_OPTIONS]
+        bad = [o for o in v.split("+") if o.removeprefix("no_") not in ENGINE_OPTIONS]
         if bad:
             raise ValueError(f"unknown engine option {bad[0]!r} in variant {v!r}; known: {', '.join(ENGINE_OPTIONS)}")
     if not torch.cuda.is_available():
@@ -269,7 +269,7 @@ def run_rollout_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16")
         print(f"built {q} model in {time.perf_counter() - t:.1f}s, {torch.cuda.memory_allocated() / 1e9:.1f} GB", flush=True)
         for b in batches:
             for v in ("",) + tuple(variants):
-                opts = {o: True for o in v.split("+") if o}
+                opts = {o.removeprefix("no_"): not o.startswith("no_") for o in v.split("+") if o}
                 r = bench_qerl(model, b, prompt_len, gen_len, temperature=temperature, **opts)
                 r.update(system=f"qerl {q}" + (f" +{v}" if v else ""), batch=b, gen_len=gen_len)
                 rows.append(r)

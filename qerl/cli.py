@@ -23,8 +23,8 @@ def bench_rollout(model_config: str = typer.Option("qwen2.5-7b", help="qwen2.5-7
                   hf: bool = typer.Option(True, help="also time transformers generate (bf16)"),
                   hf_gen_len: int = typer.Option(64, help="tokens for the (slow) transformers rows"),
                   temperature: float = typer.Option(0.0, help="0: greedy; > 0: sampled, as in training rollouts"),
-                  variants: str = typer.Option("", help="also time qerl with engine options on, e.g. "
-                                               "'pdl,fuse_shrink,pdl+fuse_shrink' (same run)"),
+                  variants: str = typer.Option("", help="also time qerl with engine options switched, e.g. "
+                                               "'pdl,no_fuse_shrink,pdl+no_fuse_shrink' (same run)"),
                   out: str = typer.Option(None, help="write the numbers as JSON here")):
     """Rollout speed on random weights of a real config: qerl (CUDA engine) vs transformers, side by side."""
     from .bench import run_rollout_bench

@@ -28,3 +28,5 @@ def test_bench_rejects_unknown_engine_option_before_any_work():
 
     with pytest.raises(ValueError, match="unknown engine option 'foo'.*known: pdl, fuse_shrink"):
         run_rollout_bench("qwen2.5-7b", variants=("pdl+foo",))
+    with pytest.raises(ValueError, match="unknown engine option 'no_graphs'"):
+        run_rollout_bench("qwen2.5-7b", variants=("no_fuse_shrink", "no_graphs"))
