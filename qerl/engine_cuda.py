@@ -121,7 +121,8 @@ class CudaEngine(Engine):
     """`generate(prompts, params, generator) -> Rollout`, as `Engine`, with the decode step in CUDA graphs."""
 
     def __init__(self, model: CausalLM, tokenizer, eos_ids: list[int] | None = None, check_every: int = 16,
-                 use_graphs: bool = True, pdl: bool = False, fuse_shrink: bool = True):
+                 use_graphs: bool = True, pdl: bool = False, fuse_shrink: bool = True,
+                 mma: bool = True):
         if not available() or model.device.type != "cuda":
             raise KernelUnavailable("CudaEngine needs a CUDA device and Triton; use qerl.rollout.Engine here")
         a = model.args
@@ -135,6 +136,7 @@ class CudaEngine(Engine):
         # (fuse_shrink) is +10% tok/s at batch 1, so on; programmatic dependent launch (pdl) is +1% at batch 1
         # and -43% at batch 8, so off
         self.pdl, self.fuse_shrink = pdl, fuse_shrink
+        self.mma = mma  # version 7 (register-fed tensor cores) for the NVFP4 rows it supports, else version 5
         self.layers = []
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -239,7 +241,7 @@ class CudaEngine(Engine):
         one_pass = f.fmt != "bf16" and m <= DECODE_MAX_M
         if one_pass and f.rank and self.fuse_shrink:  # h from the decode kernel where it splits K
             return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, None, f.B, f.rank, 1.0, f.segments, f.glu,
-                                out=out, lora_A=f.A, h_out=self.hbuf)
+                                out=out, lora_A=f.A, h_out=self.hbuf, mma=self.mma)
         if f.rank:
             h = lora_shrink(x, f.A, out=self.hbuf)
         if not one_pass:  # cuBLAS for the product, one small kernel for the epilogue
@@ -260,7 +262,8 @@ class CudaEngine(Engine):
             y0 = self.y0[: m * n_rows].view(m, n_rows)
             torch.mm(x, w.t(), out=y0)
             return linear_epilogue(y0, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out)
-        return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out)
+        return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out,
+                            mma=self.mma)
 
     def _decode_step(self, b: int):
         with programmatic_launch(self.pdl):

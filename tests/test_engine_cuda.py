@@ -44,7 +44,8 @@ def test_greedy_matches_reference(fmt):
     # an EOS that ends some rows early exercises the compaction into smaller buckets
     eos = int(ref.completion_ids[0, 6])
     ref = Engine(model, Tok(eos)).generate(_prompts(), params)
-    variants = (dict(), dict(use_graphs=False), dict(pdl=True), dict(fuse_shrink=False), dict(pdl=True, fuse_shrink=False))
+    variants = (dict(), dict(use_graphs=False), dict(pdl=True), dict(fuse_shrink=False), dict(pdl=True, fuse_shrink=False),
+                dict(mma=False))
     for opts in variants:  # pdl: programmatic dependent launch; fuse_shrink: h from the split-K decode kernels
         fast = CudaEngine(model, Tok(eos), check_every=4, **opts).generate(_prompts(), params)
         assert torch.equal(fast.completion_ids, ref.completion_ids)
@@ -84,3 +85,16 @@ def test_lora_update_is_seen_and_bf16_close():
             m.lora_B.data.mul_(50.0)
     b = eng.generate(_prompts(), params)
     assert not torch.equal(a.completion_ids, b.completion_ids)
+
+
+def test_mma_decode_in_the_engine_agrees_with_version_5():
+    """bf16 activations, 6 rows: NVFP4 layers with K % 256 == 0 run version 7 (register-fed tensor cores),
+    down_proj (K = 704) version 5; the first token of every row and its logprob match mma=False."""
+    from qerl.engine_cuda import CudaEngine
+
+    model = build_random_model(ARGS, "nvfp4", lora_rank=16, dtype=torch.bfloat16, seed=5)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, n=2)
+    a = CudaEngine(model, Tok()).generate(_prompts(), params)
+    b = CudaEngine(model, Tok(), mma=False).generate(_prompts(), params)
+    assert torch.equal(a.completion_ids[:, :1], b.completion_ids[:, :1])
+    assert torch.allclose(a.logprobs[:, 0], b.logprobs[:, 0], atol=0.05)

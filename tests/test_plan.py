@@ -26,7 +26,7 @@ def test_32b_fits_one_80gb_gpu_only_in_nvfp4():
 def test_bench_rejects_unknown_engine_option_before_any_work():
     from qerl.bench import run_rollout_bench
 
-    with pytest.raises(ValueError, match="unknown engine option 'foo'.*known: pdl, fuse_shrink"):
+    with pytest.raises(ValueError, match="unknown engine option 'foo'.*known: pdl, fuse_shrink, mma"):
         run_rollout_bench("qwen2.5-7b", variants=("pdl+foo",))
     with pytest.raises(ValueError, match="unknown engine option 'no_graphs'"):
         run_rollout_bench("qwen2.5-7b", variants=("no_fuse_shrink", "no_graphs"))

@@ -16,9 +16,13 @@ the reference does, so the dequantized weight is bit-identical to
   global scale is applied once per row. Split-K for short grids, whose fp32 partials are summed by the
   epilogue launch (`linear_epilogue`). W is not rounded to the activation dtype first: bf16 results
   differ from the reference by that rounding. Tiles per shape class: `gemv_config`.
-- TC_MIN_M..TC_MAX_M rows (5..64), NVFP4/MXFP4 (version 5, `_tc_rows`, same launch and
+- TC_MIN_M..MMA_MAX_M rows (5..32), NVFP4 with bf16 x on Hopper (version 7, `nvfp4_mma`, Gluon): each
+  nibble plane of the int32 words is decoded straight into `mma.sync` operand registers (no shared
+  memory); fp32 partials + the epilogue launch. Tiles: `mma_config`.
+- TC_MIN_M..TC_MAX_M rows (5..64), NVFP4/MXFP4 otherwise (version 5, `_tc_rows`, same launch and
   epilogues): the weight tile is decoded in registers straight to bf16 and multiplied
-  on tensor cores with x^T (swap AB, rows padded to 16). Tiles: `tc_config`.
+  on tensor cores with x^T (swap AB, rows padded to 16; Triton stages the tile in shared memory).
+  Tiles: `tc_config`.
 - bf16 weights, and the rest: the older loop (`_fused_linear_kernel`, `tl.dot` on
   tiles of 16..64 rows, W dequantized bit-identically). The decode engine instead runs
   bf16 weights, and NVFP4/MXFP4 above 64 rows, through cuBLAS + `linear_epilogue`.
@@ -36,8 +40,9 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, next_pow2, pdl_launch, pdl_wait, require
+from ._triton import HAS_TRITON, KernelUnavailable, next_pow2, pdl_launch, pdl_wait, require
 from .lora_shrink import lora_shrink, partials_view
+from .nvfp4_mma import MMA_MAX_M, mma_config, mma_partials, mma_supported
 
 FMT_CODES = {"nvfp4": 0, "mxfp4": 1, "bf16": 2}
 
@@ -557,8 +562,11 @@ GEMV_MAX_M = 8  # rows version 6 (CUDA cores) takes
 TC_MIN_M = 5  # from this many rows up, NVFP4/MXFP4 use version 5 (tensor cores); below it version 6 (H100 sweep)
 
 
-def pick_config(m: int, n: int, k: int, fmt: str) -> dict:
-    """Tile sizes by shape (measured on an H100/H200; see benchmarks/RESULTS.md)."""
+def pick_config(m: int, n: int, k: int, fmt: str, mma: bool = False) -> dict:
+    """Tile sizes by shape (measured on an H100/H200; see benchmarks/RESULTS.md). mma: version 7
+    (`nvfp4_mma`, Gluon) may serve NVFP4 from TC_MIN_M to MMA_MAX_M rows (the caller checked `mma_supported`)."""
+    if mma and fmt == "nvfp4" and TC_MIN_M <= m <= MMA_MAX_M:
+        return mma_config(m, n, k)
     if TC_MIN_M <= m <= TC_MAX_M and fmt in ("nvfp4", "mxfp4"):
         return tc_config(m, n, k)
     if m <= GEMV_MAX_M and fmt in ("nvfp4", "mxfp4"):
@@ -616,7 +624,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
                  lora_h: torch.Tensor | None = None, lora_B: torch.Tensor | None = None, lora_rank: int = 0,
                  lora_scale: float = 1.0, segments: tuple[int, int] | None = None, glu: bool = False,
                  out: torch.Tensor | None = None, config: dict | None = None, lora_A: torch.Tensor | None = None,
-                 h_out: torch.Tensor | None = None) -> torch.Tensor:
+                 h_out: torch.Tensor | None = None, mma: bool = True) -> torch.Tensor:
     """x [M, K] -> y [M, N] (or [M, N/2] with glu) in x.dtype.
 
     weight: nvfp4/mxfp4 packed uint8 [N, K/2] (+ scale [N, K/16] e4m3 or [N, K/32] e8m0,
@@ -626,6 +634,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     splits K (no `lora_shrink` launch), else by `lora_shrink`; h_out: fp32 scratch for its partials
     (>= MAX_SPLITS * M * R_total values; allocated if None).
     segments: (n1, n2) row boundaries of fused modules (q | k | v); with glu, rows of up start at N/2.
+    mma: let version 7 (register-fed tensor cores, `nvfp4_mma`) take the rows it supports when no config is given.
     """
     require(x, weight, what="the fused linear kernel")
     if fmt not in FMT_CODES:
@@ -642,7 +651,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     n = n_rows // 2 if glu else n_rows
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    cfg = dict(config or pick_config(m, n, k, fmt))
+    cfg = dict(config or pick_config(m, n, k, fmt, mma=mma and mma_supported(x, fmt, k)))
     if cfg.pop("WORDS", False):
         return _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
                               segments, glu, out, n, cfg, lora_A, h_out)
@@ -730,6 +739,9 @@ def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lo
     n_rows = weight.shape[0]
     if k % 8 or weight.stride(0) % 4 or weight.data_ptr() % 4:
         raise ValueError("the decode kernel needs K % 8 == 0 and 4-byte aligned weight rows")
+    if cfg.get("MMA", False):
+        return _mma_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
+                           segments, glu, out, n, cfg, lora_A, h_out)
     max_m = TC_MAX_M if cfg.get("TC", False) else GEMV_MAX_M
     if m > max_m:
         raise ValueError(f"the decode kernel takes at most {max_m} rows")
@@ -768,6 +780,22 @@ def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lo
     _decode_kernel[grid](x, w32, scale, gs, dummy, h_arg, dummy, ws, ws, a_arg, m, n, kw, kps, n1, n2, 0, 1.0,
                          x.stride(0), w32.stride(0), scale.stride(0), shs, shm, 0, ws.stride(1), ws.stride(0), sar,
                          **common, **shrink)
+    return linear_epilogue(ws, bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out)
+
+
+def _mma_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
+                segments, glu, out, n, cfg, lora_A=None, h_out=None):
+    """Version 7: fp32 partials from the register-fed tensor-core kernel, then the epilogue launch."""
+    if not mma_supported(x, fmt, x.shape[1], cfg["BKW"]):
+        raise KernelUnavailable(f"version 7 needs NVFP4, bf16 x, K % {8 * cfg['BKW']} == 0, sm_90+ and Gluon")
+    m = x.shape[0]
+    n_rows = weight.shape[0]
+    if lora_A is not None and lora_h is None:
+        lora_h = lora_shrink(x, lora_A, out=h_out)
+    n1, n2, _ = _segments(segments, n, n_rows, glu)
+    w32 = weight.view(torch.int32) if weight.dtype == torch.uint8 else weight
+    ws = _workspace(cfg["SPLIT"] * m * n_rows, x.device).view(cfg["SPLIT"], m, n_rows)
+    mma_partials(x, w32, scale.view(torch.uint8), global_scale, n1, n2, cfg, ws)
     return linear_epilogue(ws, bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out)
 
 

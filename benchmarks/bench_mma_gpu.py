@@ -1,0 +1,92 @@
+"""Kernel-level timing of version 7 (register-fed tensor cores, `qerl.kernels.nvfp4_mma`) against version 5
+(tensor cores through shared memory) and cuBLAS on the bf16 weights, Qwen2.5 layer shapes, 5..32 rows.
+
+Per shape and row count: medians of CUDA-graph replays (`do_bench_cudagraph`) of the whole `fused_linear`
+call (decode kernel + epilogue launch), the default tile of each version and a sweep of version-7 tiles
+(warps, 16-row tiles a warp, words a step, splits). GB/s counts the packed weight + scale bytes.
+Usage: python benchmarks/bench_mma_gpu.py [--model qwen2.5-7b] [--rows 8,16,32] [--shapes "gate|up,down"]
+       [--out results.json]
+"""
+import argparse
+import json
+
+import torch
+import triton.testing
+
+from qerl.bench import fused_layer_shapes
+from qerl.kernels.fused_linear import fused_linear, tc_config
+from qerl.kernels.nvfp4_mma import mma_config
+from qerl.quant import nvfp4_quantize
+
+TILES = [(4, 1, 32), (1, 1, 32), (2, 1, 32), (1, 2, 32), (2, 2, 32), (4, 2, 32), (4, 1, 64), (1, 1, 64)]
+
+
+def time_it(fn):
+    return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-7b")
+    ap.add_argument("--rows", default="8,16,32")
+    ap.add_argument("--shapes", default="qkv,o,gate|up,down")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    results = []
+    for name, (n, k, glu) in fused_layer_shapes(a.model).items():
+        if name not in a.shapes.split(","):
+            continue
+        w = torch.randn(n, k, device="cuda") * 0.02
+        d = nvfp4_quantize(w)
+        wb = w.bfloat16()
+        del w
+        gs = d["weight_global_scale"].reshape(1).repeat(2 if glu else 1)
+        nbytes = d["weight_packed"].numel() + d["weight_scale"].numel()
+        nout = n // 2 if glu else n
+        for m in map(int, a.rows.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            y = torch.empty(m, nout, device="cuda", dtype=torch.bfloat16)
+
+            def run(cfg):
+                return lambda: fused_linear(x, "nvfp4", d["weight_packed"], d["weight_scale"], gs, glu=glu, out=y,
+                                            config=cfg)
+
+            row = dict(shape=name, n=n, k=k, m=m, cublas_bf16_us=time_it(lambda: x @ wb.T),
+                       v5_us=time_it(run(tc_config(m, nout, k))))
+            d7 = mma_config(m, nout, k)
+            run(d7)()
+            y_default = y.float().clone()
+            row["v7_us"] = time_it(run(d7))
+            best = (row["v7_us"], d7)
+            for nw, r, bkw in TILES:
+                if m > 16 and r > 1:  # the x tile and two row tiles spill at 32 rows
+                    continue
+                base = mma_config(m, nout, k, num_warps=nw, rows_per_warp=r, bkw=bkw)
+                for split in sorted({base["SPLIT"], max(1, base["SPLIT"] // 2), 2 * base["SPLIT"]}):
+                    cfg = dict(base, SPLIT=split)
+                    if (k // 8) // bkw < split or k % (8 * bkw):
+                        continue
+                    try:
+                        t = time_it(run(cfg))
+                    except Exception as e:  # a tile that does not compile or fit
+                        print("skip", cfg, type(e).__name__, str(e)[:120], flush=True)
+                        continue
+                    if t < best[0]:
+                        best = (t, cfg)
+            run(best[1])()
+            agrees = bool(((y.float() - y_default).norm() / y_default.norm()) < 1e-2)
+            row.update(v7_best_us=best[0], v7_best_cfg=best[1], v7_best_agrees=agrees,
+                       v5_GBs=nbytes / row["v5_us"] / 1e3, v7_GBs=nbytes / row["v7_us"] / 1e3,
+                       v7_best_GBs=nbytes / best[0] / 1e3)
+            results.append(row)
+            print(f"{name:8s} M={m:<3d} cuBLAS bf16 {row['cublas_bf16_us']:7.1f} us | v5 {row['v5_us']:7.1f} us "
+                  f"{row['v5_GBs']:5.0f} GB/s | v7 {row['v7_us']:7.1f} us {row['v7_GBs']:5.0f} GB/s | v7 best "
+                  f"{best[0]:7.1f} us {row['v7_best_GBs']:5.0f} GB/s {best[1]} (agrees: {agrees})", flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), rows=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Version 7 of the NVFP4 decode linear: tensor cores fed from registers (Gluon, mma.sync), 5-64 rows.
+
+Version 5 (`fused_linear._tc_rows`) decodes a weight tile in registers and lets Triton stage it in
+shared memory for the MMA (4x the bytes it read, a store, a barrier and a load per step): about 650 GB/s
+at every row count. Here nothing goes through shared memory. The product is split by nibble plane:
+
+    y[m, n] = sum_i sum_w W[n, 8w + i] x[m, 8w + i]        (i = 0..7: nibble i of int32 word w)
+
+so plane i of a [BN, BKW] tile of words is itself an MMA operand over "k" = word index, against
+x[:, 8w + i]. A dot product does not care about the order of k, so each plane is decoded straight into the
+A-operand registers of `mma.sync` (Triton's k_width=4 layout: each thread holds 4 consecutive words of a
+row, one 16-byte load) and multiplied with the matching B operand of x (each thread holds 32 consecutive
+values of x, four 16-byte loads, split into the 8 planes in registers). The weights keep the
+compressed-tensors packing: one copy, the same bytes every other path reads.
+
+Decode: for a pair of words (w, w + 1) (the same 16-value scale block) one inline-asm block takes each
+byte of both words with one `prmt`, places the two codes of a nibble into a bf16x2 as v * 2**-126
+(e1 e0 m in exponent/mantissa bits 8..6, E=0 codes on bf16 subnormals) and multiplies by the block scale
+* 2**110 (bf16x2, exact: E4M3 has 3 mantissa bits): v * scale * 2**-16, normal. The row's 2**16 and
+1 / global scale are applied to the fp32 accumulator at the end. Partial sums go to an fp32 workspace
+[split, M, N]; `fused_linear.linear_epilogue` adds bias, LoRA, GLU and rounds, as for version 5's split-K.
+
+Layouts are Gluon's explicit linear layouts: `_layouts` derives the scale and x layouts from the MMA
+operand layouts, and every conversion to an operand layout is asserted trivial at compile time (no data
+movement), so a layout mistake fails compilation instead of silently adding a shared-memory round trip.
+Plain-PyTorch reference: `qerl.quant.nvfp4.nvfp4_dequantize` + matmul (tests/test_kernels.py).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    HAS_GLUON = True
+except Exception:  # Triton without Gluon (< 3.4) or no Triton at all: version 5 serves these rows
+    HAS_GLUON = False
+
+MMA_MAX_M = 32  # rows of x: at 64 the x tile (32 words x 8 x 64 rows) spills registers
+
+
+def mma_supported(x: torch.Tensor, fmt: str, k: int, bkw: int = 32) -> bool:
+    """Version 7 takes NVFP4 weights, bf16 activations, K a multiple of 8 * bkw, on sm_90+ (mul.rn.bf16x2)
+    with Gluon."""
+    return (HAS_GLUON and fmt == "nvfp4" and x.is_cuda and x.dtype == torch.bfloat16 and k % (8 * bkw) == 0
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
+def _bits(n: int) -> list[int]:
+    return [1 << i for i in range(max(n, 1).bit_length() - 1)]
+
+
+@functools.lru_cache(maxsize=None)
+def _layouts(nw: int, r: int, bkw: int, bm: int):
+    """(mma, A, B, scale layout, x layout, the [BN, BKW/2, 2] scale-broadcast layout) for a tile of
+    BN = 16 * nw * r rows, bkw words, bm rows of x. A and B are the k_width=4 `mma.sync` operand layouts;
+    their linear-layout bases (checked against Triton 3.6 by tests/test_nvfp4_mma.py when Triton is installed):
+      A [BN, BKW]:  regs (0,1) (0,2) (8,0) (0,16..) (16nw..,0); lanes (0,4) (0,8) (1,0) (2,0) (4,0); warps (16..,0)
+      B [BKW, BM]:  regs (1,0) (2,0) (16..,0) (0,8..); lanes (4,0) (8,0) (0,1) (0,2) (0,4); warps (0,0)..
+    """
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[nw, 1], instr_shape=[16, 8])
+    a_op = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+    b_op = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
+    # A's bases over (row, word); the scale-broadcast layout splits word = 2 * j + b into (row, j, b)
+    a_reg = [(0, 1), (0, 2), (8, 0)] + [(0, 16 * v) for v in _bits(bkw // 16)] + [(16 * nw * v, 0) for v in _bits(r)]
+    a_lane = [(0, 4), (0, 8), (1, 0), (2, 0), (4, 0)]
+    a_warp = [(16 * v, 0) for v in _bits(nw)]
+    split_w = lambda bs: [[n, w // 2, w % 2] for n, w in bs]  # noqa: E731
+    l3 = gl.DistributedLinearLayout(split_w(a_reg), split_w(a_lane), split_w(a_warp), [], [16 * nw * r, bkw // 2, 2])
+    s_l = gl.SliceLayout(2, l3)  # [BN, BKW/2] scale bytes: each thread the 2 blocks of its 4 words
+    # B's bases over (word, x row) with the 8 nibble planes of each word first in the registers: 32
+    # consecutive values of x per thread (4 words x 8), loaded as 16-byte vectors
+    b_reg = [(1, 0), (2, 0)] + [(16 * v, 0) for v in _bits(bkw // 16)] + [(0, 8 * v) for v in _bits(bm // 8)]
+    b_lane = [(4, 0), (8, 0), (0, 1), (0, 2), (0, 4)]
+    x_l = gl.DistributedLinearLayout([[0, 0, 1], [0, 0, 2], [0, 0, 4]] + [[w, m, 0] for w, m in b_reg],
+                                     [[w, m, 0] for w, m in b_lane], [[0, 0, 0] for _ in _bits(nw)], [],
+                                     [bkw, bm, 8])
+    return mma, a_op, b_op, s_l, x_l, l3
+
+
+if HAS_GLUON:
+
+    @gluon.jit
+    def _planes(q, s2):
+        """int32 words (pairs w, w+1 of a row) and their block scale (bf16x2 of scale * 2**110, as int32)
+        -> 8 bf16 tensors, nibble planes 0..7 of v * scale * 2**-16."""
+        return gl.inline_asm_elementwise("""
+    {
+    .reg .b32 x, t, u;
+    prmt.b32 x, $8, $9, 0x4400;
+    shl.b32 t, x, 6; shl.b32 u, x, 12; and.b32 t, t, 0x01C001C0; and.b32 u, u, 0x80008000; or.b32 t, t, u; mul.rn.bf16x2 $0, t, $10;
+    shl.b32 t, x, 2; shl.b32 u, x, 8; and.b32 t, t, 0x01C001C0; and.b32 u, u, 0x80008000; or.b32 t, t, u; mul.rn.bf16x2 $1, t, $10;
+    prmt.b32 x, $8, $9, 0x5511;
+    shl.b32 t, x, 6; shl.b32 u, x, 12; and.b32 t, t, 0x01C001C0; and.b32 u, u, 0x80008000; or.b32 t, t, u; mul.rn.bf16x2 $2, t, $10;
+    shl.b32 t, x, 2; shl.b32 u, x, 8; and.b32 t, t, 0x01C001C0; and.b32 u, u, 0x80008000; or.b32 t, t, u; mul.rn.bf16x2 $3, t, $10;
+    prmt.b32 x, $8, $9, 0x6622;
+    shl.b32 t, x, 6; shl.b32 u, x, 12; and.b32 t, t, 0x01C001C0; and.b32 u, u, 0x80008000; or.b32 t, t, u; mul.rn.bf16x2 $4, t, $10;
+    shl.b32 t, x, 2; shl.b32 u, x, 8; and.b32 t, t, 0x01C001C0; and.b32 u, u, 0x80008000; or.b32 t, t, u; mul.rn.bf16x2 $5, t, $10;
+    prmt.b32 x, $8, $9, 0x7733;
+    shl.b32 t, x, 6; shl.b32 u, x, 12; and.b32 t, t, 0x01C001C0; and.b32 u, u, 0x80008000; or.b32 t, t, u; mul.rn.bf16x2 $6, t, $10;
+    shl.b32 t, x, 2; shl.b32 u, x, 8; and.b32 t, t, 0x01C001C0; and.b32 u, u, 0x80008000; or.b32 t, t, u; mul.rn.bf16x2 $7, t, $10;
+    }
+    """, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [q, s2], dtype=(gl.bfloat16,) * 8, is_pure=True, pack=2)
+
+    @gluon.jit
+    def _halves(t, shape: gl.constexpr):
+        """[.., 2n] -> the even and the odd entries of the last axis, [.., n] each."""
+        return gl.split(gl.reshape(t, shape))
+
+    @gluon.jit
+    def _x_planes(xv, BKW: gl.constexpr, BM: gl.constexpr, B_L: gl.constexpr):
+        """x values [BKW, BM, 8] (plane = last axis) -> the 8 planes [BKW, BM] as MMA B operands."""
+        e, o = _halves(xv, [BKW, BM, 4, 2])  # planes 0 2 4 6 | 1 3 5 7
+        e0, e1 = _halves(e, [BKW, BM, 2, 2])  # 0 4 | 2 6
+        o0, o1 = _halves(o, [BKW, BM, 2, 2])  # 1 5 | 3 7
+        p0, p4 = gl.split(e0)
+        p2, p6 = gl.split(e1)
+        p1, p5 = gl.split(o0)
+        p3, p7 = gl.split(o1)
+        return (gl.convert_layout(p0, B_L, assert_trivial=True), gl.convert_layout(p1, B_L, assert_trivial=True),
+                gl.convert_layout(p2, B_L, assert_trivial=True), gl.convert_layout(p3, B_L, assert_trivial=True),
+                gl.convert_layout(p4, B_L, assert_trivial=True), gl.convert_layout(p5, B_L, assert_trivial=True),
+                gl.convert_layout(p6, B_L, assert_trivial=True), gl.convert_layout(p7, B_L, assert_trivial=True))
+
+    @gluon.jit
+    def _mma_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, M, N, KW, k_per_split, n1, n2,
+                    stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
+                    BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
+                    C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
+                    X_L: gl.constexpr, L3: gl.constexpr):
+        """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32)."""
+        pid_n = gl.program_id(0)
+        k_lo = gl.program_id(1) * k_per_split
+        k_hi = gl.minimum(k_lo + k_per_split, KW)
+        # weight words [BN, BKW] in the A layout (rows past N read row N-1; their sums are not stored)
+        rn = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, A_L)), N - 1)
+        rw = gl.arange(0, BKW, layout=gl.SliceLayout(0, A_L))
+        wp = w_ptr + gl.expand_dims(rn.to(gl.int64) * stride_ww, 1) + gl.expand_dims(rw, 0)
+        # scale bytes [BN, BKW/2]: block j of the tile covers words 2j, 2j+1
+        rns = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, S_L)), N - 1)
+        rj = gl.arange(0, BKW // 2, layout=gl.SliceLayout(0, S_L))
+        sp = s_ptr + gl.expand_dims(rns.to(gl.int64) * stride_sn, 1) + gl.expand_dims(rj, 0)
+        # x [BKW, BM, 8]: x[m, 8 * (k + w) + i]
+        xw = gl.arange(0, BKW, layout=gl.SliceLayout(1, gl.SliceLayout(2, X_L)))
+        xm = gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(2, X_L)))
+        xi = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, X_L)))
+        xoff = (gl.expand_dims(gl.expand_dims(xw * 8, 1), 2) + gl.expand_dims(gl.expand_dims(xm * stride_xm, 0), 2)
+                + gl.expand_dims(gl.expand_dims(xi, 0), 1))
+        xmask = gl.expand_dims(gl.expand_dims(xm < M, 0), 2)
+        zero3 = gl.zeros([BN, BKW // 2, 2], gl.int32, layout=L3)
+        acc = gl.zeros([BN, BM], gl.float32, layout=C_L)
+        for k in range(k_lo, k_hi, BKW):
+            q = gl.load(wp + k)
+            sb = gl.load(sp + k // 2)
+            xv = gl.load(x_ptr + k * 8 + xoff, mask=xmask, other=0.0)
+            sv = (sb.to(gl.float8e4nv, bitcast=True).to(gl.float32) * 1.2980742146337069e33).to(gl.bfloat16)  # 2**110
+            c = sv.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+            c3 = gl.expand_dims(c | (c << 16), 2) + zero3  # each block's bf16x2 for both of its words
+            s2 = gl.convert_layout(gl.reshape(c3, [BN, BKW]), A_L, assert_trivial=True)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _planes(q, s2)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes(xv, BKW, BM, B_L)
+            acc = mma_v2(p0, x0, acc)
+            acc = mma_v2(p1, x1, acc)
+            acc = mma_v2(p2, x2, acc)
+            acc = mma_v2(p3, x3, acc)
+            acc = mma_v2(p4, x4, acc)
+            acc = mma_v2(p5, x5, acc)
+            acc = mma_v2(p6, x6, acc)
+            acc = mma_v2(p7, x7, acc)
+        # 2**16 / the row's global scale (fused q|k|v and gate|up rows carry their module's)
+        rno = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, C_L))
+        seg = (rno >= n1).to(gl.int32) + (rno >= n2).to(gl.int32)
+        f = 65536.0 / gl.load(gs_ptr + seg, mask=rno < N, other=1.0)
+        acc = acc * gl.expand_dims(f, 1)
+        rmo = gl.arange(0, BM, layout=gl.SliceLayout(0, C_L))
+        yp = (ws_ptr + gl.program_id(1).to(gl.int64) * stride_wss + gl.expand_dims(rmo * stride_wsm, 0)
+              + gl.expand_dims(rno, 1))
+        gl.store(yp, acc, mask=gl.expand_dims(rno < N, 1) & gl.expand_dims(rmo < M, 0))
+
+
+# (num_warps, 16-row tiles a warp, programs in the grid) by shape class and rows (<= 8, <= 16, <= 32): the best
+# tiles of the H200 sweep (benchmarks/bench_mma_gpu.py, Qwen2.5-7B shapes); K is split until the grid holds
+# about that many programs, so other model sizes keep the same parallelism.
+MMA_TILES = {
+    "down": {8: (4, 1, 448), 16: (4, 2, 252), 32: (2, 1, 448)},  # long K
+    "narrow": {8: (2, 2, 448), 16: (2, 2, 448), 32: (2, 1, 448)},  # q|k|v, o_proj
+    "wide": {8: (2, 2, 296), 16: (2, 2, 592), 32: (2, 1, 448)},  # gate|up (n: output columns, half its rows)
+}
+
+
+def mma_config(m: int, n: int, k: int, num_warps: int | None = None, rows_per_warp: int | None = None,
+               bkw: int = 32, programs: int | None = None) -> dict:
+    """Version 7 tile for m rows of an [n, k] weight: BN = 16 * num_warps * rows_per_warp weight rows, bkw
+    words a step; K split until the grid has about `programs` programs (at most 16 splits, each at least
+    two steps). Fields given override the `MMA_TILES` entry."""
+    cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
+    nw, r, target = MMA_TILES[cls][8 if m <= 8 else (16 if m <= 16 else 32)]
+    nw, r, target = num_warps or nw, rows_per_warp or r, programs or target
+    bn = 16 * nw * r
+    split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // bkw // 2))
+    return dict(WORDS=True, MMA=True, BLOCK_N=bn, BKW=bkw, RPW=r, SPLIT=split, num_warps=nw)
+
+
+def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
+                 n1: int, n2: int, cfg: dict, ws: torch.Tensor) -> torch.Tensor:
+    """fp32 partial products ws[s, m, n] = sum over split s of x[m] . W[n] (global scales applied).
+    x [M, K] bf16, w32 [N, K/8] int32 words of packed E2M1, scale [N, K/16] uint8 E4M3 bytes,
+    global_scale fp32 per segment; ws [SPLIT, M, N] fp32, rows of unit stride."""
+    m, k = x.shape
+    n = w32.shape[0]
+    nw, r, bkw = cfg["num_warps"], cfg["RPW"], cfg["BKW"]
+    bm = max(8, 1 << (m - 1).bit_length())
+    if not 1 <= m <= MMA_MAX_M or k % (8 * bkw):
+        raise ValueError(f"version 7 takes at most {MMA_MAX_M} rows and K a multiple of {8 * bkw}")
+    kw = k // 8
+    steps = kw // bkw
+    split = ws.shape[0]
+    kps = -(-steps // split) * bkw
+    mma, a_l, b_l, s_l, x_l, l3 = _layouts(nw, r, bkw, bm)
+    grid = (-(-n // (16 * nw * r)), split)
+    _mma_kernel[grid](x, w32, scale, global_scale, ws, m, n, kw, kps, n1, n2,
+                      x.stride(0), w32.stride(0), scale.stride(0), ws.stride(0), ws.stride(1),
+                      BM=bm, BN=16 * nw * r, BKW=bkw, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3,
+                      num_warps=nw)
+    return ws

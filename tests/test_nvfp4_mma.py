@@ -1,0 +1,124 @@
+"""Version 7 of the NVFP4 decode linear (register-fed tensor cores, Gluon) against the plain-PyTorch reference."""
+import os
+import subprocess
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qerl.kernels import nvfp4_mma
+from qerl.quant import nvfp4_dequantize, nvfp4_quantize
+
+gluon = pytest.mark.skipif(not nvfp4_mma.HAS_GLUON, reason="needs Triton with Gluon")
+hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)),
+                            reason="needs a Hopper (sm_90+) GPU")
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _qkv_lora(x, a, b, r, sizes):
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return torch.cat([x.float() @ a[i * r:(i + 1) * r].T @ b[bounds[i]:bounds[i + 1]].T for i in range(len(sizes))], 1)
+
+
+@gluon
+@pytest.mark.parametrize("m,nw,r", [(8, 4, 1), (16, 1, 2), (32, 2, 1)])
+def test_compiles_for_hopper_without_shared_memory(m, nw, r):
+    """Offline (no GPU): every conversion to an MMA operand layout is asserted trivial at compile time, and
+    the compiled kernel uses no shared memory and spills nothing."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    bm = max(8, 1 << (m - 1).bit_length())
+    mma, a_l, b_l, s_l, x_l, l3 = nvfp4_mma._layouts(nw, r, 32, bm)
+    const = dict(BM=bm, BN=16 * nw * r, BKW=32, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3)
+    ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", ws_ptr="*fp32")
+    fn = nvfp4_mma._mma_kernel
+    sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptrs}
+    ck = triton.compile(GluonASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                        options=dict(num_warps=nw))
+    assert ck.metadata.shared == 0
+    assert "local_alloc" not in ck.asm["ttgir"] and "mma.sync" in ck.asm["ptx"]
+    with tempfile.TemporaryDirectory() as d:  # spills show up as local-memory stores in the machine code
+        cubin = os.path.join(d, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(ck.asm["cubin"])
+        nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+        sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    assert "HMMA" in sass and "STL" not in sass and "STS" not in sass
+
+
+def test_config_follows_the_measured_tiles():
+    """The H200 sweep's best tiles for Qwen2.5-7B at 8 rows; splits keep two steps of K each."""
+    qkv, o = nvfp4_mma.mma_config(8, 4608, 3584), nvfp4_mma.mma_config(8, 3584, 3584)
+    assert (o["num_warps"], o["BLOCK_N"], o["SPLIT"]) == (2, 64, 7)  # 14 steps: 7 splits of 2 (the sweep: 8, one empty)
+    assert qkv["MMA"] and qkv["BLOCK_N"] == 64 and qkv["SPLIT"] == 6
+    assert nvfp4_mma.mma_config(8, 18944, 3584)["SPLIT"] == 1  # gate|up: 592 tiles already fill the GPU
+    assert nvfp4_mma.mma_config(16, 18944, 3584)["SPLIT"] == 2
+    down = nvfp4_mma.mma_config(8, 3584, 18944)
+    assert (down["num_warps"], down["BLOCK_N"], down["SPLIT"]) == (4, 64, 8)
+    assert nvfp4_mma.mma_config(32, 3584, 18944)["BLOCK_N"] == 32  # one tile a warp above 16 rows (registers)
+    assert nvfp4_mma.mma_config(8, 64, 512)["SPLIT"] == 1  # 2 steps of 32 words: no room to split
+
+
+@hopper
+@gluon
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [(4, 1, 1), (1, 1, 3), (1, 2, 2), (2, 2, 5)], ids=lambda t: "w%d-r%d-s%d" % t)
+@pytest.mark.parametrize("k", [768, 1280])
+def test_matches_reference(tile, k):
+    """q|k|v segments (own global scales, bias, LoRA from h or from A) and gate|up with SiLU, M = 5..32,
+    N not a multiple of the tile, more splits than steps (empty splits write zeros), poisoned outputs."""
+    from qerl.kernels.fused_linear import fused_linear
+    from qerl.kernels.lora_shrink import lora_shrink
+
+    nw, r_, split = tile
+    cfg = dict(WORDS=True, MMA=True, BLOCK_N=16 * nw * r_, BKW=32, RPW=r_, SPLIT=split, num_warps=nw)
+    r, sizes, dtype = 16, (96, 24, 40), torch.bfloat16
+    ds = [nvfp4_quantize(torch.randn(n, k, device="cuda") * s) for n, s in zip(sizes, (1.0, 3.0, 0.5))]
+    deq = torch.cat([nvfp4_dequantize(d, torch.float32) for d in ds])
+    packed = torch.cat([d["weight_packed"] for d in ds])
+    scale = torch.cat([d["weight_scale"] for d in ds])
+    gs = torch.cat([d["weight_global_scale"] for d in ds])
+    bias = torch.randn(sum(sizes), device="cuda", dtype=dtype)
+    a, b = torch.randn(3 * r, k, device="cuda") * 0.1, torch.randn(sum(sizes), r, device="cuda")
+    for m in (5, 8, 13, 16, 17, 32):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = x.float() @ deq.T + bias.float() + 0.5 * _qkv_lora(x, a, b, r, sizes)
+        out = torch.full((m, sum(sizes)), float("nan"), device="cuda", dtype=dtype)
+        y = fused_linear(x, "nvfp4", packed, scale, gs, bias, lora_shrink(x, a), b, r, 0.5, (96, 120), out=out,
+                         config=cfg)
+        assert not y.isnan().any()
+        assert rel(y, ref) < 1e-2, (m, rel(y, ref))
+        out.fill_(float("nan"))
+        y = fused_linear(x, "nvfp4", packed, scale, gs, bias, None, b, r, 0.5, (96, 120), out=out, config=cfg,
+                         lora_A=a)
+        assert rel(y, ref) < 1e-2, (m, rel(y, ref))
+        out = torch.full((m, 48), float("nan"), device="cuda", dtype=dtype)
+        y = fused_linear(x, "nvfp4", packed[:96], scale[:96], gs[:1].repeat(2), glu=True, out=out, config=cfg)
+        ref = F.silu(x.float() @ deq[:48].T) * (x.float() @ deq[48:96].T)
+        assert not y.isnan().any()
+        assert rel(y, ref) < 2e-2, (m, rel(y, ref))
+
+
+@hopper
+@gluon
+@pytest.mark.gpu
+def test_picked_by_default_and_off_switch():
+    """fused_linear picks version 7 for 5..32 bf16 rows on Hopper, version 5 with mma=False; both agree."""
+    from qerl.kernels.fused_linear import fused_linear, pick_config
+
+    assert pick_config(8, 4608, 3584, "nvfp4", mma=True).get("MMA")
+    assert not pick_config(8, 4608, 3584, "nvfp4", mma=False).get("MMA")
+    assert not pick_config(40, 4608, 3584, "nvfp4", mma=True).get("MMA")
+    d = nvfp4_quantize(torch.randn(300, 1024, device="cuda"))
+    x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
+    args = (x, "nvfp4", d["weight_packed"], d["weight_scale"], d["weight_global_scale"])
+    y7, y5 = fused_linear(*args), fused_linear(*args, mma=False)
+    ref = x.float() @ nvfp4_dequantize(d, torch.float32).T
+    assert rel(y7, ref) < 1e-2 and rel(y5, ref) < 1e-2
