@@ -802,9 +802,11 @@ def _mma_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_
 def linear_epilogue(p: torch.Tensor, bias: torch.Tensor | None = None, lora_h: torch.Tensor | None = None,
                     lora_B: torch.Tensor | None = None, lora_rank: int = 0, lora_scale: float = 1.0,
                     segments: tuple[int, int] | None = None, glu: bool = False,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
     """The fused epilogue over a precomputed product p: [M, N_rows] (a cuBLAS output in the activation
-    dtype) or [S, M, N_rows] fp32 split-K partials (summed). Same arguments as `fused_linear`."""
+    dtype) or [S, M, N_rows] fp32 split-K partials (summed). Same arguments as `fused_linear`; block_n:
+    output columns a program (default: 32 for 5-8 rows, 64 for the rest up to 16, else 32; H200 sweep,
+    benchmarks/bench_epilogue_gpu.py)."""
     require(p, what="the linear epilogue kernel")
     p3 = p if p.ndim == 3 else p.unsqueeze(0)
     if p3.stride(2) != 1:
@@ -816,7 +818,7 @@ def linear_epilogue(p: torch.Tensor, bias: torch.Tensor | None = None, lora_h: t
     n1, n2, nseg = _segments(segments, n, n_rows, glu)
     lora, lora_rp = _lora_args(lora_h, lora_B, lora_rank)
     bm = min(next_pow2(m), 32)
-    bn = 64 if bm <= 8 else 32
+    bn = block_n or (32 if bm == 8 else (64 if bm <= 16 else 32))
     dummy = p3
     _pre_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
         p3, bias if bias is not None else dummy, lora_h if lora else dummy, lora_B if lora else dummy, out,

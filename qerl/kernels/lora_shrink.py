@@ -67,7 +67,8 @@ def partials_view(buf: torch.Tensor | None, s: int, m: int, r: int, device) -> t
     return buf.view(-1)[: s * m * r].view(s, m, r)
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor | None = None, chunk: int | None = None,
+                block_m: int | None = None) -> torch.Tensor:
     """x [M, K] (any float dtype), a [R, K] -> partials [S, M, R] fp32 with S = shrink_splits(K, chunk),
     written to the first S * M * R values of `out` (any fp32 buffer at least that large) if given.
 
@@ -83,7 +84,9 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor | None = Non
     chunk = chunk or shrink_chunk(k)
     s = shrink_splits(k, chunk)
     out = partials_view(out, s, m, r, x.device)
-    if m <= 8:  # one row per program, [16, BLOCK_K] of A against it
+    # one row per program, [16, BLOCK_K] of A against it: up to 16 rows (H200, 7B shapes at 16 rows: 2.8-8.8 us
+    # against 6.7-22.6 for the tf32 dot on 16-row blocks, benchmarks/bench_epilogue_gpu.py)
+    if (block_m or (1 if m <= 16 else 0)) == 1:
         bm, use_dot, bk = 1, False, min(256, next_pow2(chunk))
     else:
         bm, use_dot, bk = (16 if m <= 16 else 32), True, min(64, next_pow2(chunk))

@@ -1,0 +1,68 @@
+"""LoRA shrink + split-K epilogue launches at decode row counts (Qwen2.5 layer shapes): what each costs with
+the shrink's K chunk (the number of h partials the epilogue sums) and the epilogue's column tile.
+
+Per shape and rows: medians of CUDA-graph replays of `lora_shrink` + `linear_epilogue` over fp32 partials
+laid out as version 7 writes them (its default split), rank 16 per module, bias where Qwen2.5 has one.
+Usage: python benchmarks/bench_epilogue_gpu.py [--model qwen2.5-7b] [--rows 8,16] [--out results.json]
+"""
+import argparse
+import json
+
+import torch
+import triton.testing
+
+from qerl.bench import fused_layer_shapes
+from qerl.kernels.fused_linear import linear_epilogue
+from qerl.kernels.lora_shrink import lora_shrink, shrink_chunk
+from qerl.kernels.nvfp4_mma import mma_config
+
+
+def time_it(fn):
+    return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-7b")
+    ap.add_argument("--rows", default="8,16")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    results = []
+    for name, (n_rows, k, glu) in fused_layer_shapes(a.model).items():
+        nmod = 3 if name == "qkv" else (2 if glu else 1)
+        n = n_rows // 2 if glu else n_rows
+        seg = (n_rows * 7 // 9, n_rows * 8 // 9) if name == "qkv" else None
+        A = torch.randn(16 * nmod, k, device="cuda") * 0.01
+        B = torch.randn(n_rows, 16, device="cuda") * 0.01
+        bias = torch.randn(n_rows, device="cuda", dtype=torch.bfloat16) if name == "qkv" else None
+        for m in map(int, a.rows.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            split = mma_config(m, n, k)["SPLIT"]
+            p = torch.randn(split, m, n_rows, device="cuda")
+            y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            base = shrink_chunk(k)
+            for chunk in (base, 2 * base, 4 * base):
+                if chunk > 2 * k:
+                    continue
+                h = lora_shrink(x, A, chunk=chunk)
+                t_s = time_it(lambda: lora_shrink(x, A, out=h, chunk=chunk))
+                if m > 8:  # one row per program (the FMA form) instead of the tf32 dot on 16-row blocks
+                    t1 = time_it(lambda: lora_shrink(x, A, out=h, chunk=chunk, block_m=1))
+                    print(f"{name:8s} M={m:<3d} shrink chunk {chunk:5d}: 16-row dot {t_s:6.1f} us, one row a program "
+                          f"{t1:6.1f} us", flush=True)
+                    results.append(dict(shape=name, m=m, chunk=chunk, shrink_us=t_s, shrink_one_row_us=t1))
+                for bn in (16, 32, 64):
+                    t_e = time_it(lambda: linear_epilogue(p, bias, h, B, 16, 1.0, seg, glu, out=y, block_n=bn))
+                    row = dict(shape=name, m=m, split=split, chunk=chunk, h_splits=h.shape[0], block_n=bn,
+                               shrink_us=t_s, epilogue_us=t_e, total_us=t_s + t_e)
+                    results.append(row)
+                    print(f"{name:8s} M={m:<3d} split {split:2d} | shrink chunk {chunk:5d} ({h.shape[0]:2d} partials) "
+                          f"{t_s:6.1f} us | epilogue BN {bn:3d} {t_e:6.1f} us | total {t_s + t_e:6.1f} us", flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), rows=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
