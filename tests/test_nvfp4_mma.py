@@ -35,7 +35,8 @@ def test_compiles_for_hopper_without_shared_memory(m, nw, r):
 
     bm = max(8, 1 << (m - 1).bit_length())
     mma, a_l, b_l, s_l, x_l, l3 = nvfp4_mma._layouts(nw, r, 32, bm)
-    const = dict(BM=bm, BN=16 * nw * r, BKW=32, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3)
+    const = dict(BM=bm, BN=16 * nw * r, BKW=32, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3,
+                 PREFETCH=m == 16)  # the 16-row tile also with each step's words loaded a step ahead
     ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", ws_ptr="*fp32")
     fn = nvfp4_mma._mma_kernel
     sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in fn.arg_names}
@@ -69,7 +70,8 @@ def test_config_follows_the_measured_tiles():
 @hopper
 @gluon
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", [(4, 1, 1), (1, 1, 3), (1, 2, 2), (2, 2, 5)], ids=lambda t: "w%d-r%d-s%d" % t)
+@pytest.mark.parametrize("tile", [(4, 1, 1, 0), (1, 1, 3, 1), (1, 2, 2, 0), (2, 2, 5, 1)],
+                         ids=lambda t: "w%d-r%d-s%d-p%d" % t)
 @pytest.mark.parametrize("k", [768, 1280])
 def test_matches_reference(tile, k):
     """q|k|v segments (own global scales, bias, LoRA from h or from A) and gate|up with SiLU, M = 5..32,
@@ -77,8 +79,9 @@ def test_matches_reference(tile, k):
     from qerl.kernels.fused_linear import fused_linear
     from qerl.kernels.lora_shrink import lora_shrink
 
-    nw, r_, split = tile
-    cfg = dict(WORDS=True, MMA=True, BLOCK_N=16 * nw * r_, BKW=32, RPW=r_, SPLIT=split, num_warps=nw)
+    nw, r_, split, prefetch = tile
+    cfg = dict(WORDS=True, MMA=True, BLOCK_N=16 * nw * r_, BKW=32, RPW=r_, SPLIT=split, num_warps=nw,
+               PREFETCH=bool(prefetch))
     r, sizes, dtype = 16, (96, 24, 40), torch.bfloat16
     ds = [nvfp4_quantize(torch.randn(n, k, device="cuda") * s) for n, s in zip(sizes, (1.0, 3.0, 0.5))]
     deq = torch.cat([nvfp4_dequantize(d, torch.float32) for d in ds])

@@ -131,7 +131,7 @@ if HAS_GLUON:
                     stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
                     BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
                     C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
-                    X_L: gl.constexpr, L3: gl.constexpr):
+                    X_L: gl.constexpr, L3: gl.constexpr, PREFETCH: gl.constexpr = False):
         """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32)."""
         pid_n = gl.program_id(0)
         k_lo = gl.program_id(1) * k_per_split
@@ -153,9 +153,19 @@ if HAS_GLUON:
         xmask = gl.expand_dims(gl.expand_dims(xm < M, 0), 2)
         zero3 = gl.zeros([BN, BKW // 2, 2], gl.int32, layout=L3)
         acc = gl.zeros([BN, BM], gl.float32, layout=C_L)
+        if PREFETCH:  # this step's words and scales were loaded one step ahead (in bounds: clamped to the last step)
+            kc = gl.minimum(k_lo, KW - BKW)
+            qn = gl.load(wp + kc)
+            sbn = gl.load(sp + kc // 2)
         for k in range(k_lo, k_hi, BKW):
-            q = gl.load(wp + k)
-            sb = gl.load(sp + k // 2)
+            if PREFETCH:
+                q, sb = qn, sbn
+                kc = gl.minimum(k + BKW, KW - BKW)
+                qn = gl.load(wp + kc)
+                sbn = gl.load(sp + kc // 2)
+            else:
+                q = gl.load(wp + k)
+                sb = gl.load(sp + k // 2)
             xv = gl.load(x_ptr + k * 8 + xoff, mask=xmask, other=0.0)
             sv = (sb.to(gl.float8e4nv, bitcast=True).to(gl.float32) * 1.2980742146337069e33).to(gl.bfloat16)  # 2**110
             c = sv.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
@@ -225,5 +235,5 @@ def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global
     _mma_kernel[grid](x, w32, scale, global_scale, ws, m, n, kw, kps, n1, n2,
                       x.stride(0), w32.stride(0), scale.stride(0), ws.stride(0), ws.stride(1),
                       BM=bm, BN=16 * nw * r, BKW=bkw, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3,
-                      num_warps=nw)
+                      PREFETCH=bool(cfg.get("PREFETCH", False)), num_warps=nw)
     return ws
