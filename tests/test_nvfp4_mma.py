@@ -36,8 +36,10 @@ def test_compiles_for_hopper_without_shared_memory(m, nw, r):
     bm = max(8, 1 << (m - 1).bit_length())
     mma, a_l, b_l, s_l, x_l, l3 = nvfp4_mma._layouts(nw, r, 32, bm)
     const = dict(BM=bm, BN=16 * nw * r, BKW=32, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3,
+                 SH_L=nvfp4_mma._shrink_layout(nw), SHRINK=m == 8,  # with the LoRA shrink's extra programs
                  PREFETCH=m == 16)  # the 16-row tile also with each step's words loaded a step ahead
-    ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", ws_ptr="*fp32")
+    ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", ws_ptr="*fp32", a_ptr="*fp32",
+                h_ptr="*fp32")
     fn = nvfp4_mma._mma_kernel
     sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptrs}
@@ -98,9 +100,11 @@ def test_matches_reference(tile, k):
                          config=cfg)
         assert not y.isnan().any()
         assert rel(y, ref) < 1e-2, (m, rel(y, ref))
-        out.fill_(float("nan"))
+        out.fill_(float("nan"))  # A instead of h: extra programs of the kernel write h's partials
+        hbuf = torch.full((16 * m * 3 * r,), float("nan"), device="cuda")
         y = fused_linear(x, "nvfp4", packed, scale, gs, bias, None, b, r, 0.5, (96, 120), out=out, config=cfg,
-                         lora_A=a)
+                         lora_A=a, h_out=hbuf)
+        assert not y.isnan().any()
         assert rel(y, ref) < 1e-2, (m, rel(y, ref))
         out = torch.full((m, 48), float("nan"), device="cuda", dtype=dtype)
         y = fused_linear(x, "nvfp4", packed[:96], scale[:96], gs[:1].repeat(2), glu=True, out=out, config=cfg)

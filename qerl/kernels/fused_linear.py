@@ -790,12 +790,14 @@ def _mma_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_
         raise KernelUnavailable(f"version 7 needs NVFP4, bf16 x, K % {8 * cfg['BKW']} == 0, sm_90+ and Gluon")
     m = x.shape[0]
     n_rows = weight.shape[0]
-    if lora_A is not None and lora_h is None:
-        lora_h = lora_shrink(x, lora_A, out=h_out)
+    fuse_shrink = lora_A is not None and lora_h is None  # the kernel's extra programs write h's partials
+    if fuse_shrink:
+        lora_h = partials_view(h_out, cfg["SPLIT"], m, lora_A.shape[0], x.device)
     n1, n2, _ = _segments(segments, n, n_rows, glu)
     w32 = weight.view(torch.int32) if weight.dtype == torch.uint8 else weight
     ws = _workspace(cfg["SPLIT"] * m * n_rows, x.device).view(cfg["SPLIT"], m, n_rows)
-    mma_partials(x, w32, scale.view(torch.uint8), global_scale, n1, n2, cfg, ws)
+    mma_partials(x, w32, scale.view(torch.uint8), global_scale, n1, n2, cfg, ws,
+                 lora_A if fuse_shrink else None, lora_h if fuse_shrink else None)
     return linear_epilogue(ws, bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out)
 
 

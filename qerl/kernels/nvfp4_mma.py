@@ -19,6 +19,8 @@ byte of both words with one `prmt`, places the two codes of a nibble into a bf16
 * 2**110 (bf16x2, exact: E4M3 has 3 mantissa bits): v * scale * 2**-16, normal. The row's 2**16 and
 1 / global scale are applied to the fp32 accumulator at the end. Partial sums go to an fp32 workspace
 [split, M, N]; `fused_linear.linear_epilogue` adds bias, LoRA, GLU and rounds, as for version 5's split-K.
+Given the LoRA A matrices, R extra programs per split write the shrink's partials h[split, M, R] (one row
+of A each, CUDA cores), so the decode step needs no `lora_shrink` launch.
 
 Layouts are Gluon's explicit linear layouts: `_layouts` derives the scale and x layouts from the MMA
 operand layouts, and every conversion to an operand layout is asserted trivial at compile time (no data
@@ -82,6 +84,12 @@ def _layouts(nw: int, r: int, bkw: int, bm: int):
     return mma, a_op, b_op, s_l, x_l, l3
 
 
+@functools.lru_cache(maxsize=None)
+def _shrink_layout(nw: int):
+    """[rows of x, 128 columns]: 4 consecutive columns a thread, a warp across 128 columns, warps over rows."""
+    return gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32], warps_per_cta=[nw, 1], order=[1, 0])
+
+
 if HAS_GLUON:
 
     @gluon.jit
@@ -127,15 +135,54 @@ if HAS_GLUON:
                 gl.convert_layout(p6, B_L, assert_trivial=True), gl.convert_layout(p7, B_L, assert_trivial=True))
 
     @gluon.jit
-    def _mma_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, M, N, KW, k_per_split, n1, n2,
-                    stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
+    def _mma_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, a_ptr, h_ptr, M, N, KW, k_per_split, n1, n2, R_SH,
+                    stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm, stride_ar, stride_hs, stride_hm,
                     BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
                     C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
-                    X_L: gl.constexpr, L3: gl.constexpr, PREFETCH: gl.constexpr = False):
-        """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32)."""
-        pid_n = gl.program_id(0)
+                    X_L: gl.constexpr, L3: gl.constexpr, SH_L: gl.constexpr, SHRINK: gl.constexpr = False,
+                    PREFETCH: gl.constexpr = False):
+        """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32).
+        SHRINK: the first R_SH programs of each split instead write the LoRA shrink's partial
+        h[split, m, r] = x[m, split's K] . A[r, split's K] (one row of A each), so no `lora_shrink` launch."""
+        pid = gl.program_id(0)
         k_lo = gl.program_id(1) * k_per_split
         k_hi = gl.minimum(k_lo + k_per_split, KW)
+        if SHRINK:
+            if pid < R_SH:
+                _shrink_row(x_ptr, a_ptr, h_ptr, pid, M, k_lo * 8, k_hi * 8, stride_xm, stride_ar,
+                            gl.program_id(1) * stride_hs, stride_hm, BM, SH_L)
+            else:
+                _mma_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid - R_SH, k_lo, k_hi, M, N, KW, n1, n2,
+                          stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
+                          BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, PREFETCH)
+        else:
+            _mma_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid, k_lo, k_hi, M, N, KW, n1, n2,
+                      stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
+                      BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, PREFETCH)
+
+    @gluon.jit
+    def _shrink_row(x_ptr, a_ptr, h_ptr, r, M, k_lo, k_hi, stride_xm, stride_ar, h_off, stride_hm,
+                    BM: gl.constexpr, SH_L: gl.constexpr):
+        """h[m, r] over columns [k_lo, k_hi) of x (a multiple of 128 long): CUDA-core dot of BM rows of x with row r of A."""
+        rm = gl.arange(0, BM, layout=gl.SliceLayout(1, SH_L))
+        rk = gl.arange(0, 128, layout=gl.SliceLayout(0, SH_L))
+        xp = x_ptr + gl.expand_dims(rm * stride_xm, 1) + gl.expand_dims(rk, 0)
+        xmask = gl.expand_dims(rm < M, 1)
+        ap = a_ptr + r.to(gl.int64) * stride_ar + rk
+        h = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, SH_L))
+        for k in range(k_lo, k_hi, 128):
+            xv = gl.load(xp + k, mask=xmask, other=0.0).to(gl.float32)
+            av = gl.load(ap + k).to(gl.float32)
+            h += gl.sum(xv * gl.expand_dims(av, 0), axis=1)
+        gl.store(h_ptr + h_off + rm * stride_hm + r, h, mask=rm < M)
+
+    @gluon.jit
+    def _mma_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid_n, k_lo, k_hi, M, N, KW, n1, n2,
+                  stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
+                  BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
+                  C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
+                  X_L: gl.constexpr, L3: gl.constexpr, PREFETCH: gl.constexpr):
+        """One [BN weight rows, BM rows of x] tile over words [k_lo, k_hi): ws[split, m, n]."""
         # weight words [BN, BKW] in the A layout (rows past N read row N-1; their sums are not stored)
         rn = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, A_L)), N - 1)
         rw = gl.arange(0, BKW, layout=gl.SliceLayout(0, A_L))
@@ -216,10 +263,13 @@ def mma_config(m: int, n: int, k: int, num_warps: int | None = None, rows_per_wa
 
 
 def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
-                 n1: int, n2: int, cfg: dict, ws: torch.Tensor) -> torch.Tensor:
+                 n1: int, n2: int, cfg: dict, ws: torch.Tensor, lora_A: torch.Tensor | None = None,
+                 h: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 partial products ws[s, m, n] = sum over split s of x[m] . W[n] (global scales applied).
     x [M, K] bf16, w32 [N, K/8] int32 words of packed E2M1, scale [N, K/16] uint8 E4M3 bytes,
-    global_scale fp32 per segment; ws [SPLIT, M, N] fp32, rows of unit stride."""
+    global_scale fp32 per segment; ws [SPLIT, M, N] fp32, rows of unit stride.
+    lora_A [R, K] (row-major): also write the LoRA shrink's partials h[s, m, r] = x[m] . A[r] over split s
+    into h [SPLIT, M, R] (fp32, contiguous), computed by R extra programs a split."""
     m, k = x.shape
     n = w32.shape[0]
     nw, r, bkw = cfg["num_warps"], cfg["RPW"], cfg["BKW"]
@@ -231,9 +281,16 @@ def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global
     split = ws.shape[0]
     kps = -(-steps // split) * bkw
     mma, a_l, b_l, s_l, x_l, l3 = _layouts(nw, r, bkw, bm)
-    grid = (-(-n // (16 * nw * r)), split)
-    _mma_kernel[grid](x, w32, scale, global_scale, ws, m, n, kw, kps, n1, n2,
-                      x.stride(0), w32.stride(0), scale.stride(0), ws.stride(0), ws.stride(1),
+    r_sh = 0
+    if lora_A is not None:
+        r_sh = lora_A.shape[0]
+        if lora_A.shape[1] != k or lora_A.stride(1) != 1 or h is None or h.shape != (split, m, r_sh):
+            raise ValueError("lora_A must be [R, K] row-major and h [SPLIT, M, R]")
+    grid = (-(-n // (16 * nw * r)) + r_sh, split)
+    _mma_kernel[grid](x, w32, scale, global_scale, ws, lora_A if r_sh else ws, h if r_sh else ws, m, n, kw, kps,
+                      n1, n2, r_sh, x.stride(0), w32.stride(0), scale.stride(0), ws.stride(0), ws.stride(1),
+                      lora_A.stride(0) if r_sh else 0, h.stride(0) if r_sh else 0, h.stride(1) if r_sh else 0,
                       BM=bm, BN=16 * nw * r, BKW=bkw, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3,
-                      PREFETCH=bool(cfg.get("PREFETCH", False)), num_warps=nw)
+                      SH_L=_shrink_layout(nw), SHRINK=r_sh > 0, PREFETCH=bool(cfg.get("PREFETCH", False)),
+                      num_warps=nw)
     return ws
