@@ -12,7 +12,9 @@ What differs from the reference engine (and why):
   made adjacent rows of one buffer at construction, and the modules' buffers become
   views of it: no second copy), with bias, live LoRA and SiLU-gate fused into the
   weight-streaming kernel (`qerl.kernels.fused_linear`: CUDA cores at 1-4 rows, tensor
-  cores from 5 to DECODE_MAX_M rows) for NVFP4/MXFP4; bf16 weights, and more rows, use
+  cores from 5 to DECODE_MAX_M rows: register-fed `nvfp4_mma` up to 32 rows of bf16 NVFP4,
+  else version 5) for NVFP4/MXFP4; the LoRA shrink runs inside the weight kernels
+  (`fuse_shrink`: version 7 always, versions 5/6 where they split K); bf16 weights, and more rows, use
   cuBLAS (one layer dequantized into the engine's own buffer for NVFP4/MXFP4) and one
   epilogue launch (`linear_epilogue`: bias, LoRA, SiLU gate); residual add + RMSNorm
   and RoPE + cache write are one launch each. About 15 launches a layer with LoRA
