@@ -9,7 +9,8 @@ it shows register spills, shared-memory round trips and barriers that timings al
 It is not a timing: compare candidates here, measure them on the GPU.
 
 Usage: python benchmarks/sass_decode.py [--model qwen2.5-7b] [--rows 1,8,64] [--shapes "gate|up,down"]
-       [--config '{"BLOCK_N": 64, "BKW": 8, "num_warps": 8, "SHRINK": true, "PDL": true}']
+       [--config '{"BLOCK_N": 64, "BKW": 8, "num_warps": 8, "SHRINK": true, "PDL": true}'] [--mma]
+(--mma: version 7, `qerl.kernels.nvfp4_mma`, at 5..32 rows; its loop is counted per weight the same way)
 """
 import argparse
 import collections
@@ -62,6 +63,28 @@ def compile_decode(m: int, n: int, k: int, cfg: dict, glu: bool = False, lora: i
     return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def compile_mma(m: int, n: int, k: int, cfg: dict):
+    """Compile version 7 (`nvfp4_mma._mma_kernel`) for sm_90 as `mma_partials` would launch it (LoRA shrink
+    programs on)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from qerl.kernels import nvfp4_mma as v7
+
+    nw, r, bkw = cfg["num_warps"], cfg["RPW"], cfg["BKW"]
+    bm = max(8, 1 << (m - 1).bit_length())
+    mma, a_l, b_l, s_l, x_l, l3 = v7._layouts(nw, r, bkw, bm)
+    const = dict(BM=bm, BN=16 * nw * r, BKW=bkw, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3,
+                 SH_L=v7._shrink_layout(nw), SHRINK=True, PREFETCH=bool(cfg.get("PREFETCH", False)))
+    ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", ws_ptr="*fp32", a_ptr="*fp32",
+                h_ptr="*fp32")
+    fn = v7._mma_kernel
+    sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if a in ptrs or a in ("KW", "k_per_split", "stride_xm", "stride_ww", "stride_sn", "stride_wss")}
+    return triton.compile(GluonASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=nw))
+
+
 def main_loop(sass: str):
     """(instruction count, opcode histogram) of the longest backward-branch loop."""
     labels, instrs, pending = {}, [], []
@@ -88,7 +111,7 @@ def main_loop(sass: str):
 
 
 def inspect(m: int, n: int, k: int, cfg: dict, glu: bool = False) -> dict:
-    ck = compile_decode(m, n, k, cfg, glu)
+    ck = compile_mma(m, n, k, cfg) if cfg.get("MMA") else compile_decode(m, n, k, cfg, glu)
     with tempfile.TemporaryDirectory() as d:
         ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
         with open(ptx, "w") as f:
@@ -113,16 +136,18 @@ def main():
     ap.add_argument("--rows", default="1,8,64")
     ap.add_argument("--shapes", default="qkv,o,gate|up,down")
     ap.add_argument("--config", default=None, help="JSON tile overrides for every row count")
+    ap.add_argument("--mma", action="store_true", help="version 7 (Gluon, register-fed MMA) for the rows it takes")
     a = ap.parse_args()
     shapes = fused_layer_shapes(a.model)
     for name in a.shapes.split(","):
         n_rows, k, glu = shapes[name]
         n = n_rows // 2 if glu else n_rows  # output rows, as fused_linear counts them
         for m in map(int, a.rows.split(",")):
-            cfg = fl.pick_config(m, n, k, "nvfp4")
+            cfg = fl.pick_config(m, n, k, "nvfp4", mma=a.mma)
             cfg.update(json.loads(a.config) if a.config else {})
             r = inspect(m, n, k, cfg, glu)
-            print(f"{name:8s} M={m:<3d} {'v5' if cfg.get('TC') else 'v6'} BN{cfg['BLOCK_N']} BKW{cfg['BKW']} "
+            ver = "v7" if cfg.get("MMA") else ("v5" if cfg.get("TC") else "v6")
+            print(f"{name:8s} M={m:<3d} {ver} BN{cfg['BLOCK_N']} BKW{cfg['BKW']} "
                   f"w{cfg.get('num_warps', 4)} st{cfg.get('num_stages', 1)} split{cfg.get('SPLIT', 1)}: "
                   f"{r['regs']} regs, {r['spill_bytes']} B spilled, wgmma serialized {r['wgmma_serialized']}, "
                   f"smem {r['smem']} B, loop {r['loop_instrs']} instrs = {r['instrs_per_weight']} per weight "
