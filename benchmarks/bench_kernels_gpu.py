@@ -14,10 +14,9 @@ import json
 import torch
 import triton.testing
 
-from qerl.bench import fused_layer_shapes
+from qerl.bench import random_nvfp4_layers
 from qerl.kernels.dequant import dequantize
 from qerl.kernels.fused_linear import GEMV_MAX_M, fused_linear, gemv_config, tc_config
-from qerl.quant import nvfp4_quantize
 
 
 def _splits(base: int, k: int, bkw: int) -> list[int]:
@@ -77,17 +76,10 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
-    shapes = fused_layer_shapes(a.model)
     results = []
-    for name, (n, k, glu) in shapes.items():
-        if name not in a.shapes.split(","):
-            continue
-        w = torch.randn(n, k, device="cuda") * 0.02
-        d = nvfp4_quantize(w)
-        wb = w.bfloat16()
-        del w
-        gs = d["weight_global_scale"].reshape(1).repeat(2 if glu else 1)
-        nbytes = d["weight_packed"].numel() + d["weight_scale"].numel()
+    for layer in random_nvfp4_layers(a.model, a.shapes):
+        name, n, k, glu, d, wb, gs, nbytes = (layer.name, layer.n, layer.k, layer.glu, layer.q, layer.wb, layer.gs,
+                                              layer.nbytes)
         buf = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
         for m in map(int, a.rows.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

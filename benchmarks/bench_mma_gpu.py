@@ -13,10 +13,9 @@ import json
 import torch
 import triton.testing
 
-from qerl.bench import fused_layer_shapes
+from qerl.bench import random_nvfp4_layers
 from qerl.kernels.fused_linear import fused_linear, tc_config
 from qerl.kernels.nvfp4_mma import mma_config
-from qerl.quant import nvfp4_quantize
 
 TILES = [(4, 1, 32), (1, 1, 32), (2, 1, 32), (1, 2, 32), (2, 2, 32), (4, 2, 32), (4, 1, 64), (1, 1, 64)]
 
@@ -34,15 +33,9 @@ def main():
     a = ap.parse_args()
     torch.manual_seed(0)
     results = []
-    for name, (n, k, glu) in fused_layer_shapes(a.model).items():
-        if name not in a.shapes.split(","):
-            continue
-        w = torch.randn(n, k, device="cuda") * 0.02
-        d = nvfp4_quantize(w)
-        wb = w.bfloat16()
-        del w
-        gs = d["weight_global_scale"].reshape(1).repeat(2 if glu else 1)
-        nbytes = d["weight_packed"].numel() + d["weight_scale"].numel()
+    for layer in random_nvfp4_layers(a.model, a.shapes):
+        name, n, k, glu, d, wb, gs, nbytes = (layer.name, layer.n, layer.k, layer.glu, layer.q, layer.wb, layer.gs,
+                                              layer.nbytes)
         nout = n // 2 if glu else n
         for m in map(int, a.rows.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

@@ -26,6 +26,7 @@ from triton.compiler import ASTSource
 
 from qerl.bench import fused_layer_shapes
 from qerl.kernels import fused_linear as fl
+from qerl.kernels import nvfp4_mma
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -63,28 +64,6 @@ def compile_decode(m: int, n: int, k: int, cfg: dict, glu: bool = False, lora: i
     return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_mma(m: int, n: int, k: int, cfg: dict):
-    """Compile version 7 (`nvfp4_mma._mma_kernel`) for sm_90 as `mma_partials` would launch it (LoRA shrink
-    programs on)."""
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from qerl.kernels import nvfp4_mma as v7
-
-    nw, r, bkw = cfg["num_warps"], cfg["RPW"], cfg["BKW"]
-    bm = max(8, 1 << (m - 1).bit_length())
-    mma, a_l, b_l, s_l, x_l, l3 = v7._layouts(nw, r, bkw, bm)
-    const = dict(BM=bm, BN=16 * nw * r, BKW=bkw, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3,
-                 SH_L=v7._shrink_layout(nw), SHRINK=True, PREFETCH=bool(cfg.get("PREFETCH", False)))
-    ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", ws_ptr="*fp32", a_ptr="*fp32",
-                h_ptr="*fp32")
-    fn = v7._mma_kernel
-    sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-             if a in ptrs or a in ("KW", "k_per_split", "stride_xm", "stride_ww", "stride_sn", "stride_wss")}
-    return triton.compile(GluonASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=nw))
-
-
 def main_loop(sass: str):
     """(instruction count, opcode histogram) of the longest backward-branch loop."""
     labels, instrs, pending = {}, [], []
@@ -111,7 +90,7 @@ def main_loop(sass: str):
 
 
 def inspect(m: int, n: int, k: int, cfg: dict, glu: bool = False) -> dict:
-    ck = compile_mma(m, n, k, cfg) if cfg.get("MMA") else compile_decode(m, n, k, cfg, glu)
+    ck = nvfp4_mma.compile_sm90(m, cfg) if cfg.get("MMA") else compile_decode(m, n, k, cfg, glu)
     with tempfile.TemporaryDirectory() as d:
         ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
         with open(ptx, "w") as f:

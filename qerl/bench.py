@@ -43,6 +43,27 @@ def fused_layer_shapes(name: str) -> dict[str, tuple[int, int, bool]]:
     return {"qkv": (h + 2 * kvd, h, False), "o": (h, h, False), "gate|up": (2 * i, h, True), "down": (h, i, False)}
 
 
+def random_nvfp4_layers(name: str, only: str | None = None, device: str = "cuda"):
+    """Kernel benchmarks' inputs: for each of `fused_layer_shapes(name)` (or the comma-separated `only`), random
+    weights (std 0.02) quantized to NVFP4, one layer at a time. Yields namespaces with name, n (packed rows),
+    k, glu, q (the quantized tensors), wb (the bf16 weight), gs (global scale per segment) and nbytes
+    (packed weight + scale bytes)."""
+    from types import SimpleNamespace
+
+    from .quant import nvfp4_quantize
+
+    for layer, (n, k, glu) in fused_layer_shapes(name).items():
+        if only and layer not in only.split(","):
+            continue
+        w = torch.randn(n, k, device=device) * 0.02
+        q = nvfp4_quantize(w)
+        wb = w.bfloat16()
+        del w
+        yield SimpleNamespace(name=layer, n=n, k=k, glu=glu, q=q, wb=wb,
+                              gs=q["weight_global_scale"].reshape(1).repeat(2 if glu else 1),
+                              nbytes=q["weight_packed"].numel() + q["weight_scale"].numel())
+
+
 def model_args(name_or_path: str) -> ModelArgs:
     key = name_or_path.lower()
     if key in CONFIGS:

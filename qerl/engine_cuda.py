@@ -241,7 +241,7 @@ class CudaEngine(Engine):
         h = None
         m = x.shape[0]
         one_pass = f.fmt != "bf16" and m <= DECODE_MAX_M
-        if one_pass and f.rank and self.fuse_shrink:  # h from the decode kernel where it splits K
+        if one_pass and f.rank and self.fuse_shrink:  # h from the decode kernel (see fused_linear's lora_A)
             return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, None, f.B, f.rank, 1.0, f.segments, f.glu,
                                 out=out, lora_A=f.A, h_out=self.hbuf, mma=self.mma)
         if f.rank:

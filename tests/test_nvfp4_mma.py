@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import qkv_lora, rel_err as rel
 from qerl.kernels import nvfp4_mma
 from qerl.quant import nvfp4_dequantize, nvfp4_quantize
 
@@ -15,36 +16,15 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_de
                             reason="needs a Hopper (sm_90+) GPU")
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def _qkv_lora(x, a, b, r, sizes):
-    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-    return torch.cat([x.float() @ a[i * r:(i + 1) * r].T @ b[bounds[i]:bounds[i + 1]].T for i in range(len(sizes))], 1)
-
-
 @gluon
 @pytest.mark.parametrize("m,nw,r", [(8, 4, 1), (16, 1, 2), (32, 2, 1)])
 def test_compiles_for_hopper_without_shared_memory(m, nw, r):
     """Offline (no GPU): every conversion to an MMA operand layout is asserted trivial at compile time, and
     the compiled kernel uses no shared memory and spills nothing."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
 
-    bm = max(8, 1 << (m - 1).bit_length())
-    mma, a_l, b_l, s_l, x_l, l3 = nvfp4_mma._layouts(nw, r, 32, bm)
-    const = dict(BM=bm, BN=16 * nw * r, BKW=32, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3,
-                 SH_L=nvfp4_mma._shrink_layout(nw), SHRINK=m == 8,  # with the LoRA shrink's extra programs
-                 PREFETCH=m == 16)  # the 16-row tile also with each step's words loaded a step ahead
-    ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", ws_ptr="*fp32", a_ptr="*fp32",
-                h_ptr="*fp32")
-    fn = nvfp4_mma._mma_kernel
-    sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptrs}
-    ck = triton.compile(GluonASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                        options=dict(num_warps=nw))
+    cfg = dict(num_warps=nw, RPW=r, BKW=32, PREFETCH=m == 16)  # 16 rows: also with each step loaded a step ahead
+    ck = nvfp4_mma.compile_sm90(m, cfg, shrink=m == 8)  # 8 rows: with the LoRA shrink's extra programs
     assert ck.metadata.shared == 0
     assert "local_alloc" not in ck.asm["ttgir"] and "mma.sync" in ck.asm["ptx"]
     with tempfile.TemporaryDirectory() as d:  # spills show up as local-memory stores in the machine code
@@ -94,7 +74,7 @@ def test_matches_reference(tile, k):
     a, b = torch.randn(3 * r, k, device="cuda") * 0.1, torch.randn(sum(sizes), r, device="cuda")
     for m in (5, 8, 13, 16, 17, 32):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
-        ref = x.float() @ deq.T + bias.float() + 0.5 * _qkv_lora(x, a, b, r, sizes)
+        ref = x.float() @ deq.T + bias.float() + 0.5 * qkv_lora(x, a, b, r, sizes)
         out = torch.full((m, sum(sizes)), float("nan"), device="cuda", dtype=dtype)
         y = fused_linear(x, "nvfp4", packed, scale, gs, bias, lora_shrink(x, a), b, r, 0.5, (96, 120), out=out,
                          config=cfg)

@@ -630,9 +630,9 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     weight: nvfp4/mxfp4 packed uint8 [N, K/2] (+ scale [N, K/16] e4m3 or [N, K/32] e8m0,
     + global_scale fp32 [n_segments] for nvfp4), or dense [N, K].
     lora_h: [S, M, R_total] fp32 partial sums of x @ A.T; lora_B: [N, r] fp32.
-    lora_A: [R_total, K] instead of lora_h: h is computed here, by the split-K decode kernel itself where it
-    splits K (no `lora_shrink` launch), else by `lora_shrink`; h_out: fp32 scratch for its partials
-    (>= MAX_SPLITS * M * R_total values; allocated if None).
+    lora_A: [R_total, K] instead of lora_h: h is computed here, by the decode kernel itself (version 7
+    always, versions 5/6 where they split K: no `lora_shrink` launch), else by `lora_shrink`; h_out: fp32
+    scratch for its partials (>= MAX_SPLITS * M * R_total values; allocated if None).
     segments: (n1, n2) row boundaries of fused modules (q | k | v); with glu, rows of up start at N/2.
     mma: let version 7 (register-fed tensor cores, `nvfp4_mma`) take the rows it supports when no config is given.
     """

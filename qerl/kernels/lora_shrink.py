@@ -84,12 +84,11 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor | None = Non
     chunk = chunk or shrink_chunk(k)
     s = shrink_splits(k, chunk)
     out = partials_view(out, s, m, r, x.device)
-    # one row per program, [16, BLOCK_K] of A against it: up to 16 rows (H200, 7B shapes at 16 rows: 2.8-8.8 us
-    # against 6.7-22.6 for the tf32 dot on 16-row blocks, benchmarks/bench_epilogue_gpu.py)
-    if (block_m or (1 if m <= 16 else 0)) == 1:
-        bm, use_dot, bk = 1, False, min(256, next_pow2(chunk))
-    else:
-        bm, use_dot, bk = (16 if m <= 16 else 32), True, min(64, next_pow2(chunk))
+    # rows a program: one up to 16 rows, [16, BLOCK_K] of A against it (H200, 7B shapes at 16 rows: 2.8-8.8 us
+    # against 6.7-22.6 for the tf32 dot on 16-row blocks, benchmarks/bench_epilogue_gpu.py); above, a tf32 dot
+    bm = block_m or (1 if m <= 16 else 32)
+    use_dot = bm > 1
+    bk = min(64, next_pow2(chunk)) if use_dot else min(256, next_pow2(chunk))
     br = 16
     grid = (s, triton.cdiv(r, br), triton.cdiv(m, bm))
     _lora_shrink_kernel[grid](x, a, out, m, k, r, chunk, x.stride(0), a.stride(0), out.stride(0), out.stride(1),

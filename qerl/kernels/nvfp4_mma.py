@@ -1,4 +1,4 @@
-"""Version 7 of the NVFP4 decode linear: tensor cores fed from registers (Gluon, mma.sync), 5-64 rows.
+"""Version 7 of the NVFP4 decode linear: tensor cores fed from registers (Gluon, mma.sync), 5-32 rows.
 
 Version 5 (`fused_linear._tc_rows`) decodes a weight tile in registers and lets Triton stage it in
 shared memory for the MMA (4x the bytes it read, a store, a barrier and a load per step): about 650 GB/s
@@ -25,7 +25,7 @@ of A each, CUDA cores), so the decode step needs no `lora_shrink` launch.
 Layouts are Gluon's explicit linear layouts: `_layouts` derives the scale and x layouts from the MMA
 operand layouts, and every conversion to an operand layout is asserted trivial at compile time (no data
 movement), so a layout mistake fails compilation instead of silently adding a shared-memory round trip.
-Plain-PyTorch reference: `qerl.quant.nvfp4.nvfp4_dequantize` + matmul (tests/test_kernels.py).
+Plain-PyTorch reference: `qerl.quant.nvfp4.nvfp4_dequantize` + matmul (tests/test_nvfp4_mma.py).
 """
 from __future__ import annotations
 
@@ -92,27 +92,22 @@ def _shrink_layout(nw: int):
 
 if HAS_GLUON:
 
+    # For byte b of a word pair (w, w+1): one prmt puts byte b of w in the low half and of w+1 in the high
+    # half; each nibble then goes to a bf16x2 as v * 2**-126 (its e1 e0 m bits to bits 8..6 by one shift, its
+    # sign bit to bit 15 by another) times the block scale pair.
+    _NIBBLE = ("shl.b32 t, x, {m}; shl.b32 u, x, {s}; and.b32 t, t, 0x01C001C0; and.b32 u, u, 0x80008000; "
+               "or.b32 t, t, u; mul.rn.bf16x2 ${o}, t, $10;\n")
+    _PLANES_ASM: gl.constexpr = gl.constexpr(
+        "{\n.reg .b32 x, t, u;\n" + "".join(
+            f"prmt.b32 x, $8, $9, 0x{4 + b}{4 + b}{b}{b};\n" + _NIBBLE.format(m=6, s=12, o=2 * b)
+            + _NIBBLE.format(m=2, s=8, o=2 * b + 1) for b in range(4)) + "}")
+
     @gluon.jit
     def _planes(q, s2):
         """int32 words (pairs w, w+1 of a row) and their block scale (bf16x2 of scale * 2**110, as int32)
         -> 8 bf16 tensors, nibble planes 0..7 of v * scale * 2**-16."""
-        return gl.inline_asm_elementwise("""
-    {
-    .reg .b32 x, t, u;
-    prmt.b32 x, $8, $9, 0x4400;
-    shl.b32 t, x, 6; shl.b32 u, x, 12; and.b32 t, t, 0x01C001C0; and.b32 u, u, 0x80008000; or.b32 t, t, u; mul.rn.bf16x2 $0, t, $10;
-    shl.b32 t, x, 2; shl.b32 u, x, 8; and.b32 t, t, 0x01C001C0; and.b32 u, u, 0x80008000; or.b32 t, t, u; mul.rn.bf16x2 $1, t, $10;
-    prmt.b32 x, $8, $9, 0x5511;
-    shl.b32 t, x, 6; shl.b32 u, x, 12; and.b32 t, t, 0x01C001C0; and.b32 u, u, 0x80008000; or.b32 t, t, u; mul.rn.bf16x2 $2, t, $10;
-    shl.b32 t, x, 2; shl.b32 u, x, 8; and.b32 t, t, 0x01C001C0; and.b32 u, u, 0x80008000; or.b32 t, t, u; mul.rn.bf16x2 $3, t, $10;
-    prmt.b32 x, $8, $9, 0x6622;
-    shl.b32 t, x, 6; shl.b32 u, x, 12; and.b32 t, t, 0x01C001C0; and.b32 u, u, 0x80008000; or.b32 t, t, u; mul.rn.bf16x2 $4, t, $10;
-    shl.b32 t, x, 2; shl.b32 u, x, 8; and.b32 t, t, 0x01C001C0; and.b32 u, u, 0x80008000; or.b32 t, t, u; mul.rn.bf16x2 $5, t, $10;
-    prmt.b32 x, $8, $9, 0x7733;
-    shl.b32 t, x, 6; shl.b32 u, x, 12; and.b32 t, t, 0x01C001C0; and.b32 u, u, 0x80008000; or.b32 t, t, u; mul.rn.bf16x2 $6, t, $10;
-    shl.b32 t, x, 2; shl.b32 u, x, 8; and.b32 t, t, 0x01C001C0; and.b32 u, u, 0x80008000; or.b32 t, t, u; mul.rn.bf16x2 $7, t, $10;
-    }
-    """, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [q, s2], dtype=(gl.bfloat16,) * 8, is_pure=True, pack=2)
+        return gl.inline_asm_elementwise(_PLANES_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [q, s2],
+                                         dtype=(gl.bfloat16,) * 8, is_pure=True, pack=2)
 
     @gluon.jit
     def _halves(t, shape: gl.constexpr):
@@ -272,25 +267,48 @@ def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global
     into h [SPLIT, M, R] (fp32, contiguous), computed by R extra programs a split."""
     m, k = x.shape
     n = w32.shape[0]
-    nw, r, bkw = cfg["num_warps"], cfg["RPW"], cfg["BKW"]
-    bm = max(8, 1 << (m - 1).bit_length())
+    bkw = cfg["BKW"]
     if not 1 <= m <= MMA_MAX_M or k % (8 * bkw):
         raise ValueError(f"version 7 takes at most {MMA_MAX_M} rows and K a multiple of {8 * bkw}")
     kw = k // 8
-    steps = kw // bkw
     split = ws.shape[0]
-    kps = -(-steps // split) * bkw
-    mma, a_l, b_l, s_l, x_l, l3 = _layouts(nw, r, bkw, bm)
+    kps = -(-(kw // bkw) // split) * bkw
     r_sh = 0
     if lora_A is not None:
         r_sh = lora_A.shape[0]
         if lora_A.shape[1] != k or lora_A.stride(1) != 1 or h is None or h.shape != (split, m, r_sh):
             raise ValueError("lora_A must be [R, K] row-major and h [SPLIT, M, R]")
-    grid = (-(-n // (16 * nw * r)) + r_sh, split)
+    const = mma_constexprs(m, cfg, shrink=r_sh > 0)
+    grid = (-(-n // const["BN"]) + r_sh, split)
     _mma_kernel[grid](x, w32, scale, global_scale, ws, lora_A if r_sh else ws, h if r_sh else ws, m, n, kw, kps,
                       n1, n2, r_sh, x.stride(0), w32.stride(0), scale.stride(0), ws.stride(0), ws.stride(1),
                       lora_A.stride(0) if r_sh else 0, h.stride(0) if r_sh else 0, h.stride(1) if r_sh else 0,
-                      BM=bm, BN=16 * nw * r, BKW=bkw, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3,
-                      SH_L=_shrink_layout(nw), SHRINK=r_sh > 0, PREFETCH=bool(cfg.get("PREFETCH", False)),
-                      num_warps=nw)
+                      num_warps=cfg["num_warps"], **const)
     return ws
+
+
+def mma_constexprs(m: int, cfg: dict, shrink: bool) -> dict:
+    """`_mma_kernel`'s constexprs for m rows of x and an `mma_config` tile (launcher and offline compile)."""
+    nw, r, bkw = cfg["num_warps"], cfg["RPW"], cfg["BKW"]
+    bm = max(8, 1 << (m - 1).bit_length())
+    mma, a_l, b_l, s_l, x_l, l3 = _layouts(nw, r, bkw, bm)
+    return dict(BM=bm, BN=16 * nw * r, BKW=bkw, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3,
+                SH_L=_shrink_layout(nw), SHRINK=shrink, PREFETCH=bool(cfg.get("PREFETCH", False)))
+
+
+def compile_sm90(m: int, cfg: dict, shrink: bool = True):
+    """Compile `_mma_kernel` for sm_90 without a GPU (Triton only), specialized as the launcher is for 16-byte
+    aligned pointers and strides: for offline checks of the machine code (tests, benchmarks/sass_decode.py)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    const = mma_constexprs(m, cfg, shrink)
+    ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", ws_ptr="*fp32", a_ptr="*fp32",
+                h_ptr="*fp32")
+    aligned = ("KW", "k_per_split", "stride_xm", "stride_ww", "stride_sn", "stride_wss")
+    fn = _mma_kernel
+    sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptrs or a in aligned}
+    return triton.compile(GluonASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=cfg["num_warps"]))
