@@ -2,12 +2,15 @@
 (tensor cores through shared memory) and cuBLAS on the bf16 weights, Qwen2.5 layer shapes, 5..32 rows.
 
 Per shape and row count: medians of CUDA-graph replays (`do_bench_cudagraph`) of the whole `fused_linear`
-call (decode kernel + epilogue launch), the default tile of each version and a sweep of version-7 tiles
-(warps, 16-row tiles a warp, words a step, splits). GB/s counts the packed weight + scale bytes.
+call (decode kernel + epilogue launch), the engine's default choice (`default`: version 6 below 5 rows,
+version 7 from 5), the default tile of each version and a sweep of version-7 tiles
+(warps, 16-row tiles a warp, words a step, splits, loads a step ahead or not); the default tile also
+with a 4-stage TMA ring. GB/s counts the packed weight + scale bytes.
 Usage: python benchmarks/bench_mma_gpu.py [--model qwen2.5-7b] [--rows 8,16,32] [--shapes "gate|up,down"]
        [--out results.json]
 """
 import argparse
+import itertools
 import json
 
 import torch
@@ -18,6 +21,8 @@ from qerl.kernels.fused_linear import fused_linear, tc_config
 from qerl.kernels.nvfp4_mma import mma_config
 
 TILES = [(4, 1, 32), (1, 1, 32), (2, 1, 32), (1, 2, 32), (2, 2, 32), (4, 2, 32), (4, 1, 64), (1, 1, 64)]
+LOADS = (dict(), dict(PREFETCH=True))  # register loads; with words, scales and x loaded a step ahead
+# (add dict(RING=4) to sweep 4-stage TMA rings too: 32-word steps only)
 
 
 def time_it(fn):
@@ -29,8 +34,11 @@ def main():
     ap.add_argument("--model", default="qwen2.5-7b")
     ap.add_argument("--rows", default="8,16,32")
     ap.add_argument("--shapes", default="qkv,o,gate|up,down")
+    ap.add_argument("--maxnreg", default="", help="comma-separated register caps to time the default tile with")
+    ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="time the default tiles only")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    a.maxnreg = [int(r) for r in a.maxnreg.split(",") if r]
     torch.manual_seed(0)
     results = []
     for layer in random_nvfp4_layers(a.model, a.shapes):
@@ -46,18 +54,25 @@ def main():
                                             config=cfg)
 
             row = dict(shape=name, n=n, k=k, m=m, cublas_bf16_us=time_it(lambda: x @ wb.T),
-                       v5_us=time_it(run(tc_config(m, nout, k))))
+                       v5_us=time_it(run(tc_config(m, nout, k))), default_us=time_it(run(None)))
             d7 = mma_config(m, nout, k)
             run(d7)()
             y_default = y.float().clone()
             row["v7_us"] = time_it(run(d7))
+            row["v7_ring4_us"] = time_it(run(dict(d7, RING=4)))  # the default tile with a 4-stage TMA ring
+            for regs in a.maxnreg:  # the default tile with registers capped (more warps resident, maybe spills)
+                row[f"v7_maxnreg{regs}_us"] = time_it(run(dict(d7, MAXNREG=regs)))
+                print(f"{name:8s} M={m:<3d} v7 {row['v7_us']:7.1f} us, maxnreg {regs}: "
+                      f"{row[f'v7_maxnreg{regs}_us']:7.1f} us", flush=True)
             best = (row["v7_us"], d7)
-            for nw, r, bkw in TILES:
-                if m > 16 and r > 1:  # the x tile and two row tiles spill at 32 rows
+            for (nw, r, bkw), loads in itertools.product(TILES if a.sweep else [], LOADS):
+                if m > 16 and (r > 1 or loads.get("PREFETCH")):  # the x tile spills at 32 rows with either
                     continue
-                base = mma_config(m, nout, k, num_warps=nw, rows_per_warp=r, bkw=bkw)
+                base = mma_config(m, nout, k, num_warps=nw, rows_per_warp=r, bkw=bkw, ring=loads.get("RING", 0))
+                if loads.get("RING") and not base["RING"]:
+                    continue
                 for split in sorted({base["SPLIT"], max(1, base["SPLIT"] // 2), 2 * base["SPLIT"]}):
-                    cfg = dict(base, SPLIT=split)
+                    cfg = dict(base, SPLIT=split, PREFETCH=loads.get("PREFETCH", False))
                     if (k // 8) // bkw < split or k % (8 * bkw):
                         continue
                     try:
@@ -67,18 +82,20 @@ def main():
                         continue
                     if t < best[0]:
                         best = (t, cfg)
-            t = time_it(run(dict(best[1], PREFETCH=True)))  # the best tile with each step's words loaded a step ahead
-            row["v7_best_prefetch_us"] = t
-            if t < best[0]:
-                best = (t, dict(best[1], PREFETCH=True))
+            if best[1]["RING"]:  # the best tile with other ring depths
+                for stages in (2, 3, 6):
+                    t = time_it(run(dict(best[1], RING=stages)))
+                    row[f"v7_best_ring{stages}_us"] = t
+                    if t < best[0]:
+                        best = (t, dict(best[1], RING=stages))
             run(best[1])()
             agrees = bool(((y.float() - y_default).norm() / y_default.norm()) < 1e-2)
             row.update(v7_best_us=best[0], v7_best_cfg=best[1], v7_best_agrees=agrees,
                        v5_GBs=nbytes / row["v5_us"] / 1e3, v7_GBs=nbytes / row["v7_us"] / 1e3,
                        v7_best_GBs=nbytes / best[0] / 1e3)
             results.append(row)
-            print(f"{name:8s} M={m:<3d} cuBLAS bf16 {row['cublas_bf16_us']:7.1f} us | v5 {row['v5_us']:7.1f} us "
-                  f"{row['v5_GBs']:5.0f} GB/s | v7 {row['v7_us']:7.1f} us {row['v7_GBs']:5.0f} GB/s | v7 best "
+            print(f"{name:8s} M={m:<3d} cuBLAS bf16 {row['cublas_bf16_us']:7.1f} us | default {row['default_us']:7.1f} us | v5 {row['v5_us']:7.1f} us "
+                  f"{row['v5_GBs']:5.0f} GB/s | v7 ring4 {row['v7_ring4_us']:7.1f} | v7 {row['v7_us']:7.1f} us {row['v7_GBs']:5.0f} GB/s | v7 best "
                   f"{best[0]:7.1f} us {row['v7_best_GBs']:5.0f} GB/s {best[1]} (agrees: {agrees})", flush=True)
     if a.out:
         with open(a.out, "w") as f:

@@ -11,9 +11,9 @@ What differs from the reference engine (and why):
 - Fused launches. q/k/v and gate/up run as one kernel each (their packed weights are
   made adjacent rows of one buffer at construction, and the modules' buffers become
   views of it: no second copy), with bias, live LoRA and SiLU-gate fused into the
-  weight-streaming kernel (`qerl.kernels.fused_linear`: CUDA cores at 1-4 rows, tensor
-  cores from 5 to DECODE_MAX_M rows: register-fed `nvfp4_mma` up to 32 rows of bf16 NVFP4,
-  else version 5) for NVFP4/MXFP4; the LoRA shrink runs inside the weight kernels
+  weight-streaming kernel (`qerl.kernels.fused_linear`: register-fed tensor cores,
+  `nvfp4_mma`, for 1-32 rows of bf16 NVFP4 on Hopper (`ring`: its words streamed by TMA);
+  else CUDA cores at 1-4 rows and version 5 up to DECODE_MAX_M) for NVFP4/MXFP4; the LoRA shrink runs inside the weight kernels
   (`fuse_shrink`: version 7 always, versions 5/6 where they split K); bf16 weights, and more rows, use
   cuBLAS (one layer dequantized into the engine's own buffer for NVFP4/MXFP4) and one
   epilogue launch (`linear_epilogue`: bias, LoRA, SiLU gate); residual add + RMSNorm
@@ -44,6 +44,7 @@ import torch
 from .kernels import KernelUnavailable, available
 from .kernels._triton import programmatic_launch
 from .kernels.fused_linear import TC_MAX_M
+from .kernels.nvfp4_mma import RING_STAGES
 from .modeling import CausalLM, causal_mask, positions_from_mask, rope_inv_freq
 from .quant import QuantLinear
 from .rollout import Engine, Rollout, SamplingParams, left_pad, sample_tokens
@@ -124,7 +125,7 @@ class CudaEngine(Engine):
 
     def __init__(self, model: CausalLM, tokenizer, eos_ids: list[int] | None = None, check_every: int = 16,
                  use_graphs: bool = True, pdl: bool = False, fuse_shrink: bool = True,
-                 mma: bool = True):
+                 mma: bool = True, ring: bool = False):
         if not available() or model.device.type != "cuda":
             raise KernelUnavailable("CudaEngine needs a CUDA device and Triton; use qerl.rollout.Engine here")
         a = model.args
@@ -138,7 +139,9 @@ class CudaEngine(Engine):
         # (fuse_shrink) is +10% tok/s at batch 1, so on; programmatic dependent launch (pdl) is +1% at batch 1
         # and -43% at batch 8, so off
         self.pdl, self.fuse_shrink = pdl, fuse_shrink
-        self.mma = mma  # version 7 (register-fed tensor cores) for the NVFP4 rows it supports, else version 5
+        self.mma = mma  # version 7 (register-fed tensor cores) for the NVFP4 rows it supports, else versions 5/6
+        # version 7 streams its words and scales by TMA through shared memory: measured 2-4% slower, so off
+        self.ring = RING_STAGES if ring else None
         self.layers = []
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -243,7 +246,7 @@ class CudaEngine(Engine):
         one_pass = f.fmt != "bf16" and m <= DECODE_MAX_M
         if one_pass and f.rank and self.fuse_shrink:  # h from the decode kernel (see fused_linear's lora_A)
             return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, None, f.B, f.rank, 1.0, f.segments, f.glu,
-                                out=out, lora_A=f.A, h_out=self.hbuf, mma=self.mma)
+                                out=out, lora_A=f.A, h_out=self.hbuf, mma=self.mma, ring=self.ring)
         if f.rank:
             h = lora_shrink(x, f.A, out=self.hbuf)
         if not one_pass:  # cuBLAS for the product, one small kernel for the epilogue
@@ -265,7 +268,7 @@ class CudaEngine(Engine):
             torch.mm(x, w.t(), out=y0)
             return linear_epilogue(y0, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out)
         return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out,
-                            mma=self.mma)
+                            mma=self.mma, ring=self.ring)
 
     def _decode_step(self, b: int):
         with programmatic_launch(self.pdl):

@@ -36,34 +36,64 @@ def test_compiles_for_hopper_without_shared_memory(m, nw, r):
     assert "HMMA" in sass and "STL" not in sass and "STS" not in sass
 
 
+@gluon
+@pytest.mark.parametrize("m,nw,r,ring", [(1, 4, 2, 4), (8, 2, 2, 3), (32, 2, 1, 2)])
+def test_ring_compiles_for_hopper(m, nw, r, ring):
+    """Offline (no GPU): with the TMA ring the words and scales arrive by bulk tensor copies into `ring`
+    shared-memory stages (16-byte shared loads in the operand layout); the MMA operands still come from
+    registers, and nothing spills."""
+    import triton
+
+    cfg = dict(num_warps=nw, RPW=r, BKW=32, RING=ring)
+    ck = nvfp4_mma.compile_sm90(m, cfg, shrink=m == 8)
+    bn = 16 * nw * r
+    assert ck.metadata.shared >= ring * bn * (128 + 16)  # the ring: words and scale bytes of each stage
+    ptx = ck.asm["ptx"]
+    assert ptx.count("cp.async.bulk.tensor.2d") == 2 * ring  # words + scales: ring - 1 in the prologue, 1 a step
+    assert "ld.shared.v4.b32" in ptx and "mma.sync" in ptx and "mbarrier.try_wait" in ptx
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(ck.asm["cubin"])
+        nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+        sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    assert "HMMA" in sass and "UTMALDG" in sass and "STL" not in sass
+
+
 def test_config_follows_the_measured_tiles():
-    """The H200 sweep's best tiles for Qwen2.5-7B at 8 rows; splits keep two steps of K each."""
+    """The H200 sweeps' best tiles for Qwen2.5-7B; splits keep two steps of K each; register loads (no ring)."""
     qkv, o = nvfp4_mma.mma_config(8, 4608, 3584), nvfp4_mma.mma_config(8, 3584, 3584)
-    assert (o["num_warps"], o["BLOCK_N"], o["SPLIT"]) == (2, 64, 7)  # 14 steps: 7 splits of 2 (the sweep: 8, one empty)
-    assert qkv["MMA"] and qkv["BLOCK_N"] == 64 and qkv["SPLIT"] == 6
-    assert nvfp4_mma.mma_config(8, 18944, 3584)["SPLIT"] == 1  # gate|up: 592 tiles already fill the GPU
-    assert nvfp4_mma.mma_config(16, 18944, 3584)["SPLIT"] == 2
+    assert (o["num_warps"], o["BLOCK_N"], o["SPLIT"]) == (4, 128, 7)  # 14 steps: 7 splits of 2 (the sweep: 14)
+    assert qkv["MMA"] and qkv["BLOCK_N"] == 128 and qkv["SPLIT"] == 7 and qkv["RING"] == 0
+    assert nvfp4_mma.mma_config(8, 18944, 3584)["SPLIT"] == 4  # gate|up: 148 tiles of 128 rows, 4 splits
+    assert nvfp4_mma.mma_config(16, 18944, 3584)["SPLIT"] == 4
+    gu1 = nvfp4_mma.mma_config(1, 18944, 3584)
+    assert (gu1["BLOCK_N"], gu1["SPLIT"]) == (64, 4)
     down = nvfp4_mma.mma_config(8, 3584, 18944)
     assert (down["num_warps"], down["BLOCK_N"], down["SPLIT"]) == (4, 64, 8)
+    assert nvfp4_mma.mma_config(1, 3584, 18944)["BLOCK_N"] == 32
     assert nvfp4_mma.mma_config(32, 3584, 18944)["BLOCK_N"] == 32  # one tile a warp above 16 rows (registers)
     assert nvfp4_mma.mma_config(8, 64, 512)["SPLIT"] == 1  # 2 steps of 32 words: no room to split
+    assert nvfp4_mma.mma_config(8, 4608, 3584, ring=3)["RING"] == 3
+    assert nvfp4_mma.mma_config(8, 4608, 3584, bkw=64, ring=3)["RING"] == 0  # a TMA box row is at most 128 bytes
 
 
 @hopper
 @gluon
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", [(4, 1, 1, 0), (1, 1, 3, 1), (1, 2, 2, 0), (2, 2, 5, 1)],
-                         ids=lambda t: "w%d-r%d-s%d-p%d" % t)
+@pytest.mark.parametrize("tile", [(4, 1, 1, 0, 4), (1, 1, 3, 1, 0), (1, 2, 2, 0, 2), (2, 2, 5, 1, 0), (2, 2, 5, 0, 3)],
+                         ids=lambda t: "w%d-r%d-s%d-p%d-ring%d" % t)
 @pytest.mark.parametrize("k", [768, 1280])
 def test_matches_reference(tile, k):
-    """q|k|v segments (own global scales, bias, LoRA from h or from A) and gate|up with SiLU, M = 5..32,
-    N not a multiple of the tile, more splits than steps (empty splits write zeros), poisoned outputs."""
+    """q|k|v segments (own global scales, bias, LoRA from h or from A) and gate|up with SiLU, M = 1..32,
+    N not a multiple of the tile (the TMA ring's out-of-bounds rows), more splits than steps (empty splits
+    write zeros), register loads (with and without prefetch) and TMA rings of 2-4 stages, poisoned outputs."""
     from qerl.kernels.fused_linear import fused_linear
     from qerl.kernels.lora_shrink import lora_shrink
 
-    nw, r_, split, prefetch = tile
+    nw, r_, split, prefetch, ring = tile
     cfg = dict(WORDS=True, MMA=True, BLOCK_N=16 * nw * r_, BKW=32, RPW=r_, SPLIT=split, num_warps=nw,
-               PREFETCH=bool(prefetch))
+               PREFETCH=bool(prefetch), RING=ring)
     r, sizes, dtype = 16, (96, 24, 40), torch.bfloat16
     ds = [nvfp4_quantize(torch.randn(n, k, device="cuda") * s) for n, s in zip(sizes, (1.0, 3.0, 0.5))]
     deq = torch.cat([nvfp4_dequantize(d, torch.float32) for d in ds])
@@ -72,7 +102,7 @@ def test_matches_reference(tile, k):
     gs = torch.cat([d["weight_global_scale"] for d in ds])
     bias = torch.randn(sum(sizes), device="cuda", dtype=dtype)
     a, b = torch.randn(3 * r, k, device="cuda") * 0.1, torch.randn(sum(sizes), r, device="cuda")
-    for m in (5, 8, 13, 16, 17, 32):
+    for m in (1, 3, 5, 8, 13, 16, 17, 32):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         ref = x.float() @ deq.T + bias.float() + 0.5 * qkv_lora(x, a, b, r, sizes)
         out = torch.full((m, sum(sizes)), float("nan"), device="cuda", dtype=dtype)
@@ -97,15 +127,20 @@ def test_matches_reference(tile, k):
 @gluon
 @pytest.mark.gpu
 def test_picked_by_default_and_off_switch():
-    """fused_linear picks version 7 for 5..32 bf16 rows on Hopper, version 5 with mma=False; both agree."""
+    """fused_linear picks version 7 for 1..32 bf16 rows on Hopper (its TMA ring when asked for), versions
+    5/6 with mma=False; all agree with the reference."""
     from qerl.kernels.fused_linear import fused_linear, pick_config
 
-    assert pick_config(8, 4608, 3584, "nvfp4", mma=True).get("MMA")
+    assert pick_config(1, 4608, 3584, "nvfp4", mma=True)["MMA"]
+    assert pick_config(8, 4608, 3584, "nvfp4", mma=True, ring=0)["RING"] == 0
+    assert pick_config(8, 4608, 3584, "nvfp4", mma=True, ring=3)["RING"] == 3
     assert not pick_config(8, 4608, 3584, "nvfp4", mma=False).get("MMA")
     assert not pick_config(40, 4608, 3584, "nvfp4", mma=True).get("MMA")
     d = nvfp4_quantize(torch.randn(300, 1024, device="cuda"))
-    x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
-    args = (x, "nvfp4", d["weight_packed"], d["weight_scale"], d["weight_global_scale"])
-    y7, y5 = fused_linear(*args), fused_linear(*args, mma=False)
-    ref = x.float() @ nvfp4_dequantize(d, torch.float32).T
-    assert rel(y7, ref) < 1e-2 and rel(y5, ref) < 1e-2
+    ref_w = nvfp4_dequantize(d, torch.float32)
+    for m in (1, 8):
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+        args = (x, "nvfp4", d["weight_packed"], d["weight_scale"], d["weight_global_scale"])
+        ref = x.float() @ ref_w.T
+        for y in (fused_linear(*args), fused_linear(*args, ring=4), fused_linear(*args, mma=False)):
+            assert rel(y, ref) < 1e-2

@@ -9,16 +9,17 @@ uint8 bits, and the step `float(scale) / global_scale` is formed in fp32 exactly
 the reference does, so the dequantized weight is bit-identical to
 `qerl.quant.nvfp4.nvfp4_dequantize(...).to(x.dtype)` before it meets x.
 
-- M < TC_MIN_M, NVFP4/MXFP4 (version 6, `_gemv_rows` in `_decode_kernel`): packed weights read as
+- MMA_MIN_M..MMA_MAX_M rows (1..32), NVFP4 with bf16 x on Hopper (version 7, `nvfp4_mma`, Gluon): each
+  nibble plane of the int32 words is decoded straight into `mma.sync` operand registers (words loaded
+  into registers, or optionally streamed by TMA through shared memory: `ring`); fp32 partials + the
+  epilogue launch. Tiles: `mma_config`.
+- M < TC_MIN_M otherwise, NVFP4/MXFP4 (version 6, `_gemv_rows` in `_decode_kernel`): packed weights read as
   int32 words (8 codes) in 16-byte runs, decoded by one inline-asm block (two codes per shift/mask
   into an f16x2, then exact f16->f32), joined into natural K order and multiplied in fp32 with one
   contiguous vector of x per row; each scale block's products are summed and scaled once, the NVFP4
   global scale is applied once per row. Split-K for short grids, whose fp32 partials are summed by the
   epilogue launch (`linear_epilogue`). W is not rounded to the activation dtype first: bf16 results
   differ from the reference by that rounding. Tiles per shape class: `gemv_config`.
-- TC_MIN_M..MMA_MAX_M rows (5..32), NVFP4 with bf16 x on Hopper (version 7, `nvfp4_mma`, Gluon): each
-  nibble plane of the int32 words is decoded straight into `mma.sync` operand registers (no shared
-  memory); fp32 partials + the epilogue launch. Tiles: `mma_config`.
 - TC_MIN_M..TC_MAX_M rows (5..64), NVFP4/MXFP4 otherwise (version 5, `_tc_rows`, same launch and
   epilogues): the weight tile is decoded in registers straight to bf16 and multiplied
   on tensor cores with x^T (swap AB, rows padded to 16; Triton stages the tile in shared memory).
@@ -560,13 +561,15 @@ if HAS_TRITON:
 TC_MAX_M = 64  # rows the tensor-core decode kernel (version 5) takes in one tile
 GEMV_MAX_M = 8  # rows version 6 (CUDA cores) takes
 TC_MIN_M = 5  # from this many rows up, NVFP4/MXFP4 use version 5 (tensor cores); below it version 6 (H100 sweep)
+MMA_MIN_M = 1  # version 7 (where supported) from this many rows up: faster than version 6 at 1, 2 and 4 rows (H200)
 
 
-def pick_config(m: int, n: int, k: int, fmt: str, mma: bool = False) -> dict:
+def pick_config(m: int, n: int, k: int, fmt: str, mma: bool = False, ring: int | None = None) -> dict:
     """Tile sizes by shape (measured on an H100/H200; see benchmarks/RESULTS.md). mma: version 7
-    (`nvfp4_mma`, Gluon) may serve NVFP4 from TC_MIN_M to MMA_MAX_M rows (the caller checked `mma_supported`)."""
-    if mma and fmt == "nvfp4" and TC_MIN_M <= m <= MMA_MAX_M:
-        return mma_config(m, n, k)
+    (`nvfp4_mma`, Gluon) may serve NVFP4 from MMA_MIN_M to MMA_MAX_M rows (the caller checked `mma_supported`);
+    ring: its TMA ring stages (None: its tile table's)."""
+    if mma and fmt == "nvfp4" and MMA_MIN_M <= m <= MMA_MAX_M:
+        return mma_config(m, n, k, ring=ring)
     if TC_MIN_M <= m <= TC_MAX_M and fmt in ("nvfp4", "mxfp4"):
         return tc_config(m, n, k)
     if m <= GEMV_MAX_M and fmt in ("nvfp4", "mxfp4"):
@@ -624,7 +627,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
                  lora_h: torch.Tensor | None = None, lora_B: torch.Tensor | None = None, lora_rank: int = 0,
                  lora_scale: float = 1.0, segments: tuple[int, int] | None = None, glu: bool = False,
                  out: torch.Tensor | None = None, config: dict | None = None, lora_A: torch.Tensor | None = None,
-                 h_out: torch.Tensor | None = None, mma: bool = True) -> torch.Tensor:
+                 h_out: torch.Tensor | None = None, mma: bool = True, ring: int | None = None) -> torch.Tensor:
     """x [M, K] -> y [M, N] (or [M, N/2] with glu) in x.dtype.
 
     weight: nvfp4/mxfp4 packed uint8 [N, K/2] (+ scale [N, K/16] e4m3 or [N, K/32] e8m0,
@@ -634,7 +637,9 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     always, versions 5/6 where they split K: no `lora_shrink` launch), else by `lora_shrink`; h_out: fp32
     scratch for its partials (>= MAX_SPLITS * M * R_total values; allocated if None).
     segments: (n1, n2) row boundaries of fused modules (q | k | v); with glu, rows of up start at N/2.
-    mma: let version 7 (register-fed tensor cores, `nvfp4_mma`) take the rows it supports when no config is given.
+    mma: let version 7 (register-fed tensor cores, `nvfp4_mma`) take the rows it supports when no config is given;
+    ring: version 7's words and scales streamed by TMA through this many shared-memory stages
+    (`nvfp4_mma._mma_tile_ring`; 0: register loads; None: the tile table's, `nvfp4_mma.MMA_TILES`).
     """
     require(x, weight, what="the fused linear kernel")
     if fmt not in FMT_CODES:
@@ -651,7 +656,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     n = n_rows // 2 if glu else n_rows
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    cfg = dict(config or pick_config(m, n, k, fmt, mma=mma and mma_supported(x, fmt, k)))
+    cfg = dict(config or pick_config(m, n, k, fmt, mma=mma and mma_supported(x, fmt, k), ring=ring))
     if cfg.pop("WORDS", False):
         return _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
                               segments, glu, out, n, cfg, lora_A, h_out)

@@ -1,4 +1,4 @@
-"""Version 7 of the NVFP4 decode linear: tensor cores fed from registers (Gluon, mma.sync), 5-32 rows.
+"""Version 7 of the NVFP4 decode linear: tensor cores fed from registers (Gluon, mma.sync), 1-32 rows.
 
 Version 5 (`fused_linear._tc_rows`) decodes a weight tile in registers and lets Triton stage it in
 shared memory for the MMA (4x the bytes it read, a store, a barrier and a load per step): about 650 GB/s
@@ -22,6 +22,12 @@ byte of both words with one `prmt`, places the two codes of a nibble into a bf16
 Given the LoRA A matrices, R extra programs per split write the shrink's partials h[split, M, R] (one row
 of A each, CUDA cores), so the decode step needs no `lora_shrink` launch.
 
+Loads: by default each step's words and scales are loaded straight into registers in the operand layout.
+With RING > 0 (`_mma_tile_ring`) they are streamed by TMA (bulk tensor copies, mbarriers) through RING
+shared-memory stages and read back with 16-byte shared loads: the loads in flight no longer depend on the
+registers. Measured on the H200 it was 1-2 us a call slower (benchmarks/RESULTS.md): the kernel is bound by
+its instruction issue at 12 resident warps a multiprocessor, not by loads in flight, so it is off.
+
 Layouts are Gluon's explicit linear layouts: `_layouts` derives the scale and x layouts from the MMA
 operand layouts, and every conversion to an operand layout is asserted trivial at compile time (no data
 movement), so a layout mistake fails compilation instead of silently adding a shared-memory round trip.
@@ -37,12 +43,15 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     HAS_GLUON = True
 except Exception:  # Triton without Gluon (< 3.4) or no Triton at all: version 5 serves these rows
     HAS_GLUON = False
 
 MMA_MAX_M = 32  # rows of x: at 64 the x tile (32 words x 8 x 64 rows) spills registers
+RING_STAGES = 4  # TMA ring depth when a ring is asked for (`CudaEngine(ring=True)`, `fused_linear(ring=)`)
 
 
 def mma_supported(x: torch.Tensor, fmt: str, k: int, bkw: int = 32) -> bool:
@@ -81,7 +90,9 @@ def _layouts(nw: int, r: int, bkw: int, bm: int):
     x_l = gl.DistributedLinearLayout([[0, 0, 1], [0, 0, 2], [0, 0, 4]] + [[w, m, 0] for w, m in b_reg],
                                      [[w, m, 0] for w, m in b_lane], [[0, 0, 0] for _ in _bits(nw)], [],
                                      [bkw, bm, 8])
-    return mma, a_op, b_op, s_l, x_l, l3
+    q_l = gl.DistributedLinearLayout([list(b) for b in a_reg], [list(b) for b in a_lane], [list(b) for b in a_warp], [],
+                                     [16 * nw * r, bkw])  # A's bases as a linear layout: shared -> registers
+    return mma, a_op, b_op, s_l, x_l, l3, q_l
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,9 +145,11 @@ if HAS_GLUON:
                     stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm, stride_ar, stride_hs, stride_hm,
                     BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
                     C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
-                    X_L: gl.constexpr, L3: gl.constexpr, SH_L: gl.constexpr, SHRINK: gl.constexpr = False,
-                    PREFETCH: gl.constexpr = False):
+                    X_L: gl.constexpr, L3: gl.constexpr, Q_L: gl.constexpr, SH_L: gl.constexpr,
+                    SHRINK: gl.constexpr = False, PREFETCH: gl.constexpr = False, RING: gl.constexpr = 0):
         """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32).
+        RING > 0: w_ptr and s_ptr are TMA descriptors of the words and scales, streamed through a ring of RING
+        shared-memory stages (`_mma_tile_ring`); else they are pointers, loaded into registers (`_mma_tile`).
         SHRINK: the first R_SH programs of each split instead write the LoRA shrink's partial
         h[split, m, r] = x[m, split's K] . A[r, split's K] (one row of A each), so no `lora_shrink` launch."""
         pid = gl.program_id(0)
@@ -147,13 +160,28 @@ if HAS_GLUON:
                 _shrink_row(x_ptr, a_ptr, h_ptr, pid, M, k_lo * 8, k_hi * 8, stride_xm, stride_ar,
                             gl.program_id(1) * stride_hs, stride_hm, BM, SH_L)
             else:
-                _mma_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid - R_SH, k_lo, k_hi, M, N, KW, n1, n2,
-                          stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
-                          BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, PREFETCH)
+                _tile_partials(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid - R_SH, k_lo, k_hi, M, N, KW, n1, n2,
+                               stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
+                               BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, PREFETCH, RING)
         else:
-            _mma_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid, k_lo, k_hi, M, N, KW, n1, n2,
-                      stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
-                      BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, PREFETCH)
+            _tile_partials(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid, k_lo, k_hi, M, N, KW, n1, n2,
+                           stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
+                           BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, PREFETCH, RING)
+
+    @gluon.jit
+    def _tile_partials(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid_n, k_lo, k_hi, M, N, KW, n1, n2,
+                       stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
+                       BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
+                       C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
+                       X_L: gl.constexpr, L3: gl.constexpr, Q_L: gl.constexpr, PREFETCH: gl.constexpr,
+                       RING: gl.constexpr):
+        if RING > 0:
+            acc = _mma_tile_ring(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, stride_xm,
+                                 BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, RING)
+        else:
+            acc = _mma_tile(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, N, KW, stride_xm, stride_ww, stride_sn,
+                            BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, PREFETCH)
+        _store_partials(acc, gs_ptr, ws_ptr, pid_n, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
 
     @gluon.jit
     def _shrink_row(x_ptr, a_ptr, h_ptr, r, M, k_lo, k_hi, stride_xm, stride_ar, h_off, stride_hm,
@@ -172,12 +200,41 @@ if HAS_GLUON:
         gl.store(h_ptr + h_off + rm * stride_hm + r, h, mask=rm < M)
 
     @gluon.jit
-    def _mma_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid_n, k_lo, k_hi, M, N, KW, n1, n2,
-                  stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
+    def _x_offsets(M, stride_xm, BM: gl.constexpr, BKW: gl.constexpr, X_L: gl.constexpr):
+        """Offsets and row mask of the x tile [BKW, BM, 8] of a step: x[m, 8 * (k + w) + i]."""
+        xw = gl.arange(0, BKW, layout=gl.SliceLayout(1, gl.SliceLayout(2, X_L)))
+        xm = gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(2, X_L)))
+        xi = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, X_L)))
+        xoff = (gl.expand_dims(gl.expand_dims(xw * 8, 1), 2) + gl.expand_dims(gl.expand_dims(xm * stride_xm, 0), 2)
+                + gl.expand_dims(gl.expand_dims(xi, 0), 1))
+        return xoff, gl.expand_dims(gl.expand_dims(xm < M, 0), 2)
+
+    @gluon.jit
+    def _mma_step(acc, q, sb, xv, BN: gl.constexpr, BKW: gl.constexpr, BM: gl.constexpr,
+                  A_L: gl.constexpr, B_L: gl.constexpr, L3: gl.constexpr):
+        """acc += the words q [BN, BKW] (A layout) with their scale bytes sb [BN, BKW/2], times the x tile xv."""
+        sv = (sb.to(gl.float8e4nv, bitcast=True).to(gl.float32) * 1.2980742146337069e33).to(gl.bfloat16)  # 2**110
+        c = sv.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        c3 = gl.expand_dims(c | (c << 16), 2) + gl.zeros([BN, BKW // 2, 2], gl.int32, layout=L3)  # both words' bf16x2
+        s2 = gl.convert_layout(gl.reshape(c3, [BN, BKW]), A_L, assert_trivial=True)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _planes(q, s2)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes(xv, BKW, BM, B_L)
+        acc = mma_v2(p0, x0, acc)
+        acc = mma_v2(p1, x1, acc)
+        acc = mma_v2(p2, x2, acc)
+        acc = mma_v2(p3, x3, acc)
+        acc = mma_v2(p4, x4, acc)
+        acc = mma_v2(p5, x5, acc)
+        acc = mma_v2(p6, x6, acc)
+        acc = mma_v2(p7, x7, acc)
+        return acc
+
+    @gluon.jit
+    def _mma_tile(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, N, KW, stride_xm, stride_ww, stride_sn,
                   BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
                   C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
                   X_L: gl.constexpr, L3: gl.constexpr, PREFETCH: gl.constexpr):
-        """One [BN weight rows, BM rows of x] tile over words [k_lo, k_hi): ws[split, m, n]."""
+        """One [BN weight rows, BM rows of x] tile over words [k_lo, k_hi), loaded straight into registers."""
         # weight words [BN, BKW] in the A layout (rows past N read row N-1; their sums are not stored)
         rn = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, A_L)), N - 1)
         rw = gl.arange(0, BKW, layout=gl.SliceLayout(0, A_L))
@@ -186,44 +243,72 @@ if HAS_GLUON:
         rns = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, S_L)), N - 1)
         rj = gl.arange(0, BKW // 2, layout=gl.SliceLayout(0, S_L))
         sp = s_ptr + gl.expand_dims(rns.to(gl.int64) * stride_sn, 1) + gl.expand_dims(rj, 0)
-        # x [BKW, BM, 8]: x[m, 8 * (k + w) + i]
-        xw = gl.arange(0, BKW, layout=gl.SliceLayout(1, gl.SliceLayout(2, X_L)))
-        xm = gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(2, X_L)))
-        xi = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, X_L)))
-        xoff = (gl.expand_dims(gl.expand_dims(xw * 8, 1), 2) + gl.expand_dims(gl.expand_dims(xm * stride_xm, 0), 2)
-                + gl.expand_dims(gl.expand_dims(xi, 0), 1))
-        xmask = gl.expand_dims(gl.expand_dims(xm < M, 0), 2)
-        zero3 = gl.zeros([BN, BKW // 2, 2], gl.int32, layout=L3)
+        xoff, xmask = _x_offsets(M, stride_xm, BM, BKW, X_L)
         acc = gl.zeros([BN, BM], gl.float32, layout=C_L)
-        if PREFETCH:  # this step's words and scales were loaded one step ahead (in bounds: clamped to the last step)
+        if PREFETCH:  # this step's words, scales and x were loaded one step ahead (clamped to the last step)
             kc = gl.minimum(k_lo, KW - BKW)
             qn = gl.load(wp + kc)
             sbn = gl.load(sp + kc // 2)
+            xn = gl.load(x_ptr + kc * 8 + xoff, mask=xmask, other=0.0)
         for k in range(k_lo, k_hi, BKW):
             if PREFETCH:
-                q, sb = qn, sbn
+                q, sb, xv = qn, sbn, xn
                 kc = gl.minimum(k + BKW, KW - BKW)
                 qn = gl.load(wp + kc)
                 sbn = gl.load(sp + kc // 2)
+                xn = gl.load(x_ptr + kc * 8 + xoff, mask=xmask, other=0.0)
             else:
                 q = gl.load(wp + k)
                 sb = gl.load(sp + k // 2)
-            xv = gl.load(x_ptr + k * 8 + xoff, mask=xmask, other=0.0)
-            sv = (sb.to(gl.float8e4nv, bitcast=True).to(gl.float32) * 1.2980742146337069e33).to(gl.bfloat16)  # 2**110
-            c = sv.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-            c3 = gl.expand_dims(c | (c << 16), 2) + zero3  # each block's bf16x2 for both of its words
-            s2 = gl.convert_layout(gl.reshape(c3, [BN, BKW]), A_L, assert_trivial=True)
-            p0, p1, p2, p3, p4, p5, p6, p7 = _planes(q, s2)
-            x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes(xv, BKW, BM, B_L)
-            acc = mma_v2(p0, x0, acc)
-            acc = mma_v2(p1, x1, acc)
-            acc = mma_v2(p2, x2, acc)
-            acc = mma_v2(p3, x3, acc)
-            acc = mma_v2(p4, x4, acc)
-            acc = mma_v2(p5, x5, acc)
-            acc = mma_v2(p6, x6, acc)
-            acc = mma_v2(p7, x7, acc)
-        # 2**16 / the row's global scale (fused q|k|v and gate|up rows carry their module's)
+                xv = gl.load(x_ptr + k * 8 + xoff, mask=xmask, other=0.0)
+            acc = _mma_step(acc, q, sb, xv, BN, BKW, BM, A_L, B_L, L3)
+        return acc
+
+    @gluon.jit
+    def _ring_fill(w_desc, s_desc, bar, w_buf, s_buf, n0, k, pred, BN: gl.constexpr, BKW: gl.constexpr):
+        """Start the TMA copies of one step's words [BN, BKW] and scale bytes [BN, BKW/2] into a ring slot."""
+        mbarrier.expect(bar, BN * BKW * 4 + BN * BKW // 2, pred=pred)
+        tma.async_copy_global_to_shared(w_desc, [n0, k], bar, w_buf, pred=pred)
+        tma.async_copy_global_to_shared(s_desc, [n0, k // 2], bar, s_buf, pred=pred)
+
+    @gluon.jit
+    def _mma_tile_ring(x_ptr, w_desc, s_desc, pid_n, k_lo, k_hi, M, stride_xm,
+                       BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
+                       C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
+                       X_L: gl.constexpr, L3: gl.constexpr, Q_L: gl.constexpr, RING: gl.constexpr):
+        """`_mma_tile` with the words and scales streamed by TMA through RING shared-memory stages: RING - 1
+        steps of loads are in flight whatever the registers allow; each step is read back in the A layout
+        (16 bytes a thread). Rows past N arrive as zeros (TMA fills out-of-bounds boxes)."""
+        steps = (k_hi - k_lo) // BKW
+        w_s = gl.allocate_shared_memory(gl.int32, [RING, BN, BKW], w_desc.layout)
+        s_s = gl.allocate_shared_memory(gl.uint8, [RING, BN, BKW // 2], s_desc.layout)
+        bar = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(RING):
+            mbarrier.init(bar.index(i), count=1)
+        n0 = pid_n * BN
+        for i in gl.static_range(RING - 1):
+            _ring_fill(w_desc, s_desc, bar.index(i), w_s.index(i), s_s.index(i), n0, k_lo + i * BKW, i < steps,
+                       BN, BKW)
+        xoff, xmask = _x_offsets(M, stride_xm, BM, BKW, X_L)
+        acc = gl.zeros([BN, BM], gl.float32, layout=C_L)
+        for j in range(steps):
+            xv = gl.load(x_ptr + (k_lo + j * BKW) * 8 + xoff, mask=xmask, other=0.0)
+            gl.thread_barrier()  # every warp is done with the slot refilled now (read at step j - 1)
+            nj = j + RING - 1
+            _ring_fill(w_desc, s_desc, bar.index(nj % RING), w_s.index(nj % RING), s_s.index(nj % RING), n0,
+                       k_lo + nj * BKW, nj < steps, BN, BKW)
+            mbarrier.wait(bar.index(j % RING), (j // RING) & 1)
+            q = gl.convert_layout(w_s.index(j % RING).load(Q_L), A_L, assert_trivial=True)
+            sb = s_s.index(j % RING).load(S_L)
+            acc = _mma_step(acc, q, sb, xv, BN, BKW, BM, A_L, B_L, L3)
+        for i in gl.static_range(RING):
+            mbarrier.invalidate(bar.index(i))
+        return acc
+
+    @gluon.jit
+    def _store_partials(acc, gs_ptr, ws_ptr, pid_n, M, N, n1, n2, stride_wss, stride_wsm,
+                        BM: gl.constexpr, BN: gl.constexpr, C_L: gl.constexpr):
+        """ws[split, m, n] = acc * 2**16 / the row's global scale (fused q|k|v and gate|up rows carry their module's)."""
         rno = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, C_L))
         seg = (rno >= n1).to(gl.int32) + (rno >= n2).to(gl.int32)
         f = 65536.0 / gl.load(gs_ptr + seg, mask=rno < N, other=1.0)
@@ -234,34 +319,39 @@ if HAS_GLUON:
         gl.store(yp, acc, mask=gl.expand_dims(rno < N, 1) & gl.expand_dims(rmo < M, 0))
 
 
-# (num_warps, 16-row tiles a warp, programs in the grid) by shape class and rows (<= 8, <= 16, <= 32): the best
-# tiles of the H200 sweep (benchmarks/bench_mma_gpu.py, Qwen2.5-7B shapes); K is split until the grid holds
-# about that many programs, so other model sizes keep the same parallelism.
+# (num_warps, 16-row tiles a warp, programs in the grid, ring stages) by shape class and rows (<= 4, <= 8,
+# <= 16, <= 32): the best tiles of the H200 sweeps (benchmarks/bench_mma_gpu.py, Qwen2.5-7B shapes); K is
+# split until the grid holds about that many programs, so other model sizes keep the same parallelism.
+# Ring stages 0: words and scales loaded straight into registers; n > 0: streamed by TMA through n stages
+# (measured 1-2 us slower a call and -2 to -4% tok/s in the engine, so 0 everywhere: benchmarks/RESULTS.md).
 MMA_TILES = {
-    "down": {8: (4, 1, 448), 16: (4, 2, 252), 32: (2, 1, 448)},  # long K
-    "narrow": {8: (2, 2, 448), 16: (2, 2, 448), 32: (2, 1, 448)},  # q|k|v, o_proj
-    "wide": {8: (2, 2, 296), 16: (2, 2, 592), 32: (2, 1, 448)},  # gate|up (n: output columns, half its rows)
+    "down": {4: (2, 1, 896, 0), 8: (4, 1, 448, 0), 16: (4, 2, 252, 0), 32: (2, 1, 448, 0)},  # long K
+    "narrow": {4: (4, 2, 300, 0), 8: (4, 2, 300, 0), 16: (2, 2, 448, 0), 32: (2, 1, 448, 0)},  # q|k|v, o_proj
+    "wide": {4: (2, 2, 1184, 0), 8: (4, 2, 592, 0), 16: (2, 2, 1184, 0), 32: (2, 1, 448, 0)},  # gate|up (n: output columns)
 }
 
 
 def mma_config(m: int, n: int, k: int, num_warps: int | None = None, rows_per_warp: int | None = None,
-               bkw: int = 32, programs: int | None = None) -> dict:
+               bkw: int = 32, programs: int | None = None, ring: int | None = None) -> dict:
     """Version 7 tile for m rows of an [n, k] weight: BN = 16 * num_warps * rows_per_warp weight rows, bkw
     words a step; K split until the grid has about `programs` programs (at most 16 splits, each at least
-    two steps). Fields given override the `MMA_TILES` entry."""
+    two steps); `ring` TMA stages (0: register loads). Fields given override the `MMA_TILES` entry."""
     cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
-    nw, r, target = MMA_TILES[cls][8 if m <= 8 else (16 if m <= 16 else 32)]
+    nw, r, target, stages = MMA_TILES[cls][next(b for b in (4, 8, 16, 32) if m <= b or b == 32)]
     nw, r, target = num_warps or nw, rows_per_warp or r, programs or target
+    stages = stages if ring is None else ring
     bn = 16 * nw * r
     split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // bkw // 2))
-    return dict(WORDS=True, MMA=True, BLOCK_N=bn, BKW=bkw, RPW=r, SPLIT=split, num_warps=nw)
+    return dict(WORDS=True, MMA=True, BLOCK_N=bn, BKW=bkw, RPW=r, SPLIT=split, num_warps=nw,
+                RING=stages if bkw == 32 else 0)  # a TMA box row is at most the 128-byte swizzle
 
 
 def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
                  n1: int, n2: int, cfg: dict, ws: torch.Tensor, lora_A: torch.Tensor | None = None,
                  h: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 partial products ws[s, m, n] = sum over split s of x[m] . W[n] (global scales applied).
-    x [M, K] bf16, w32 [N, K/8] int32 words of packed E2M1, scale [N, K/16] uint8 E4M3 bytes,
+    cfg["RING"] > 0 streams the words and scales by TMA (unless a base or row stride is not 16-byte aligned:
+    then they are loaded into registers, same sums). x [M, K] bf16, w32 [N, K/8] int32 words of packed E2M1, scale [N, K/16] uint8 E4M3 bytes,
     global_scale fp32 per segment; ws [SPLIT, M, N] fp32, rows of unit stride.
     lora_A [R, K] (row-major): also write the LoRA shrink's partials h[s, m, r] = x[m] . A[r] over split s
     into h [SPLIT, M, R] (fp32, contiguous), computed by R extra programs a split."""
@@ -280,20 +370,42 @@ def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global
             raise ValueError("lora_A must be [R, K] row-major and h [SPLIT, M, R]")
     const = mma_constexprs(m, cfg, shrink=r_sh > 0)
     grid = (-(-n // const["BN"]) + r_sh, split)
-    _mma_kernel[grid](x, w32, scale, global_scale, ws, lora_A if r_sh else ws, h if r_sh else ws, m, n, kw, kps,
+    if const["RING"] and not ring_supported(w32, scale):  # same sums, loaded without TMA
+        const = mma_constexprs(m, dict(cfg, RING=0), shrink=r_sh > 0)
+    w_arg, s_arg = (w32, scale) if not const["RING"] else _descriptors(w32, scale, const["BN"], bkw)
+    _mma_kernel[grid](x, w_arg, s_arg, global_scale, ws, lora_A if r_sh else ws, h if r_sh else ws, m, n, kw, kps,
                       n1, n2, r_sh, x.stride(0), w32.stride(0), scale.stride(0), ws.stride(0), ws.stride(1),
                       lora_A.stride(0) if r_sh else 0, h.stride(0) if r_sh else 0, h.stride(1) if r_sh else 0,
-                      num_warps=cfg["num_warps"], **const)
+                      num_warps=cfg["num_warps"], **({"maxnreg": cfg["MAXNREG"]} if cfg.get("MAXNREG") else {}), **const)
     return ws
+
+
+def _smem_layouts(bn: int, bkw: int):
+    """The TMA boxes' shared layouts: words [BN, BKW] int32 (128-byte swizzle at 32 words), scales [BN, BKW/2] bytes."""
+    return (gl.NVMMASharedLayout.get_default_for([bn, bkw], gl.int32),
+            gl.NVMMASharedLayout.get_default_for([bn, bkw // 2], gl.uint8))
+
+
+def _descriptors(w32: torch.Tensor, scale: torch.Tensor, bn: int, bkw: int):
+    """TMA descriptors of the packed words [N, K/8] and the scale bytes [N, K/16], one step's box each."""
+    wl, sl = _smem_layouts(bn, bkw)
+    return (TensorDescriptor.from_tensor(w32, [bn, bkw], wl), TensorDescriptor.from_tensor(scale, [bn, bkw // 2], sl))
+
+
+def ring_supported(w32: torch.Tensor, scale: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and row strides (always so for K a multiple of 256 and fresh tensors)."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+               for t in (w32, scale))
 
 
 def mma_constexprs(m: int, cfg: dict, shrink: bool) -> dict:
     """`_mma_kernel`'s constexprs for m rows of x and an `mma_config` tile (launcher and offline compile)."""
     nw, r, bkw = cfg["num_warps"], cfg["RPW"], cfg["BKW"]
     bm = max(8, 1 << (m - 1).bit_length())
-    mma, a_l, b_l, s_l, x_l, l3 = _layouts(nw, r, bkw, bm)
-    return dict(BM=bm, BN=16 * nw * r, BKW=bkw, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3,
-                SH_L=_shrink_layout(nw), SHRINK=shrink, PREFETCH=bool(cfg.get("PREFETCH", False)))
+    mma, a_l, b_l, s_l, x_l, l3, q_l = _layouts(nw, r, bkw, bm)
+    return dict(BM=bm, BN=16 * nw * r, BKW=bkw, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3, Q_L=q_l,
+                SH_L=_shrink_layout(nw), SHRINK=shrink, PREFETCH=bool(cfg.get("PREFETCH", False)),
+                RING=int(cfg.get("RING", 0)))
 
 
 def compile_sm90(m: int, cfg: dict, shrink: bool = True):
@@ -306,9 +418,16 @@ def compile_sm90(m: int, cfg: dict, shrink: bool = True):
     const = mma_constexprs(m, cfg, shrink)
     ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", ws_ptr="*fp32", a_ptr="*fp32",
                 h_ptr="*fp32")
+    descs = {}
+    if const["RING"]:
+        bn, bkw = const["BN"], const["BKW"]
+        wl, sl = _smem_layouts(bn, bkw)
+        descs = dict(w_ptr=f"tensordesc<i32[{bn}, {bkw}],{wl}>", s_ptr=f"tensordesc<u8[{bn}, {bkw // 2}],{sl}>")
+        for a in descs:
+            del ptrs[a]
     aligned = ("KW", "k_per_split", "stride_xm", "stride_ww", "stride_sn", "stride_wss")
     fn = _mma_kernel
-    sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in fn.arg_names}
+    sig = {a: "constexpr" if a in const else descs.get(a, ptrs.get(a, "i32")) for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptrs or a in aligned}
     return triton.compile(GluonASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=cfg["num_warps"]))
