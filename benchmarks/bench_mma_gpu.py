@@ -5,7 +5,7 @@ Per shape and row count: medians of CUDA-graph replays (`do_bench_cudagraph`) of
 call (decode kernel + epilogue launch), the engine's default choice (`default`: version 6 below 5 rows,
 version 7 from 5), the default tile of each version and a sweep of version-7 tiles
 (warps, 16-row tiles a warp, words a step, splits, loads a step ahead or not); the default tile also
-with a 4-stage TMA ring. GB/s counts the packed weight + scale bytes.
+with a 4-stage TMA ring and with x staged in shared memory (XSMEM). GB/s counts the packed weight + scale bytes.
 Usage: python benchmarks/bench_mma_gpu.py [--model qwen2.5-7b] [--rows 8,16,32] [--shapes "gate|up,down"]
        [--out results.json]
 """
@@ -21,7 +21,7 @@ from qerl.kernels.fused_linear import fused_linear, tc_config
 from qerl.kernels.nvfp4_mma import mma_config
 
 TILES = [(4, 1, 32), (1, 1, 32), (2, 1, 32), (1, 2, 32), (2, 2, 32), (4, 2, 32), (4, 1, 64), (1, 1, 64)]
-LOADS = (dict(), dict(PREFETCH=True))  # register loads; with words, scales and x loaded a step ahead
+LOADS = (dict(), dict(PREFETCH=True), dict(XSMEM=True))  # register loads; a step ahead; x in shared memory
 # (add dict(RING=4) to sweep 4-stage TMA rings too: 32-word steps only)
 
 
@@ -60,19 +60,20 @@ def main():
             y_default = y.float().clone()
             row["v7_us"] = time_it(run(d7))
             row["v7_ring4_us"] = time_it(run(dict(d7, RING=4)))  # the default tile with a 4-stage TMA ring
+            row["v7_xsmem_us"] = time_it(run(dict(d7, XSMEM=True)))  # ... with x staged in shared memory
             for regs in a.maxnreg:  # the default tile with registers capped (more warps resident, maybe spills)
                 row[f"v7_maxnreg{regs}_us"] = time_it(run(dict(d7, MAXNREG=regs)))
                 print(f"{name:8s} M={m:<3d} v7 {row['v7_us']:7.1f} us, maxnreg {regs}: "
                       f"{row[f'v7_maxnreg{regs}_us']:7.1f} us", flush=True)
             best = (row["v7_us"], d7)
             for (nw, r, bkw), loads in itertools.product(TILES if a.sweep else [], LOADS):
-                if m > 16 and (r > 1 or loads.get("PREFETCH")):  # the x tile spills at 32 rows with either
+                if m > 16 and (r > 1 or loads.get("PREFETCH")) and not loads.get("XSMEM"):  # x spills at 32 rows
                     continue
                 base = mma_config(m, nout, k, num_warps=nw, rows_per_warp=r, bkw=bkw, ring=loads.get("RING", 0))
                 if loads.get("RING") and not base["RING"]:
                     continue
                 for split in sorted({base["SPLIT"], max(1, base["SPLIT"] // 2), 2 * base["SPLIT"]}):
-                    cfg = dict(base, SPLIT=split, PREFETCH=loads.get("PREFETCH", False))
+                    cfg = dict(base, SPLIT=split, PREFETCH=loads.get("PREFETCH", False), XSMEM=loads.get("XSMEM", False))
                     if (k // 8) // bkw < split or k % (8 * bkw):
                         continue
                     try:
@@ -95,7 +96,7 @@ def main():
                        v7_best_GBs=nbytes / best[0] / 1e3)
             results.append(row)
             print(f"{name:8s} M={m:<3d} cuBLAS bf16 {row['cublas_bf16_us']:7.1f} us | default {row['default_us']:7.1f} us | v5 {row['v5_us']:7.1f} us "
-                  f"{row['v5_GBs']:5.0f} GB/s | v7 ring4 {row['v7_ring4_us']:7.1f} | v7 {row['v7_us']:7.1f} us {row['v7_GBs']:5.0f} GB/s | v7 best "
+                  f"{row['v5_GBs']:5.0f} GB/s | v7 ring4 {row['v7_ring4_us']:7.1f} | v7 xsmem {row['v7_xsmem_us']:7.1f} | v7 {row['v7_us']:7.1f} us {row['v7_GBs']:5.0f} GB/s | v7 best "
                   f"{best[0]:7.1f} us {row['v7_best_GBs']:5.0f} GB/s {best[1]} (agrees: {agrees})", flush=True)
     if a.out:
         with open(a.out, "w") as f:

@@ -125,7 +125,7 @@ class CudaEngine(Engine):
 
     def __init__(self, model: CausalLM, tokenizer, eos_ids: list[int] | None = None, check_every: int = 16,
                  use_graphs: bool = True, pdl: bool = False, fuse_shrink: bool = True,
-                 mma: bool = True, ring: bool = False):
+                 mma: bool = True, ring: bool = False, xsmem: bool = False):
         if not available() or model.device.type != "cuda":
             raise KernelUnavailable("CudaEngine needs a CUDA device and Triton; use qerl.rollout.Engine here")
         a = model.args
@@ -142,6 +142,7 @@ class CudaEngine(Engine):
         self.mma = mma  # version 7 (register-fed tensor cores) for the NVFP4 rows it supports, else versions 5/6
         # version 7 streams its words and scales by TMA through shared memory: measured 2-4% slower, so off
         self.ring = RING_STAGES if ring else None
+        self.xsmem = xsmem  # version 7 stages each split's x in shared memory once a program
         self.layers = []
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -246,7 +247,8 @@ class CudaEngine(Engine):
         one_pass = f.fmt != "bf16" and m <= DECODE_MAX_M
         if one_pass and f.rank and self.fuse_shrink:  # h from the decode kernel (see fused_linear's lora_A)
             return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, None, f.B, f.rank, 1.0, f.segments, f.glu,
-                                out=out, lora_A=f.A, h_out=self.hbuf, mma=self.mma, ring=self.ring)
+                                out=out, lora_A=f.A, h_out=self.hbuf, mma=self.mma, ring=self.ring,
+                                xsmem=self.xsmem)
         if f.rank:
             h = lora_shrink(x, f.A, out=self.hbuf)
         if not one_pass:  # cuBLAS for the product, one small kernel for the epilogue
@@ -268,7 +270,7 @@ class CudaEngine(Engine):
             torch.mm(x, w.t(), out=y0)
             return linear_epilogue(y0, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out)
         return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out,
-                            mma=self.mma, ring=self.ring)
+                            mma=self.mma, ring=self.ring, xsmem=self.xsmem)
 
     def _decode_step(self, b: int):
         with programmatic_launch(self.pdl):

@@ -60,6 +60,43 @@ def test_ring_compiles_for_hopper(m, nw, r, ring):
     assert "HMMA" in sass and "UTMALDG" in sass and "STL" not in sass
 
 
+@gluon
+@pytest.mark.parametrize("m,nw,r,xsteps", [(8, 4, 2, 4), (32, 2, 1, 3)])
+def test_staged_x_compiles_for_hopper(m, nw, r, xsteps):
+    """Offline (no GPU): with XSMEM the split's x is copied into shared memory once (xsteps x [BM, 256] bf16)
+    and the loop reads it with 16-byte shared loads: no barrier and no global load of x inside the loop,
+    nothing spills (also at 32 rows, where the register path is at its limit)."""
+    import triton
+
+    def sass_of(cfg):
+        ck = nvfp4_mma.compile_sm90(m, dict(num_warps=nw, RPW=r, BKW=32, **cfg), shrink=False, xsteps=xsteps)
+        with tempfile.TemporaryDirectory() as d:
+            cubin = os.path.join(d, "k.cubin")
+            with open(cubin, "wb") as f:
+                f.write(ck.asm["cubin"])
+            nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+            return ck, subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+
+    ck, sass = sass_of(dict(XSMEM=True))
+    assert ck.metadata.shared == xsteps * m * 256 * 2
+    assert "STL" not in sass
+    loop = _main_loop(sass)
+    assert "BAR.SYNC" not in loop and "LDS.128" in loop
+    # x's global loads left the loop: the words' and scales' remain
+    assert loop.count("LDG") < _main_loop(sass_of(dict())[1]).count("LDG")
+
+
+def _main_loop(sass: str) -> str:
+    """The machine code between a label and the backward branch to it, for the loop with the most MMAs."""
+    import re
+
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\.L_x_\d+):", line))}
+    loops = ["\n".join(lines[labels[m.group(1)]:i]) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA `\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
+    return max(loops, key=lambda body: body.count("HMMA"))
+
+
 def test_config_follows_the_measured_tiles():
     """The H200 sweeps' best tiles for Qwen2.5-7B; splits keep two steps of K each; register loads (no ring)."""
     qkv, o = nvfp4_mma.mma_config(8, 4608, 3584), nvfp4_mma.mma_config(8, 3584, 3584)
@@ -81,19 +118,21 @@ def test_config_follows_the_measured_tiles():
 @hopper
 @gluon
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", [(4, 1, 1, 0, 4), (1, 1, 3, 1, 0), (1, 2, 2, 0, 2), (2, 2, 5, 1, 0), (2, 2, 5, 0, 3)],
-                         ids=lambda t: "w%d-r%d-s%d-p%d-ring%d" % t)
+@pytest.mark.parametrize("tile", [(4, 1, 1, 0, 4, 0), (1, 1, 3, 1, 0, 0), (1, 2, 2, 0, 2, 0), (2, 2, 5, 1, 0, 0),
+                                  (2, 2, 5, 0, 3, 0), (4, 2, 2, 0, 0, 1), (2, 1, 3, 0, 0, 1)],
+                         ids=lambda t: "w%d-r%d-s%d-p%d-ring%d-xsmem%d" % t)
 @pytest.mark.parametrize("k", [768, 1280])
 def test_matches_reference(tile, k):
     """q|k|v segments (own global scales, bias, LoRA from h or from A) and gate|up with SiLU, M = 1..32,
     N not a multiple of the tile (the TMA ring's out-of-bounds rows), more splits than steps (empty splits
-    write zeros), register loads (with and without prefetch) and TMA rings of 2-4 stages, poisoned outputs."""
+    write zeros, a split shorter than the staged x), register loads (with and without prefetch), TMA rings of
+    2-4 stages and x staged in shared memory, poisoned outputs."""
     from qerl.kernels.fused_linear import fused_linear
     from qerl.kernels.lora_shrink import lora_shrink
 
-    nw, r_, split, prefetch, ring = tile
+    nw, r_, split, prefetch, ring, xsmem = tile
     cfg = dict(WORDS=True, MMA=True, BLOCK_N=16 * nw * r_, BKW=32, RPW=r_, SPLIT=split, num_warps=nw,
-               PREFETCH=bool(prefetch), RING=ring)
+               PREFETCH=bool(prefetch), RING=ring, XSMEM=bool(xsmem))
     r, sizes, dtype = 16, (96, 24, 40), torch.bfloat16
     ds = [nvfp4_quantize(torch.randn(n, k, device="cuda") * s) for n, s in zip(sizes, (1.0, 3.0, 0.5))]
     deq = torch.cat([nvfp4_dequantize(d, torch.float32) for d in ds])
@@ -142,5 +181,6 @@ def test_picked_by_default_and_off_switch():
         x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
         args = (x, "nvfp4", d["weight_packed"], d["weight_scale"], d["weight_global_scale"])
         ref = x.float() @ ref_w.T
-        for y in (fused_linear(*args), fused_linear(*args, ring=4), fused_linear(*args, mma=False)):
+        for y in (fused_linear(*args), fused_linear(*args, ring=4), fused_linear(*args, xsmem=True),
+                  fused_linear(*args, mma=False)):
             assert rel(y, ref) < 1e-2

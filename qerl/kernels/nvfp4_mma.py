@@ -25,8 +25,10 @@ of A each, CUDA cores), so the decode step needs no `lora_shrink` launch.
 Loads: by default each step's words and scales are loaded straight into registers in the operand layout.
 With RING > 0 (`_mma_tile_ring`) they are streamed by TMA (bulk tensor copies, mbarriers) through RING
 shared-memory stages and read back with 16-byte shared loads: the loads in flight no longer depend on the
-registers. Measured on the H200 it was 1-2 us a call slower (benchmarks/RESULTS.md): the kernel is bound by
-its instruction issue at 12 resident warps a multiprocessor, not by loads in flight, so it is off.
+registers. With XSTEPS > 0 (`_stage_x`, `xsmem`) each program first copies its split's x into shared memory
+and every step reads x from there instead of every warp loading it again. Both were measured slower on the
+H200 (benchmarks/RESULTS.md): the kernel is bound by its instruction issue at 12 resident warps a
+multiprocessor, not by its loads, so both are off.
 
 Layouts are Gluon's explicit linear layouts: `_layouts` derives the scale and x layouts from the MMA
 operand layouts, and every conversion to an operand layout is asserted trivial at compile time (no data
@@ -51,6 +53,7 @@ except Exception:  # Triton without Gluon (< 3.4) or no Triton at all: version 5
     HAS_GLUON = False
 
 MMA_MAX_M = 32  # rows of x: at 64 the x tile (32 words x 8 x 64 rows) spills registers
+XSMEM_MAX_BYTES = 64 * 1024  # x staged in shared memory (XSMEM) only up to this many bytes a program
 RING_STAGES = 4  # TMA ring depth when a ring is asked for (`CudaEngine(ring=True)`, `fused_linear(ring=)`)
 
 
@@ -90,9 +93,12 @@ def _layouts(nw: int, r: int, bkw: int, bm: int):
     x_l = gl.DistributedLinearLayout([[0, 0, 1], [0, 0, 2], [0, 0, 4]] + [[w, m, 0] for w, m in b_reg],
                                      [[w, m, 0] for w, m in b_lane], [[0, 0, 0] for _ in _bits(nw)], [],
                                      [bkw, bm, 8])
+    # the x tile as [BM, 8 * BKW] (row m, column 8w + i) with the bases of x_l: read from shared memory
+    x2_l = gl.DistributedLinearLayout([[0, 1], [0, 2], [0, 4]] + [[m, 8 * w] for w, m in b_reg],
+                                      [[m, 8 * w] for w, m in b_lane], [[0, 0] for _ in _bits(nw)], [], [bm, 8 * bkw])
     q_l = gl.DistributedLinearLayout([list(b) for b in a_reg], [list(b) for b in a_lane], [list(b) for b in a_warp], [],
                                      [16 * nw * r, bkw])  # A's bases as a linear layout: shared -> registers
-    return mma, a_op, b_op, s_l, x_l, l3, q_l
+    return mma, a_op, b_op, s_l, x_l, l3, q_l, x2_l
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,7 +152,9 @@ if HAS_GLUON:
                     BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
                     C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
                     X_L: gl.constexpr, L3: gl.constexpr, Q_L: gl.constexpr, SH_L: gl.constexpr,
-                    SHRINK: gl.constexpr = False, PREFETCH: gl.constexpr = False, RING: gl.constexpr = 0):
+                    SHRINK: gl.constexpr = False, PREFETCH: gl.constexpr = False, RING: gl.constexpr = 0,
+                    XSTEPS: gl.constexpr = 0, X2_L: gl.constexpr = None, XF_L: gl.constexpr = None,
+                    XS_L: gl.constexpr = None):
         """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32).
         RING > 0: w_ptr and s_ptr are TMA descriptors of the words and scales, streamed through a ring of RING
         shared-memory stages (`_mma_tile_ring`); else they are pointers, loaded into registers (`_mma_tile`).
@@ -162,11 +170,13 @@ if HAS_GLUON:
             else:
                 _tile_partials(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid - R_SH, k_lo, k_hi, M, N, KW, n1, n2,
                                stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
-                               BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, PREFETCH, RING)
+                               BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, PREFETCH, RING,
+                               XSTEPS, X2_L, XF_L, XS_L)
         else:
             _tile_partials(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid, k_lo, k_hi, M, N, KW, n1, n2,
                            stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
-                           BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, PREFETCH, RING)
+                           BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, PREFETCH, RING,
+                           XSTEPS, X2_L, XF_L, XS_L)
 
     @gluon.jit
     def _tile_partials(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid_n, k_lo, k_hi, M, N, KW, n1, n2,
@@ -174,13 +184,14 @@ if HAS_GLUON:
                        BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
                        C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
                        X_L: gl.constexpr, L3: gl.constexpr, Q_L: gl.constexpr, PREFETCH: gl.constexpr,
-                       RING: gl.constexpr):
+                       RING: gl.constexpr, XSTEPS: gl.constexpr, X2_L: gl.constexpr, XF_L: gl.constexpr,
+                       XS_L: gl.constexpr):
         if RING > 0:
             acc = _mma_tile_ring(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, stride_xm,
                                  BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, RING)
         else:
             acc = _mma_tile(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, N, KW, stride_xm, stride_ww, stride_sn,
-                            BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, PREFETCH)
+                            BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, PREFETCH, XSTEPS, X2_L, XF_L, XS_L)
         _store_partials(acc, gs_ptr, ws_ptr, pid_n, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
 
     @gluon.jit
@@ -233,8 +244,11 @@ if HAS_GLUON:
     def _mma_tile(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, N, KW, stride_xm, stride_ww, stride_sn,
                   BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
                   C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
-                  X_L: gl.constexpr, L3: gl.constexpr, PREFETCH: gl.constexpr):
-        """One [BN weight rows, BM rows of x] tile over words [k_lo, k_hi), loaded straight into registers."""
+                  X_L: gl.constexpr, L3: gl.constexpr, PREFETCH: gl.constexpr, XSTEPS: gl.constexpr,
+                  X2_L: gl.constexpr, XF_L: gl.constexpr, XS_L: gl.constexpr):
+        """One [BN weight rows, BM rows of x] tile over words [k_lo, k_hi), loaded straight into registers.
+        XSTEPS > 0: the split's x (at most XSTEPS steps of [BM, 8 * BKW]) is first copied into shared memory
+        by all warps together, and each step reads its x tile from there (not every warp from L1/L2)."""
         # weight words [BN, BKW] in the A layout (rows past N read row N-1; their sums are not stored)
         rn = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, A_L)), N - 1)
         rw = gl.arange(0, BKW, layout=gl.SliceLayout(0, A_L))
@@ -245,6 +259,15 @@ if HAS_GLUON:
         sp = s_ptr + gl.expand_dims(rns.to(gl.int64) * stride_sn, 1) + gl.expand_dims(rj, 0)
         xoff, xmask = _x_offsets(M, stride_xm, BM, BKW, X_L)
         acc = gl.zeros([BN, BM], gl.float32, layout=C_L)
+        if XSTEPS > 0:
+            x_s = _stage_x(x_ptr, k_lo, k_hi, M, stride_xm, BM, BKW, XSTEPS, XF_L, XS_L)
+            for k in range(k_lo, k_hi, BKW):
+                q = gl.load(wp + k)
+                sb = gl.load(sp + k // 2)
+                x2 = x_s.index((k - k_lo) // BKW).load(X2_L)  # [BM, 8 * BKW] -> [BKW, BM, 8]: (w, m, i)
+                xv = gl.convert_layout(gl.permute(gl.reshape(x2, [BM, BKW, 8]), [1, 0, 2]), X_L, assert_trivial=True)
+                acc = _mma_step(acc, q, sb, xv, BN, BKW, BM, A_L, B_L, L3)
+            return acc
         if PREFETCH:  # this step's words, scales and x were loaded one step ahead (clamped to the last step)
             kc = gl.minimum(k_lo, KW - BKW)
             qn = gl.load(wp + kc)
@@ -263,6 +286,21 @@ if HAS_GLUON:
                 xv = gl.load(x_ptr + k * 8 + xoff, mask=xmask, other=0.0)
             acc = _mma_step(acc, q, sb, xv, BN, BKW, BM, A_L, B_L, L3)
         return acc
+
+    @gluon.jit
+    def _stage_x(x_ptr, k_lo, k_hi, M, stride_xm, BM: gl.constexpr, BKW: gl.constexpr, XSTEPS: gl.constexpr,
+                 XF_L: gl.constexpr, XS_L: gl.constexpr):
+        """x[:, 8 k_lo : 8 k_hi] -> shared memory [XSTEPS, BM, 8 BKW] (swizzled), every warp copying its rows
+        (loads of all steps first, unrolled); zeros past k_hi and M."""
+        x_s = gl.allocate_shared_memory(gl.bfloat16, [XSTEPS, BM, 8 * BKW], XS_L)
+        rm = gl.arange(0, BM, layout=gl.SliceLayout(1, XF_L))
+        rk = gl.arange(0, 8 * BKW, layout=gl.SliceLayout(0, XF_L))
+        xp = x_ptr + gl.expand_dims(rm * stride_xm, 1) + gl.expand_dims(rk, 0) + k_lo * 8
+        for j in gl.static_range(XSTEPS):
+            ok = gl.expand_dims(rm < M, 1) & (k_lo + j * BKW < k_hi)
+            x_s.index(j).store(gl.load(xp + j * BKW * 8, mask=ok, other=0.0))
+        gl.thread_barrier()
+        return x_s
 
     @gluon.jit
     def _ring_fill(w_desc, s_desc, bar, w_buf, s_buf, n0, k, pred, BN: gl.constexpr, BKW: gl.constexpr):
@@ -332,10 +370,11 @@ MMA_TILES = {
 
 
 def mma_config(m: int, n: int, k: int, num_warps: int | None = None, rows_per_warp: int | None = None,
-               bkw: int = 32, programs: int | None = None, ring: int | None = None) -> dict:
+               bkw: int = 32, programs: int | None = None, ring: int | None = None, xsmem: bool = False) -> dict:
     """Version 7 tile for m rows of an [n, k] weight: BN = 16 * num_warps * rows_per_warp weight rows, bkw
     words a step; K split until the grid has about `programs` programs (at most 16 splits, each at least
-    two steps); `ring` TMA stages (0: register loads). Fields given override the `MMA_TILES` entry."""
+    two steps); `ring` TMA stages (0: register loads); `xsmem`: x staged in shared memory once a program.
+    Fields given override the `MMA_TILES` entry."""
     cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
     nw, r, target, stages = MMA_TILES[cls][next(b for b in (4, 8, 16, 32) if m <= b or b == 32)]
     nw, r, target = num_warps or nw, rows_per_warp or r, programs or target
@@ -343,7 +382,7 @@ def mma_config(m: int, n: int, k: int, num_warps: int | None = None, rows_per_wa
     bn = 16 * nw * r
     split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // bkw // 2))
     return dict(WORDS=True, MMA=True, BLOCK_N=bn, BKW=bkw, RPW=r, SPLIT=split, num_warps=nw,
-                RING=stages if bkw == 32 else 0)  # a TMA box row is at most the 128-byte swizzle
+                RING=stages if bkw == 32 else 0, XSMEM=xsmem)  # a TMA box row is at most the 128-byte swizzle
 
 
 def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
@@ -368,10 +407,10 @@ def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global
         r_sh = lora_A.shape[0]
         if lora_A.shape[1] != k or lora_A.stride(1) != 1 or h is None or h.shape != (split, m, r_sh):
             raise ValueError("lora_A must be [R, K] row-major and h [SPLIT, M, R]")
-    const = mma_constexprs(m, cfg, shrink=r_sh > 0)
+    const = mma_constexprs(m, cfg, shrink=r_sh > 0, xsteps=kps // bkw)
     grid = (-(-n // const["BN"]) + r_sh, split)
     if const["RING"] and not ring_supported(w32, scale):  # same sums, loaded without TMA
-        const = mma_constexprs(m, dict(cfg, RING=0), shrink=r_sh > 0)
+        const = mma_constexprs(m, dict(cfg, RING=0), shrink=r_sh > 0, xsteps=kps // bkw)
     w_arg, s_arg = (w32, scale) if not const["RING"] else _descriptors(w32, scale, const["BN"], bkw)
     _mma_kernel[grid](x, w_arg, s_arg, global_scale, ws, lora_A if r_sh else ws, h if r_sh else ws, m, n, kw, kps,
                       n1, n2, r_sh, x.stride(0), w32.stride(0), scale.stride(0), ws.stride(0), ws.stride(1),
@@ -398,24 +437,30 @@ def ring_supported(w32: torch.Tensor, scale: torch.Tensor) -> bool:
                for t in (w32, scale))
 
 
-def mma_constexprs(m: int, cfg: dict, shrink: bool) -> dict:
-    """`_mma_kernel`'s constexprs for m rows of x and an `mma_config` tile (launcher and offline compile)."""
+def mma_constexprs(m: int, cfg: dict, shrink: bool, xsteps: int = 0) -> dict:
+    """`_mma_kernel`'s constexprs for m rows of x and an `mma_config` tile (launcher and offline compile);
+    xsteps: steps of BKW words a split has at most (x staged in shared memory with cfg["XSMEM"], if it fits)."""
     nw, r, bkw = cfg["num_warps"], cfg["RPW"], cfg["BKW"]
     bm = max(8, 1 << (m - 1).bit_length())
-    mma, a_l, b_l, s_l, x_l, l3, q_l = _layouts(nw, r, bkw, bm)
-    return dict(BM=bm, BN=16 * nw * r, BKW=bkw, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3, Q_L=q_l,
-                SH_L=_shrink_layout(nw), SHRINK=shrink, PREFETCH=bool(cfg.get("PREFETCH", False)),
-                RING=int(cfg.get("RING", 0)))
+    mma, a_l, b_l, s_l, x_l, l3, q_l, x2_l = _layouts(nw, r, bkw, bm)
+    const = dict(BM=bm, BN=16 * nw * r, BKW=bkw, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3, Q_L=q_l,
+                 SH_L=_shrink_layout(nw), SHRINK=shrink, PREFETCH=bool(cfg.get("PREFETCH", False)),
+                 RING=int(cfg.get("RING", 0)), XSTEPS=0, X2_L=None, XF_L=None, XS_L=None)
+    if xsteps and cfg.get("XSMEM") and not const["RING"] and xsteps * bm * 16 * bkw <= XSMEM_MAX_BYTES:
+        const.update(XSTEPS=xsteps, X2_L=x2_l,
+                     XF_L=gl.BlockedLayout([1, 8], [1, 32], [nw, 1], [1, 0]),  # 16 bytes a thread, a row a warp
+                     XS_L=gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
+    return const
 
 
-def compile_sm90(m: int, cfg: dict, shrink: bool = True):
+def compile_sm90(m: int, cfg: dict, shrink: bool = True, xsteps: int = 4):
     """Compile `_mma_kernel` for sm_90 without a GPU (Triton only), specialized as the launcher is for 16-byte
     aligned pointers and strides: for offline checks of the machine code (tests, benchmarks/sass_decode.py)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    const = mma_constexprs(m, cfg, shrink)
+    const = mma_constexprs(m, cfg, shrink, xsteps)
     ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", ws_ptr="*fp32", a_ptr="*fp32",
                 h_ptr="*fp32")
     descs = {}
