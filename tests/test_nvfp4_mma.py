@@ -61,15 +61,16 @@ def test_ring_compiles_for_hopper(m, nw, r, ring):
 
 
 @gluon
-@pytest.mark.parametrize("m,nw,r,xsteps", [(8, 4, 2, 4), (32, 2, 1, 3)])
-def test_staged_x_compiles_for_hopper(m, nw, r, xsteps):
+@pytest.mark.parametrize("m,nw,r,xsteps,ring", [(8, 4, 2, 4, 0), (32, 2, 1, 3, 0), (8, 2, 2, 4, 3)])
+def test_staged_x_compiles_for_hopper(m, nw, r, xsteps, ring):
     """Offline (no GPU): with XSMEM the split's x is copied into shared memory once (xsteps x [BM, 256] bf16)
-    and the loop reads it with 16-byte shared loads: no barrier and no global load of x inside the loop,
-    nothing spills (also at 32 rows, where the register path is at its limit)."""
+    and the loop reads it with 16-byte shared loads: no global load of x inside the loop (and no barrier
+    without a ring), nothing spills (also at 32 rows, where the register path is at its limit)."""
     import triton
 
     def sass_of(cfg):
-        ck = nvfp4_mma.compile_sm90(m, dict(num_warps=nw, RPW=r, BKW=32, **cfg), shrink=False, xsteps=xsteps)
+        ck = nvfp4_mma.compile_sm90(m, dict(num_warps=nw, RPW=r, BKW=32, RING=ring, **cfg), shrink=False,
+                                    xsteps=xsteps)
         with tempfile.TemporaryDirectory() as d:
             cubin = os.path.join(d, "k.cubin")
             with open(cubin, "wb") as f:
@@ -78,10 +79,12 @@ def test_staged_x_compiles_for_hopper(m, nw, r, xsteps):
             return ck, subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
 
     ck, sass = sass_of(dict(XSMEM=True))
-    assert ck.metadata.shared == xsteps * m * 256 * 2
+    ring_bytes = ring * 16 * nw * r * (128 + 16) + (8 * ring if ring else 0)  # stages of words + scales, mbarriers
+    assert ck.metadata.shared == xsteps * m * 256 * 2 + ring_bytes
     assert "STL" not in sass
     loop = _main_loop(sass)
-    assert "BAR.SYNC" not in loop and "LDS.128" in loop
+    assert "LDS.128" in loop
+    assert ring or "BAR.SYNC" not in loop  # (a ring has its barriers a step)
     # x's global loads left the loop: the words' and scales' remain
     assert loop.count("LDG") < _main_loop(sass_of(dict())[1]).count("LDG")
 
@@ -119,14 +122,14 @@ def test_config_follows_the_measured_tiles():
 @gluon
 @pytest.mark.gpu
 @pytest.mark.parametrize("tile", [(4, 1, 1, 0, 4, 0), (1, 1, 3, 1, 0, 0), (1, 2, 2, 0, 2, 0), (2, 2, 5, 1, 0, 0),
-                                  (2, 2, 5, 0, 3, 0), (4, 2, 2, 0, 0, 1), (2, 1, 3, 0, 0, 1)],
+                                  (2, 2, 5, 0, 3, 0), (4, 2, 2, 0, 0, 1), (2, 1, 3, 1, 0, 1), (2, 2, 2, 0, 3, 1)],
                          ids=lambda t: "w%d-r%d-s%d-p%d-ring%d-xsmem%d" % t)
 @pytest.mark.parametrize("k", [768, 1280])
 def test_matches_reference(tile, k):
     """q|k|v segments (own global scales, bias, LoRA from h or from A) and gate|up with SiLU, M = 1..32,
     N not a multiple of the tile (the TMA ring's out-of-bounds rows), more splits than steps (empty splits
     write zeros, a split shorter than the staged x), register loads (with and without prefetch), TMA rings of
-    2-4 stages and x staged in shared memory, poisoned outputs."""
+    2-4 stages, x staged in shared memory (with register loads, prefetch or a ring), poisoned outputs."""
     from qerl.kernels.fused_linear import fused_linear
     from qerl.kernels.lora_shrink import lora_shrink
 

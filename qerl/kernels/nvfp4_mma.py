@@ -188,7 +188,7 @@ if HAS_GLUON:
                        XS_L: gl.constexpr):
         if RING > 0:
             acc = _mma_tile_ring(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, stride_xm,
-                                 BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, RING)
+                                 BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, RING, XSTEPS, X2_L, XF_L, XS_L)
         else:
             acc = _mma_tile(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, N, KW, stride_xm, stride_ww, stride_sn,
                             BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, PREFETCH, XSTEPS, X2_L, XF_L, XS_L)
@@ -259,33 +259,43 @@ if HAS_GLUON:
         sp = s_ptr + gl.expand_dims(rns.to(gl.int64) * stride_sn, 1) + gl.expand_dims(rj, 0)
         xoff, xmask = _x_offsets(M, stride_xm, BM, BKW, X_L)
         acc = gl.zeros([BN, BM], gl.float32, layout=C_L)
+        x_s = x_ptr
         if XSTEPS > 0:
             x_s = _stage_x(x_ptr, k_lo, k_hi, M, stride_xm, BM, BKW, XSTEPS, XF_L, XS_L)
-            for k in range(k_lo, k_hi, BKW):
-                q = gl.load(wp + k)
-                sb = gl.load(sp + k // 2)
-                x2 = x_s.index((k - k_lo) // BKW).load(X2_L)  # [BM, 8 * BKW] -> [BKW, BM, 8]: (w, m, i)
-                xv = gl.convert_layout(gl.permute(gl.reshape(x2, [BM, BKW, 8]), [1, 0, 2]), X_L, assert_trivial=True)
-                acc = _mma_step(acc, q, sb, xv, BN, BKW, BM, A_L, B_L, L3)
-            return acc
-        if PREFETCH:  # this step's words, scales and x were loaded one step ahead (clamped to the last step)
+        if PREFETCH:  # this step's words and scales (and x from global) were loaded one step ahead (clamped)
             kc = gl.minimum(k_lo, KW - BKW)
             qn = gl.load(wp + kc)
             sbn = gl.load(sp + kc // 2)
-            xn = gl.load(x_ptr + kc * 8 + xoff, mask=xmask, other=0.0)
+            if XSTEPS == 0:
+                xn = gl.load(x_ptr + kc * 8 + xoff, mask=xmask, other=0.0)
         for k in range(k_lo, k_hi, BKW):
             if PREFETCH:
-                q, sb, xv = qn, sbn, xn
+                q, sb = qn, sbn
                 kc = gl.minimum(k + BKW, KW - BKW)
                 qn = gl.load(wp + kc)
                 sbn = gl.load(sp + kc // 2)
-                xn = gl.load(x_ptr + kc * 8 + xoff, mask=xmask, other=0.0)
+                if XSTEPS == 0:
+                    xv = xn
+                    xn = gl.load(x_ptr + kc * 8 + xoff, mask=xmask, other=0.0)
+                else:
+                    xv = _x_step(x_ptr, x_s, k, k_lo, xoff, xmask, BM, BKW, X_L, X2_L, XSTEPS)
             else:
                 q = gl.load(wp + k)
                 sb = gl.load(sp + k // 2)
-                xv = gl.load(x_ptr + k * 8 + xoff, mask=xmask, other=0.0)
+                xv = _x_step(x_ptr, x_s, k, k_lo, xoff, xmask, BM, BKW, X_L, X2_L, XSTEPS)
             acc = _mma_step(acc, q, sb, xv, BN, BKW, BM, A_L, B_L, L3)
         return acc
+
+    @gluon.jit
+    def _x_step(x_ptr, x_s, k, k_lo, xoff, xmask, BM: gl.constexpr, BKW: gl.constexpr, X_L: gl.constexpr,
+                X2_L: gl.constexpr, XSTEPS: gl.constexpr):
+        """The x tile [BKW, BM, 8] of the step at word k: from the staged copy (XSTEPS > 0) or from global."""
+        if XSTEPS > 0:
+            x2 = x_s.index((k - k_lo) // BKW).load(X2_L)  # [BM, 8 * BKW] -> [BKW, BM, 8]: (w, m, i)
+            xv = gl.convert_layout(gl.permute(gl.reshape(x2, [BM, BKW, 8]), [1, 0, 2]), X_L, assert_trivial=True)
+        else:
+            xv = gl.load(x_ptr + k * 8 + xoff, mask=xmask, other=0.0)
+        return xv
 
     @gluon.jit
     def _stage_x(x_ptr, k_lo, k_hi, M, stride_xm, BM: gl.constexpr, BKW: gl.constexpr, XSTEPS: gl.constexpr,
@@ -313,10 +323,12 @@ if HAS_GLUON:
     def _mma_tile_ring(x_ptr, w_desc, s_desc, pid_n, k_lo, k_hi, M, stride_xm,
                        BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
                        C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
-                       X_L: gl.constexpr, L3: gl.constexpr, Q_L: gl.constexpr, RING: gl.constexpr):
+                       X_L: gl.constexpr, L3: gl.constexpr, Q_L: gl.constexpr, RING: gl.constexpr,
+                       XSTEPS: gl.constexpr, X2_L: gl.constexpr, XF_L: gl.constexpr, XS_L: gl.constexpr):
         """`_mma_tile` with the words and scales streamed by TMA through RING shared-memory stages: RING - 1
         steps of loads are in flight whatever the registers allow; each step is read back in the A layout
-        (16 bytes a thread). Rows past N arrive as zeros (TMA fills out-of-bounds boxes)."""
+        (16 bytes a thread). Rows past N arrive as zeros (TMA fills out-of-bounds boxes). With XSTEPS > 0
+        x is staged too (while the first copies are in flight): the loop then has no global load."""
         steps = (k_hi - k_lo) // BKW
         w_s = gl.allocate_shared_memory(gl.int32, [RING, BN, BKW], w_desc.layout)
         s_s = gl.allocate_shared_memory(gl.uint8, [RING, BN, BKW // 2], s_desc.layout)
@@ -329,8 +341,11 @@ if HAS_GLUON:
                        BN, BKW)
         xoff, xmask = _x_offsets(M, stride_xm, BM, BKW, X_L)
         acc = gl.zeros([BN, BM], gl.float32, layout=C_L)
+        x_s = x_ptr
+        if XSTEPS > 0:
+            x_s = _stage_x(x_ptr, k_lo, k_hi, M, stride_xm, BM, BKW, XSTEPS, XF_L, XS_L)
         for j in range(steps):
-            xv = gl.load(x_ptr + (k_lo + j * BKW) * 8 + xoff, mask=xmask, other=0.0)
+            xv = _x_step(x_ptr, x_s, k_lo + j * BKW, k_lo, xoff, xmask, BM, BKW, X_L, X2_L, XSTEPS)
             gl.thread_barrier()  # every warp is done with the slot refilled now (read at step j - 1)
             nj = j + RING - 1
             _ring_fill(w_desc, s_desc, bar.index(nj % RING), w_s.index(nj % RING), s_s.index(nj % RING), n0,
@@ -446,7 +461,7 @@ def mma_constexprs(m: int, cfg: dict, shrink: bool, xsteps: int = 0) -> dict:
     const = dict(BM=bm, BN=16 * nw * r, BKW=bkw, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3, Q_L=q_l,
                  SH_L=_shrink_layout(nw), SHRINK=shrink, PREFETCH=bool(cfg.get("PREFETCH", False)),
                  RING=int(cfg.get("RING", 0)), XSTEPS=0, X2_L=None, XF_L=None, XS_L=None)
-    if xsteps and cfg.get("XSMEM") and not const["RING"] and xsteps * bm * 16 * bkw <= XSMEM_MAX_BYTES:
+    if xsteps and cfg.get("XSMEM") and xsteps * bm * 16 * bkw <= XSMEM_MAX_BYTES:
         const.update(XSTEPS=xsteps, X2_L=x2_l,
                      XF_L=gl.BlockedLayout([1, 8], [1, 32], [nw, 1], [1, 0]),  # 16 bytes a thread, a row a warp
                      XS_L=gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
