@@ -16,6 +16,69 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_de
                             reason="needs a Hopper (sm_90+) GPU")
 
 
+def _run_ptx(asm: str, args: dict[str, int]) -> dict[str, int]:
+    """Execute the decode asm's instructions (prmt, shl, and, or, mul.rn.bf16x2) on 32-bit integers."""
+    import re
+
+    regs = dict(args)
+    val = lambda a: int(a, 16) if a.startswith("0x") else regs[a]  # noqa: E731
+
+    def bf16(bits):
+        return torch.tensor([bits - (1 << 16) * (bits >> 15)], dtype=torch.int16).view(torch.bfloat16).float().item()
+
+    def to_bits(v):
+        return int(torch.tensor([v], dtype=torch.float64).to(torch.bfloat16).view(torch.int16).item()) & 0xFFFF
+
+    for ins in re.findall(r"([a-z.0-9]+) ([^;{}]+);", asm):
+        op, ops = ins[0], [o.strip() for o in ins[1].split(",")]
+        if op == ".reg":
+            continue
+        d, a = ops[0], val(ops[1])
+        if op == "prmt.b32":
+            src = val(ops[1]) | (val(ops[2]) << 32)
+            sel = val(ops[3])
+            r = 0
+            for i in range(4):
+                n = (sel >> (4 * i)) & 0xF
+                assert n < 8  # no sign-replicate mode
+                r |= ((src >> (8 * n)) & 0xFF) << (8 * i)
+        elif op == "shl.b32":
+            r = (a << int(ops[2])) & 0xFFFFFFFF
+        elif op == "and.b32":
+            r = a & val(ops[2])
+        elif op == "or.b32":
+            r = a | val(ops[2])
+        elif op == "mul.rn.bf16x2":
+            b = val(ops[2])
+            r = to_bits(bf16(a & 0xFFFF) * bf16(b & 0xFFFF)) | to_bits(bf16(a >> 16) * bf16(b >> 16)) << 16
+        else:
+            raise AssertionError(f"unexpected instruction {op}")
+        regs[d] = r
+    return regs
+
+
+def test_decode_asm_matches_reference_on_cpu():
+    """The decode's PTX (run by a small interpreter, no GPU): for random word pairs of one 16-value block and
+    random E4M3 block scales (normal and subnormal), nibble plane i of the outputs is exactly
+    E2M1(code) * scale * 2**-16, the value the reference dequantization gives before the global scale."""
+    g = torch.Generator().manual_seed(0)
+    words = torch.randint(0, 2**32, (64, 2), generator=g, dtype=torch.int64)
+    scales = torch.cat([torch.randint(1, 0x7F, (56,), generator=g), torch.tensor([1, 2, 5, 7, 0x08, 0x77, 0x7E, 0])])
+    for (w0, w1), sbyte in zip(words.tolist(), scales.tolist()):
+        # the reference: one row, one 16-value block (the two words' bytes, little-endian), global scale 1
+        packed = torch.tensor([[(w >> (8 * j)) & 0xFF for w in (w0, w1) for j in range(4)]], dtype=torch.uint8)
+        scale = torch.tensor([[sbyte]], dtype=torch.uint8).view(torch.float8_e4m3fn)
+        ref = nvfp4_dequantize(dict(weight_packed=packed, weight_scale=scale, weight_global_scale=torch.ones(1)),
+                               torch.float32)[0]
+        s2 = int(torch.tensor([scale.float().item() * 2.0**110]).to(torch.bfloat16).view(torch.int16).item()) & 0xFFFF
+        out = _run_ptx(nvfp4_mma.PLANES_ASM, {"$8": w0, "$9": w1, "$10": s2 | s2 << 16})
+        for i in range(8):  # plane i: nibble i of w0 in the low half, of w1 in the high half
+            for half in (0, 1):
+                bits = (out[f"${i}"] >> (16 * half)) & 0xFFFF
+                got = torch.tensor([bits - (1 << 16) * (bits >> 15)], dtype=torch.int16).view(torch.bfloat16)
+                assert got.float().item() == ref[8 * half + i].item() * 2.0**-16, (hex(w0), hex(w1), i, half, sbyte)
+
+
 @gluon
 @pytest.mark.parametrize("m,nw,r", [(8, 4, 1), (16, 1, 2), (32, 2, 1)])
 def test_compiles_for_hopper_without_shared_memory(m, nw, r):

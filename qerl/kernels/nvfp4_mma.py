@@ -107,17 +107,22 @@ def _shrink_layout(nw: int):
     return gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32], warps_per_cta=[nw, 1], order=[1, 0])
 
 
+# The decode, as PTX text (plain Python, so tests/test_nvfp4_mma.py executes it on the CPU against the
+# reference). For byte b of a word pair (w, w+1): one prmt puts byte b of w twice in the low half and byte b of w+1
+# twice in the high half; each nibble then goes to a bf16x2 as v * 2**-126 (its e1 e0 m bits to bits 8..6
+# by one shift, its sign bit to bit 15) times the block scale pair. The low nibble's sign (bit 3) takes a
+# second shift; the high nibble's (bit 7) already sits at bit 15 in the byte's copy: no shift.
+_NIBBLE = "shl.b32 t, x, {m}; {sign}and.b32 t, t, 0x01C001C0; or.b32 t, t, u; mul.rn.bf16x2 ${o}, t, $10;\n"
+_SIGN_LOW, _SIGN_HIGH = "shl.b32 u, x, 12; and.b32 u, u, 0x80008000; ", "and.b32 u, x, 0x80008000; "
+PLANES_ASM = (
+    "{\n.reg .b32 x, t, u;\n" + "".join(
+        f"prmt.b32 x, $8, $9, 0x{4 + b}{4 + b}{b}{b};\n" + _NIBBLE.format(m=6, sign=_SIGN_LOW, o=2 * b)
+        + _NIBBLE.format(m=2, sign=_SIGN_HIGH, o=2 * b + 1) for b in range(4)) + "}")
+
+
 if HAS_GLUON:
 
-    # For byte b of a word pair (w, w+1): one prmt puts byte b of w in the low half and of w+1 in the high
-    # half; each nibble then goes to a bf16x2 as v * 2**-126 (its e1 e0 m bits to bits 8..6 by one shift, its
-    # sign bit to bit 15 by another) times the block scale pair.
-    _NIBBLE = ("shl.b32 t, x, {m}; shl.b32 u, x, {s}; and.b32 t, t, 0x01C001C0; and.b32 u, u, 0x80008000; "
-               "or.b32 t, t, u; mul.rn.bf16x2 ${o}, t, $10;\n")
-    _PLANES_ASM: gl.constexpr = gl.constexpr(
-        "{\n.reg .b32 x, t, u;\n" + "".join(
-            f"prmt.b32 x, $8, $9, 0x{4 + b}{4 + b}{b}{b};\n" + _NIBBLE.format(m=6, s=12, o=2 * b)
-            + _NIBBLE.format(m=2, s=8, o=2 * b + 1) for b in range(4)) + "}")
+    _PLANES_ASM: gl.constexpr = gl.constexpr(PLANES_ASM)
 
     @gluon.jit
     def _planes(q, s2):
@@ -300,8 +305,8 @@ if HAS_GLUON:
     @gluon.jit
     def _stage_x(x_ptr, k_lo, k_hi, M, stride_xm, BM: gl.constexpr, BKW: gl.constexpr, XSTEPS: gl.constexpr,
                  XF_L: gl.constexpr, XS_L: gl.constexpr):
-        """x[:, 8 k_lo : 8 k_hi] -> shared memory [XSTEPS, BM, 8 BKW] (swizzled), every warp copying its rows
-        (loads of all steps first, unrolled); zeros past k_hi and M."""
+        """x[:, 8 k_lo : 8 k_hi] -> shared memory [XSTEPS, BM, 8 BKW] (swizzled: conflict-free 16-byte reads in
+        the B-operand order), every warp copying its rows, steps unrolled; zeros past k_hi and M."""
         x_s = gl.allocate_shared_memory(gl.bfloat16, [XSTEPS, BM, 8 * BKW], XS_L)
         rm = gl.arange(0, BM, layout=gl.SliceLayout(1, XF_L))
         rk = gl.arange(0, 8 * BKW, layout=gl.SliceLayout(0, XF_L))
@@ -377,6 +382,7 @@ if HAS_GLUON:
 # split until the grid holds about that many programs, so other model sizes keep the same parallelism.
 # Ring stages 0: words and scales loaded straight into registers; n > 0: streamed by TMA through n stages
 # (measured 1-2 us slower a call and -2 to -4% tok/s in the engine, so 0 everywhere: benchmarks/RESULTS.md).
+# Optional tile fields: PREFETCH, XSMEM (x staged in shared memory), MAXNREG (register cap): all measured, off.
 MMA_TILES = {
     "down": {4: (2, 1, 896, 0), 8: (4, 1, 448, 0), 16: (4, 2, 252, 0), 32: (2, 1, 448, 0)},  # long K
     "narrow": {4: (4, 2, 300, 0), 8: (4, 2, 300, 0), 16: (2, 2, 448, 0), 32: (2, 1, 448, 0)},  # q|k|v, o_proj
@@ -404,9 +410,10 @@ def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global
                  n1: int, n2: int, cfg: dict, ws: torch.Tensor, lora_A: torch.Tensor | None = None,
                  h: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 partial products ws[s, m, n] = sum over split s of x[m] . W[n] (global scales applied).
-    cfg["RING"] > 0 streams the words and scales by TMA (unless a base or row stride is not 16-byte aligned:
-    then they are loaded into registers, same sums). x [M, K] bf16, w32 [N, K/8] int32 words of packed E2M1, scale [N, K/16] uint8 E4M3 bytes,
+    x [M, K] bf16, w32 [N, K/8] int32 words of packed E2M1, scale [N, K/16] uint8 E4M3 bytes,
     global_scale fp32 per segment; ws [SPLIT, M, N] fp32, rows of unit stride.
+    cfg["RING"] > 0 streams the words and scales by TMA (unless a base or row stride is not 16-byte aligned:
+    then they are loaded into registers, same sums); cfg["XSMEM"] stages x in shared memory (if it fits).
     lora_A [R, K] (row-major): also write the LoRA shrink's partials h[s, m, r] = x[m] . A[r] over split s
     into h [SPLIT, M, R] (fp32, contiguous), computed by R extra programs a split."""
     m, k = x.shape
@@ -430,7 +437,8 @@ def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global
     _mma_kernel[grid](x, w_arg, s_arg, global_scale, ws, lora_A if r_sh else ws, h if r_sh else ws, m, n, kw, kps,
                       n1, n2, r_sh, x.stride(0), w32.stride(0), scale.stride(0), ws.stride(0), ws.stride(1),
                       lora_A.stride(0) if r_sh else 0, h.stride(0) if r_sh else 0, h.stride(1) if r_sh else 0,
-                      num_warps=cfg["num_warps"], **({"maxnreg": cfg["MAXNREG"]} if cfg.get("MAXNREG") else {}), **const)
+                      num_warps=cfg["num_warps"], **({"maxnreg": cfg["MAXNREG"]} if cfg.get("MAXNREG") else {}),
+                      **const)
     return ws
 
 
