@@ -20,7 +20,7 @@ for s in $steps; do case $s in
     grep -E "^(qerl|transformers)|copy" "$out/issue7b.txt" ;;
   variants)
     run variants 150 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4 --batch 1,8,16 \
-      --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --variants ring,ring+xsmem,no_mma --out "$out/variants.json"
+      --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --variants pdl,ring,ring+xsmem,no_mma --out "$out/variants.json"
     grep -E "^qerl" "$out/variants.txt" ;;
   kernels)
     run kernels 120 python benchmarks/bench_mma_gpu.py --rows 1,8,16 --no-sweep --out "$out/kernels.json"
