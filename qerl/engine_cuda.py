@@ -12,8 +12,8 @@ What differs from the reference engine (and why):
   made adjacent rows of one buffer at construction, and the modules' buffers become
   views of it: no second copy), with bias, live LoRA and SiLU-gate fused into the
   weight-streaming kernel (`qerl.kernels.fused_linear`: register-fed tensor cores,
-  `nvfp4_mma`, for 1-32 rows of bf16 NVFP4 on Hopper (`ring`: its words streamed by TMA);
-  else CUDA cores at 1-4 rows and version 5 up to DECODE_MAX_M) for NVFP4/MXFP4; the LoRA shrink runs inside the weight kernels
+  `nvfp4_mma`, for 1-32 rows of bf16 NVFP4 on Hopper, else CUDA cores at 1-4 rows and
+  version 5 up to DECODE_MAX_M) for NVFP4/MXFP4; the LoRA shrink runs inside the weight kernels
   (`fuse_shrink`: version 7 always, versions 5/6 where they split K); bf16 weights, and more rows, use
   cuBLAS (one layer dequantized into the engine's own buffer for NVFP4/MXFP4) and one
   epilogue launch (`linear_epilogue`: bias, LoRA, SiLU gate); residual add + RMSNorm
@@ -140,9 +140,10 @@ class CudaEngine(Engine):
         # and -43% at batch 8, so off
         self.pdl, self.fuse_shrink = pdl, fuse_shrink
         self.mma = mma  # version 7 (register-fed tensor cores) for the NVFP4 rows it supports, else versions 5/6
-        # version 7 streams its words and scales by TMA through shared memory: measured 2-4% slower, so off
+        # version 7 options measured slower on an H200, so off: its words and scales streamed by TMA through
+        # shared memory (ring: -2 to -4% tok/s), each split's x staged in shared memory (xsmem: -5 to -10%)
         self.ring = RING_STAGES if ring else None
-        self.xsmem = xsmem  # version 7 stages each split's x in shared memory once a program
+        self.xsmem = xsmem
         self.layers = []
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
