@@ -30,3 +30,14 @@ def test_bench_rejects_unknown_engine_option_before_any_work():
         run_rollout_bench("qwen2.5-7b", variants=("pdl+foo",))
     with pytest.raises(ValueError, match="unknown engine option 'no_graphs'"):
         run_rollout_bench("qwen2.5-7b", variants=("no_fuse_shrink", "no_graphs"))
+
+
+def test_bench_cli_help_names_every_engine_option():
+    """`qerl bench rollout --help` lists the options `--variants` accepts (kept in step with ENGINE_OPTIONS)."""
+    import inspect
+
+    from qerl import cli
+    from qerl.bench import ENGINE_OPTIONS
+
+    help_text = inspect.signature(cli.bench_rollout).parameters["variants"].default.help
+    assert help_text.endswith("options: " + ", ".join(ENGINE_OPTIONS))
