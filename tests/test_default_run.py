@@ -34,3 +34,15 @@ def test_qerl_train_default_runs_a_few_steps(tmp_path):
     for f in ("curves.png", "summary.md", "adapter/adapter_model.safetensors", "checkpoints/latest"):
         assert (out / f).exists(), f
     assert "held-out accuracy" in r.stdout
+
+
+def test_default_uses_length_unbiased_aggregation_unless_another_algorithm_is_picked():
+    """The embedded default sums each completion's tokens over a constant (no per-completion 1/length);
+    `--algo.name dapo` on top of it gets DAPO's own settings, and an explicit aggregation still wins."""
+    assert load_config(None).algo.resolved().aggregation == "constant"
+    assert load_config(None).algo.resolved().name == "grpo"
+    dapo = load_config(None, ["--algo.name", "dapo"]).algo.resolved()
+    assert (dapo.aggregation, dapo.eps_high) == ("token_mean", 0.28)
+    both = load_config(None, ["--algo.name", "dapo", "--algo.aggregation", "seq_mean"]).algo.resolved()
+    assert both.aggregation == "seq_mean"
+    assert load_config(None, ["--algo.aggregation", "token_mean"]).algo.resolved().aggregation == "token_mean"
