@@ -9,16 +9,11 @@ import argparse
 import json
 
 import torch
-import triton.testing
 
-from qerl.bench import fused_layer_shapes
+from qerl.bench import fused_layer_shapes, graph_time_us
 from qerl.kernels.fused_linear import linear_epilogue
 from qerl.kernels.lora_shrink import lora_shrink, shrink_chunk
 from qerl.kernels.nvfp4_mma import mma_config
-
-
-def time_it(fn):
-    return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3
 
 
 def main():
@@ -46,14 +41,14 @@ def main():
                 if chunk > 2 * k:
                     continue
                 h = lora_shrink(x, A, chunk=chunk)
-                t_s = time_it(lambda: lora_shrink(x, A, out=h, chunk=chunk))
+                t_s = graph_time_us(lambda: lora_shrink(x, A, out=h, chunk=chunk))
                 if m > 8:  # one row per program (the FMA form) instead of the tf32 dot on 16-row blocks
-                    t1 = time_it(lambda: lora_shrink(x, A, out=h, chunk=chunk, block_m=1))
+                    t1 = graph_time_us(lambda: lora_shrink(x, A, out=h, chunk=chunk, block_m=1))
                     print(f"{name:8s} M={m:<3d} shrink chunk {chunk:5d}: 16-row dot {t_s:6.1f} us, one row a program "
                           f"{t1:6.1f} us", flush=True)
                     results.append(dict(shape=name, m=m, chunk=chunk, shrink_us=t_s, shrink_one_row_us=t1))
                 for bn in (16, 32, 64):
-                    t_e = time_it(lambda: linear_epilogue(p, bias, h, B, 16, 1.0, seg, glu, out=y, block_n=bn))
+                    t_e = graph_time_us(lambda: linear_epilogue(p, bias, h, B, 16, 1.0, seg, glu, out=y, block_n=bn))
                     row = dict(shape=name, m=m, split=split, chunk=chunk, h_splits=h.shape[0], block_n=bn,
                                shrink_us=t_s, epilogue_us=t_e, total_us=t_s + t_e)
                     results.append(row)

@@ -14,19 +14,14 @@ import itertools
 import json
 
 import torch
-import triton.testing
 
-from qerl.bench import random_nvfp4_layers
+from qerl.bench import graph_time_us, random_nvfp4_layers
 from qerl.kernels.fused_linear import fused_linear, tc_config
 from qerl.kernels.nvfp4_mma import mma_config
 
 TILES = [(4, 1, 32), (1, 1, 32), (2, 1, 32), (1, 2, 32), (2, 2, 32), (4, 2, 32), (4, 1, 64), (1, 1, 64)]
 LOADS = (dict(), dict(PREFETCH=True), dict(XSMEM=True))  # register loads; a step ahead; x in shared memory
 # (add dict(RING=4) to sweep 4-stage TMA rings too: 32-word steps only)
-
-
-def time_it(fn):
-    return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3
 
 
 def main():
@@ -53,17 +48,17 @@ def main():
                 return lambda: fused_linear(x, "nvfp4", d["weight_packed"], d["weight_scale"], gs, glu=glu, out=y,
                                             config=cfg)
 
-            row = dict(shape=name, n=n, k=k, m=m, cublas_bf16_us=time_it(lambda: x @ wb.T),
-                       v5_us=time_it(run(tc_config(m, nout, k))), default_us=time_it(run(None)))
+            row = dict(shape=name, n=n, k=k, m=m, cublas_bf16_us=graph_time_us(lambda: x @ wb.T),
+                       v5_us=graph_time_us(run(tc_config(m, nout, k))), default_us=graph_time_us(run(None)))
             d7 = mma_config(m, nout, k)
             run(d7)()
             y_default = y.float().clone()
-            row["v7_us"] = time_it(run(d7))
-            row["v7_ring4_us"] = time_it(run(dict(d7, RING=4)))  # the default tile with a 4-stage TMA ring
-            row["v7_xsmem_us"] = time_it(run(dict(d7, XSMEM=True)))  # ... with x staged in shared memory
-            row["v7_ring3_xsmem_us"] = time_it(run(dict(d7, RING=3, XSMEM=True)))  # ... both: no global load in the loop
+            row["v7_us"] = graph_time_us(run(d7))
+            row["v7_ring4_us"] = graph_time_us(run(dict(d7, RING=4)))  # the default tile with a 4-stage TMA ring
+            row["v7_xsmem_us"] = graph_time_us(run(dict(d7, XSMEM=True)))  # ... with x staged in shared memory
+            row["v7_ring3_xsmem_us"] = graph_time_us(run(dict(d7, RING=3, XSMEM=True)))  # ... both: no global load in the loop
             for regs in a.maxnreg:  # the default tile with registers capped (more warps resident, maybe spills)
-                row[f"v7_maxnreg{regs}_us"] = time_it(run(dict(d7, MAXNREG=regs)))
+                row[f"v7_maxnreg{regs}_us"] = graph_time_us(run(dict(d7, MAXNREG=regs)))
                 print(f"{name:8s} M={m:<3d} v7 {row['v7_us']:7.1f} us, maxnreg {regs}: "
                       f"{row[f'v7_maxnreg{regs}_us']:7.1f} us", flush=True)
             best = (row["v7_us"], d7)
@@ -78,7 +73,7 @@ def main():
                     if (k // 8) // bkw < split or k % (8 * bkw):
                         continue
                     try:
-                        t = time_it(run(cfg))
+                        t = graph_time_us(run(cfg))
                     except Exception as e:  # a tile that does not compile or fit
                         print("skip", cfg, type(e).__name__, str(e)[:120], flush=True)
                         continue
@@ -86,7 +81,7 @@ def main():
                         best = (t, cfg)
             if best[1]["RING"]:  # the best tile with other ring depths
                 for stages in (2, 3, 6):
-                    t = time_it(run(dict(best[1], RING=stages)))
+                    t = graph_time_us(run(dict(best[1], RING=stages)))
                     row[f"v7_best_ring{stages}_us"] = t
                     if t < best[0]:
                         best = (t, dict(best[1], RING=stages))

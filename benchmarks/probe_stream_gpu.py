@@ -24,10 +24,9 @@ import json
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from qerl.bench import fused_layer_shapes
+from qerl.bench import fused_layer_shapes, graph_time_us
 
 try:
     from triton.experimental import gluon
@@ -103,10 +102,6 @@ if gluon is not None:
         gl.store(out_ptr + gl.program_id(1) * gl.num_programs(0) + pid, gl.sum(gl.sum(acc, 1), 0))
 
 
-def time_us(fn):
-    return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3
-
-
 def split_for(n_blocks, steps, programs):
     return max(1, min(steps, round(programs / n_blocks)))
 
@@ -128,7 +123,7 @@ def main():
 
     big = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     big2 = torch.empty_like(big)
-    t = time_us(lambda: big2.copy_(big))
+    t = graph_time_us(lambda: big2.copy_(big))
     record(kind="copy", shape="256MiB", us=t, GBs=2 * big.numel() / t / 1e3)
     del big, big2
     for name, (n, k, _) in fused_layer_shapes(a.model).items():
@@ -139,7 +134,7 @@ def main():
         nbytes = w.numel() * 4
         for block, iters, nw in [(2048, 8, 4), (4096, 4, 8), (1024, 16, 4)]:
             grid = (triton.cdiv(w.numel(), block * iters),)
-            t = time_us(lambda: _flat[grid](w, out, w.numel(), BLOCK=block, ITERS=iters, num_warps=nw))
+            t = graph_time_us(lambda: _flat[grid](w, out, w.numel(), BLOCK=block, ITERS=iters, num_warps=nw))
             record(kind="flat", shape=name, block=block, iters=iters, warps=nw, us=t, GBs=nbytes / t / 1e3)
         progs = [int(p) for p in a.programs.split(",")]
         best = {}
@@ -150,7 +145,7 @@ def main():
             split = split_for(nb, kw // (bkw * u), target)
             kps = triton.cdiv(kw // (bkw * u), split) * bkw * u
             grid = (nb, triton.cdiv(kw, kps))
-            t = time_us(lambda: _ldg[grid](w, out, n, kw, kps, BN=bn, BKW=bkw, U=u, num_warps=nw))
+            t = graph_time_us(lambda: _ldg[grid](w, out, n, kw, kps, BN=bn, BKW=bkw, U=u, num_warps=nw))
             r = dict(kind="ldg", shape=name, BN=bn, BKW=bkw, warps=nw, U=u, programs=grid[0] * grid[1], us=t,
                      GBs=nbytes / t / 1e3)
             if t < best.get("ldg", (1e9,))[0]:
@@ -162,7 +157,7 @@ def main():
             grid = (nb, triton.cdiv(kw, kps))
             desc = TensorDescriptor.from_tensor(w, [bn, bkw])
             try:
-                t = time_us(lambda: _tma[grid](desc, out, kw, kps, BN=bn, BKW=bkw, NS=ns, num_warps=nw))
+                t = graph_time_us(lambda: _tma[grid](desc, out, kw, kps, BN=bn, BKW=bkw, NS=ns, num_warps=nw))
             except Exception as e:  # noqa: BLE001
                 print("skip tma", bn, bkw, nw, ns, type(e).__name__, str(e)[:100], flush=True)
                 continue
@@ -183,7 +178,7 @@ def main():
                 desc = GluonDescriptor.from_tensor(w, [bn, bkw], lay)
                 L = gl.BlockedLayout([1, 4], [32 * 4 // bkw, bkw // 4], [nw, 1], [1, 0])
                 try:
-                    t = time_us(lambda: _ring[grid](desc, out, kw, kps, BN=bn, BKW=bkw, NS=ns, L=L, num_warps=nw))
+                    t = graph_time_us(lambda: _ring[grid](desc, out, kw, kps, BN=bn, BKW=bkw, NS=ns, L=L, num_warps=nw))
                 except Exception as e:  # noqa: BLE001
                     print("skip ring", bn, bkw, nw, ns, type(e).__name__, str(e)[:200], flush=True)
                     continue

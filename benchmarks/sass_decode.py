@@ -27,6 +27,7 @@ from triton.compiler import ASTSource
 from qerl.bench import fused_layer_shapes
 from qerl.kernels import fused_linear as fl
 from qerl.kernels import nvfp4_mma
+from qerl.kernels._triton import disassemble, main_loop
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -64,43 +65,21 @@ def compile_decode(m: int, n: int, k: int, cfg: dict, glu: bool = False, lora: i
     return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def main_loop(sass: str):
-    """(instruction count, opcode histogram) of the longest backward-branch loop."""
-    labels, instrs, pending = {}, [], []
-    for line in sass.splitlines():
-        lab = re.match(r"^\.(L_x_\d+):", line)
-        if lab:
-            pending.append(lab.group(1))
-            continue
-        ins = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*)", line)
-        if ins:
-            addr = int(ins.group(1), 16)
-            labels.update({p: addr for p in pending})
-            pending = []
-            instrs.append((addr, ins.group(2)))
-    best = (0, collections.Counter())
-    for addr, text in instrs:
-        br = re.search(r"BRA\s+`\(\.(L_x_\d+)\)", text)
-        if br and labels.get(br.group(1), 1 << 62) <= addr:
-            lo = labels[br.group(1)]
-            ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for a, t in instrs if lo <= a <= addr]
-            if len(ops) > best[0]:
-                best = (len(ops), collections.Counter(ops))
-    return best
+def loop_mix(sass: str):
+    """(instruction count, opcode histogram) of the main loop (`qerl.kernels._triton.main_loop`)."""
+    ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in main_loop(sass)]
+    return len(ops), collections.Counter(ops)
 
 
 def inspect(m: int, n: int, k: int, cfg: dict, glu: bool = False) -> dict:
     ck = nvfp4_mma.compile_sm90(m, cfg) if cfg.get("MMA") else compile_decode(m, n, k, cfg, glu)
     with tempfile.TemporaryDirectory() as d:
-        ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        ptx = os.path.join(d, "k.ptx")
         with open(ptx, "w") as f:
             f.write(ck.asm["ptx"])
-        with open(cubin, "wb") as f:
-            f.write(ck.asm["cubin"])
         info = subprocess.run([os.path.join(BIN, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", os.path.join(d, "x.cubin")],
                               capture_output=True, text=True).stderr
-        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", cubin], capture_output=True, text=True).stdout
-    n_loop, hist = main_loop(sass)
+    n_loop, hist = loop_mix(disassemble(ck))
     threads = 32 * cfg.get("num_warps", 4)
     return dict(regs=int(re.search(r"Used (\d+) registers", info).group(1)),
                 spill_bytes=int(re.search(r"(\d+) bytes spill stores", info).group(1)),

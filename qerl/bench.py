@@ -43,6 +43,14 @@ def fused_layer_shapes(name: str) -> dict[str, tuple[int, int, bool]]:
     return {"qkv": (h + 2 * kvd, h, False), "o": (h, h, False), "gate|up": (2 * i, h, True), "down": (h, i, False)}
 
 
+def graph_time_us(fn) -> float:
+    """Median time of `fn` in microseconds over CUDA-graph replays (about 30 ms of them): the kernel
+    benchmarks' one timer."""
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3
+
+
 def random_nvfp4_layers(name: str, only: str | None = None, device: str = "cuda"):
     """Kernel benchmarks' inputs: for each of `fused_layer_shapes(name)` (or the comma-separated `only`), random
     weights (std 0.02) quantized to NVFP4, one layer at a time. Yields namespaces with name, n (packed rows),

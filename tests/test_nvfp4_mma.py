@@ -1,14 +1,11 @@
 """Version 7 of the NVFP4 decode linear (register-fed tensor cores, Gluon) against the plain-PyTorch reference."""
-import os
-import subprocess
-import tempfile
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import qkv_lora, rel_err as rel
 from qerl.kernels import nvfp4_mma
+from qerl.kernels._triton import disassemble, main_loop
 from qerl.quant import nvfp4_dequantize, nvfp4_quantize
 
 gluon = pytest.mark.skipif(not nvfp4_mma.HAS_GLUON, reason="needs Triton with Gluon")
@@ -84,18 +81,11 @@ def test_decode_asm_matches_reference_on_cpu():
 def test_compiles_for_hopper_without_shared_memory(m, nw, r):
     """Offline (no GPU): every conversion to an MMA operand layout is asserted trivial at compile time, and
     the compiled kernel uses no shared memory and spills nothing."""
-    import triton
-
     cfg = dict(num_warps=nw, RPW=r, BKW=32, PREFETCH=m == 16)  # 16 rows: also with each step loaded a step ahead
     ck = nvfp4_mma.compile_sm90(m, cfg, shrink=m == 8)  # 8 rows: with the LoRA shrink's extra programs
     assert ck.metadata.shared == 0
     assert "local_alloc" not in ck.asm["ttgir"] and "mma.sync" in ck.asm["ptx"]
-    with tempfile.TemporaryDirectory() as d:  # spills show up as local-memory stores in the machine code
-        cubin = os.path.join(d, "k.cubin")
-        with open(cubin, "wb") as f:
-            f.write(ck.asm["cubin"])
-        nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-        sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    sass = disassemble(ck)  # spills show up as local-memory stores in the machine code
     assert "HMMA" in sass and "STL" not in sass and "STS" not in sass
 
 
@@ -105,8 +95,6 @@ def test_ring_compiles_for_hopper(m, nw, r, ring):
     """Offline (no GPU): with the TMA ring the words and scales arrive by bulk tensor copies into `ring`
     shared-memory stages (16-byte shared loads in the operand layout); the MMA operands still come from
     registers, and nothing spills."""
-    import triton
-
     cfg = dict(num_warps=nw, RPW=r, BKW=32, RING=ring)
     ck = nvfp4_mma.compile_sm90(m, cfg, shrink=m == 8)
     bn = 16 * nw * r
@@ -114,12 +102,7 @@ def test_ring_compiles_for_hopper(m, nw, r, ring):
     ptx = ck.asm["ptx"]
     assert ptx.count("cp.async.bulk.tensor.2d") == 2 * ring  # words + scales: ring - 1 in the prologue, 1 a step
     assert "ld.shared.v4.b32" in ptx and "mma.sync" in ptx and "mbarrier.try_wait" in ptx
-    with tempfile.TemporaryDirectory() as d:
-        cubin = os.path.join(d, "k.cubin")
-        with open(cubin, "wb") as f:
-            f.write(ck.asm["cubin"])
-        nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-        sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    sass = disassemble(ck)
     assert "HMMA" in sass and "UTMALDG" in sass and "STL" not in sass
 
 
@@ -129,38 +112,20 @@ def test_staged_x_compiles_for_hopper(m, nw, r, xsteps, ring):
     """Offline (no GPU): with XSMEM the split's x is copied into shared memory once (xsteps x [BM, 256] bf16)
     and the loop reads it with 16-byte shared loads: no global load of x inside the loop (and no barrier
     without a ring), nothing spills (also at 32 rows, where the register path is at its limit)."""
-    import triton
-
     def sass_of(cfg):
         ck = nvfp4_mma.compile_sm90(m, dict(num_warps=nw, RPW=r, BKW=32, RING=ring, **cfg), shrink=False,
                                     xsteps=xsteps)
-        with tempfile.TemporaryDirectory() as d:
-            cubin = os.path.join(d, "k.cubin")
-            with open(cubin, "wb") as f:
-                f.write(ck.asm["cubin"])
-            nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-            return ck, subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+        return ck, disassemble(ck)
 
     ck, sass = sass_of(dict(XSMEM=True))
     ring_bytes = ring * 16 * nw * r * (128 + 16) + (8 * ring if ring else 0)  # stages of words + scales, mbarriers
     assert ck.metadata.shared == xsteps * m * 256 * 2 + ring_bytes
     assert "STL" not in sass
-    loop = _main_loop(sass)
-    assert "LDS.128" in loop
+    loop = "\n".join(main_loop(sass))
+    assert "LDS.128" in loop and "HMMA" in loop
     assert ring or "BAR.SYNC" not in loop  # (a ring has its barriers a step)
     # x's global loads left the loop: the words' and scales' remain
-    assert loop.count("LDG") < _main_loop(sass_of(dict())[1]).count("LDG")
-
-
-def _main_loop(sass: str) -> str:
-    """The machine code between a label and the backward branch to it, for the loop with the most MMAs."""
-    import re
-
-    lines = sass.splitlines()
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\.L_x_\d+):", line))}
-    loops = ["\n".join(lines[labels[m.group(1)]:i]) for i, line in enumerate(lines)
-             if (m := re.search(r"BRA `\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
-    return max(loops, key=lambda body: body.count("HMMA"))
+    assert loop.count("LDG") < "\n".join(main_loop(sass_of(dict())[1])).count("LDG")
 
 
 def test_config_follows_the_measured_tiles():

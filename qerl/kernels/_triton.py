@@ -90,3 +90,44 @@ if HAS_TRITON:
             gdc_launch_dependents()
 else:
     pdl_wait = None
+
+
+# ---- offline looks at the machine code (tests/test_nvfp4_mma.py, benchmarks/sass_decode.py) -------------------
+def disassemble(compiled) -> str:
+    """The SASS of a compiled kernel (`triton.compile` output), by the nvdisasm Triton ships: no GPU needed."""
+    import subprocess
+    import tempfile
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        return subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+
+
+def main_loop(sass: str) -> list[str]:
+    """The instructions of the longest loop in `disassemble`'s output: from a label to a conditional backward
+    branch to it (an unconditional one is out-of-line code, e.g. an mbarrier wait's retry, jumping back in)."""
+    import re
+
+    labels, instrs, pending = {}, [], []
+    for line in sass.splitlines():
+        lab = re.match(r"^\.(L_x_\d+):", line)
+        if lab:
+            pending.append(lab.group(1))
+            continue
+        ins = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*)", line)
+        if ins:
+            addr = int(ins.group(1), 16)
+            labels.update({p: addr for p in pending})
+            pending = []
+            instrs.append((addr, ins.group(2)))
+    best: list[str] = []
+    for addr, text in instrs:
+        br = re.search(r"^@!?P\d\s+BRA\s+`\(\.(L_x_\d+)\)", text)
+        if br and labels.get(br.group(1), 1 << 62) <= addr:
+            loop = [t for a, t in instrs if labels[br.group(1)] <= a <= addr]
+            if len(loop) > len(best):
+                best = loop
+    return best

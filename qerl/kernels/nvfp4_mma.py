@@ -70,8 +70,8 @@ def _bits(n: int) -> list[int]:
 
 @functools.lru_cache(maxsize=None)
 def _layouts(nw: int, r: int, bkw: int, bm: int):
-    """(mma, A, B, scale layout, x layout, the [BN, BKW/2, 2] scale-broadcast layout) for a tile of
-    BN = 16 * nw * r rows, bkw words, bm rows of x. A and B are the k_width=4 `mma.sync` operand layouts;
+    """(mma, A, B, scale layout, x layout, the [BN, BKW/2, 2] scale-broadcast layout, A as a linear layout,
+    the x tile as [BM, 8 * BKW]) for a tile of BN = 16 * nw * r rows, bkw words, bm rows of x. A and B are the k_width=4 `mma.sync` operand layouts;
     their linear-layout bases (checked against Triton 3.6 by tests/test_nvfp4_mma.py when Triton is installed):
       A [BN, BKW]:  regs (0,1) (0,2) (8,0) (0,16..) (16nw..,0); lanes (0,4) (0,8) (1,0) (2,0) (4,0); warps (16..,0)
       B [BKW, BM]:  regs (1,0) (2,0) (16..,0) (0,8..); lanes (4,0) (8,0) (0,1) (0,2) (0,4); warps (0,0)..
@@ -429,10 +429,10 @@ def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global
         r_sh = lora_A.shape[0]
         if lora_A.shape[1] != k or lora_A.stride(1) != 1 or h is None or h.shape != (split, m, r_sh):
             raise ValueError("lora_A must be [R, K] row-major and h [SPLIT, M, R]")
+    if cfg.get("RING") and not ring_supported(w32, scale):  # same sums, loaded without TMA
+        cfg = dict(cfg, RING=0)
     const = mma_constexprs(m, cfg, shrink=r_sh > 0, xsteps=kps // bkw)
     grid = (-(-n // const["BN"]) + r_sh, split)
-    if const["RING"] and not ring_supported(w32, scale):  # same sums, loaded without TMA
-        const = mma_constexprs(m, dict(cfg, RING=0), shrink=r_sh > 0, xsteps=kps // bkw)
     w_arg, s_arg = (w32, scale) if not const["RING"] else _descriptors(w32, scale, const["BN"], bkw)
     _mma_kernel[grid](x, w_arg, s_arg, global_scale, ws, lora_A if r_sh else ws, h if r_sh else ws, m, n, kw, kps,
                       n1, n2, r_sh, x.stride(0), w32.stride(0), scale.stride(0), ws.stride(0), ws.stride(1),
