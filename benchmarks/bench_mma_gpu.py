@@ -4,8 +4,9 @@
 Per shape and row count: medians of CUDA-graph replays (`do_bench_cudagraph`) of the whole `fused_linear`
 call (decode kernel + epilogue launch), the engine's default choice (`default`: version 6 below 5 rows,
 version 7 from 5), the default tile of each version and a sweep of version-7 tiles
-(warps, 16-row tiles a warp, words a step, splits, loads a step ahead or not); the default tile also
-with a 4-stage TMA ring, with x staged in shared memory (XSMEM), and with both (3 stages). GB/s counts the packed weight + scale bytes.
+(warps, 16-row tiles a warp, words a step, splits, loads a step ahead or not); the default tile (in-word
+decode) also with the word-pair decode, a 4-stage TMA ring, x staged in shared memory (XSMEM), and both
+(3 stages). GB/s counts the packed weight + scale bytes.
 Usage: python benchmarks/bench_mma_gpu.py [--model qwen2.5-7b] [--rows 8,16,32] [--shapes "gate|up,down"]
        [--out results.json]
 """
@@ -54,6 +55,7 @@ def main():
             run(d7)()
             y_default = y.float().clone()
             row["v7_us"] = graph_time_us(run(d7))
+            row["v7_wordpair_us"] = graph_time_us(run(dict(d7, INWORD=False)))  # the word-pair decode
             row["v7_ring4_us"] = graph_time_us(run(dict(d7, RING=4)))  # the default tile with a 4-stage TMA ring
             row["v7_xsmem_us"] = graph_time_us(run(dict(d7, XSMEM=True)))  # ... with x staged in shared memory
             row["v7_ring3_xsmem_us"] = graph_time_us(run(dict(d7, RING=3, XSMEM=True)))  # ... both: no global load in the loop
@@ -92,6 +94,7 @@ def main():
                        v7_best_GBs=nbytes / best[0] / 1e3)
             results.append(row)
             print(f"{name:8s} M={m:<3d} cuBLAS bf16 {row['cublas_bf16_us']:7.1f} us | default {row['default_us']:7.1f} us | v5 {row['v5_us']:7.1f} us "
+                  f"| v7 word pairs {row['v7_wordpair_us']:7.1f} "
                   f"{row['v5_GBs']:5.0f} GB/s | v7 ring4 {row['v7_ring4_us']:7.1f} | v7 xsmem {row['v7_xsmem_us']:7.1f} | ring3+xsmem {row['v7_ring3_xsmem_us']:7.1f} | v7 {row['v7_us']:7.1f} us {row['v7_GBs']:5.0f} GB/s | v7 best "
                   f"{best[0]:7.1f} us {row['v7_best_GBs']:5.0f} GB/s {best[1]} (agrees: {agrees})", flush=True)
     if a.out:

@@ -3,8 +3,8 @@
 # headline command, engine variants and kernel-level timings, each under its own time limit so that a
 # slow step cannot take the others' output with it. Everything lands in OUTDIR (the device's $OUT).
 # Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_round.sh "$OUT" [steps]
-#   steps: any of tests issue variants kernels (default: all four, in that order; about 8 minutes)
-out=${1:?usage: gpu_round.sh OUTDIR [steps]}; steps=${2:-"tests issue variants kernels"}
+#   steps: any of tests issue variants kernels big (default: all five, in that order; about 9 minutes)
+out=${1:?usage: gpu_round.sh OUTDIR [steps]}; steps=${2:-"tests issue variants kernels big"}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 run() {  # name seconds command...
   local name=$1 secs=$2; shift 2
@@ -12,7 +12,8 @@ run() {  # name seconds command...
 }
 for s in $steps; do case $s in
   tests)
-    run tests 150 python -m pytest -q tests/test_nvfp4_mma.py -k "matches_reference and (ring0 or ring4)"
+    run tests 150 python -m pytest -q tests/test_nvfp4_mma.py tests/test_engine_cuda.py \
+      -k "(matches_reference and (inword1 or ring0-xsmem0-inword0)) or mma_decode_in_the_engine"
     tail -2 "$out/tests.txt" ;;
   issue)
     run issue7b 240 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4,bf16 --batch 1,8,64 \
@@ -20,10 +21,14 @@ for s in $steps; do case $s in
     grep -E "^(qerl|transformers)|copy" "$out/issue7b.txt" ;;
   variants)
     run variants 150 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4 --batch 1,8,16 \
-      --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --variants pdl,ring,ring+xsmem,no_mma --out "$out/variants.json"
+      --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --variants no_inword,no_mma --out "$out/variants.json"
     grep -E "^qerl" "$out/variants.txt" ;;
   kernels)
-    run kernels 120 python benchmarks/bench_mma_gpu.py --rows 1,8,16 --no-sweep --out "$out/kernels.json"
+    run kernels 120 python benchmarks/bench_mma_gpu.py --rows 1,8,16 --no-sweep --maxnreg 128 --out "$out/kernels.json"
     grep "M=" "$out/kernels.txt" | sed 's/ *{.*//' ;;
+  big)
+    run big32b 120 python -m qerl.cli bench rollout --model-config qwen2.5-32b --quant nvfp4 --batch 1,8 \
+      --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --out "$out/big32b.json"
+    grep -E "^qerl|copy" "$out/big32b.txt" ;;
   *) echo "unknown step $s" ;;
 esac; done

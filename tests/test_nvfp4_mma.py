@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from conftest import qkv_lora, rel_err as rel
 from qerl.kernels import nvfp4_mma
-from qerl.kernels._triton import disassemble, main_loop
+from qerl.kernels._triton import disassemble, main_loop, registers
 from qerl.quant import nvfp4_dequantize, nvfp4_quantize
 
 gluon = pytest.mark.skipif(not nvfp4_mma.HAS_GLUON, reason="needs Triton with Gluon")
@@ -14,7 +14,7 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_de
 
 
 def _run_ptx(asm: str, args: dict[str, int]) -> dict[str, int]:
-    """Execute the decode asm's instructions (prmt, shl, and, or, mul.rn.bf16x2) on 32-bit integers."""
+    """Execute the decode asm's instructions (prmt, shl, shr, and, or, mul.lo.u32, mul.rn.bf16x2) on 32-bit integers."""
     import re
 
     regs = dict(args)
@@ -41,6 +41,10 @@ def _run_ptx(asm: str, args: dict[str, int]) -> dict[str, int]:
                 r |= ((src >> (8 * n)) & 0xFF) << (8 * i)
         elif op == "shl.b32":
             r = (a << int(ops[2])) & 0xFFFFFFFF
+        elif op == "shr.b32":
+            r = a >> int(ops[2])
+        elif op == "mul.lo.u32":
+            r = (a * val(ops[2])) & 0xFFFFFFFF
         elif op == "and.b32":
             r = a & val(ops[2])
         elif op == "or.b32":
@@ -76,17 +80,57 @@ def test_decode_asm_matches_reference_on_cpu():
                 assert got.float().item() == ref[8 * half + i].item() * 2.0**-16, (hex(w0), hex(w1), i, half, sbyte)
 
 
+def _bf16_value(bits: int) -> float:
+    return torch.tensor([bits - (1 << 16) * (bits >> 15)], dtype=torch.int16).view(torch.bfloat16).float().item()
+
+
+def test_in_word_decode_asm_matches_reference_on_cpu():
+    """The in-word decode's PTX (INWORD): for random words and E4M3 block scales (normal, subnormal, zero),
+    output j holds nibble j of the word in its low half and nibble j + 4 in its high half, each exactly
+    E2M1(code) * scale * 2**-16 (the reference dequantization before the global scale)."""
+    g = torch.Generator().manual_seed(1)
+    words = torch.randint(0, 2**32, (64,), generator=g, dtype=torch.int64).tolist() + [0x88888888, 0x77777777,
+                                                                                        0xF7F7F7F7, 0x12345678]
+    scales = torch.cat([torch.randint(1, 0x7F, (60,), generator=g), torch.tensor([1, 7, 0x7E, 0, 0x08, 0x40, 3, 0x77])])
+    for w, sbyte in zip(words, scales.tolist()):
+        packed = torch.tensor([[(w >> (8 * j)) & 0xFF for j in range(4)] * 2], dtype=torch.uint8)  # a 16-value block
+        scale = torch.tensor([[sbyte]], dtype=torch.uint8).view(torch.float8_e4m3fn)
+        ref = nvfp4_dequantize(dict(weight_packed=packed, weight_scale=scale, weight_global_scale=torch.ones(1)),
+                               torch.float32)[0]
+        s2 = int(torch.tensor([scale.float().item() * 2.0**110]).to(torch.bfloat16).view(torch.int16).item()) & 0xFFFF
+        out = _run_ptx(nvfp4_mma.PAIR_ASM, {"$4": w, "$5": w, "$6": s2 | s2 << 16, "$7": s2 | s2 << 16})
+        for j in range(4):
+            for half in (0, 1):
+                got = _bf16_value((out[f"${j}"] >> (16 * half)) & 0xFFFF)
+                assert got == ref[j + 4 * half].item() * 2.0**-16, (hex(w), j, half, sbyte)
+
+
 @gluon
 @pytest.mark.parametrize("m,nw,r", [(8, 4, 1), (16, 1, 2), (32, 2, 1)])
 def test_compiles_for_hopper_without_shared_memory(m, nw, r):
     """Offline (no GPU): every conversion to an MMA operand layout is asserted trivial at compile time, and
-    the compiled kernel uses no shared memory and spills nothing."""
-    cfg = dict(num_warps=nw, RPW=r, BKW=32, PREFETCH=m == 16)  # 16 rows: also with each step loaded a step ahead
+    the compiled kernel uses no shared memory and spills nothing (the in-word decode; the word-pair one at 16 rows)."""
+    cfg = dict(num_warps=nw, RPW=r, BKW=32, PREFETCH=m == 16, INWORD=m != 16)  # 16: loaded a step ahead too
     ck = nvfp4_mma.compile_sm90(m, cfg, shrink=m == 8)  # 8 rows: with the LoRA shrink's extra programs
     assert ck.metadata.shared == 0
     assert "local_alloc" not in ck.asm["ttgir"] and "mma.sync" in ck.asm["ptx"]
     sass = disassemble(ck)  # spills show up as local-memory stores in the machine code
     assert "HMMA" in sass and "STL" not in sass and "STS" not in sass
+
+
+@gluon
+def test_in_word_decode_takes_fewer_instructions():
+    """Offline (no GPU), 8 rows, 4 warps x 2 row tiles: the in-word decode's main loop has fewer instructions
+    (sm_90 machine code) than the word-pair decode's, no more global loads (16-byte words, permuted in
+    registers), and fewer registers."""
+    def loop_of(inword):
+        ck = nvfp4_mma.compile_sm90(8, dict(num_warps=4, RPW=2, BKW=32, INWORD=inword), shrink=False)
+        return registers(ck), main_loop(disassemble(ck))
+
+    (regs_w, loop_w), (regs_p, loop_p) = loop_of(True), loop_of(False)
+    assert len(loop_w) < 0.93 * len(loop_p), (len(loop_w), len(loop_p))  # measured 759 vs 855
+    assert sum("LDG" in i for i in loop_w) <= sum("LDG" in i for i in loop_p)
+    assert regs_w < regs_p
 
 
 @gluon
@@ -149,21 +193,24 @@ def test_config_follows_the_measured_tiles():
 @hopper
 @gluon
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", [(4, 1, 1, 0, 4, 0), (1, 1, 3, 1, 0, 0), (1, 2, 2, 0, 2, 0), (2, 2, 5, 1, 0, 0),
-                                  (2, 2, 5, 0, 3, 0), (4, 2, 2, 0, 0, 1), (2, 1, 3, 1, 0, 1), (2, 2, 2, 0, 3, 1)],
-                         ids=lambda t: "w%d-r%d-s%d-p%d-ring%d-xsmem%d" % t)
+@pytest.mark.parametrize("tile", [(4, 1, 1, 0, 4, 0, 1), (1, 1, 3, 1, 0, 0, 1), (1, 2, 2, 0, 2, 0, 0),
+                                  (2, 2, 5, 1, 0, 0, 0), (2, 2, 5, 0, 3, 0, 1), (4, 2, 2, 0, 0, 1, 1),
+                                  (2, 1, 3, 1, 0, 1, 0), (2, 2, 2, 0, 3, 1, 1), (4, 2, 2, 0, 0, 0, 1),
+                                  (4, 2, 2, 0, 0, 0, 0)],
+                         ids=lambda t: "w%d-r%d-s%d-p%d-ring%d-xsmem%d-inword%d" % t)
 @pytest.mark.parametrize("k", [768, 1280])
 def test_matches_reference(tile, k):
     """q|k|v segments (own global scales, bias, LoRA from h or from A) and gate|up with SiLU, M = 1..32,
     N not a multiple of the tile (the TMA ring's out-of-bounds rows), more splits than steps (empty splits
     write zeros, a split shorter than the staged x), register loads (with and without prefetch), TMA rings of
-    2-4 stages, x staged in shared memory (with register loads, prefetch or a ring), poisoned outputs."""
+    2-4 stages, x staged in shared memory (with register loads, prefetch or a ring), the in-word and the
+    word-pair decode, poisoned outputs."""
     from qerl.kernels.fused_linear import fused_linear
     from qerl.kernels.lora_shrink import lora_shrink
 
-    nw, r_, split, prefetch, ring, xsmem = tile
+    nw, r_, split, prefetch, ring, xsmem, inword = tile
     cfg = dict(WORDS=True, MMA=True, BLOCK_N=16 * nw * r_, BKW=32, RPW=r_, SPLIT=split, num_warps=nw,
-               PREFETCH=bool(prefetch), RING=ring, XSMEM=bool(xsmem))
+               PREFETCH=bool(prefetch), RING=ring, XSMEM=bool(xsmem), INWORD=bool(inword))
     r, sizes, dtype = 16, (96, 24, 40), torch.bfloat16
     ds = [nvfp4_quantize(torch.randn(n, k, device="cuda") * s) for n, s in zip(sizes, (1.0, 3.0, 0.5))]
     deq = torch.cat([nvfp4_dequantize(d, torch.float32) for d in ds])

@@ -93,17 +93,29 @@ else:
 
 
 # ---- offline looks at the machine code (tests/test_nvfp4_mma.py, benchmarks/sass_decode.py) -------------------
-def disassemble(compiled) -> str:
-    """The SASS of a compiled kernel (`triton.compile` output), by the nvdisasm Triton ships: no GPU needed."""
+def _cubin_tool(compiled, tool: str, *args: str) -> str:
+    """Run one of the CUDA binary tools Triton ships (nvdisasm, cuobjdump) on a compiled kernel's cubin."""
     import subprocess
     import tempfile
 
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
     with tempfile.TemporaryDirectory() as d:
         cubin = os.path.join(d, "k.cubin")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
-        return subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([exe, *args, cubin], capture_output=True, text=True, check=True).stdout
+
+
+def disassemble(compiled) -> str:
+    """The SASS of a compiled kernel (`triton.compile` output), by the nvdisasm Triton ships: no GPU needed."""
+    return _cubin_tool(compiled, "nvdisasm", "-c")
+
+
+def registers(compiled) -> int:
+    """Registers a thread of a compiled kernel uses (cuobjdump's resource usage): no GPU needed."""
+    import re
+
+    return int(re.search(r"REG:(\d+)", _cubin_tool(compiled, "cuobjdump", "-res-usage")).group(1))
 
 
 def main_loop(sass: str) -> list[str]:

@@ -565,12 +565,13 @@ MMA_MIN_M = 1  # version 7 (where supported) from this many rows up: faster than
 
 
 def pick_config(m: int, n: int, k: int, fmt: str, mma: bool = False, ring: int | None = None,
-                xsmem: bool = False) -> dict:
+                xsmem: bool = False, inword: bool | None = None) -> dict:
     """Tile sizes by shape (measured on an H100/H200; see benchmarks/RESULTS.md). mma: version 7
     (`nvfp4_mma`, Gluon) may serve NVFP4 from MMA_MIN_M to MMA_MAX_M rows (the caller checked `mma_supported`);
-    ring: its TMA ring stages (None: its tile table's); xsmem: its x staged in shared memory."""
+    ring: its TMA ring stages (None: its tile table's); xsmem: its x staged in shared memory; inword: its
+    in-word decode (None: `nvfp4_mma.INWORD`)."""
     if mma and fmt == "nvfp4" and MMA_MIN_M <= m <= MMA_MAX_M:
-        return mma_config(m, n, k, ring=ring, xsmem=xsmem)
+        return mma_config(m, n, k, ring=ring, xsmem=xsmem, inword=inword)
     if TC_MIN_M <= m <= TC_MAX_M and fmt in ("nvfp4", "mxfp4"):
         return tc_config(m, n, k)
     if m <= GEMV_MAX_M and fmt in ("nvfp4", "mxfp4"):
@@ -629,7 +630,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
                  lora_scale: float = 1.0, segments: tuple[int, int] | None = None, glu: bool = False,
                  out: torch.Tensor | None = None, config: dict | None = None, lora_A: torch.Tensor | None = None,
                  h_out: torch.Tensor | None = None, mma: bool = True, ring: int | None = None,
-                 xsmem: bool = False) -> torch.Tensor:
+                 xsmem: bool = False, inword: bool | None = None) -> torch.Tensor:
     """x [M, K] -> y [M, N] (or [M, N/2] with glu) in x.dtype.
 
     weight: nvfp4/mxfp4 packed uint8 [N, K/2] (+ scale [N, K/16] e4m3 or [N, K/32] e8m0,
@@ -643,7 +644,8 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     ring: version 7's words and scales streamed by TMA through this many shared-memory stages
     (`nvfp4_mma._mma_tile_ring`; 0: register loads; None: the tile table's, `nvfp4_mma.MMA_TILES`);
     xsmem: version 7 copies each split's x into shared memory once (`nvfp4_mma._stage_x`) instead of every
-    warp loading it every step.
+    warp loading it every step; inword: version 7 decodes nibbles j and j + 4 of a word into one register
+    (`nvfp4_mma.PAIR_ASM`; None: `nvfp4_mma.INWORD`), else nibble i of a word pair (`PLANES_ASM`).
     """
     require(x, weight, what="the fused linear kernel")
     if fmt not in FMT_CODES:
@@ -660,7 +662,8 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     n = n_rows // 2 if glu else n_rows
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    cfg = dict(config or pick_config(m, n, k, fmt, mma=mma and mma_supported(x, fmt, k), ring=ring, xsmem=xsmem))
+    cfg = dict(config or pick_config(m, n, k, fmt, mma=mma and mma_supported(x, fmt, k), ring=ring, xsmem=xsmem,
+                                          inword=inword))
     if cfg.pop("WORDS", False):
         return _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
                               segments, glu, out, n, cfg, lora_A, h_out)

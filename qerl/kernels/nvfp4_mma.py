@@ -55,6 +55,7 @@ except Exception:  # Triton without Gluon (< 3.4) or no Triton at all: version 5
 MMA_MAX_M = 32  # rows of x: at 64 the x tile (32 words x 8 x 64 rows) spills registers
 XSMEM_MAX_BYTES = 64 * 1024  # x staged in shared memory (XSMEM) only up to this many bytes a program
 RING_STAGES = 4  # TMA ring depth when a ring is asked for (`CudaEngine(ring=True)`, `fused_linear(ring=)`)
+INWORD = True  # the in-word decode by default (fewer instructions a weight than the word-pair decode)
 
 
 def mma_supported(x: torch.Tensor, fmt: str, k: int, bkw: int = 32) -> bool:
@@ -98,7 +99,12 @@ def _layouts(nw: int, r: int, bkw: int, bm: int):
                                       [[m, 8 * w] for w, m in b_lane], [[0, 0] for _ in _bits(nw)], [], [bm, 8 * bkw])
     q_l = gl.DistributedLinearLayout([list(b) for b in a_reg], [list(b) for b in a_lane], [list(b) for b in a_warp], [],
                                      [16 * nw * r, bkw])  # A's bases as a linear layout: shared -> registers
-    return mma, a_op, b_op, s_l, x_l, l3, q_l, x2_l
+    # the words for the in-word decode: A's registers with word 2 after row 8, a register permutation of the 16-byte
+    # loads (word 1, word 2, row 8) that becomes A's (k 1, k 2, row 8, k 16, ...) once each decoded word is the
+    # k pair of one register (`_a_pairs`)
+    w_l = gl.DistributedLinearLayout([list(b) for b in [a_reg[0], a_reg[2], a_reg[1]] + a_reg[3:]],
+                                     [list(b) for b in a_lane], [list(b) for b in a_warp], [], [16 * nw * r, bkw])
+    return mma, a_op, b_op, s_l, x_l, l3, q_l, x2_l, w_l
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,10 +125,23 @@ PLANES_ASM = (
         f"prmt.b32 x, $8, $9, 0x{4 + b}{4 + b}{b}{b};\n" + _NIBBLE.format(m=6, sign=_SIGN_LOW, o=2 * b)
         + _NIBBLE.format(m=2, sign=_SIGN_HIGH, o=2 * b + 1) for b in range(4)) + "}")
 
+# The in-word decode (INWORD): one word w, its nibbles j and j + 4 (j = 0..3) as one bf16x2 (low, high half),
+# the k pair of one A register. Both halves of w move alike: the nibble pair is isolated with one mask, one
+# integer multiply by 2**a + 2**b adds the copy shifted by a (sign to bit 15) to the copy shifted by b (e1 e0 m
+# to bits 8..6; the copies do not overlap, so nothing carries), and one mask keeps those bits. Nibbles 2, 3
+# (6, 7) take the word shifted right by 8 first. About 13 instructions a word (4 of them multiplies, on the
+# FMA pipe) instead of 20 (all but the bf16 multiplies on the integer pipe), and no prmt.
+_PAIR = "and.b32 t, {src}, 0x{mask:08X}; mul.lo.u32 t, t, 0x{mul:X}; and.b32 t, t, 0x81C081C0; mul.rn.bf16x2 ${o}, t, $6;\n"
+PAIR_ASM = ("{\n.reg .b32 w, t;\n" + _PAIR.format(src="$4", mask=0x000F000F, mul=0x1040, o=0)
+            + _PAIR.format(src="$4", mask=0x00F000F0, mul=0x104, o=1) + "shr.b32 w, $4, 8;\n"
+            + _PAIR.format(src="w", mask=0x000F000F, mul=0x1040, o=2)
+            + _PAIR.format(src="w", mask=0x00F000F0, mul=0x104, o=3) + "}")
+
 
 if HAS_GLUON:
 
     _PLANES_ASM: gl.constexpr = gl.constexpr(PLANES_ASM)
+    _PAIR_ASM: gl.constexpr = gl.constexpr(PAIR_ASM)
 
     @gluon.jit
     def _planes(q, s2):
@@ -130,6 +149,27 @@ if HAS_GLUON:
         -> 8 bf16 tensors, nibble planes 0..7 of v * scale * 2**-16."""
         return gl.inline_asm_elementwise(_PLANES_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [q, s2],
                                          dtype=(gl.bfloat16,) * 8, is_pure=True, pack=2)
+
+    @gluon.jit
+    def _pair_planes(qq, ss):
+        """Words [.., 2] (each twice) and their block scale pairs (likewise) -> 4 bf16 tensors [.., 2], plane j
+        holding nibbles j (index 0) and j + 4 (index 1) of each word as v * scale * 2**-16."""
+        return gl.inline_asm_elementwise(_PAIR_ASM, "=r,=r,=r,=r,r,r,r,r", [qq, ss], dtype=(gl.bfloat16,) * 4,
+                                         is_pure=True, pack=2)
+
+    @gluon.jit
+    def _a_pairs(p, BN: gl.constexpr, BKW: gl.constexpr):
+        """A plane [BN, BKW, 2] (row, word w, nibble pair h) -> [BN, 2 BKW] over k = (w bit 4.., w bit 1,
+        w bit 3, w bit 2, w bit 0, h), in which order its registers are those of the A operand (the caller
+        converts, asserted trivial: a jit function called twice returns its layout as a plain linear layout)."""
+        return gl.reshape(gl.permute(gl.reshape(p, [BN, BKW // 16, 2, 2, 2, 2, 2]), [0, 1, 4, 2, 3, 5, 6]),
+                          [BN, 2 * BKW])
+
+    @gluon.jit
+    def _b_pairs(t, BKW: gl.constexpr, BM: gl.constexpr):
+        """x [BKW, BM, 2] (word w, row m, h: x[m, 8w + j + 4h]) -> [2 BKW, BM], k as in `_a_pairs`: B's registers."""
+        return gl.reshape(gl.permute(gl.reshape(t, [BKW // 16, 2, 2, 2, 2, BM, 2]), [0, 3, 1, 2, 4, 6, 5]),
+                          [2 * BKW, BM])
 
     @gluon.jit
     def _halves(t, shape: gl.constexpr):
@@ -159,7 +199,7 @@ if HAS_GLUON:
                     X_L: gl.constexpr, L3: gl.constexpr, Q_L: gl.constexpr, SH_L: gl.constexpr,
                     SHRINK: gl.constexpr = False, PREFETCH: gl.constexpr = False, RING: gl.constexpr = 0,
                     XSTEPS: gl.constexpr = 0, X2_L: gl.constexpr = None, XF_L: gl.constexpr = None,
-                    XS_L: gl.constexpr = None):
+                    XS_L: gl.constexpr = None, INWORD: gl.constexpr = False, W_L: gl.constexpr = None):
         """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32).
         RING > 0: w_ptr and s_ptr are TMA descriptors of the words and scales, streamed through a ring of RING
         shared-memory stages (`_mma_tile_ring`); else they are pointers, loaded into registers (`_mma_tile`).
@@ -176,12 +216,12 @@ if HAS_GLUON:
                 _tile_partials(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid - R_SH, k_lo, k_hi, M, N, KW, n1, n2,
                                stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
                                BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, PREFETCH, RING,
-                               XSTEPS, X2_L, XF_L, XS_L)
+                               XSTEPS, X2_L, XF_L, XS_L, INWORD, W_L)
         else:
             _tile_partials(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid, k_lo, k_hi, M, N, KW, n1, n2,
                            stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
                            BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, PREFETCH, RING,
-                           XSTEPS, X2_L, XF_L, XS_L)
+                           XSTEPS, X2_L, XF_L, XS_L, INWORD, W_L)
 
     @gluon.jit
     def _tile_partials(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid_n, k_lo, k_hi, M, N, KW, n1, n2,
@@ -190,13 +230,15 @@ if HAS_GLUON:
                        C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
                        X_L: gl.constexpr, L3: gl.constexpr, Q_L: gl.constexpr, PREFETCH: gl.constexpr,
                        RING: gl.constexpr, XSTEPS: gl.constexpr, X2_L: gl.constexpr, XF_L: gl.constexpr,
-                       XS_L: gl.constexpr):
+                       XS_L: gl.constexpr, INWORD: gl.constexpr, W_L: gl.constexpr):
         if RING > 0:
             acc = _mma_tile_ring(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, stride_xm,
-                                 BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, RING, XSTEPS, X2_L, XF_L, XS_L)
+                                 BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, RING, XSTEPS, X2_L, XF_L, XS_L,
+                                 INWORD, W_L)
         else:
             acc = _mma_tile(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, N, KW, stride_xm, stride_ww, stride_sn,
-                            BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, PREFETCH, XSTEPS, X2_L, XF_L, XS_L)
+                            BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, PREFETCH, XSTEPS, X2_L, XF_L, XS_L,
+                            INWORD, W_L)
         _store_partials(acc, gs_ptr, ws_ptr, pid_n, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
 
     @gluon.jit
@@ -227,22 +269,39 @@ if HAS_GLUON:
 
     @gluon.jit
     def _mma_step(acc, q, sb, xv, BN: gl.constexpr, BKW: gl.constexpr, BM: gl.constexpr,
-                  A_L: gl.constexpr, B_L: gl.constexpr, L3: gl.constexpr):
-        """acc += the words q [BN, BKW] (A layout) with their scale bytes sb [BN, BKW/2], times the x tile xv."""
+                  A_L: gl.constexpr, B_L: gl.constexpr, L3: gl.constexpr, INWORD: gl.constexpr, W_L: gl.constexpr):
+        """acc += the words q [BN, BKW] (A layout) with their scale bytes sb [BN, BKW/2], times the x tile xv.
+        INWORD: 4 planes of nibble pairs (j, j + 4) of a word, each an MMA over 2 BKW values of k; else 8 planes
+        of nibble i of a word pair (w, w + 1), each over BKW."""
         sv = (sb.to(gl.float8e4nv, bitcast=True).to(gl.float32) * 1.2980742146337069e33).to(gl.bfloat16)  # 2**110
         c = sv.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
         c3 = gl.expand_dims(c | (c << 16), 2) + gl.zeros([BN, BKW // 2, 2], gl.int32, layout=L3)  # both words' bf16x2
-        s2 = gl.convert_layout(gl.reshape(c3, [BN, BKW]), A_L, assert_trivial=True)
-        p0, p1, p2, p3, p4, p5, p6, p7 = _planes(q, s2)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes(xv, BKW, BM, B_L)
-        acc = mma_v2(p0, x0, acc)
-        acc = mma_v2(p1, x1, acc)
-        acc = mma_v2(p2, x2, acc)
-        acc = mma_v2(p3, x3, acc)
-        acc = mma_v2(p4, x4, acc)
-        acc = mma_v2(p5, x5, acc)
-        acc = mma_v2(p6, x6, acc)
-        acc = mma_v2(p7, x7, acc)
+        s2 = gl.convert_layout(gl.reshape(c3, [BN, BKW]), W_L, assert_trivial=True)
+        q = gl.convert_layout(q, W_L, assert_trivial=True)
+        if INWORD:
+            p0, p1, p2, p3 = _pair_planes(gl.join(q, q), gl.join(s2, s2))
+            e, o = _halves(xv, [BKW, BM, 4, 2])  # x of planes j even | j odd, each [.., (h, j bit 1)]
+            x0, x2 = _halves(e, [BKW, BM, 2, 2])
+            x1, x3 = _halves(o, [BKW, BM, 2, 2])
+            a0 = gl.convert_layout(_a_pairs(p0, BN, BKW), A_L, assert_trivial=True)
+            a1 = gl.convert_layout(_a_pairs(p1, BN, BKW), A_L, assert_trivial=True)
+            a2 = gl.convert_layout(_a_pairs(p2, BN, BKW), A_L, assert_trivial=True)
+            a3 = gl.convert_layout(_a_pairs(p3, BN, BKW), A_L, assert_trivial=True)
+            acc = mma_v2(a0, gl.convert_layout(_b_pairs(x0, BKW, BM), B_L, assert_trivial=True), acc)
+            acc = mma_v2(a1, gl.convert_layout(_b_pairs(x1, BKW, BM), B_L, assert_trivial=True), acc)
+            acc = mma_v2(a2, gl.convert_layout(_b_pairs(x2, BKW, BM), B_L, assert_trivial=True), acc)
+            acc = mma_v2(a3, gl.convert_layout(_b_pairs(x3, BKW, BM), B_L, assert_trivial=True), acc)
+        else:
+            p0, p1, p2, p3, p4, p5, p6, p7 = _planes(q, s2)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes(xv, BKW, BM, B_L)
+            acc = mma_v2(p0, x0, acc)
+            acc = mma_v2(p1, x1, acc)
+            acc = mma_v2(p2, x2, acc)
+            acc = mma_v2(p3, x3, acc)
+            acc = mma_v2(p4, x4, acc)
+            acc = mma_v2(p5, x5, acc)
+            acc = mma_v2(p6, x6, acc)
+            acc = mma_v2(p7, x7, acc)
         return acc
 
     @gluon.jit
@@ -250,7 +309,8 @@ if HAS_GLUON:
                   BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
                   C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
                   X_L: gl.constexpr, L3: gl.constexpr, PREFETCH: gl.constexpr, XSTEPS: gl.constexpr,
-                  X2_L: gl.constexpr, XF_L: gl.constexpr, XS_L: gl.constexpr):
+                  X2_L: gl.constexpr, XF_L: gl.constexpr, XS_L: gl.constexpr, INWORD: gl.constexpr,
+                  W_L: gl.constexpr):
         """One [BN weight rows, BM rows of x] tile over words [k_lo, k_hi), loaded straight into registers.
         XSTEPS > 0: the split's x (at most XSTEPS steps of [BM, 8 * BKW]) is first copied into shared memory
         by all warps together, and each step reads its x tile from there (not every warp from L1/L2)."""
@@ -288,7 +348,7 @@ if HAS_GLUON:
                 q = gl.load(wp + k)
                 sb = gl.load(sp + k // 2)
                 xv = _x_step(x_ptr, x_s, k, k_lo, xoff, xmask, BM, BKW, X_L, X2_L, XSTEPS)
-            acc = _mma_step(acc, q, sb, xv, BN, BKW, BM, A_L, B_L, L3)
+            acc = _mma_step(acc, q, sb, xv, BN, BKW, BM, A_L, B_L, L3, INWORD, W_L)
         return acc
 
     @gluon.jit
@@ -329,7 +389,8 @@ if HAS_GLUON:
                        BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
                        C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
                        X_L: gl.constexpr, L3: gl.constexpr, Q_L: gl.constexpr, RING: gl.constexpr,
-                       XSTEPS: gl.constexpr, X2_L: gl.constexpr, XF_L: gl.constexpr, XS_L: gl.constexpr):
+                       XSTEPS: gl.constexpr, X2_L: gl.constexpr, XF_L: gl.constexpr, XS_L: gl.constexpr,
+                       INWORD: gl.constexpr, W_L: gl.constexpr):
         """`_mma_tile` with the words and scales streamed by TMA through RING shared-memory stages: RING - 1
         steps of loads are in flight whatever the registers allow; each step is read back in the A layout
         (16 bytes a thread). Rows past N arrive as zeros (TMA fills out-of-bounds boxes). With XSTEPS > 0
@@ -358,7 +419,7 @@ if HAS_GLUON:
             mbarrier.wait(bar.index(j % RING), (j // RING) & 1)
             q = gl.convert_layout(w_s.index(j % RING).load(Q_L), A_L, assert_trivial=True)
             sb = s_s.index(j % RING).load(S_L)
-            acc = _mma_step(acc, q, sb, xv, BN, BKW, BM, A_L, B_L, L3)
+            acc = _mma_step(acc, q, sb, xv, BN, BKW, BM, A_L, B_L, L3, INWORD, W_L)
         for i in gl.static_range(RING):
             mbarrier.invalidate(bar.index(i))
         return acc
@@ -391,11 +452,13 @@ MMA_TILES = {
 
 
 def mma_config(m: int, n: int, k: int, num_warps: int | None = None, rows_per_warp: int | None = None,
-               bkw: int = 32, programs: int | None = None, ring: int | None = None, xsmem: bool = False) -> dict:
+               bkw: int = 32, programs: int | None = None, ring: int | None = None, xsmem: bool = False,
+               inword: bool | None = None) -> dict:
     """Version 7 tile for m rows of an [n, k] weight: BN = 16 * num_warps * rows_per_warp weight rows, bkw
     words a step; K split until the grid has about `programs` programs (at most 16 splits, each at least
-    two steps); `ring` TMA stages (0: register loads); `xsmem`: x staged in shared memory once a program.
-    Fields given override the `MMA_TILES` entry."""
+    two steps); `ring` TMA stages (0: register loads); `xsmem`: x staged in shared memory once a program;
+    `inword`: the in-word decode (nibble pairs of one word, `PAIR_ASM`; None: `INWORD`), else the word-pair
+    decode (`PLANES_ASM`). Fields given override the `MMA_TILES` entry."""
     cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
     nw, r, target, stages = MMA_TILES[cls][next(b for b in (4, 8, 16, 32) if m <= b or b == 32)]
     nw, r, target = num_warps or nw, rows_per_warp or r, programs or target
@@ -403,7 +466,8 @@ def mma_config(m: int, n: int, k: int, num_warps: int | None = None, rows_per_wa
     bn = 16 * nw * r
     split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // bkw // 2))
     return dict(WORDS=True, MMA=True, BLOCK_N=bn, BKW=bkw, RPW=r, SPLIT=split, num_warps=nw,
-                RING=stages if bkw == 32 else 0, XSMEM=xsmem)  # a TMA box row is at most the 128-byte swizzle
+                RING=stages if bkw == 32 else 0, XSMEM=xsmem,  # a TMA box row is at most the 128-byte swizzle
+                INWORD=INWORD if inword is None else inword)
 
 
 def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
@@ -465,8 +529,10 @@ def mma_constexprs(m: int, cfg: dict, shrink: bool, xsteps: int = 0) -> dict:
     xsteps: steps of BKW words a split has at most (x staged in shared memory with cfg["XSMEM"], if it fits)."""
     nw, r, bkw = cfg["num_warps"], cfg["RPW"], cfg["BKW"]
     bm = max(8, 1 << (m - 1).bit_length())
-    mma, a_l, b_l, s_l, x_l, l3, q_l, x2_l = _layouts(nw, r, bkw, bm)
+    inword = bool(cfg.get("INWORD", False))
+    mma, a_l, b_l, s_l, x_l, l3, q_l, x2_l, w_l = _layouts(nw, r, bkw, bm)
     const = dict(BM=bm, BN=16 * nw * r, BKW=bkw, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3, Q_L=q_l,
+                 INWORD=inword, W_L=w_l if inword else a_l,
                  SH_L=_shrink_layout(nw), SHRINK=shrink, PREFETCH=bool(cfg.get("PREFETCH", False)),
                  RING=int(cfg.get("RING", 0)), XSTEPS=0, X2_L=None, XF_L=None, XS_L=None)
     if xsteps and cfg.get("XSMEM") and xsteps * bm * 16 * bkw <= XSMEM_MAX_BYTES:
