@@ -1,5 +1,6 @@
-"""Kernel-level timing of version 7 (register-fed tensor cores, `qerl.kernels.nvfp4_mma`) against version 5
-(tensor cores through shared memory) and cuBLAS on the bf16 weights, Qwen2.5 layer shapes, 5..32 rows.
+"""Kernel-level timing of versions 7 (register-fed tensor cores, `qerl.kernels.nvfp4_mma`) and 8 (warpgroup
+MMA, `qerl.kernels.nvfp4_wgmma`, from 9 rows: its default tile and warps x programs) against version 5
+(tensor cores through shared memory) and cuBLAS on the bf16 weights, Qwen2.5 layer shapes, 1..64 rows.
 
 Per shape and row count: medians of CUDA-graph replays (`do_bench_cudagraph`) of the whole `fused_linear`
 call (decode kernel + epilogue launch), the engine's default choice (`default`: version 6 below 5 rows,
@@ -8,7 +9,7 @@ version 7 from 5), the default tile of each version and a sweep of version-7 til
 decode) also with the word-pair decode, a 4-stage TMA ring, x staged in shared memory (XSMEM), and both
 (3 stages). GB/s counts the packed weight + scale bytes.
 Usage: python benchmarks/bench_mma_gpu.py [--model qwen2.5-7b] [--rows 8,16,32] [--shapes "gate|up,down"]
-       [--out results.json]
+       [--no-sweep] [--v8-only] [--maxnreg 128] [--out results.json]
 """
 import argparse
 import itertools
@@ -18,7 +19,8 @@ import torch
 
 from qerl.bench import graph_time_us, random_nvfp4_layers
 from qerl.kernels.fused_linear import fused_linear, tc_config
-from qerl.kernels.nvfp4_mma import mma_config
+from qerl.kernels.nvfp4_mma import MMA_MAX_M, mma_config
+from qerl.kernels.nvfp4_wgmma import WG_MIN_M, wgmma_config
 
 TILES = [(4, 1, 32), (1, 1, 32), (2, 1, 32), (1, 2, 32), (2, 2, 32), (4, 2, 32), (4, 1, 64), (1, 1, 64)]
 LOADS = (dict(), dict(PREFETCH=True), dict(XSMEM=True))  # register loads; a step ahead; x in shared memory
@@ -32,6 +34,7 @@ def main():
     ap.add_argument("--shapes", default="qkv,o,gate|up,down")
     ap.add_argument("--maxnreg", default="", help="comma-separated register caps to time the default tile with")
     ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="time the default tiles only")
+    ap.add_argument("--v8-only", action="store_true", help="version 8 (wgmma, 9..64 rows) and its tile sweep only")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     a.maxnreg = [int(r) for r in a.maxnreg.split(",") if r]
@@ -51,6 +54,18 @@ def main():
 
             row = dict(shape=name, n=n, k=k, m=m, cublas_bf16_us=graph_time_us(lambda: x @ wb.T),
                        v5_us=graph_time_us(run(tc_config(m, nout, k))), default_us=graph_time_us(run(None)))
+            if m >= WG_MIN_M:  # version 8: its default tile and a sweep of warps x programs
+                v8 = {(nw, p): graph_time_us(run(wgmma_config(m, nout, k, num_warps=nw, programs=p)))
+                      for nw in (4, 8) for p in ((132, 264, 528) if a.sweep else (None,))}
+                row["v8_us"] = graph_time_us(run(wgmma_config(m, nout, k)))
+                (nw, p), t = min(v8.items(), key=lambda kv: kv[1])
+                row.update(v8_best_us=t, v8_best_tile=[nw, p], v8_sweep={f"{w}x{q}": v for (w, q), v in v8.items()})
+                print(f"{name:8s} M={m:<3d} cuBLAS bf16 {row['cublas_bf16_us']:7.1f} us | default {row['default_us']:7.1f} us"
+                      f" | v5 {row['v5_us']:7.1f} us | v8 {row['v8_us']:7.1f} us {nbytes / row['v8_us'] / 1e3:5.0f} GB/s"
+                      f" | v8 best {t:7.1f} us (warps {nw}, programs {p})", flush=True)
+            if a.v8_only or m > MMA_MAX_M:
+                results.append(row)
+                continue
             d7 = mma_config(m, nout, k)
             run(d7)()
             y_default = y.float().clone()

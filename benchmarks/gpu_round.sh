@@ -12,22 +12,22 @@ run() {  # name seconds command...
 }
 for s in $steps; do case $s in
   tests)
-    run tests 150 python -m pytest -q tests/test_nvfp4_mma.py tests/test_engine_cuda.py \
-      -k "(matches_reference and (inword1 or ring0-xsmem0-inword0)) or mma_decode_in_the_engine"
+    run tests 240 python -m pytest -q tests/test_nvfp4_wgmma.py tests/test_engine_cuda.py tests/test_nvfp4_mma.py \
+      -k "wgmma or engine or (matches_reference and 1280 and inword1)"
     tail -2 "$out/tests.txt" ;;
   issue)
     run issue7b 240 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4,bf16 --batch 1,8,64 \
       --prompt-len 256 --gen-len 512 --lora-rank 16 --out "$out/issue7b.json"
     grep -E "^(qerl|transformers)|copy" "$out/issue7b.txt" ;;
   variants)
-    run variants 150 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4 --batch 1,8,16 \
-      --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --variants no_inword,no_mma --out "$out/variants.json"
+    run variants 150 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4 --batch 16,32,64 \
+      --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --variants no_wgmma --out "$out/variants.json"
     grep -E "^qerl" "$out/variants.txt" ;;
   kernels)
-    run kernels 120 python benchmarks/bench_mma_gpu.py --rows 1,8,16 --no-sweep --maxnreg 128 --out "$out/kernels.json"
+    run kernels 150 python benchmarks/bench_mma_gpu.py --rows 16,32,64 --v8-only --out "$out/kernels.json"
     grep "M=" "$out/kernels.txt" | sed 's/ *{.*//' ;;
   big)
-    run big32b 120 python -m qerl.cli bench rollout --model-config qwen2.5-32b --quant nvfp4 --batch 1,8 \
+    run big32b 120 python -m qerl.cli bench rollout --model-config qwen2.5-32b --quant nvfp4 --batch 8,64 \
       --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --out "$out/big32b.json"
     grep -E "^qerl|copy" "$out/big32b.txt" ;;
   *) echo "unknown step $s" ;;

@@ -144,3 +144,42 @@ def hf_with_bf16_linears(model):
 
 def chat_prompt(tok, question: str) -> str:
     return tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+
+
+def check_fused_nvfp4(cfg: dict, k: int, rows) -> None:
+    """`fused_linear` with a fixed NVFP4 decode tile (cfg) against the plain-PyTorch reference on the GPU:
+    q|k|v segments (own global scales, bias, LoRA from h or from A: the kernel's shrink programs) and
+    gate|up with SiLU, for each row count in `rows`, N not a multiple of any tile, poisoned outputs."""
+    import torch.nn.functional as F
+
+    from qerl.kernels.fused_linear import fused_linear
+    from qerl.kernels.lora_shrink import lora_shrink
+    from qerl.quant import nvfp4_dequantize, nvfp4_quantize
+
+    r, sizes, dtype = 16, (96, 24, 40), torch.bfloat16
+    ds = [nvfp4_quantize(torch.randn(n, k, device="cuda") * s) for n, s in zip(sizes, (1.0, 3.0, 0.5))]
+    deq = torch.cat([nvfp4_dequantize(d, torch.float32) for d in ds])
+    packed = torch.cat([d["weight_packed"] for d in ds])
+    scale = torch.cat([d["weight_scale"] for d in ds])
+    gs = torch.cat([d["weight_global_scale"] for d in ds])
+    bias = torch.randn(sum(sizes), device="cuda", dtype=dtype)
+    a, b = torch.randn(3 * r, k, device="cuda") * 0.1, torch.randn(sum(sizes), r, device="cuda")
+    for m in rows:
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = x.float() @ deq.T + bias.float() + 0.5 * qkv_lora(x, a, b, r, sizes)
+        out = torch.full((m, sum(sizes)), float("nan"), device="cuda", dtype=dtype)
+        y = fused_linear(x, "nvfp4", packed, scale, gs, bias, lora_shrink(x, a), b, r, 0.5, (96, 120), out=out,
+                         config=cfg)
+        assert not y.isnan().any()
+        assert rel_err(y, ref) < 1e-2, (m, rel_err(y, ref))
+        out.fill_(float("nan"))  # A instead of h: extra programs of the kernel write h's partials
+        hbuf = torch.full((16 * m * 3 * r,), float("nan"), device="cuda")
+        y = fused_linear(x, "nvfp4", packed, scale, gs, bias, None, b, r, 0.5, (96, 120), out=out, config=cfg,
+                         lora_A=a, h_out=hbuf)
+        assert not y.isnan().any()
+        assert rel_err(y, ref) < 1e-2, (m, rel_err(y, ref))
+        out = torch.full((m, 48), float("nan"), device="cuda", dtype=dtype)
+        y = fused_linear(x, "nvfp4", packed[:96], scale[:96], gs[:1].repeat(2), glu=True, out=out, config=cfg)
+        ref = F.silu(x.float() @ deq[:48].T) * (x.float() @ deq[48:96].T)
+        assert not y.isnan().any()
+        assert rel_err(y, ref) < 2e-2, (m, rel_err(y, ref))

@@ -1,9 +1,8 @@
 """Version 7 of the NVFP4 decode linear (register-fed tensor cores, Gluon) against the plain-PyTorch reference."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import qkv_lora, rel_err as rel
+from conftest import check_fused_nvfp4, rel_err as rel
 from qerl.kernels import nvfp4_mma
 from qerl.kernels._triton import disassemble, main_loop, registers
 from qerl.quant import nvfp4_dequantize, nvfp4_quantize
@@ -205,39 +204,10 @@ def test_matches_reference(tile, k):
     write zeros, a split shorter than the staged x), register loads (with and without prefetch), TMA rings of
     2-4 stages, x staged in shared memory (with register loads, prefetch or a ring), the in-word and the
     word-pair decode, poisoned outputs."""
-    from qerl.kernels.fused_linear import fused_linear
-    from qerl.kernels.lora_shrink import lora_shrink
-
     nw, r_, split, prefetch, ring, xsmem, inword = tile
     cfg = dict(WORDS=True, MMA=True, BLOCK_N=16 * nw * r_, BKW=32, RPW=r_, SPLIT=split, num_warps=nw,
                PREFETCH=bool(prefetch), RING=ring, XSMEM=bool(xsmem), INWORD=bool(inword))
-    r, sizes, dtype = 16, (96, 24, 40), torch.bfloat16
-    ds = [nvfp4_quantize(torch.randn(n, k, device="cuda") * s) for n, s in zip(sizes, (1.0, 3.0, 0.5))]
-    deq = torch.cat([nvfp4_dequantize(d, torch.float32) for d in ds])
-    packed = torch.cat([d["weight_packed"] for d in ds])
-    scale = torch.cat([d["weight_scale"] for d in ds])
-    gs = torch.cat([d["weight_global_scale"] for d in ds])
-    bias = torch.randn(sum(sizes), device="cuda", dtype=dtype)
-    a, b = torch.randn(3 * r, k, device="cuda") * 0.1, torch.randn(sum(sizes), r, device="cuda")
-    for m in (1, 3, 5, 8, 13, 16, 17, 32):
-        x = torch.randn(m, k, device="cuda", dtype=dtype)
-        ref = x.float() @ deq.T + bias.float() + 0.5 * qkv_lora(x, a, b, r, sizes)
-        out = torch.full((m, sum(sizes)), float("nan"), device="cuda", dtype=dtype)
-        y = fused_linear(x, "nvfp4", packed, scale, gs, bias, lora_shrink(x, a), b, r, 0.5, (96, 120), out=out,
-                         config=cfg)
-        assert not y.isnan().any()
-        assert rel(y, ref) < 1e-2, (m, rel(y, ref))
-        out.fill_(float("nan"))  # A instead of h: extra programs of the kernel write h's partials
-        hbuf = torch.full((16 * m * 3 * r,), float("nan"), device="cuda")
-        y = fused_linear(x, "nvfp4", packed, scale, gs, bias, None, b, r, 0.5, (96, 120), out=out, config=cfg,
-                         lora_A=a, h_out=hbuf)
-        assert not y.isnan().any()
-        assert rel(y, ref) < 1e-2, (m, rel(y, ref))
-        out = torch.full((m, 48), float("nan"), device="cuda", dtype=dtype)
-        y = fused_linear(x, "nvfp4", packed[:96], scale[:96], gs[:1].repeat(2), glu=True, out=out, config=cfg)
-        ref = F.silu(x.float() @ deq[:48].T) * (x.float() @ deq[48:96].T)
-        assert not y.isnan().any()
-        assert rel(y, ref) < 2e-2, (m, rel(y, ref))
+    check_fused_nvfp4(cfg, k, (1, 3, 5, 8, 13, 16, 17, 32))
 
 
 @hopper

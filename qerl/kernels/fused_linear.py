@@ -13,6 +13,9 @@ the reference does, so the dequantized weight is bit-identical to
   nibble plane of the int32 words is decoded straight into `mma.sync` operand registers (words loaded
   into registers, or optionally streamed by TMA through shared memory: `ring`); fp32 partials + the
   epilogue launch. Tiles: `mma_config`.
+- WG_MIN_M..WG_MAX_M rows (9..64), NVFP4 with bf16 x on Hopper (version 8, `nvfp4_wgmma`, Gluon): the same
+  in-word decode into the registers of warpgroup MMAs whose x the program stages in shared memory once a
+  step; fp32 partials + the epilogue launch. Tiles: `wgmma_config`.
 - M < TC_MIN_M otherwise, NVFP4/MXFP4 (version 6, `_gemv_rows` in `_decode_kernel`): packed weights read as
   int32 words (8 codes) in 16-byte runs, decoded by one inline-asm block (two codes per shift/mask
   into an f16x2, then exact f16->f32), joined into natural K order and multiplied in fp32 with one
@@ -44,6 +47,7 @@ import torch
 from ._triton import HAS_TRITON, KernelUnavailable, next_pow2, pdl_launch, pdl_wait, require
 from .lora_shrink import lora_shrink, partials_view
 from .nvfp4_mma import MMA_MAX_M, mma_config, mma_partials, mma_supported
+from .nvfp4_wgmma import WG_MAX_M, WG_MIN_M, wgmma_config, wgmma_partials, wgmma_supported
 
 FMT_CODES = {"nvfp4": 0, "mxfp4": 1, "bf16": 2}
 
@@ -565,11 +569,14 @@ MMA_MIN_M = 1  # version 7 (where supported) from this many rows up: faster than
 
 
 def pick_config(m: int, n: int, k: int, fmt: str, mma: bool = False, ring: int | None = None,
-                xsmem: bool = False, inword: bool | None = None) -> dict:
+                xsmem: bool = False, inword: bool | None = None, wgmma: bool = False) -> dict:
     """Tile sizes by shape (measured on an H100/H200; see benchmarks/RESULTS.md). mma: version 7
     (`nvfp4_mma`, Gluon) may serve NVFP4 from MMA_MIN_M to MMA_MAX_M rows (the caller checked `mma_supported`);
     ring: its TMA ring stages (None: its tile table's); xsmem: its x staged in shared memory; inword: its
-    in-word decode (None: `nvfp4_mma.INWORD`)."""
+    in-word decode (None: `nvfp4_mma.INWORD`); wgmma: version 8 (`nvfp4_wgmma`) may serve NVFP4 from
+    WG_MIN_M to WG_MAX_M rows (the caller checked `wgmma_supported`)."""
+    if wgmma and fmt == "nvfp4" and WG_MIN_M <= m <= WG_MAX_M:
+        return wgmma_config(m, n, k)
     if mma and fmt == "nvfp4" and MMA_MIN_M <= m <= MMA_MAX_M:
         return mma_config(m, n, k, ring=ring, xsmem=xsmem, inword=inword)
     if TC_MIN_M <= m <= TC_MAX_M and fmt in ("nvfp4", "mxfp4"):
@@ -630,7 +637,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
                  lora_scale: float = 1.0, segments: tuple[int, int] | None = None, glu: bool = False,
                  out: torch.Tensor | None = None, config: dict | None = None, lora_A: torch.Tensor | None = None,
                  h_out: torch.Tensor | None = None, mma: bool = True, ring: int | None = None,
-                 xsmem: bool = False, inword: bool | None = None) -> torch.Tensor:
+                 xsmem: bool = False, inword: bool | None = None, wgmma: bool = True) -> torch.Tensor:
     """x [M, K] -> y [M, N] (or [M, N/2] with glu) in x.dtype.
 
     weight: nvfp4/mxfp4 packed uint8 [N, K/2] (+ scale [N, K/16] e4m3 or [N, K/32] e8m0,
@@ -645,7 +652,8 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     (`nvfp4_mma._mma_tile_ring`; 0: register loads; None: the tile table's, `nvfp4_mma.MMA_TILES`);
     xsmem: version 7 copies each split's x into shared memory once (`nvfp4_mma._stage_x`) instead of every
     warp loading it every step; inword: version 7 decodes nibbles j and j + 4 of a word into one register
-    (`nvfp4_mma.PAIR_ASM`; None: `nvfp4_mma.INWORD`), else nibble i of a word pair (`PLANES_ASM`).
+    (`nvfp4_mma.PAIR_ASM`; None: `nvfp4_mma.INWORD`), else nibble i of a word pair (`PLANES_ASM`);
+    wgmma: let version 8 (warpgroup MMA, `nvfp4_wgmma`) take the rows it serves when no config is given.
     """
     require(x, weight, what="the fused linear kernel")
     if fmt not in FMT_CODES:
@@ -663,7 +671,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     cfg = dict(config or pick_config(m, n, k, fmt, mma=mma and mma_supported(x, fmt, k), ring=ring, xsmem=xsmem,
-                                          inword=inword))
+                                          inword=inword, wgmma=wgmma and wgmma_supported(x, fmt, k)))
     if cfg.pop("WORDS", False):
         return _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
                               segments, glu, out, n, cfg, lora_A, h_out)
@@ -797,8 +805,12 @@ def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lo
 
 def _mma_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
                 segments, glu, out, n, cfg, lora_A=None, h_out=None):
-    """Version 7: fp32 partials from the register-fed tensor-core kernel, then the epilogue launch."""
-    if not mma_supported(x, fmt, x.shape[1], cfg["BKW"]):
+    """Versions 7 and 8 (cfg["WGMMA"]): fp32 partials from the register-fed tensor-core kernel, then the
+    epilogue launch."""
+    wg = cfg.get("WGMMA", False)
+    if wg and not wgmma_supported(x, fmt, x.shape[1]):
+        raise KernelUnavailable("version 8 needs NVFP4, bf16 x, K % 256 == 0, sm_90 and Gluon")
+    if not wg and not mma_supported(x, fmt, x.shape[1], cfg["BKW"]):
         raise KernelUnavailable(f"version 7 needs NVFP4, bf16 x, K % {8 * cfg['BKW']} == 0, sm_90+ and Gluon")
     m = x.shape[0]
     n_rows = weight.shape[0]
@@ -808,8 +820,8 @@ def _mma_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_
     n1, n2, _ = _segments(segments, n, n_rows, glu)
     w32 = weight.view(torch.int32) if weight.dtype == torch.uint8 else weight
     ws = _workspace(cfg["SPLIT"] * m * n_rows, x.device).view(cfg["SPLIT"], m, n_rows)
-    mma_partials(x, w32, scale.view(torch.uint8), global_scale, n1, n2, cfg, ws,
-                 lora_A if fuse_shrink else None, lora_h if fuse_shrink else None)
+    (wgmma_partials if wg else mma_partials)(x, w32, scale.view(torch.uint8), global_scale, n1, n2, cfg, ws,
+                                             lora_A if fuse_shrink else None, lora_h if fuse_shrink else None)
     return linear_epilogue(ws, bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out)
 
 

@@ -1,0 +1,227 @@
+"""Version 8 of the NVFP4 decode linear: warpgroup MMA (wgmma) with the weights decoded into registers and x
+in shared memory, for 9..64 rows (Gluon, Hopper).
+
+Version 7 (`nvfp4_mma`) feeds `mma.sync` from registers on both sides: past 8 rows its x tile (loaded and
+split into planes by every warp, every step) costs more than the weights' decode, and at 32 rows its tiles
+shrink to fit the registers (575 GB/s at 32 rows on the H200). Here x goes to shared memory once a step
+for the whole program, in the order the decoded weights need, and `wgmma` reads it there: the registers
+hold the weights' decode and the accumulators only.
+
+Decode as version 7's in-word decode (`nvfp4_mma.PAIR_ASM`): nibbles j and j + 4 of a word are the k pair
+of one bf16x2 register of the A operand (k_width = 2). The dot product does not care about the order of k,
+so k is labelled to make the loads cheap: within a plane j (the 2 * BKW values of x[8 w + j + 4 h]) of a
+32-word step,
+
+    k = h + 2 * w2 + 4 * w3 + 8 * w0 + 16 * w1 + 32 * w4        (w = w4 w3 w2 w1 w0 in bits)
+
+so each thread's words are 4 consecutive ones (16-byte loads; A's registers are a permutation of them,
+asserted trivial), and x is written to shared memory with its columns in that order (`_store_x_planes`).
+Partial sums go to the fp32 workspace [split, M, N]; `fused_linear.linear_epilogue` finishes, as for
+version 7, whose LoRA shrink programs (`_shrink_row`) this kernel runs too.
+Plain-PyTorch reference: `qerl.quant.nvfp4.nvfp4_dequantize` + matmul (tests/test_nvfp4_wgmma.py).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .nvfp4_mma import HAS_GLUON, _bits
+
+if HAS_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+    from .nvfp4_mma import _pair_planes, _shrink_layout, _shrink_row, _store_partials
+
+    _BKW: gl.constexpr = gl.constexpr(32)
+
+WG_MIN_M, WG_MAX_M = 9, 64  # rows version 8 serves (at most 64: x [64, 256] a step, the wgmma's N)
+BKW = 32  # words a step: one plane is 64 values of k, one 128-byte swizzled row of x in shared memory (_BKW)
+
+
+def wgmma_supported(x: torch.Tensor, fmt: str, k: int) -> bool:
+    """NVFP4 weights, bf16 x, K a multiple of 256, sm_90 (wgmma) and Gluon."""
+    return (HAS_GLUON and fmt == "nvfp4" and x.is_cuda and x.dtype == torch.bfloat16 and k % (8 * BKW) == 0
+            and torch.cuda.get_device_capability(x.device)[0] == 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _layouts(nw: int, bm: int):
+    """(accumulator, A operand, words as loaded, words as A's registers, the [BN, BKW/2, 2] scale-broadcast
+    layout, scale bytes, x as loaded, x in shared memory) for BN = 16 * nw weight rows and bm rows of x.
+    A (k_width 2, [BN, 64]): regs (0,1) (8,0) (0,8) (0,16) (0,32); lanes (0,2) (0,4) (1,0) (2,0) (4,0);
+    warps (16,0) (32,0) ... (checked at compile time: every conversion to it is asserted trivial)."""
+    acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, bm, 16])
+    a_op = gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
+    lanes = [(0, 4), (0, 8), (1, 0), (2, 0), (4, 0)]
+    warps = [(16 * v, 0) for v in _bits(nw)]
+    # words [BN, BKW]: 4 consecutive a thread (16-byte loads), then row + 8; as A's registers after the nibble
+    # pair h: row + 8 (A's (8,0)), w0 (k 8), w1 (k 16), w4 (k 32)
+    ld_reg = [(0, 1), (0, 2), (8, 0), (0, 16)]
+    w_reg = [(8, 0), (0, 1), (0, 2), (0, 16)]
+    lin = lambda regs, shape: gl.DistributedLinearLayout([list(b) for b in regs], [list(b) for b in lanes],  # noqa: E731
+                                                         [list(b) for b in warps], [], shape)
+    ld_l, w_l = lin(ld_reg, [16 * nw, BKW]), lin(w_reg, [16 * nw, BKW])
+    split_w = lambda bs: [[n, w // 2, w % 2] for n, w in bs]  # noqa: E731
+    l3 = gl.DistributedLinearLayout(split_w(ld_reg), split_w(lanes), split_w(warps), [], [16 * nw, BKW // 2, 2])
+    s_l = gl.SliceLayout(2, l3)
+    x_l = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[1, 32], warps_per_cta=[nw, 1], order=[1, 0])
+    xs_l = gl.NVMMASharedLayout.get_default_for([bm, 2 * BKW], gl.bfloat16)  # each plane [bm, 64]
+    return acc, a_op, ld_l, w_l, l3, s_l, x_l, xs_l
+
+
+if HAS_GLUON:
+
+    @gluon.jit
+    def _a_plane(p, BN: gl.constexpr):
+        """Plane [BN, _BKW, 2] (row, word, h) -> [BN, 64] over k = h + 2 w2 + 4 w3 + 8 w0 + 16 w1 + 32 w4, whose
+        registers are A's (the caller converts, asserted trivial)."""
+        t = gl.reshape(p, [BN, 2, 2, 2, 2, 2, 2])  # (n, w4, w3, w2, w1, w0, h)
+        return gl.reshape(gl.permute(t, [0, 1, 4, 5, 2, 3, 6]), [BN, 64])
+
+    @gluon.jit
+    def _store_x_planes(xs, xv, BM: gl.constexpr):
+        """x [BM, 256] (column 8 w + j + 4 h) -> xs[j] [BM, 64], k as in `_a_plane`."""
+        t = gl.reshape(xv, [BM, 2, 2, 2, 2, 2, 2, 2, 2])  # (m, w4, w3, w2, w1, w0, h, j1, j0)
+        t = gl.reshape(gl.permute(t, [0, 1, 4, 5, 2, 3, 6, 7, 8]), [BM, 64, 2, 2])
+        e, o = gl.split(t)  # j even | j odd
+        x0, x2 = gl.split(e)
+        x1, x3 = gl.split(o)
+        xs.index(0).store(x0)
+        xs.index(1).store(x1)
+        xs.index(2).store(x2)
+        xs.index(3).store(x3)
+
+    @gluon.jit
+    def _wg_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, a_ptr, h_ptr, M, N, KW, k_per_split, n1, n2, R_SH,
+                   stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm, stride_ar, stride_hs, stride_hm,
+                   BM: gl.constexpr, BN: gl.constexpr, C_L: gl.constexpr, A_L: gl.constexpr,
+                   LD_L: gl.constexpr, W_L: gl.constexpr, L3: gl.constexpr, S_L: gl.constexpr,
+                   X_L: gl.constexpr, XS_L: gl.constexpr, SH_L: gl.constexpr, SHRINK: gl.constexpr = False):
+        """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32); with
+        SHRINK the first R_SH programs of each split write the LoRA shrink's partials instead (as version 7)."""
+        pid = gl.program_id(0)
+        k_lo = gl.program_id(1) * k_per_split
+        k_hi = gl.minimum(k_lo + k_per_split, KW)
+        if SHRINK:
+            if pid < R_SH:
+                _shrink_row(x_ptr, a_ptr, h_ptr, pid, M, k_lo * 8, k_hi * 8, stride_xm, stride_ar,
+                            gl.program_id(1) * stride_hs, stride_hm, BM, SH_L)
+            else:
+                _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid - R_SH, k_lo, k_hi, M, N, n1, n2, stride_xm,
+                         stride_ww, stride_sn, stride_wss, stride_wsm, BM, BN, C_L, A_L, LD_L, W_L, L3, S_L,
+                         X_L, XS_L)
+        else:
+            _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid, k_lo, k_hi, M, N, n1, n2, stride_xm,
+                     stride_ww, stride_sn, stride_wss, stride_wsm, BM, BN, C_L, A_L, LD_L, W_L, L3, S_L, X_L, XS_L)
+
+    @gluon.jit
+    def _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid_n, k_lo, k_hi, M, N, n1, n2, stride_xm,
+                 stride_ww, stride_sn, stride_wss, stride_wsm, BM: gl.constexpr, BN: gl.constexpr,
+                 C_L: gl.constexpr, A_L: gl.constexpr, LD_L: gl.constexpr, W_L: gl.constexpr, L3: gl.constexpr,
+                 S_L: gl.constexpr, X_L: gl.constexpr, XS_L: gl.constexpr):
+        """One [BN weight rows, BM rows of x] tile: per step x goes to shared memory (4 planes, all warps), the
+        words are decoded into A's registers, 4 wgmmas (one a plane) read x there."""
+        rn = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LD_L)), N - 1)
+        rw = gl.arange(0, _BKW, layout=gl.SliceLayout(0, LD_L))
+        wp = w_ptr + gl.expand_dims(rn.to(gl.int64) * stride_ww, 1) + gl.expand_dims(rw, 0)
+        rns = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, S_L)), N - 1)
+        rj = gl.arange(0, _BKW // 2, layout=gl.SliceLayout(0, S_L))
+        sp = s_ptr + gl.expand_dims(rns.to(gl.int64) * stride_sn, 1) + gl.expand_dims(rj, 0)
+        rm = gl.arange(0, BM, layout=gl.SliceLayout(1, X_L))
+        rc = gl.arange(0, 8 * _BKW, layout=gl.SliceLayout(0, X_L))
+        xp = x_ptr + gl.expand_dims(rm * stride_xm, 1) + gl.expand_dims(rc, 0)
+        xmask = gl.expand_dims(rm < M, 1)
+        xs = gl.allocate_shared_memory(gl.bfloat16, [4, BM, 2 * _BKW], XS_L)
+        acc = gl.zeros([BN, BM], gl.float32, layout=C_L)
+        for k in range(k_lo, k_hi, _BKW):
+            _store_x_planes(xs, gl.load(xp + k * 8, mask=xmask, other=0.0), BM)
+            q = gl.convert_layout(gl.load(wp + k), W_L, assert_trivial=True)
+            sb = gl.load(sp + k // 2)
+            sv = (sb.to(gl.float8e4nv, bitcast=True).to(gl.float32) * 1.2980742146337069e33).to(gl.bfloat16)
+            c = sv.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+            c3 = gl.expand_dims(c | (c << 16), 2) + gl.zeros([BN, _BKW // 2, 2], gl.int32, layout=L3)
+            s2 = gl.convert_layout(gl.reshape(c3, [BN, _BKW]), W_L, assert_trivial=True)
+            p0, p1, p2, p3 = _pair_planes(gl.join(q, q), gl.join(s2, s2))
+            a0 = gl.convert_layout(_a_plane(p0, BN), A_L, assert_trivial=True)
+            a1 = gl.convert_layout(_a_plane(p1, BN), A_L, assert_trivial=True)
+            a2 = gl.convert_layout(_a_plane(p2, BN), A_L, assert_trivial=True)
+            a3 = gl.convert_layout(_a_plane(p3, BN), A_L, assert_trivial=True)
+            fence_async_shared()
+            gl.thread_barrier()  # every warp's part of x is in shared memory
+            acc = warpgroup_mma(a0, xs.index(0).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(a1, xs.index(1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(a2, xs.index(2).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(a3, xs.index(3).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+            gl.thread_barrier()  # every warp is done reading x before the next step overwrites it
+        _store_partials(acc, gs_ptr, ws_ptr, pid_n, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
+
+
+# (num_warps, programs in the grid) by shape class: K is split until the grid holds about that many programs
+WG_TILES = {"down": (8, 264), "narrow": (8, 264), "wide": (8, 264)}
+
+
+def wgmma_config(m: int, n: int, k: int, num_warps: int | None = None, programs: int | None = None) -> dict:
+    """Version 8 tile for m rows of an [n, k] weight: BN = 16 * num_warps weight rows, 32 words a step, K split
+    until the grid has about `programs` programs (at most 16 splits, each at least two steps)."""
+    cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
+    nw, target = WG_TILES[cls]
+    nw, target = num_warps or nw, programs or target
+    bn = 16 * nw
+    split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // BKW // 2))
+    return dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=bn, BKW=BKW, SPLIT=split, num_warps=nw)
+
+
+def wgmma_constexprs(m: int, cfg: dict, shrink: bool) -> dict:
+    """`_wg_kernel`'s constexprs for m rows of x and a `wgmma_config` tile (launcher and offline compile)."""
+    nw = cfg["num_warps"]
+    bm = max(16, 1 << (m - 1).bit_length())
+    acc, a_op, ld_l, w_l, l3, s_l, x_l, xs_l = _layouts(nw, bm)
+    return dict(BM=bm, BN=16 * nw, C_L=acc, A_L=a_op, LD_L=ld_l, W_L=w_l, L3=l3, S_L=s_l, X_L=x_l, XS_L=xs_l,
+                SH_L=_shrink_layout(nw), SHRINK=shrink)
+
+
+def wgmma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
+                   n1: int, n2: int, cfg: dict, ws: torch.Tensor, lora_A: torch.Tensor | None = None,
+                   h: torch.Tensor | None = None) -> torch.Tensor:
+    """As `nvfp4_mma.mma_partials` (same arguments and outputs), by version 8: up to WG_MAX_M rows."""
+    m, k = x.shape
+    n = w32.shape[0]
+    if not 1 <= m <= WG_MAX_M or k % (8 * BKW):
+        raise ValueError(f"version 8 takes at most {WG_MAX_M} rows and K a multiple of {8 * BKW}")
+    kw = k // 8
+    split = ws.shape[0]
+    kps = -(-(kw // BKW) // split) * BKW
+    r_sh = 0
+    if lora_A is not None:
+        r_sh = lora_A.shape[0]
+        if lora_A.shape[1] != k or lora_A.stride(1) != 1 or h is None or h.shape != (split, m, r_sh):
+            raise ValueError("lora_A must be [R, K] row-major and h [SPLIT, M, R]")
+    const = wgmma_constexprs(m, cfg, shrink=r_sh > 0)
+    grid = (-(-n // const["BN"]) + r_sh, split)
+    _wg_kernel[grid](x, w32, scale, global_scale, ws, lora_A if r_sh else ws, h if r_sh else ws, m, n, kw, kps,
+                     n1, n2, r_sh, x.stride(0), w32.stride(0), scale.stride(0), ws.stride(0), ws.stride(1),
+                     lora_A.stride(0) if r_sh else 0, h.stride(0) if r_sh else 0, h.stride(1) if r_sh else 0,
+                     num_warps=cfg["num_warps"], **const)
+    return ws
+
+
+def compile_sm90(m: int, cfg: dict, shrink: bool = True):
+    """Compile `_wg_kernel` for sm_90a without a GPU (Triton only), specialized as the launcher is for 16-byte
+    aligned pointers and strides: for offline checks of the machine code."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    const = wgmma_constexprs(m, cfg, shrink)
+    ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", ws_ptr="*fp32", a_ptr="*fp32",
+                h_ptr="*fp32")
+    aligned = ("KW", "k_per_split", "stride_xm", "stride_ww", "stride_sn", "stride_wss")
+    fn = _wg_kernel
+    sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptrs or a in aligned}
+    return triton.compile(GluonASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=cfg["num_warps"]))

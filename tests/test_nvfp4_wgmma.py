@@ -1,0 +1,70 @@
+"""Version 8 of the NVFP4 decode linear (warpgroup MMA, weights decoded into registers, x in shared memory)
+against the plain-PyTorch reference."""
+import pytest
+import torch
+
+from conftest import check_fused_nvfp4, rel_err as rel
+from qerl.kernels import nvfp4_wgmma
+from qerl.kernels._triton import disassemble, main_loop, registers
+from qerl.quant import nvfp4_dequantize, nvfp4_quantize
+
+gluon = pytest.mark.skipif(not nvfp4_wgmma.HAS_GLUON, reason="needs Triton with Gluon")
+hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
+                            reason="needs a Hopper (sm_90) GPU")
+
+
+@gluon
+@pytest.mark.parametrize("m,nw", [(16, 8), (33, 4), (64, 8)])
+def test_compiles_for_hopper(m, nw):
+    """Offline (no GPU): every conversion to the A operand is asserted trivial at compile time; the loop
+    issues warpgroup MMAs, reads nothing back from shared memory itself (x is the MMA's operand there, the
+    weights stay in registers), and nothing spills; x's staging buffer is 4 planes of [BM, 64] bf16."""
+    ck = nvfp4_wgmma.compile_sm90(m, dict(num_warps=nw), shrink=True)
+    bm = max(16, 1 << (m - 1).bit_length())
+    assert ck.metadata.shared == 4 * bm * 64 * 2
+    sass = disassemble(ck)
+    loop = "\n".join(main_loop(sass))
+    assert loop.count("HGMMA") == 16  # 4 planes x 4 steps of k16
+    assert "LDS" not in loop and "STL" not in sass
+    assert registers(ck) <= 168
+
+
+def test_config_splits_k_for_the_grid():
+    """32 words a step; K split until about the tile table's programs, each split at least two steps."""
+    cfg = nvfp4_wgmma.wgmma_config(64, 37888, 3584)
+    assert cfg["WGMMA"] and cfg["BKW"] == 32 and cfg["BLOCK_N"] == 16 * cfg["num_warps"]
+    assert 1 <= cfg["SPLIT"] <= 3584 // 8 // 32 // 2
+    assert nvfp4_wgmma.wgmma_config(16, 512, 18944)["SPLIT"] > 1  # a short grid is split
+
+
+@hopper
+@gluon
+@pytest.mark.gpu
+@pytest.mark.parametrize("nw,split", [(4, 1), (8, 3), (4, 5)])
+@pytest.mark.parametrize("k", [768, 1280])
+def test_matches_reference(nw, split, k):
+    """q|k|v segments with bias and LoRA (from h or from the kernel's shrink programs) and gate|up with SiLU
+    for 9..64 rows (x's rows padded to 16, 32, 64), more splits than steps, poisoned outputs."""
+    cfg = dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=16 * nw, BKW=32, SPLIT=split, num_warps=nw)
+    check_fused_nvfp4(cfg, k, (9, 16, 17, 31, 32, 33, 50, 64))
+
+
+@hopper
+@gluon
+@pytest.mark.gpu
+def test_picked_by_default_and_off_switch():
+    """fused_linear picks version 8 for 9..64 bf16 rows on Hopper, not with wgmma=False; both agree with
+    the reference."""
+    from qerl.kernels.fused_linear import fused_linear, pick_config
+
+    assert pick_config(16, 4608, 3584, "nvfp4", mma=True, wgmma=True)["WGMMA"]
+    assert not pick_config(8, 4608, 3584, "nvfp4", mma=True, wgmma=True).get("WGMMA")
+    assert not pick_config(16, 4608, 3584, "nvfp4", mma=True, wgmma=False).get("WGMMA")
+    d = nvfp4_quantize(torch.randn(300, 1024, device="cuda"))
+    ref_w = nvfp4_dequantize(d, torch.float32)
+    for m in (12, 64):
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+        args = (x, "nvfp4", d["weight_packed"], d["weight_scale"], d["weight_global_scale"])
+        ref = x.float() @ ref_w.T
+        for y in (fused_linear(*args), fused_linear(*args, wgmma=False)):
+            assert rel(y, ref) < 1e-2
