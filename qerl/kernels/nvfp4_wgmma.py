@@ -160,15 +160,22 @@ if HAS_GLUON:
         _store_partials(acc, gs_ptr, ws_ptr, pid_n, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
 
 
-# (num_warps, programs in the grid) by shape class: K is split until the grid holds about that many programs
-WG_TILES = {"down": (8, 264), "narrow": (8, 264), "wide": (8, 264)}
+# (num_warps, programs in the grid) by shape class and rows (<= 16, <= 32, <= 64): the best tiles of the H200
+# sweep (benchmarks/bench_mma_gpu.py --v8-only, Qwen2.5-7B shapes); K is split until the grid holds about that
+# many programs, so other model sizes keep the same parallelism.
+WG_TILES = {
+    "down": {16: (4, 528), 32: (4, 528), 64: (4, 264)},  # long K
+    "narrow": {16: (4, 528), 32: (4, 528), 64: (4, 264)},  # q|k|v, o_proj
+    "wide": {16: (4, 528), 32: (4, 528), 64: (4, 528)},  # gate|up
+}
 
 
 def wgmma_config(m: int, n: int, k: int, num_warps: int | None = None, programs: int | None = None) -> dict:
     """Version 8 tile for m rows of an [n, k] weight: BN = 16 * num_warps weight rows, 32 words a step, K split
-    until the grid has about `programs` programs (at most 16 splits, each at least two steps)."""
+    until the grid has about `programs` programs (at most 16 splits, each at least two steps); fields given
+    override the `WG_TILES` entry."""
     cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
-    nw, target = WG_TILES[cls]
+    nw, target = WG_TILES[cls][next(b for b in (16, 32, 64) if m <= b or b == 64)]
     nw, target = num_warps or nw, programs or target
     bn = 16 * nw
     split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // BKW // 2))
