@@ -480,30 +480,34 @@ def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global
     then they are loaded into registers, same sums); cfg["XSMEM"] stages x in shared memory (if it fits).
     lora_A [R, K] (row-major): also write the LoRA shrink's partials h[s, m, r] = x[m] . A[r] over split s
     into h [SPLIT, M, R] (fp32, contiguous), computed by R extra programs a split."""
+    r_sh, kps, args = partials_args(x, w32, scale, global_scale, n1, n2, ws, lora_A, h, MMA_MAX_M, cfg["BKW"], 7)
+    if cfg.get("RING") and not ring_supported(w32, scale):  # same sums, loaded without TMA
+        cfg = dict(cfg, RING=0)
+    const = mma_constexprs(x.shape[0], cfg, shrink=r_sh > 0, xsteps=kps // cfg["BKW"])
+    if const["RING"]:
+        args[1:3] = _descriptors(w32, scale, const["BN"], cfg["BKW"])
+    _mma_kernel[(-(-w32.shape[0] // const["BN"]) + r_sh, ws.shape[0])](
+        *args, num_warps=cfg["num_warps"], **({"maxnreg": cfg["MAXNREG"]} if cfg.get("MAXNREG") else {}), **const)
+    return ws
+
+
+def partials_args(x, w32, scale, global_scale, n1: int, n2: int, ws, lora_A, h, max_m: int, bkw: int,
+                  version: int) -> tuple[int, int, list]:
+    """Checks and runtime arguments shared by versions 7 and 8 (`_mma_kernel`, `nvfp4_wgmma._wg_kernel`):
+    (LoRA shrink programs a split, words a split, the arguments in the kernels' order)."""
     m, k = x.shape
-    n = w32.shape[0]
-    bkw = cfg["BKW"]
-    if not 1 <= m <= MMA_MAX_M or k % (8 * bkw):
-        raise ValueError(f"version 7 takes at most {MMA_MAX_M} rows and K a multiple of {8 * bkw}")
-    kw = k // 8
-    split = ws.shape[0]
+    if not 1 <= m <= max_m or k % (8 * bkw):
+        raise ValueError(f"version {version} takes at most {max_m} rows and K a multiple of {8 * bkw}")
+    kw, split = k // 8, ws.shape[0]
     kps = -(-(kw // bkw) // split) * bkw
     r_sh = 0
     if lora_A is not None:
         r_sh = lora_A.shape[0]
         if lora_A.shape[1] != k or lora_A.stride(1) != 1 or h is None or h.shape != (split, m, r_sh):
             raise ValueError("lora_A must be [R, K] row-major and h [SPLIT, M, R]")
-    if cfg.get("RING") and not ring_supported(w32, scale):  # same sums, loaded without TMA
-        cfg = dict(cfg, RING=0)
-    const = mma_constexprs(m, cfg, shrink=r_sh > 0, xsteps=kps // bkw)
-    grid = (-(-n // const["BN"]) + r_sh, split)
-    w_arg, s_arg = (w32, scale) if not const["RING"] else _descriptors(w32, scale, const["BN"], bkw)
-    _mma_kernel[grid](x, w_arg, s_arg, global_scale, ws, lora_A if r_sh else ws, h if r_sh else ws, m, n, kw, kps,
-                      n1, n2, r_sh, x.stride(0), w32.stride(0), scale.stride(0), ws.stride(0), ws.stride(1),
-                      lora_A.stride(0) if r_sh else 0, h.stride(0) if r_sh else 0, h.stride(1) if r_sh else 0,
-                      num_warps=cfg["num_warps"], **({"maxnreg": cfg["MAXNREG"]} if cfg.get("MAXNREG") else {}),
-                      **const)
-    return ws
+    return r_sh, kps, [x, w32, scale, global_scale, ws, lora_A if r_sh else ws, h if r_sh else ws, m, w32.shape[0],
+                       kw, kps, n1, n2, r_sh, x.stride(0), w32.stride(0), scale.stride(0), ws.stride(0), ws.stride(1),
+                       lora_A.stride(0) if r_sh else 0, h.stride(0) if r_sh else 0, h.stride(1) if r_sh else 0]
 
 
 def _smem_layouts(bn: int, bkw: int):

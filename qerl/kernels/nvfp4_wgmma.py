@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from .nvfp4_mma import HAS_GLUON, _bits
+from .nvfp4_mma import HAS_GLUON, _bits, partials_args
 
 if HAS_GLUON:
     from triton.experimental import gluon
@@ -195,24 +195,9 @@ def wgmma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, glob
                    n1: int, n2: int, cfg: dict, ws: torch.Tensor, lora_A: torch.Tensor | None = None,
                    h: torch.Tensor | None = None) -> torch.Tensor:
     """As `nvfp4_mma.mma_partials` (same arguments and outputs), by version 8: up to WG_MAX_M rows."""
-    m, k = x.shape
-    n = w32.shape[0]
-    if not 1 <= m <= WG_MAX_M or k % (8 * BKW):
-        raise ValueError(f"version 8 takes at most {WG_MAX_M} rows and K a multiple of {8 * BKW}")
-    kw = k // 8
-    split = ws.shape[0]
-    kps = -(-(kw // BKW) // split) * BKW
-    r_sh = 0
-    if lora_A is not None:
-        r_sh = lora_A.shape[0]
-        if lora_A.shape[1] != k or lora_A.stride(1) != 1 or h is None or h.shape != (split, m, r_sh):
-            raise ValueError("lora_A must be [R, K] row-major and h [SPLIT, M, R]")
-    const = wgmma_constexprs(m, cfg, shrink=r_sh > 0)
-    grid = (-(-n // const["BN"]) + r_sh, split)
-    _wg_kernel[grid](x, w32, scale, global_scale, ws, lora_A if r_sh else ws, h if r_sh else ws, m, n, kw, kps,
-                     n1, n2, r_sh, x.stride(0), w32.stride(0), scale.stride(0), ws.stride(0), ws.stride(1),
-                     lora_A.stride(0) if r_sh else 0, h.stride(0) if r_sh else 0, h.stride(1) if r_sh else 0,
-                     num_warps=cfg["num_warps"], **const)
+    r_sh, _, args = partials_args(x, w32, scale, global_scale, n1, n2, ws, lora_A, h, WG_MAX_M, BKW, 8)
+    const = wgmma_constexprs(x.shape[0], cfg, shrink=r_sh > 0)
+    _wg_kernel[(-(-w32.shape[0] // const["BN"]) + r_sh, ws.shape[0])](*args, num_warps=cfg["num_warps"], **const)
     return ws
 
 
