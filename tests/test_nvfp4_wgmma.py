@@ -14,17 +14,19 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_de
 
 
 @gluon
-@pytest.mark.parametrize("m,nw", [(16, 8), (33, 4), (64, 8)])
-def test_compiles_for_hopper(m, nw):
+@pytest.mark.parametrize("m,nw,xbuf", [(16, 8, 1), (33, 4, 2), (64, 8, 1), (64, 4, 2)])
+def test_compiles_for_hopper(m, nw, xbuf):
     """Offline (no GPU): every conversion to the A operand is asserted trivial at compile time; the loop
     issues warpgroup MMAs, reads nothing back from shared memory itself (x is the MMA's operand there, the
-    weights stay in registers), and nothing spills; x's staging buffer is 4 planes of [BM, 64] bf16."""
-    ck = nvfp4_wgmma.compile_sm90(m, dict(num_warps=nw), shrink=True)
+    weights stay in registers), and nothing spills; x's staging buffers are xbuf x 4 planes of [BM, 64] bf16;
+    two barriers a step (x written; x read, or the other buffer's stores ordered)."""
+    ck = nvfp4_wgmma.compile_sm90(m, dict(num_warps=nw, XBUF=xbuf), shrink=True)
     bm = max(16, 1 << (m - 1).bit_length())
-    assert ck.metadata.shared == 4 * bm * 64 * 2
+    assert ck.metadata.shared == xbuf * 4 * bm * 64 * 2
     sass = disassemble(ck)
     loop = "\n".join(main_loop(sass))
     assert loop.count("HGMMA") == 16  # 4 planes x 4 steps of k16
+    assert loop.count("BAR.SYNC") == 2
     assert "LDS" not in loop and "STL" not in sass
     assert registers(ck) <= 168
 
@@ -42,12 +44,13 @@ def test_config_follows_the_measured_tiles():
 @hopper
 @gluon
 @pytest.mark.gpu
-@pytest.mark.parametrize("nw,split", [(4, 1), (8, 3), (4, 5)])
+@pytest.mark.parametrize("nw,split,xbuf", [(4, 1, 1), (8, 3, 1), (4, 5, 1), (4, 1, 2), (8, 3, 2)])
 @pytest.mark.parametrize("k", [768, 1280])
-def test_matches_reference(nw, split, k):
+def test_matches_reference(nw, split, xbuf, k):
     """q|k|v segments with bias and LoRA (from h or from the kernel's shrink programs) and gate|up with SiLU
-    for 9..64 rows (x's rows padded to 16, 32, 64), more splits than steps, poisoned outputs."""
-    cfg = dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=16 * nw, BKW=32, SPLIT=split, num_warps=nw)
+    for 9..64 rows (x's rows padded to 16, 32, 64), more splits than steps, one or two x buffers, poisoned
+    outputs."""
+    cfg = dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=16 * nw, BKW=32, SPLIT=split, num_warps=nw, XBUF=xbuf)
     check_fused_nvfp4(cfg, k, (9, 16, 17, 31, 32, 33, 50, 64))
 
 

@@ -68,7 +68,7 @@ def _layouts(nw: int, bm: int):
     l3 = gl.DistributedLinearLayout(split_w(ld_reg), split_w(lanes), split_w(warps), [], [16 * nw, BKW // 2, 2])
     s_l = gl.SliceLayout(2, l3)
     x_l = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[1, 32], warps_per_cta=[nw, 1], order=[1, 0])
-    xs_l = gl.NVMMASharedLayout.get_default_for([bm, 2 * BKW], gl.bfloat16)  # each plane [bm, 64]
+    xs_l = gl.NVMMASharedLayout.get_default_for([bm, 8 * BKW], gl.bfloat16)  # 4 planes of [bm, 64] side by side
     return acc, a_op, ld_l, w_l, l3, s_l, x_l, xs_l
 
 
@@ -82,24 +82,19 @@ if HAS_GLUON:
         return gl.reshape(gl.permute(t, [0, 1, 4, 5, 2, 3, 6]), [BN, 64])
 
     @gluon.jit
-    def _store_x_planes(xs, xv, BM: gl.constexpr):
-        """x [BM, 256] (column 8 w + j + 4 h) -> xs[j] [BM, 64], k as in `_a_plane`."""
+    def _x_planes(xv, BM: gl.constexpr):
+        """x [BM, 256] (column 8 w + j + 4 h) -> [BM, 256] with column 64 j + k, k as in `_a_plane`: one
+        store puts the 4 planes' B operands side by side (each a [BM, 64] block of the swizzled buffer)."""
         t = gl.reshape(xv, [BM, 2, 2, 2, 2, 2, 2, 2, 2])  # (m, w4, w3, w2, w1, w0, h, j1, j0)
-        t = gl.reshape(gl.permute(t, [0, 1, 4, 5, 2, 3, 6, 7, 8]), [BM, 64, 2, 2])
-        e, o = gl.split(t)  # j even | j odd
-        x0, x2 = gl.split(e)
-        x1, x3 = gl.split(o)
-        xs.index(0).store(x0)
-        xs.index(1).store(x1)
-        xs.index(2).store(x2)
-        xs.index(3).store(x3)
+        return gl.reshape(gl.permute(t, [0, 7, 8, 1, 4, 5, 2, 3, 6]), [BM, 256])
 
     @gluon.jit
     def _wg_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, a_ptr, h_ptr, M, N, KW, k_per_split, n1, n2, R_SH,
                    stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm, stride_ar, stride_hs, stride_hm,
                    BM: gl.constexpr, BN: gl.constexpr, C_L: gl.constexpr, A_L: gl.constexpr,
                    LD_L: gl.constexpr, W_L: gl.constexpr, L3: gl.constexpr, S_L: gl.constexpr,
-                   X_L: gl.constexpr, XS_L: gl.constexpr, SH_L: gl.constexpr, SHRINK: gl.constexpr = False):
+                   X_L: gl.constexpr, XS_L: gl.constexpr, SH_L: gl.constexpr, SHRINK: gl.constexpr = False,
+                   XBUF: gl.constexpr = 1):
         """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32); with
         SHRINK the first R_SH programs of each split write the LoRA shrink's partials instead (as version 7)."""
         pid = gl.program_id(0)
@@ -112,18 +107,20 @@ if HAS_GLUON:
             else:
                 _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid - R_SH, k_lo, k_hi, M, N, n1, n2, stride_xm,
                          stride_ww, stride_sn, stride_wss, stride_wsm, BM, BN, C_L, A_L, LD_L, W_L, L3, S_L,
-                         X_L, XS_L)
+                         X_L, XS_L, XBUF)
         else:
             _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid, k_lo, k_hi, M, N, n1, n2, stride_xm,
-                     stride_ww, stride_sn, stride_wss, stride_wsm, BM, BN, C_L, A_L, LD_L, W_L, L3, S_L, X_L, XS_L)
+                     stride_ww, stride_sn, stride_wss, stride_wsm, BM, BN, C_L, A_L, LD_L, W_L, L3, S_L, X_L, XS_L,
+                     XBUF)
 
     @gluon.jit
     def _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid_n, k_lo, k_hi, M, N, n1, n2, stride_xm,
                  stride_ww, stride_sn, stride_wss, stride_wsm, BM: gl.constexpr, BN: gl.constexpr,
                  C_L: gl.constexpr, A_L: gl.constexpr, LD_L: gl.constexpr, W_L: gl.constexpr, L3: gl.constexpr,
-                 S_L: gl.constexpr, X_L: gl.constexpr, XS_L: gl.constexpr):
+                 S_L: gl.constexpr, X_L: gl.constexpr, XS_L: gl.constexpr, XBUF: gl.constexpr):
         """One [BN weight rows, BM rows of x] tile: per step x goes to shared memory (4 planes, all warps), the
-        words are decoded into A's registers, 4 wgmmas (one a plane) read x there."""
+        words are decoded into A's registers, 4 wgmmas (one a plane) read x there. XBUF = 2: two x buffers,
+        a step's wgmmas still running while the next step loads, stages and decodes (one barrier a step)."""
         rn = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LD_L)), N - 1)
         rw = gl.arange(0, _BKW, layout=gl.SliceLayout(0, LD_L))
         wp = w_ptr + gl.expand_dims(rn.to(gl.int64) * stride_ww, 1) + gl.expand_dims(rw, 0)
@@ -134,10 +131,14 @@ if HAS_GLUON:
         rc = gl.arange(0, 8 * _BKW, layout=gl.SliceLayout(0, X_L))
         xp = x_ptr + gl.expand_dims(rm * stride_xm, 1) + gl.expand_dims(rc, 0)
         xmask = gl.expand_dims(rm < M, 1)
-        xs = gl.allocate_shared_memory(gl.bfloat16, [4, BM, 2 * _BKW], XS_L)
+        xs = gl.allocate_shared_memory(gl.bfloat16, [XBUF, BM, 8 * _BKW], XS_L)
         acc = gl.zeros([BN, BM], gl.float32, layout=C_L)
+        # XBUF = 2: the A registers of the wgmmas still running (the previous step's), kept alive until they are done
+        pa0 = gl.zeros([BN, 2 * _BKW], gl.bfloat16, layout=A_L)
+        pa1, pa2, pa3 = pa0, pa0, pa0
         for k in range(k_lo, k_hi, _BKW):
-            _store_x_planes(xs, gl.load(xp + k * 8, mask=xmask, other=0.0), BM)
+            xb = xs.index((k - k_lo) // _BKW % XBUF)
+            xb.store(_x_planes(gl.load(xp + k * 8, mask=xmask, other=0.0), BM))
             q = gl.convert_layout(gl.load(wp + k), W_L, assert_trivial=True)
             sb = gl.load(sp + k // 2)
             sv = (sb.to(gl.float8e4nv, bitcast=True).to(gl.float32) * 1.2980742146337069e33).to(gl.bfloat16)
@@ -151,12 +152,17 @@ if HAS_GLUON:
             a3 = gl.convert_layout(_a_plane(p3, BN), A_L, assert_trivial=True)
             fence_async_shared()
             gl.thread_barrier()  # every warp's part of x is in shared memory
-            acc = warpgroup_mma(a0, xs.index(0).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma(a1, xs.index(1).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma(a2, xs.index(2).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma(a3, xs.index(3).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-            gl.thread_barrier()  # every warp is done reading x before the next step overwrites it
+            acc = warpgroup_mma(a0, xb.slice(0, 64, dim=1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(a1, xb.slice(64, 64, dim=1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(a2, xb.slice(128, 64, dim=1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(a3, xb.slice(192, 64, dim=1).permute((1, 0)), acc, is_async=True)
+            if XBUF == 1:
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+                gl.thread_barrier()  # every warp is done reading x before the next step overwrites it
+            else:  # the previous step's wgmmas are done: their x buffer and A registers may be reused
+                acc, pa0, pa1, pa2, pa3 = warpgroup_mma_wait(num_outstanding=4, deps=[acc, pa0, pa1, pa2, pa3])
+                pa0, pa1, pa2, pa3 = a0, a1, a2, a3
+        acc, pa0, pa1, pa2, pa3 = warpgroup_mma_wait(num_outstanding=0, deps=[acc, pa0, pa1, pa2, pa3])
         _store_partials(acc, gs_ptr, ws_ptr, pid_n, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
 
 
@@ -170,16 +176,17 @@ WG_TILES = {
 }
 
 
-def wgmma_config(m: int, n: int, k: int, num_warps: int | None = None, programs: int | None = None) -> dict:
+def wgmma_config(m: int, n: int, k: int, num_warps: int | None = None, programs: int | None = None,
+                 xbuf: int = 1) -> dict:
     """Version 8 tile for m rows of an [n, k] weight: BN = 16 * num_warps weight rows, 32 words a step, K split
-    until the grid has about `programs` programs (at most 16 splits, each at least two steps); fields given
-    override the `WG_TILES` entry."""
+    until the grid has about `programs` programs (at most 16 splits, each at least two steps), `xbuf` x
+    buffers in shared memory (2: a step's wgmmas overlap the next step); fields given override `WG_TILES`."""
     cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
     nw, target = WG_TILES[cls][next(b for b in (16, 32, 64) if m <= b or b == 64)]
     nw, target = num_warps or nw, programs or target
     bn = 16 * nw
     split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // BKW // 2))
-    return dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=bn, BKW=BKW, SPLIT=split, num_warps=nw)
+    return dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=bn, BKW=BKW, SPLIT=split, num_warps=nw, XBUF=xbuf)
 
 
 def wgmma_constexprs(m: int, cfg: dict, shrink: bool) -> dict:
@@ -188,7 +195,7 @@ def wgmma_constexprs(m: int, cfg: dict, shrink: bool) -> dict:
     bm = max(16, 1 << (m - 1).bit_length())
     acc, a_op, ld_l, w_l, l3, s_l, x_l, xs_l = _layouts(nw, bm)
     return dict(BM=bm, BN=16 * nw, C_L=acc, A_L=a_op, LD_L=ld_l, W_L=w_l, L3=l3, S_L=s_l, X_L=x_l, XS_L=xs_l,
-                SH_L=_shrink_layout(nw), SHRINK=shrink)
+                SH_L=_shrink_layout(nw), SHRINK=shrink, XBUF=int(cfg.get("XBUF", 1)))
 
 
 def wgmma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
