@@ -55,15 +55,14 @@ def main():
             row = dict(shape=name, n=n, k=k, m=m, cublas_bf16_us=graph_time_us(lambda: x @ wb.T),
                        v5_us=graph_time_us(run(tc_config(m, nout, k))), default_us=graph_time_us(run(None)))
             if m >= WG_MIN_M:  # version 8: its default tile and a sweep of warps x programs
-                v8 = {(nw, p, xb): graph_time_us(run(wgmma_config(m, nout, k, num_warps=nw, programs=p, xbuf=xb)))
-                      for nw in (4, 8) for p in ((264, 528, 1056) if a.sweep else (None,)) for xb in (1, 2)}
+                v8 = {(nw, p): graph_time_us(run(wgmma_config(m, nout, k, num_warps=nw, programs=p)))
+                      for nw in (4, 8) for p in ((264, 528, 1056) if a.sweep else (None,))}
                 row["v8_us"] = graph_time_us(run(wgmma_config(m, nout, k)))
-                (nw, p, xb), t = min(v8.items(), key=lambda kv: kv[1])
-                row.update(v8_best_us=t, v8_best_tile=[nw, p, xb],
-                           v8_sweep={f"{w}x{q}x{b}": v for (w, q, b), v in v8.items()})
+                (nw, p), t = min(v8.items(), key=lambda kv: kv[1])
+                row.update(v8_best_us=t, v8_best_tile=[nw, p], v8_sweep={f"{w}x{q}": v for (w, q), v in v8.items()})
                 print(f"{name:8s} M={m:<3d} cuBLAS bf16 {row['cublas_bf16_us']:7.1f} us | default {row['default_us']:7.1f} us"
                       f" | v5 {row['v5_us']:7.1f} us | v8 {row['v8_us']:7.1f} us {nbytes / row['v8_us'] / 1e3:5.0f} GB/s"
-                      f" | v8 best {t:7.1f} us (warps {nw}, programs {p}, x buffers {xb})", flush=True)
+                      f" | v8 best {t:7.1f} us (warps {nw}, programs {p})", flush=True)
             if a.v8_only or m > MMA_MAX_M:
                 results.append(row)
                 continue

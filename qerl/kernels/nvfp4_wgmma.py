@@ -93,8 +93,7 @@ if HAS_GLUON:
                    stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm, stride_ar, stride_hs, stride_hm,
                    BM: gl.constexpr, BN: gl.constexpr, C_L: gl.constexpr, A_L: gl.constexpr,
                    LD_L: gl.constexpr, W_L: gl.constexpr, L3: gl.constexpr, S_L: gl.constexpr,
-                   X_L: gl.constexpr, XS_L: gl.constexpr, SH_L: gl.constexpr, SHRINK: gl.constexpr = False,
-                   XBUF: gl.constexpr = 1):
+                   X_L: gl.constexpr, XS_L: gl.constexpr, SH_L: gl.constexpr, SHRINK: gl.constexpr = False):
         """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32); with
         SHRINK the first R_SH programs of each split write the LoRA shrink's partials instead (as version 7)."""
         pid = gl.program_id(0)
@@ -107,20 +106,20 @@ if HAS_GLUON:
             else:
                 _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid - R_SH, k_lo, k_hi, M, N, n1, n2, stride_xm,
                          stride_ww, stride_sn, stride_wss, stride_wsm, BM, BN, C_L, A_L, LD_L, W_L, L3, S_L,
-                         X_L, XS_L, XBUF)
+                         X_L, XS_L)
         else:
             _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid, k_lo, k_hi, M, N, n1, n2, stride_xm,
-                     stride_ww, stride_sn, stride_wss, stride_wsm, BM, BN, C_L, A_L, LD_L, W_L, L3, S_L, X_L, XS_L,
-                     XBUF)
+                     stride_ww, stride_sn, stride_wss, stride_wsm, BM, BN, C_L, A_L, LD_L, W_L, L3, S_L, X_L, XS_L)
 
     @gluon.jit
     def _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid_n, k_lo, k_hi, M, N, n1, n2, stride_xm,
                  stride_ww, stride_sn, stride_wss, stride_wsm, BM: gl.constexpr, BN: gl.constexpr,
                  C_L: gl.constexpr, A_L: gl.constexpr, LD_L: gl.constexpr, W_L: gl.constexpr, L3: gl.constexpr,
-                 S_L: gl.constexpr, X_L: gl.constexpr, XS_L: gl.constexpr, XBUF: gl.constexpr):
+                 S_L: gl.constexpr, X_L: gl.constexpr, XS_L: gl.constexpr):
         """One [BN weight rows, BM rows of x] tile: per step x goes to shared memory (4 planes, all warps), the
-        words are decoded into A's registers, 4 wgmmas (one a plane) read x there. XBUF = 2: two x buffers,
-        a step's wgmmas still running while the next step loads, stages and decodes (one barrier a step)."""
+        words are decoded into A's registers, 4 wgmmas (one a plane) read x there. (A second x buffer, the
+        wgmmas of a step left running into the next one, was measured: rarely faster, and racy with 2
+        warpgroups: benchmarks/RESULTS.md.)"""
         rn = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LD_L)), N - 1)
         rw = gl.arange(0, _BKW, layout=gl.SliceLayout(0, LD_L))
         wp = w_ptr + gl.expand_dims(rn.to(gl.int64) * stride_ww, 1) + gl.expand_dims(rw, 0)
@@ -131,13 +130,9 @@ if HAS_GLUON:
         rc = gl.arange(0, 8 * _BKW, layout=gl.SliceLayout(0, X_L))
         xp = x_ptr + gl.expand_dims(rm * stride_xm, 1) + gl.expand_dims(rc, 0)
         xmask = gl.expand_dims(rm < M, 1)
-        xs = gl.allocate_shared_memory(gl.bfloat16, [XBUF, BM, 8 * _BKW], XS_L)
+        xb = gl.allocate_shared_memory(gl.bfloat16, [BM, 8 * _BKW], XS_L)
         acc = gl.zeros([BN, BM], gl.float32, layout=C_L)
-        # XBUF = 2: the A registers of the wgmmas still running (the previous step's), kept alive until they are done
-        pa0 = gl.zeros([BN, 2 * _BKW], gl.bfloat16, layout=A_L)
-        pa1, pa2, pa3 = pa0, pa0, pa0
         for k in range(k_lo, k_hi, _BKW):
-            xb = xs.index((k - k_lo) // _BKW % XBUF)
             xb.store(_x_planes(gl.load(xp + k * 8, mask=xmask, other=0.0), BM))
             q = gl.convert_layout(gl.load(wp + k), W_L, assert_trivial=True)
             sb = gl.load(sp + k // 2)
@@ -156,13 +151,8 @@ if HAS_GLUON:
             acc = warpgroup_mma(a1, xb.slice(64, 64, dim=1).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma(a2, xb.slice(128, 64, dim=1).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma(a3, xb.slice(192, 64, dim=1).permute((1, 0)), acc, is_async=True)
-            if XBUF == 1:
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-                gl.thread_barrier()  # every warp is done reading x before the next step overwrites it
-            else:  # the previous step's wgmmas are done: their x buffer and A registers may be reused
-                acc, pa0, pa1, pa2, pa3 = warpgroup_mma_wait(num_outstanding=4, deps=[acc, pa0, pa1, pa2, pa3])
-                pa0, pa1, pa2, pa3 = a0, a1, a2, a3
-        acc, pa0, pa1, pa2, pa3 = warpgroup_mma_wait(num_outstanding=0, deps=[acc, pa0, pa1, pa2, pa3])
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+            gl.thread_barrier()  # every warp is done reading x before the next step overwrites it
         _store_partials(acc, gs_ptr, ws_ptr, pid_n, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
 
 
@@ -170,23 +160,22 @@ if HAS_GLUON:
 # sweep (benchmarks/bench_mma_gpu.py --v8-only, Qwen2.5-7B shapes); K is split until the grid holds about that
 # many programs, so other model sizes keep the same parallelism.
 WG_TILES = {
-    "down": {16: (4, 528), 32: (4, 528), 64: (4, 264)},  # long K
-    "narrow": {16: (4, 528), 32: (4, 528), 64: (4, 264)},  # q|k|v, o_proj
-    "wide": {16: (4, 528), 32: (4, 528), 64: (4, 528)},  # gate|up
+    "down": {16: (8, 264), 32: (8, 264), 64: (4, 264)},  # long K
+    "narrow": {16: (4, 264), 32: (4, 264), 64: (4, 264)},  # q|k|v, o_proj
+    "wide": {16: (4, 1056), 32: (4, 1056), 64: (4, 528)},  # gate|up
 }
 
 
-def wgmma_config(m: int, n: int, k: int, num_warps: int | None = None, programs: int | None = None,
-                 xbuf: int = 1) -> dict:
+def wgmma_config(m: int, n: int, k: int, num_warps: int | None = None, programs: int | None = None) -> dict:
     """Version 8 tile for m rows of an [n, k] weight: BN = 16 * num_warps weight rows, 32 words a step, K split
-    until the grid has about `programs` programs (at most 16 splits, each at least two steps), `xbuf` x
-    buffers in shared memory (2: a step's wgmmas overlap the next step); fields given override `WG_TILES`."""
+    until the grid has about `programs` programs (at most 16 splits, each at least two steps); fields given
+    override the `WG_TILES` entry."""
     cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
     nw, target = WG_TILES[cls][next(b for b in (16, 32, 64) if m <= b or b == 64)]
     nw, target = num_warps or nw, programs or target
     bn = 16 * nw
     split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // BKW // 2))
-    return dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=bn, BKW=BKW, SPLIT=split, num_warps=nw, XBUF=xbuf)
+    return dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=bn, BKW=BKW, SPLIT=split, num_warps=nw)
 
 
 def wgmma_constexprs(m: int, cfg: dict, shrink: bool) -> dict:
@@ -195,7 +184,7 @@ def wgmma_constexprs(m: int, cfg: dict, shrink: bool) -> dict:
     bm = max(16, 1 << (m - 1).bit_length())
     acc, a_op, ld_l, w_l, l3, s_l, x_l, xs_l = _layouts(nw, bm)
     return dict(BM=bm, BN=16 * nw, C_L=acc, A_L=a_op, LD_L=ld_l, W_L=w_l, L3=l3, S_L=s_l, X_L=x_l, XS_L=xs_l,
-                SH_L=_shrink_layout(nw), SHRINK=shrink, XBUF=int(cfg.get("XBUF", 1)))
+                SH_L=_shrink_layout(nw), SHRINK=shrink)
 
 
 def wgmma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
