@@ -11,10 +11,11 @@ What differs from the reference engine (and why):
 - Fused launches. q/k/v and gate/up run as one kernel each (their packed weights are
   made adjacent rows of one buffer at construction, and the modules' buffers become
   views of it: no second copy), with bias, live LoRA and SiLU-gate fused into the
-  weight-streaming kernel (`qerl.kernels.fused_linear`: register-fed tensor cores,
-  `nvfp4_mma`, for 1-32 rows of bf16 NVFP4 on Hopper, else CUDA cores at 1-4 rows and
-  version 5 up to DECODE_MAX_M) for NVFP4/MXFP4; the LoRA shrink runs inside the weight kernels
-  (`fuse_shrink`: version 7 always, versions 5/6 where they split K); bf16 weights, and more rows, use
+  weight-streaming kernel (`qerl.kernels.fused_linear`: register-fed tensor cores for bf16
+  NVFP4 on Hopper, `mma.sync` at 1-8 rows (`nvfp4_mma`) and warpgroup MMA at 9-64 (`nvfp4_wgmma`),
+  else CUDA cores at 1-4 rows and version 5 up to DECODE_MAX_M) for NVFP4/MXFP4; the LoRA shrink runs
+  inside the weight kernels (`fuse_shrink`: versions 7/8 always, 5/6 where they split K); bf16 weights,
+  and more rows, use
   cuBLAS (one layer dequantized into the engine's own buffer for NVFP4/MXFP4) and one
   epilogue launch (`linear_epilogue`: bias, LoRA, SiLU gate); residual add + RMSNorm
   and RoPE + cache write are one launch each. About 15 launches a layer with LoRA

@@ -5,7 +5,9 @@ One op per file:
   what `QuantLinear(backend="triton")` calls. Few rows: `fused_linear`; many rows:
   `dequant` into one shared bf16 buffer + cuBLAS.
 - `fused_linear.py`: the one-pass W4A16 / bf16 linear for decode (CUDA cores at 1-4 rows,
-  tensor cores up to 64), with bias, LoRA and gate/up (SiLU) epilogues fused.
+  tensor cores up to 64), with bias, LoRA and gate/up (SiLU) epilogues fused; on Hopper its NVFP4
+  rows go to `nvfp4_mma.py` (`mma.sync` fed from registers, 1-32 rows, used up to 8) and
+  `nvfp4_wgmma.py` (warpgroup MMA, x in shared memory, 9-64 rows).
 - `lora_shrink.py`: x @ A.T (split-K partials) for the fused LoRA epilogue.
 - `rmsnorm.py`, `rope_cache.py`, `decode_attention.py`: the rest of the decode step
   (`qerl.engine_cuda`).

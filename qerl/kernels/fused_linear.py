@@ -9,13 +9,13 @@ uint8 bits, and the step `float(scale) / global_scale` is formed in fp32 exactly
 the reference does, so the dequantized weight is bit-identical to
 `qerl.quant.nvfp4.nvfp4_dequantize(...).to(x.dtype)` before it meets x.
 
-- MMA_MIN_M..MMA_MAX_M rows (1..32), NVFP4 with bf16 x on Hopper (version 7, `nvfp4_mma`, Gluon): each
-  nibble plane of the int32 words is decoded straight into `mma.sync` operand registers (words loaded
-  into registers, or optionally streamed by TMA through shared memory: `ring`); fp32 partials + the
-  epilogue launch. Tiles: `mma_config`.
+- MMA_MIN_M..MMA_MAX_M rows (1..32; 1..8 while version 8 is on), NVFP4 with bf16 x on Hopper (version 7,
+  `nvfp4_mma`, Gluon): nibbles j and j + 4 of each int32 word are decoded straight into one `mma.sync`
+  operand register (words loaded into registers, or optionally streamed by TMA through shared memory:
+  `ring`); fp32 partials + the epilogue launch. Tiles: `mma_config`.
 - WG_MIN_M..WG_MAX_M rows (9..64), NVFP4 with bf16 x on Hopper (version 8, `nvfp4_wgmma`, Gluon): the same
-  in-word decode into the registers of warpgroup MMAs whose x the program stages in shared memory once a
-  step; fp32 partials + the epilogue launch. Tiles: `wgmma_config`.
+  decode into the registers of warpgroup MMAs whose x the program stages in shared memory once a step;
+  fp32 partials + the epilogue launch. Tiles: `wgmma_config`.
 - M < TC_MIN_M otherwise, NVFP4/MXFP4 (version 6, `_gemv_rows` in `_decode_kernel`): packed weights read as
   int32 words (8 codes) in 16-byte runs, decoded by one inline-asm block (two codes per shift/mask
   into an f16x2, then exact f16->f32), joined into natural K order and multiplied in fp32 with one

@@ -13,10 +13,13 @@ row, one 16-byte load) and multiplied with the matching B operand of x (each thr
 values of x, four 16-byte loads, split into the 8 planes in registers). The weights keep the
 compressed-tensors packing: one copy, the same bytes every other path reads.
 
-Decode: for a pair of words (w, w + 1) (the same 16-value scale block) one inline-asm block takes each
-byte of both words with one `prmt`, places the two codes of a nibble into a bf16x2 as v * 2**-126
-(e1 e0 m in exponent/mantissa bits 8..6, E=0 codes on bf16 subnormals) and multiplies by the block scale
-* 2**110 (bf16x2, exact: E4M3 has 3 mantissa bits): v * scale * 2**-16, normal. The row's 2**16 and
+Decode (default, INWORD, `PAIR_ASM`): a register of the A operand holds a k pair, here nibbles j and
+j + 4 of one word (the planes are pairs, each an MMA over 2 * BKW values of k, and x is paired to match):
+both codes go into a bf16x2 as v * 2**-126 (e1 e0 m in exponent/mantissa bits 8..6, E=0 codes on bf16
+subnormals; one mask, one integer multiply that places sign and magnitude at once, one mask) and are
+multiplied by the block scale * 2**110 (bf16x2, exact: E4M3 has 3 mantissa bits): v * scale * 2**-16,
+normal. (INWORD off, `PLANES_ASM`: nibble i of a word pair (w, w + 1), one `prmt` a byte; more
+instructions, measured slower.) The row's 2**16 and
 1 / global scale are applied to the fp32 accumulator at the end. Partial sums go to an fp32 workspace
 [split, M, N]; `fused_linear.linear_epilogue` adds bias, LoRA, GLU and rounds, as for version 5's split-K.
 Given the LoRA A matrices, R extra programs per split write the shrink's partials h[split, M, R] (one row
