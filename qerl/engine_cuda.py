@@ -45,13 +45,15 @@ import torch
 from .kernels import KernelUnavailable, available
 from .kernels._triton import programmatic_launch
 from .kernels.fused_linear import TC_MAX_M
-from .kernels.nvfp4_mma import RING_STAGES
+from .kernels.nvfp4_mma import HAS_GLUON, RING_STAGES
+from .kernels.nvfp4_wgmma import WG_MAX_M
 from .modeling import CausalLM, causal_mask, positions_from_mask, rope_inv_freq
 from .quant import QuantLinear
 from .rollout import Engine, Rollout, SamplingParams, left_pad, sample_tokens
 
 # rows at or below: the one-pass NVFP4/MXFP4 decode kernels (fused_linear.pick_config picks CUDA or tensor cores);
-# above: one layer dequantized into the engine's buffer, cuBLAS, and the epilogue kernel
+# above (and above WG_MAX_M for NVFP4 layers version 8 takes): one layer dequantized into the engine's buffer,
+# cuBLAS, and the epilogue kernel
 DECODE_MAX_M = TC_MAX_M
 
 _WEIGHT_BUFFERS = {"nvfp4": ("weight_packed", "weight_scale"), "mxfp4": ("weight_packed", "weight_scale"),
@@ -147,7 +149,8 @@ class CudaEngine(Engine):
         self.ring = RING_STAGES if ring else None
         self.xsmem = xsmem
         self.inword = inword  # version 7's in-word decode (off: its word-pair decode)
-        self.wgmma = wgmma  # version 8 (warpgroup MMA) for the NVFP4 rows it serves (9..64)
+        self.wgmma = wgmma  # version 8 (warpgroup MMA) for the NVFP4 rows it serves (9..WG_MAX_M)
+        self._wg_ok = wgmma and HAS_GLUON and torch.cuda.get_device_capability(model.device)[0] == 9
         self.layers = []
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -224,7 +227,7 @@ class CudaEngine(Engine):
         fl = self._fused()
         self.y0 = torch.zeros(b * max(f.weight.shape[0] for f in fl), dtype=dt, device=dev)
         self.deq = None  # the engine's own dequantization buffer (one layer): graphs keep its address
-        if b > DECODE_MAX_M and any(f.fmt != "bf16" for f in fl):
+        if any(f.fmt != "bf16" and not self._one_pass(f, b) for f in fl):
             self.deq = torch.empty(max(f.weight.shape[0] * f.in_features for f in fl), dtype=dt, device=dev)
         from .kernels.lora_shrink import MAX_SPLITS
 
@@ -249,7 +252,7 @@ class CudaEngine(Engine):
 
         h = None
         m = x.shape[0]
-        one_pass = f.fmt != "bf16" and m <= DECODE_MAX_M
+        one_pass = self._one_pass(f, m)
         if one_pass and f.rank and self.fuse_shrink:  # h from the decode kernel (see fused_linear's lora_A)
             return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, None, f.B, f.rank, 1.0, f.segments, f.glu,
                                 out=out, lora_A=f.A, h_out=self.hbuf, mma=self.mma, ring=self.ring,
@@ -276,6 +279,13 @@ class CudaEngine(Engine):
             return linear_epilogue(y0, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out)
         return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out,
                             mma=self.mma, ring=self.ring, xsmem=self.xsmem, inword=self.inword, wgmma=self.wgmma)
+
+    def _one_pass(self, f: _FusedLinear, m: int) -> bool:
+        """Whether the one-pass decode kernels take m rows of this layer (else cuBLAS on a dequantized copy):
+        NVFP4/MXFP4 up to DECODE_MAX_M rows, NVFP4 up to WG_MAX_M where version 8 runs (K % 256 == 0)."""
+        if f.fmt == "bf16":
+            return False
+        return m <= DECODE_MAX_M or (self._wg_ok and f.fmt == "nvfp4" and m <= WG_MAX_M and f.in_features % 256 == 0)
 
     def _decode_step(self, b: int):
         with programmatic_launch(self.pdl):

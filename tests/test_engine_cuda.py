@@ -110,14 +110,16 @@ def test_mma_decode_in_the_engine_agrees_with_version_5():
     assert torch.equal(a.completion_ids, d.completion_ids) and torch.equal(a.logprobs, d.logprobs)
 
 
-def test_wgmma_decode_in_the_engine_agrees_with_version_5():
-    """bf16 activations, 15 rows (3 prompts x 5): the NVFP4 layers with K % 256 == 0 run version 8 (warpgroup
-    MMA; down_proj, K = 704, version 5); the first token of every row and its logprob match version 5
-    everywhere (mma=False, wgmma=False)."""
+@pytest.mark.parametrize("n", [5, 40])
+def test_wgmma_decode_in_the_engine_agrees_with_version_5(n):
+    """bf16 activations, 15 or 120 rows (3 prompts x n): the NVFP4 layers with K % 256 == 0 run version 8
+    (warpgroup MMA; down_proj, K = 704, version 5 at 15 rows, cuBLAS at 120); the first token of every row and
+    its logprob match the engine without versions 7 and 8 (version 5 at 15 rows; cuBLAS on a dequantized
+    copy at 120)."""
     from qerl.engine_cuda import CudaEngine
 
     model = build_random_model(ARGS, "nvfp4", lora_rank=16, dtype=torch.bfloat16, seed=6)
-    params = SamplingParams(temperature=0.0, max_new_tokens=12, n=5)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, n=n)
     a = CudaEngine(model, Tok()).generate(_prompts(), params)
     b = CudaEngine(model, Tok(), mma=False, wgmma=False).generate(_prompts(), params)
     assert torch.equal(a.completion_ids[:, :1], b.completion_ids[:, :1])

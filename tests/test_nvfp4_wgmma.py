@@ -14,7 +14,7 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_de
 
 
 @gluon
-@pytest.mark.parametrize("m,nw", [(16, 8), (33, 4), (64, 8), (64, 4)])
+@pytest.mark.parametrize("m,nw", [(16, 8), (33, 4), (64, 8), (64, 4), (128, 8)])
 def test_compiles_for_hopper(m, nw):
     """Offline (no GPU): every conversion to the A operand is asserted trivial at compile time; the loop
     issues warpgroup MMAs, reads nothing back from shared memory itself (x is the MMA's operand there, the
@@ -28,7 +28,7 @@ def test_compiles_for_hopper(m, nw):
     assert loop.count("HGMMA") == 16  # 4 planes x 4 steps of k16
     assert loop.count("BAR.SYNC") == 2
     assert "LDS" not in loop and "STL" not in sass
-    assert registers(ck) <= 168
+    assert registers(ck) <= (232 if m > 64 else 168)
 
 
 def test_config_follows_the_measured_tiles():
@@ -51,9 +51,10 @@ def test_config_follows_the_measured_tiles():
 @pytest.mark.parametrize("k", [768, 1280])
 def test_matches_reference(nw, split, k):
     """q|k|v segments with bias and LoRA (from h or from the kernel's shrink programs) and gate|up with SiLU
-    for 9..64 rows (x's rows padded to 16, 32, 64), more splits than steps, poisoned outputs."""
+    for 9..128 rows (x's rows padded to 16, 32, 64, 128; past 64 with 8 warps), more splits than steps,
+    poisoned outputs."""
     cfg = dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=16 * nw, BKW=32, SPLIT=split, num_warps=nw)
-    check_fused_nvfp4(cfg, k, (9, 16, 17, 31, 32, 33, 50, 64))
+    check_fused_nvfp4(cfg, k, (9, 16, 17, 31, 32, 33, 50, 64) + ((100, 128) if nw == 8 else ()))
 
 
 @hopper

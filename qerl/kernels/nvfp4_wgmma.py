@@ -37,7 +37,7 @@ if HAS_GLUON:
 
     _BKW: gl.constexpr = gl.constexpr(32)
 
-WG_MIN_M, WG_MAX_M = 9, 64  # rows version 8 serves (at most 64: x [64, 256] a step, the wgmma's N)
+WG_MIN_M, WG_MAX_M = 9, 128  # rows version 8 serves (x [BM, 256] a step; BM, up to 128, is the wgmma N)
 BKW = 32  # words a step: one plane is 64 values of k, one 128-byte swizzled row of x in shared memory (_BKW)
 
 
@@ -156,13 +156,14 @@ if HAS_GLUON:
         _store_partials(acc, gs_ptr, ws_ptr, pid_n, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
 
 
-# (num_warps, programs in the grid) by shape class and rows (<= 16, <= 32, <= 64): the best tiles of the H200
-# sweep (benchmarks/bench_mma_gpu.py --v8-only, Qwen2.5-7B shapes); K is split until the grid holds about that
-# many programs, so other model sizes keep the same parallelism.
+# (num_warps, programs in the grid) by shape class and rows (<= 16, <= 32, <= 64, <= 128): the best tiles of
+# the H200 sweep (benchmarks/bench_mma_gpu.py --v8-only, Qwen2.5-7B shapes; 128 rows: 8 warps, the x tile
+# does not fit 4 warps' registers, programs not swept yet); K is split until the grid holds about that many
+# programs, so other model sizes keep the same parallelism.
 WG_TILES = {
-    "down": {16: (8, 264), 32: (8, 264), 64: (4, 264)},  # long K
-    "narrow": {16: (4, 264), 32: (4, 264), 64: (4, 264)},  # q|k|v, o_proj
-    "wide": {16: (4, 1056), 32: (4, 1056), 64: (4, 528)},  # gate|up
+    "down": {16: (8, 264), 32: (8, 264), 64: (4, 264), 128: (8, 264)},  # long K
+    "narrow": {16: (4, 264), 32: (4, 264), 64: (4, 264), 128: (8, 264)},  # q|k|v, o_proj
+    "wide": {16: (4, 1056), 32: (4, 1056), 64: (4, 528), 128: (8, 528)},  # gate|up
 }
 
 
@@ -171,7 +172,7 @@ def wgmma_config(m: int, n: int, k: int, num_warps: int | None = None, programs:
     until the grid has about `programs` programs (at most 16 splits, each at least two steps); fields given
     override the `WG_TILES` entry."""
     cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
-    nw, target = WG_TILES[cls][next(b for b in (16, 32, 64) if m <= b or b == 64)]
+    nw, target = WG_TILES[cls][next(b for b in (16, 32, 64, 128) if m <= b or b == 128)]
     nw, target = num_warps or nw, programs or target
     bn = 16 * nw
     split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // BKW // 2))
