@@ -34,7 +34,7 @@ def main():
     ap.add_argument("--shapes", default="qkv,o,gate|up,down")
     ap.add_argument("--maxnreg", default="", help="comma-separated register caps to time the default tile with")
     ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="time the default tiles only")
-    ap.add_argument("--v8-only", action="store_true", help="version 8 (wgmma, 9..64 rows) and its tile sweep only")
+    ap.add_argument("--v8-only", action="store_true", help="version 8 (wgmma, 9..128 rows) and its tile sweep only")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     a.maxnreg = [int(r) for r in a.maxnreg.split(",") if r]

@@ -12,7 +12,7 @@ What differs from the reference engine (and why):
   made adjacent rows of one buffer at construction, and the modules' buffers become
   views of it: no second copy), with bias, live LoRA and SiLU-gate fused into the
   weight-streaming kernel (`qerl.kernels.fused_linear`: register-fed tensor cores for bf16
-  NVFP4 on Hopper, `mma.sync` at 1-8 rows (`nvfp4_mma`) and warpgroup MMA at 9-64 (`nvfp4_wgmma`),
+  NVFP4 on Hopper, `mma.sync` at 1-8 rows (`nvfp4_mma`) and warpgroup MMA at 9-128 (`nvfp4_wgmma`),
   else CUDA cores at 1-4 rows and version 5 up to DECODE_MAX_M) for NVFP4/MXFP4; the LoRA shrink runs
   inside the weight kernels (`fuse_shrink`: versions 7/8 always, 5/6 where they split K); bf16 weights,
   and more rows, use

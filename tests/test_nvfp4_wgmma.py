@@ -61,7 +61,7 @@ def test_matches_reference(nw, split, k):
 @gluon
 @pytest.mark.gpu
 def test_picked_by_default_and_off_switch():
-    """fused_linear picks version 8 for 9..64 bf16 rows on Hopper, not with wgmma=False; both agree with
+    """fused_linear picks version 8 for 9..128 bf16 rows on Hopper, not with wgmma=False; both agree with
     the reference."""
     from qerl.kernels.fused_linear import fused_linear, pick_config
 

@@ -7,7 +7,7 @@ One op per file:
 - `fused_linear.py`: the one-pass W4A16 / bf16 linear for decode (CUDA cores at 1-4 rows,
   tensor cores up to 64), with bias, LoRA and gate/up (SiLU) epilogues fused; on Hopper its NVFP4
   rows go to `nvfp4_mma.py` (`mma.sync` fed from registers, 1-32 rows, used up to 8) and
-  `nvfp4_wgmma.py` (warpgroup MMA, x in shared memory, 9-64 rows).
+  `nvfp4_wgmma.py` (warpgroup MMA, x in shared memory, 9-128 rows).
 - `lora_shrink.py`: x @ A.T (split-K partials) for the fused LoRA epilogue.
 - `rmsnorm.py`, `rope_cache.py`, `decode_attention.py`: the rest of the decode step
   (`qerl.engine_cuda`).

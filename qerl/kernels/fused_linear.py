@@ -13,7 +13,7 @@ the reference does, so the dequantized weight is bit-identical to
   `nvfp4_mma`, Gluon): nibbles j and j + 4 of each int32 word are decoded straight into one `mma.sync`
   operand register (words loaded into registers, or optionally streamed by TMA through shared memory:
   `ring`); fp32 partials + the epilogue launch. Tiles: `mma_config`.
-- WG_MIN_M..WG_MAX_M rows (9..64), NVFP4 with bf16 x on Hopper (version 8, `nvfp4_wgmma`, Gluon): the same
+- WG_MIN_M..WG_MAX_M rows (9..128), NVFP4 with bf16 x on Hopper (version 8, `nvfp4_wgmma`, Gluon): the same
   decode into the registers of warpgroup MMAs whose x the program stages in shared memory once a step;
   fp32 partials + the epilogue launch. Tiles: `wgmma_config`.
 - M < TC_MIN_M otherwise, NVFP4/MXFP4 (version 6, `_gemv_rows` in `_decode_kernel`): packed weights read as

@@ -1,5 +1,5 @@
 """Version 8 of the NVFP4 decode linear: warpgroup MMA (wgmma) with the weights decoded into registers and x
-in shared memory, for 9..64 rows (Gluon, Hopper).
+in shared memory, for 9..128 rows (Gluon, Hopper).
 
 Version 7 (`nvfp4_mma`) feeds `mma.sync` from registers on both sides: past 8 rows its x tile (loaded and
 split into planes by every warp, every step) costs more than the weights' decode, and at 32 rows its tiles
