@@ -9,8 +9,9 @@ it shows register spills, shared-memory round trips and barriers that timings al
 It is not a timing: compare candidates here, measure them on the GPU.
 
 Usage: python benchmarks/sass_decode.py [--model qwen2.5-7b] [--rows 1,8,64] [--shapes "gate|up,down"]
-       [--config '{"BLOCK_N": 64, "BKW": 8, "num_warps": 8, "SHRINK": true, "PDL": true}'] [--mma]
-(--mma: version 7, `qerl.kernels.nvfp4_mma`, at 5..32 rows; its loop is counted per weight the same way)
+       [--config '{"BLOCK_N": 64, "BKW": 8, "num_warps": 8, "SHRINK": true, "PDL": true}'] [--mma] [--wgmma]
+(--mma: version 7, `qerl.kernels.nvfp4_mma`, at 1..32 rows; --wgmma: version 8, `qerl.kernels.nvfp4_wgmma`,
+at 9..128 rows; their loops are counted per weight the same way)
 """
 import argparse
 import collections
@@ -26,7 +27,7 @@ from triton.compiler import ASTSource
 
 from qerl.bench import fused_layer_shapes
 from qerl.kernels import fused_linear as fl
-from qerl.kernels import nvfp4_mma
+from qerl.kernels import nvfp4_mma, nvfp4_wgmma
 from qerl.kernels._triton import disassemble, main_loop
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -72,7 +73,10 @@ def loop_mix(sass: str):
 
 
 def inspect(m: int, n: int, k: int, cfg: dict, glu: bool = False) -> dict:
-    ck = nvfp4_mma.compile_sm90(m, cfg) if cfg.get("MMA") else compile_decode(m, n, k, cfg, glu)
+    if cfg.get("WGMMA"):
+        ck = nvfp4_wgmma.compile_sm90(m, cfg)
+    else:
+        ck = nvfp4_mma.compile_sm90(m, cfg) if cfg.get("MMA") else compile_decode(m, n, k, cfg, glu)
     with tempfile.TemporaryDirectory() as d:
         ptx = os.path.join(d, "k.ptx")
         with open(ptx, "w") as f:
@@ -95,16 +99,17 @@ def main():
     ap.add_argument("--shapes", default="qkv,o,gate|up,down")
     ap.add_argument("--config", default=None, help="JSON tile overrides for every row count")
     ap.add_argument("--mma", action="store_true", help="version 7 (Gluon, register-fed MMA) for the rows it takes")
+    ap.add_argument("--wgmma", action="store_true", help="version 8 (Gluon, warpgroup MMA) for the rows it takes")
     a = ap.parse_args()
     shapes = fused_layer_shapes(a.model)
     for name in a.shapes.split(","):
         n_rows, k, glu = shapes[name]
         n = n_rows // 2 if glu else n_rows  # output rows, as fused_linear counts them
         for m in map(int, a.rows.split(",")):
-            cfg = fl.pick_config(m, n, k, "nvfp4", mma=a.mma)
+            cfg = fl.pick_config(m, n, k, "nvfp4", mma=a.mma, wgmma=a.wgmma)
             cfg.update(json.loads(a.config) if a.config else {})
             r = inspect(m, n, k, cfg, glu)
-            ver = "v7" if cfg.get("MMA") else ("v5" if cfg.get("TC") else "v6")
+            ver = "v8" if cfg.get("WGMMA") else "v7" if cfg.get("MMA") else ("v5" if cfg.get("TC") else "v6")
             print(f"{name:8s} M={m:<3d} {ver} BN{cfg['BLOCK_N']} BKW{cfg['BKW']} "
                   f"w{cfg.get('num_warps', 4)} st{cfg.get('num_stages', 1)} split{cfg.get('SPLIT', 1)}: "
                   f"{r['regs']} regs, {r['spill_bytes']} B spilled, wgmma serialized {r['wgmma_serialized']}, "

@@ -271,15 +271,22 @@ if HAS_GLUON:
         return xoff, gl.expand_dims(gl.expand_dims(xm < M, 0), 2)
 
     @gluon.jit
+    def _word_scales(sb, BN: gl.constexpr, BKW: gl.constexpr, L3: gl.constexpr):
+        """Scale bytes [BN, BKW/2] (E4M3; block j covers words 2j, 2j+1) -> [BN, BKW] int32: each word's block
+        scale * 2**110 as a bf16 pair, the decode's multiplier, in the words' load layout (through L3; the
+        caller converts it to its words' layout)."""
+        sv = (sb.to(gl.float8e4nv, bitcast=True).to(gl.float32) * 1.2980742146337069e33).to(gl.bfloat16)  # 2**110
+        c = sv.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        c3 = gl.expand_dims(c | (c << 16), 2) + gl.zeros([BN, BKW // 2, 2], gl.int32, layout=L3)  # both words'
+        return gl.reshape(c3, [BN, BKW])
+
+    @gluon.jit
     def _mma_step(acc, q, sb, xv, BN: gl.constexpr, BKW: gl.constexpr, BM: gl.constexpr,
                   A_L: gl.constexpr, B_L: gl.constexpr, L3: gl.constexpr, INWORD: gl.constexpr, W_L: gl.constexpr):
         """acc += the words q [BN, BKW] (A layout) with their scale bytes sb [BN, BKW/2], times the x tile xv.
         INWORD: 4 planes of nibble pairs (j, j + 4) of a word, each an MMA over 2 BKW values of k; else 8 planes
         of nibble i of a word pair (w, w + 1), each over BKW."""
-        sv = (sb.to(gl.float8e4nv, bitcast=True).to(gl.float32) * 1.2980742146337069e33).to(gl.bfloat16)  # 2**110
-        c = sv.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-        c3 = gl.expand_dims(c | (c << 16), 2) + gl.zeros([BN, BKW // 2, 2], gl.int32, layout=L3)  # both words' bf16x2
-        s2 = gl.convert_layout(gl.reshape(c3, [BN, BKW]), W_L, assert_trivial=True)
+        s2 = gl.convert_layout(_word_scales(sb, BN, BKW, L3), W_L, assert_trivial=True)
         q = gl.convert_layout(q, W_L, assert_trivial=True)
         if INWORD:
             p0, p1, p2, p3 = _pair_planes(gl.join(q, q), gl.join(s2, s2))

@@ -33,7 +33,7 @@ if HAS_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-    from .nvfp4_mma import _pair_planes, _shrink_layout, _shrink_row, _store_partials
+    from .nvfp4_mma import _pair_planes, _shrink_layout, _shrink_row, _store_partials, _word_scales
 
     _BKW: gl.constexpr = gl.constexpr(32)
 
@@ -136,10 +136,7 @@ if HAS_GLUON:
             xb.store(_x_planes(gl.load(xp + k * 8, mask=xmask, other=0.0), BM))
             q = gl.convert_layout(gl.load(wp + k), W_L, assert_trivial=True)
             sb = gl.load(sp + k // 2)
-            sv = (sb.to(gl.float8e4nv, bitcast=True).to(gl.float32) * 1.2980742146337069e33).to(gl.bfloat16)
-            c = sv.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-            c3 = gl.expand_dims(c | (c << 16), 2) + gl.zeros([BN, _BKW // 2, 2], gl.int32, layout=L3)
-            s2 = gl.convert_layout(gl.reshape(c3, [BN, _BKW]), W_L, assert_trivial=True)
+            s2 = gl.convert_layout(_word_scales(sb, BN, _BKW, L3), W_L, assert_trivial=True)
             p0, p1, p2, p3 = _pair_planes(gl.join(q, q), gl.join(s2, s2))
             a0 = gl.convert_layout(_a_plane(p0, BN), A_L, assert_trivial=True)
             a1 = gl.convert_layout(_a_plane(p1, BN), A_L, assert_trivial=True)
