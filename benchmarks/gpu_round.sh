@@ -1,10 +1,11 @@
 #!/bin/bash
-# One device call that checks and measures the decode path: the version 7 GPU tests, the issue's
-# headline command, engine variants and kernel-level timings, each under its own time limit so that a
-# slow step cannot take the others' output with it. Everything lands in OUTDIR (the device's $OUT).
+# One device call that checks and measures the decode path: the version 7/8 GPU tests, the issue's
+# headline command, batch 128 (versions 8 vs cuBLAS, and bf16), version 8's 128-row tiles and the 32B
+# model, each under its own time limit so that a slow step cannot take the others' output with it.
+# Everything lands in OUTDIR (the device's $OUT).
 # Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_round.sh "$OUT" [steps]
-#   steps: any of tests issue variants kernels big (default: all five, in that order; about 9 minutes)
-out=${1:?usage: gpu_round.sh OUTDIR [steps]}; steps=${2:-"tests issue variants kernels big"}
+#   steps: any of tests issue b128 kernels big (default: all five, in that order; about 9 minutes)
+out=${1:?usage: gpu_round.sh OUTDIR [steps]}; steps=${2:-"tests issue b128 kernels big"}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 run() {  # name seconds command...
   local name=$1 secs=$2; shift 2
@@ -13,18 +14,18 @@ run() {  # name seconds command...
 for s in $steps; do case $s in
   tests)
     run tests 240 python -m pytest -q tests/test_nvfp4_wgmma.py tests/test_engine_cuda.py tests/test_nvfp4_mma.py \
-      -k "wgmma or engine or (matches_reference and 1280 and inword1)"
+      -k "wgmma or engine or (matches_reference and 768 and inword1)"
     tail -2 "$out/tests.txt" ;;
   issue)
     run issue7b 240 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4,bf16 --batch 1,8,64 \
       --prompt-len 256 --gen-len 512 --lora-rank 16 --out "$out/issue7b.json"
     grep -E "^(qerl|transformers)|copy" "$out/issue7b.txt" ;;
-  variants)
-    run variants 150 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4 --batch 16,32,64 \
-      --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --variants no_wgmma --out "$out/variants.json"
-    grep -E "^qerl" "$out/variants.txt" ;;
+  b128)
+    run b128 150 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4,bf16 --batch 128 \
+      --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --variants no_wgmma --out "$out/b128.json"
+    grep -E "^qerl" "$out/b128.txt" ;;
   kernels)
-    run kernels 150 python benchmarks/bench_mma_gpu.py --rows 16,32,64 --v8-only --out "$out/kernels.json"
+    run kernels 150 python benchmarks/bench_mma_gpu.py --rows 128 --v8-only --out "$out/kernels.json"
     grep "M=" "$out/kernels.txt" | sed 's/ *{.*//' ;;
   big)
     run big32b 120 python -m qerl.cli bench rollout --model-config qwen2.5-32b --quant nvfp4 --batch 8,64 \
