@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call that checks and measures the decode path: the version 7/8 GPU tests, the issue's
-# headline command, batch 128 (versions 8 vs cuBLAS, and bf16), version 8's 128-row tiles and the 32B
+# headline command, batch 128 (versions 8 vs cuBLAS, and bf16), version 8's 64/128-row tiles (+ XVEC) and the 32B
 # model, each under its own time limit so that a slow step cannot take the others' output with it.
 # Everything lands in OUTDIR (the device's $OUT).
 # Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_round.sh "$OUT" [steps]
@@ -25,7 +25,7 @@ for s in $steps; do case $s in
       --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --variants no_wgmma --out "$out/b128.json"
     grep -E "^qerl" "$out/b128.txt" ;;
   kernels)
-    run kernels 150 python benchmarks/bench_mma_gpu.py --rows 128 --v8-only --out "$out/kernels.json"
+    run kernels 200 python benchmarks/bench_mma_gpu.py --rows 64,128 --v8-only --out "$out/kernels.json"
     grep "M=" "$out/kernels.txt" | sed 's/ *{.*//' ;;
   big)
     run big32b 120 python -m qerl.cli bench rollout --model-config qwen2.5-32b --quant nvfp4 --batch 8,64 \

@@ -14,13 +14,14 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_de
 
 
 @gluon
-@pytest.mark.parametrize("m,nw", [(16, 8), (33, 4), (64, 8), (64, 4), (128, 8)])
-def test_compiles_for_hopper(m, nw):
+@pytest.mark.parametrize("m,nw,xvec", [(16, 8, False), (33, 4, False), (64, 8, False), (64, 4, False),
+                                       (128, 8, False), (16, 4, True), (64, 4, True), (128, 8, True)])
+def test_compiles_for_hopper(m, nw, xvec):
     """Offline (no GPU): every conversion to the A operand is asserted trivial at compile time; the loop
     issues warpgroup MMAs, reads nothing back from shared memory itself (x is the MMA's operand there, the
     weights stay in registers), and nothing spills; x's staging buffer is 4 planes of [BM, 64] bf16, written
-    by one store: two barriers a step (x written; x read)."""
-    ck = nvfp4_wgmma.compile_sm90(m, dict(num_warps=nw), shrink=True)
+    by one store: two barriers a step (x written; x read); with XVEC by 16-byte stores only."""
+    ck = nvfp4_wgmma.compile_sm90(m, dict(num_warps=nw, XVEC=xvec), shrink=True)
     bm = max(16, 1 << (m - 1).bit_length())
     assert ck.metadata.shared == 4 * bm * 64 * 2
     sass = disassemble(ck)
@@ -29,6 +30,8 @@ def test_compiles_for_hopper(m, nw):
     assert loop.count("BAR.SYNC") == 2
     assert "LDS" not in loop and "STL" not in sass
     assert registers(ck) <= (232 if m > 64 else 168)
+    stores = [i.split()[0] for i in main_loop(sass) if i.split()[0].startswith("STS")]
+    assert stores and all(s == "STS.128" for s in stores) == xvec
 
 
 def test_config_follows_the_measured_tiles():
@@ -47,13 +50,14 @@ def test_config_follows_the_measured_tiles():
 @hopper
 @gluon
 @pytest.mark.gpu
-@pytest.mark.parametrize("nw,split", [(4, 1), (8, 3), (4, 5)])
+@pytest.mark.parametrize("nw,split,xvec", [(4, 1, 0), (8, 3, 0), (4, 5, 0), (4, 3, 1), (8, 1, 1)])
 @pytest.mark.parametrize("k", [768, 1280])
-def test_matches_reference(nw, split, k):
+def test_matches_reference(nw, split, xvec, k):
     """q|k|v segments with bias and LoRA (from h or from the kernel's shrink programs) and gate|up with SiLU
     for 9..128 rows (x's rows padded to 16, 32, 64, 128; past 64 with 8 warps), more splits than steps,
-    poisoned outputs."""
-    cfg = dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=16 * nw, BKW=32, SPLIT=split, num_warps=nw)
+    x staged with 4- or 16-byte stores (XVEC), poisoned outputs."""
+    cfg = dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=16 * nw, BKW=32, SPLIT=split, num_warps=nw,
+               XVEC=bool(xvec))
     check_fused_nvfp4(cfg, k, (9, 16, 17, 31, 32, 33, 50, 64) + ((100, 128) if nw == 8 else ()))
 
 
