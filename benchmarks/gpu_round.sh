@@ -4,7 +4,8 @@
 # model, each under its own time limit so that a slow step cannot take the others' output with it.
 # Everything lands in OUTDIR (the device's $OUT).
 # Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_round.sh "$OUT" [steps]
-#   steps: any of tests issue b128 kernels big (default: all five, in that order; about 9 minutes)
+#   steps: any of tests issue b128 kernels big (default: all five, in that order; up to 16 minutes, so
+#   run it as two device calls: "tests issue b128", then "kernels big")
 out=${1:?usage: gpu_round.sh OUTDIR [steps]}; steps=${2:-"tests issue b128 kernels big"}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 run() {  # name seconds command...
