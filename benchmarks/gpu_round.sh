@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device call that checks and measures the decode path: the version 7/8 GPU tests, the issue's
+# A GPU round (one or two device calls) that checks and measures the decode path: the version 7/8 GPU tests, the issue's
 # headline command, batch 128 (versions 8 vs cuBLAS, and bf16), version 8's 64/128-row tiles (+ XVEC) and the 32B
 # model, each under its own time limit so that a slow step cannot take the others' output with it.
 # Everything lands in OUTDIR (the device's $OUT).
