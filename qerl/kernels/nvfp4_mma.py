@@ -132,8 +132,8 @@ PLANES_ASM = (
 # the k pair of one A register. Both halves of w move alike: the nibble pair is isolated with one mask, one
 # integer multiply by 2**a + 2**b adds the copy shifted by a (sign to bit 15) to the copy shifted by b (e1 e0 m
 # to bits 8..6; the copies do not overlap, so nothing carries), and one mask keeps those bits. Nibbles 2, 3
-# (6, 7) take the word shifted right by 8 first. About 13 instructions a word (4 of them multiplies, on the
-# FMA pipe) instead of 20 (all but the bf16 multiplies on the integer pipe), and no prmt.
+# (6, 7) take the word shifted right by 8 first. 13 instructions a word besides the 4 bf16 multiplies (4 of
+# them integer multiplies, on the FMA pipe) instead of 16 (all on the integer pipe), and no prmt.
 _PAIR = "and.b32 t, {src}, 0x{mask:08X}; mul.lo.u32 t, t, 0x{mul:X}; and.b32 t, t, 0x81C081C0; mul.rn.bf16x2 ${o}, t, $6;\n"
 PAIR_ASM = ("{\n.reg .b32 w, t;\n" + _PAIR.format(src="$4", mask=0x000F000F, mul=0x1040, o=0)
             + _PAIR.format(src="$4", mask=0x00F000F0, mul=0x104, o=1) + "shr.b32 w, $4, 8;\n"
