@@ -559,23 +559,28 @@ def mma_constexprs(m: int, cfg: dict, shrink: bool, xsteps: int = 0) -> dict:
 def compile_sm90(m: int, cfg: dict, shrink: bool = True, xsteps: int = 4):
     """Compile `_mma_kernel` for sm_90 without a GPU (Triton only), specialized as the launcher is for 16-byte
     aligned pointers and strides: for offline checks of the machine code (tests, benchmarks/sass_decode.py)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     const = mma_constexprs(m, cfg, shrink, xsteps)
-    ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", ws_ptr="*fp32", a_ptr="*fp32",
-                h_ptr="*fp32")
     descs = {}
     if const["RING"]:
         bn, bkw = const["BN"], const["BKW"]
         wl, sl = _smem_layouts(bn, bkw)
         descs = dict(w_ptr=f"tensordesc<i32[{bn}, {bkw}],{wl}>", s_ptr=f"tensordesc<u8[{bn}, {bkw // 2}],{sl}>")
-        for a in descs:
-            del ptrs[a]
+    return compile_partials_kernel(_mma_kernel, const, cfg["num_warps"], descs)
+
+
+def compile_partials_kernel(fn, const: dict, num_warps: int, types: dict | None = None):
+    """`triton.compile` of a partials kernel (`_mma_kernel`, `nvfp4_wgmma._wg_kernel`: same runtime arguments)
+    for sm_90, specialized as the launcher is (16-byte aligned pointers, strides and word counts); types:
+    arguments of other types (TMA descriptors)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    types = dict(dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", ws_ptr="*fp32", a_ptr="*fp32",
+                      h_ptr="*fp32"), **(types or {}))
     aligned = ("KW", "k_per_split", "stride_xm", "stride_ww", "stride_sn", "stride_wss")
-    fn = _mma_kernel
-    sig = {a: "constexpr" if a in const else descs.get(a, ptrs.get(a, "i32")) for a in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptrs or a in aligned}
+    sig = {a: "constexpr" if a in const else types.get(a, "i32") for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if sig[a].startswith("*") or a in aligned}
     return triton.compile(GluonASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=cfg["num_warps"]))
+                          options=dict(num_warps=num_warps))

@@ -15,7 +15,7 @@ so k is labelled to make the loads cheap: within a plane j (the 2 * BKW values o
     k = h + 2 * w2 + 4 * w3 + 8 * w0 + 16 * w1 + 32 * w4        (w = w4 w3 w2 w1 w0 in bits)
 
 so each thread's words are 4 consecutive ones (16-byte loads; A's registers are a permutation of them,
-asserted trivial), and x is written to shared memory with its columns in that order (`_store_x_planes`).
+asserted trivial), and x is written to shared memory with its columns in that order (`_x_planes`).
 Partial sums go to the fp32 workspace [split, M, N]; `fused_linear.linear_epilogue` finishes, as for
 version 7, whose LoRA shrink programs (`_shrink_row`) this kernel runs too.
 Plain-PyTorch reference: `qerl.quant.nvfp4.nvfp4_dequantize` + matmul (tests/test_nvfp4_wgmma.py).
@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from .nvfp4_mma import HAS_GLUON, _bits, partials_args
+from .nvfp4_mma import HAS_GLUON, _bits, compile_partials_kernel, partials_args
 
 if HAS_GLUON:
     from triton.experimental import gluon
@@ -224,18 +224,6 @@ def wgmma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, glob
 
 
 def compile_sm90(m: int, cfg: dict, shrink: bool = True):
-    """Compile `_wg_kernel` for sm_90a without a GPU (Triton only), specialized as the launcher is for 16-byte
-    aligned pointers and strides: for offline checks of the machine code."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    const = wgmma_constexprs(m, cfg, shrink)
-    ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", ws_ptr="*fp32", a_ptr="*fp32",
-                h_ptr="*fp32")
-    aligned = ("KW", "k_per_split", "stride_xm", "stride_ww", "stride_sn", "stride_wss")
-    fn = _wg_kernel
-    sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptrs or a in aligned}
-    return triton.compile(GluonASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=cfg["num_warps"]))
+    """Compile `_wg_kernel` for sm_90a without a GPU (Triton only), specialized as the launcher is: for offline
+    checks of the machine code (tests, benchmarks/sass_decode.py --wgmma)."""
+    return compile_partials_kernel(_wg_kernel, wgmma_constexprs(m, cfg, shrink), cfg["num_warps"])
