@@ -45,8 +45,8 @@ import torch
 from .kernels import KernelUnavailable, available
 from .kernels._triton import programmatic_launch
 from .kernels.fused_linear import TC_MAX_M
-from .kernels.nvfp4_mma import HAS_GLUON, RING_STAGES
-from .kernels.nvfp4_wgmma import WG_MAX_M
+from .kernels.nvfp4_mma import RING_STAGES
+from .kernels.nvfp4_wgmma import WG_MAX_M, wgmma_supported
 from .modeling import CausalLM, causal_mask, positions_from_mask, rope_inv_freq
 from .quant import QuantLinear
 from .rollout import Engine, Rollout, SamplingParams, left_pad, sample_tokens
@@ -150,8 +150,6 @@ class CudaEngine(Engine):
         self.xsmem = xsmem
         self.inword = inword  # version 7's in-word decode (off: its word-pair decode)
         self.wgmma = wgmma  # version 8 (warpgroup MMA) for the NVFP4 rows it serves (9..WG_MAX_M)
-        self._wg_ok = (wgmma and HAS_GLUON and model.dtype == torch.bfloat16
-                       and torch.cuda.get_device_capability(model.device)[0] == 9)
         self.layers = []
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -283,11 +281,11 @@ class CudaEngine(Engine):
 
     def _one_pass(self, f: _FusedLinear, m: int) -> bool:
         """Whether the one-pass decode kernels take m rows of this layer (else cuBLAS on a dequantized copy):
-        NVFP4/MXFP4 up to DECODE_MAX_M rows, NVFP4 up to WG_MAX_M where version 8 runs (bf16 activations on
-        sm_90, K % 256 == 0)."""
+        NVFP4/MXFP4 up to DECODE_MAX_M rows, and up to WG_MAX_M where version 8 runs (`wgmma_supported`)."""
         if f.fmt == "bf16":
             return False
-        return m <= DECODE_MAX_M or (self._wg_ok and f.fmt == "nvfp4" and m <= WG_MAX_M and f.in_features % 256 == 0)
+        return m <= DECODE_MAX_M or (self.wgmma and m <= WG_MAX_M
+                                     and wgmma_supported(self.model.device, self.model.dtype, f.fmt, f.in_features))
 
     def _decode_step(self, b: int):
         with programmatic_launch(self.pdl):

@@ -82,17 +82,21 @@ def test_picked_by_default_and_off_switch():
             assert rel(y, ref) < 1e-2
 
 
-@pytest.mark.parametrize("wg_ok,fmt,k,m,one_pass", [
-    (True, "nvfp4", 3584, 64, True), (True, "nvfp4", 3584, 128, True), (True, "nvfp4", 3584, 129, False),
-    (True, "nvfp4", 704, 100, False), (True, "mxfp4", 3584, 100, False), (False, "nvfp4", 3584, 100, False),
-    (False, "mxfp4", 3584, 64, True), (True, "bf16", 3584, 8, False)])
-def test_engine_routes_rows_to_the_one_pass_kernels(wg_ok, fmt, k, m, one_pass):
+@pytest.mark.parametrize("hopper,wgmma,dtype,fmt,k,m,one_pass", [
+    (True, True, torch.bfloat16, "nvfp4", 3584, 64, True), (True, True, torch.bfloat16, "nvfp4", 3584, 128, True),
+    (True, True, torch.bfloat16, "nvfp4", 3584, 129, False), (True, True, torch.bfloat16, "nvfp4", 704, 100, False),
+    (True, True, torch.bfloat16, "mxfp4", 3584, 100, False), (False, True, torch.bfloat16, "nvfp4", 3584, 100, False),
+    (True, True, torch.float32, "nvfp4", 3584, 100, False), (True, False, torch.bfloat16, "nvfp4", 3584, 100, False),
+    (False, True, torch.bfloat16, "mxfp4", 3584, 64, True), (True, True, torch.bfloat16, "bf16", 3584, 8, False)])
+def test_engine_routes_rows_to_the_one_pass_kernels(monkeypatch, hopper, wgmma, dtype, fmt, k, m, one_pass):
     """(CPU) The CUDA engine sends a layer's rows to the one-pass decode kernels up to 64 (NVFP4/MXFP4) and, where
-    version 8 runs (Hopper, NVFP4, K % 256 == 0), up to WG_MAX_M; otherwise, and for bf16, to cuBLAS."""
+    version 8 runs (on, Hopper, bf16 activations, NVFP4, K % 256 == 0), up to WG_MAX_M; otherwise, and for bf16,
+    to cuBLAS."""
     from types import SimpleNamespace
 
     from qerl.engine_cuda import CudaEngine
 
-    eng = CudaEngine.__new__(CudaEngine)  # no GPU here: only the routing rule
-    eng._wg_ok = wg_ok
+    monkeypatch.setattr(nvfp4_wgmma, "_hopper", lambda device: hopper)  # no GPU here: only the routing rule
+    eng = CudaEngine.__new__(CudaEngine)
+    eng.wgmma, eng.model = wgmma, SimpleNamespace(device=torch.device("cpu"), dtype=dtype)
     assert eng._one_pass(SimpleNamespace(fmt=fmt, in_features=k), m) is one_pass

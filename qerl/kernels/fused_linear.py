@@ -671,7 +671,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     cfg = dict(config or pick_config(m, n, k, fmt, mma=mma and mma_supported(x, fmt, k), ring=ring, xsmem=xsmem,
-                                          inword=inword, wgmma=wgmma and wgmma_supported(x, fmt, k)))
+                                          inword=inword, wgmma=wgmma and wgmma_supported(x.device, x.dtype, fmt, k)))
     if cfg.pop("WORDS", False):
         return _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
                               segments, glu, out, n, cfg, lora_A, h_out)
@@ -808,7 +808,7 @@ def _mma_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_
     """Versions 7 and 8 (cfg["WGMMA"]): fp32 partials from the register-fed tensor-core kernel, then the
     epilogue launch."""
     wg = cfg.get("WGMMA", False)
-    if wg and not wgmma_supported(x, fmt, x.shape[1]):
+    if wg and not wgmma_supported(x.device, x.dtype, fmt, x.shape[1]):
         raise KernelUnavailable("version 8 needs NVFP4, bf16 x, K % 256 == 0, sm_90 and Gluon")
     if not wg and not mma_supported(x, fmt, x.shape[1], cfg["BKW"]):
         raise KernelUnavailable(f"version 7 needs NVFP4, bf16 x, K % {8 * cfg['BKW']} == 0, sm_90+ and Gluon")

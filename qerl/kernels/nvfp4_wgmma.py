@@ -41,10 +41,14 @@ WG_MIN_M, WG_MAX_M = 9, 128  # rows version 8 serves (x [BM, 256] a step; BM, up
 BKW = 32  # words a step: one plane is 64 values of k, one 128-byte swizzled row of x in shared memory (_BKW)
 
 
-def wgmma_supported(x: torch.Tensor, fmt: str, k: int) -> bool:
-    """NVFP4 weights, bf16 x, K a multiple of 256, sm_90 (wgmma) and Gluon."""
-    return (HAS_GLUON and fmt == "nvfp4" and x.is_cuda and x.dtype == torch.bfloat16 and k % (8 * BKW) == 0
-            and torch.cuda.get_device_capability(x.device)[0] == 9)
+def wgmma_supported(device: torch.device, dtype: torch.dtype, fmt: str, k: int) -> bool:
+    """NVFP4 weights, bf16 activations, K a multiple of 256, on an sm_90 GPU (wgmma) with Gluon."""
+    return fmt == "nvfp4" and dtype == torch.bfloat16 and k % (8 * BKW) == 0 and _hopper(device)
+
+
+def _hopper(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9.x (wgmma exists there only) and Triton with Gluon."""
+    return HAS_GLUON and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def _x_layouts(nw: int, bm: int):
