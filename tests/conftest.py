@@ -183,3 +183,19 @@ def check_fused_nvfp4(cfg: dict, k: int, rows) -> None:
         ref = F.silu(x.float() @ deq[:48].T) * (x.float() @ deq[48:96].T)
         assert not y.isnan().any()
         assert rel_err(y, ref) < 2e-2, (m, rel_err(y, ref))
+
+
+def check_fused_options(rows, options: list[dict], n: int = 300, k: int = 1024) -> None:
+    """`fused_linear` on a random NVFP4 weight [n, k] with bf16 x of each row count in `rows`, once per keyword
+    set in `options` (the kernel it picks by default, and switched): each agrees with the reference on the GPU."""
+    from qerl.kernels.fused_linear import fused_linear
+    from qerl.quant import nvfp4_dequantize, nvfp4_quantize
+
+    d = nvfp4_quantize(torch.randn(n, k, device="cuda"))
+    ref_w = nvfp4_dequantize(d, torch.float32)
+    for m in rows:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ ref_w.T
+        for opts in options:
+            y = fused_linear(x, "nvfp4", d["weight_packed"], d["weight_scale"], d["weight_global_scale"], **opts)
+            assert rel_err(y, ref) < 1e-2, (m, opts, rel_err(y, ref))
