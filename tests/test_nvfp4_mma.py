@@ -118,6 +118,37 @@ def test_compiles_for_hopper_without_shared_memory(m, nw, r):
 
 
 @gluon
+@pytest.mark.parametrize("version", [7, 8])
+def test_l2_prefetch_and_pdl_compile_for_hopper(version):
+    """Offline (no GPU): with the L2 prefetch 128 words ahead and PDL, each program first asks for its first 4
+    steps (a line of words and of scales a row each: 8 per-thread prefetches, not a warp-uniform bulk prefetch,
+    which would loop over the lanes), then waits for the previous kernel (griddepcontrol.wait, ACQBULK) and
+    releases the next (PREEXIT); each step asks for one more step (2 prefetches) at about 10 more instructions."""
+    from qerl.kernels import nvfp4_wgmma
+
+    mod, m = (nvfp4_mma, 1) if version == 7 else (nvfp4_wgmma, 16)
+    cfg = dict(nvfp4_mma.mma_config(m, 37888, 3584) if version == 7 else nvfp4_wgmma.wgmma_config(m, 37888, 3584))
+
+    def build(l2pf, pdl):
+        c = dict(cfg, L2PF=l2pf)
+        const = (nvfp4_mma.mma_constexprs(m, c, True, pdl=pdl) if version == 7
+                 else nvfp4_wgmma.wgmma_constexprs(m, c, True, pdl=pdl))
+        return disassemble(nvfp4_mma.compile_partials_kernel(mod._mma_kernel if version == 7 else mod._wg_kernel,
+                                                             const, c["num_warps"]))
+
+    sass, plain = build(128, True), build(0, False)
+    ops = [i.split("*/")[-1].split()[0:2] for i in sass.splitlines() if "*/" in i]
+    flat = [" ".join(o) for o in ops]
+    first_wait = next(i for i, o in enumerate(flat) if "ACQBULK" in o)
+    assert sum("CCTL.E.PF2" in o for o in flat[:first_wait]) == 8
+    assert first_wait < next(i for i, o in enumerate(flat) if "PREEXIT" in o)
+    assert "UBLKPF" not in sass and "ACQBULK" not in plain and "CCTL" not in plain
+    loop, loop0 = main_loop(sass), main_loop(plain)
+    assert sum("CCTL.E.PF2" in i for i in loop) == 2
+    assert len(loop0) < len(loop) <= len(loop0) + 16, (len(loop), len(loop0))
+
+
+@gluon
 def test_in_word_decode_takes_fewer_instructions():
     """Offline (no GPU), 8 rows, 4 warps x 2 row tiles: the in-word decode's main loop has fewer instructions
     (sm_90 machine code) than the word-pair decode's, no more global loads (16-byte words, permuted in
@@ -208,6 +239,20 @@ def test_matches_reference(tile, k):
     cfg = dict(WORDS=True, MMA=True, BLOCK_N=16 * nw * r_, BKW=32, RPW=r_, SPLIT=split, num_warps=nw,
                PREFETCH=bool(prefetch), RING=ring, XSMEM=bool(xsmem), INWORD=bool(inword))
     check_fused_nvfp4(cfg, k, (1, 3, 5, 8, 13, 16, 17, 32))
+
+
+@hopper
+@gluon
+@pytest.mark.gpu
+@pytest.mark.parametrize("l2pf,pdl", [(32, False), (128, True), (256, True)])
+def test_l2_prefetch_and_pdl_match_reference(l2pf, pdl):
+    """The L2 prefetch (1, 4 or 8 steps ahead: past the end of a split too, where it must ask for nothing) and
+    programmatic dependent launch change no result: reference cases as above, 1..32 rows, 3 splits."""
+    from qerl.kernels._triton import programmatic_launch
+
+    cfg = dict(WORDS=True, MMA=True, BLOCK_N=64, BKW=32, RPW=1, SPLIT=3, num_warps=4, INWORD=True, L2PF=l2pf)
+    with programmatic_launch(pdl):
+        check_fused_nvfp4(cfg, 1280, (1, 5, 8, 17, 32))
 
 
 @hopper
