@@ -19,7 +19,7 @@ import torch
 
 from qerl.bench import graph_time_us, random_nvfp4_layers
 from qerl.kernels._triton import programmatic_launch
-from qerl.kernels.fused_linear import fused_linear, tc_config
+from qerl.kernels.fused_linear import TC_MAX_M, fused_linear, tc_config
 from qerl.kernels.nvfp4_mma import MMA_MAX_M, mma_config
 from qerl.kernels.nvfp4_wgmma import WG_MIN_M, wgmma_config
 
@@ -70,7 +70,8 @@ def main():
                       + f" | {nbytes / 1e6:.1f} MB", flush=True)
                 continue
             row = dict(shape=name, n=n, k=k, m=m, cublas_bf16_us=graph_time_us(lambda: x @ wb.T),
-                       v5_us=graph_time_us(run(tc_config(m, nout, k))), default_us=graph_time_us(run(None)))
+                       v5_us=graph_time_us(run(tc_config(m, nout, k))) if m <= TC_MAX_M else float("nan"),
+                       default_us=graph_time_us(run(None)))
             if m >= WG_MIN_M:  # version 8: its default tile and a sweep of warps x programs
                 v8 = {(nw, p): graph_time_us(run(wgmma_config(m, nout, k, num_warps=nw, programs=p)))
                       for nw in (4, 8) for p in ((264, 528, 1056) if a.sweep else (None,))}

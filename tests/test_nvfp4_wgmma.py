@@ -14,29 +14,32 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_de
 
 @gluon
 @pytest.mark.parametrize("m,nw,xvec", [(16, 8, False), (33, 4, False), (64, 8, False), (64, 4, False),
-                                       (128, 8, False), (16, 4, True), (64, 4, True), (128, 8, True)])
+                                       (128, 8, False), (128, 4, False), (16, 4, True), (64, 4, True),
+                                       (128, 8, True)])
 def test_compiles_for_hopper(m, nw, xvec):
     """Offline (no GPU): every conversion to the A operand is asserted trivial at compile time; the loop
     issues warpgroup MMAs, reads nothing back from shared memory itself (x is the MMA's operand there, the
     weights stay in registers), and nothing spills; x's staging buffer is 4 planes of [BM, 64] bf16, written
-    by one store: two barriers a step (x written; x read); with XVEC by 16-byte stores only."""
+    by one store: two barriers a step (x written; x read); with XVEC by 16-byte stores only. (The loop is
+    looked at without the LoRA shrink programs: at 128 rows a thread's shrink step is the longer loop.)"""
     ck = nvfp4_wgmma.compile_sm90(m, dict(num_warps=nw, XVEC=xvec), shrink=True)
     bm = max(16, 1 << (m - 1).bit_length())
     assert ck.metadata.shared == 4 * bm * 64 * 2
-    sass = disassemble(ck)
+    assert "STL" not in disassemble(ck)
+    sass = disassemble(nvfp4_wgmma.compile_sm90(m, dict(num_warps=nw, XVEC=xvec), shrink=False))
     loop = "\n".join(main_loop(sass))
     assert loop.count("HGMMA") == 16  # 4 planes x 4 steps of k16
     assert loop.count("BAR.SYNC") == 2
     assert "LDS" not in loop and "STL" not in sass
-    assert registers(ck) <= (232 if m > 64 else 168)
+    assert registers(ck) <= (168 if m <= 64 else (232 if nw == 8 else 255))
     stores = [i.split()[0] for i in main_loop(sass) if i.split()[0].startswith("STS")]
     assert stores and all(s == "STS.128" for s in stores) == xvec
 
 
 def test_config_follows_the_measured_tiles():
     """The H200 sweep's tiles for Qwen2.5-7B (gate|up: 4 warps, about 1056 programs up to 32 rows, 528 at 64;
-    q|k|v and o: 4 warps, 264; down: 8 warps up to 32 rows, 4 at 64, 264); 32 words a step; K split until
-    about that many programs, each split at least two steps."""
+    q|k|v and o: 4 warps, 264; down: 8 warps up to 32 rows, 4 at 64, 264, 528 at 128; 4 warps for every shape at
+    128 rows); 32 words a step; K split until about that many programs, each split at least two steps."""
     gu, qkv = nvfp4_wgmma.wgmma_config(64, 18944, 3584), nvfp4_wgmma.wgmma_config(64, 4608, 3584)
     assert gu["WGMMA"] and gu["BKW"] == 32 and gu["num_warps"] == 4 and gu["BLOCK_N"] == 64
     assert gu["SPLIT"] == 2 and qkv["SPLIT"] == 4  # 296 tiles x 2 = 592; 72 tiles x 4 = 288
@@ -44,6 +47,9 @@ def test_config_follows_the_measured_tiles():
     assert nvfp4_wgmma.wgmma_config(16, 18944, 3584)["SPLIT"] == 4  # 296 tiles x 4 = 1184
     assert nvfp4_wgmma.wgmma_config(32, 3584, 18944)["num_warps"] == 8
     assert nvfp4_wgmma.wgmma_config(64, 3584, 18944)["SPLIT"] == 5  # down: 56 tiles x 5 = 280
+    assert nvfp4_wgmma.wgmma_config(128, 3584, 18944)["SPLIT"] == 9  # down: 56 tiles x 9 = 504
+    assert {nvfp4_wgmma.wgmma_config(128, n, k)["num_warps"] for n, k in ((4608, 3584), (18944, 3584),
+                                                                         (3584, 18944))} == {4}
 
 
 @hopper
@@ -53,11 +59,11 @@ def test_config_follows_the_measured_tiles():
 @pytest.mark.parametrize("k", [768, 1280])
 def test_matches_reference(nw, split, xvec, k):
     """q|k|v segments with bias and LoRA (from h or from the kernel's shrink programs) and gate|up with SiLU
-    for 9..128 rows (x's rows padded to 16, 32, 64, 128; past 64 with 8 warps), more splits than steps,
+    for 9..128 rows (x's rows padded to 16, 32, 64, 128; past 64 with 4 and 8 warps), more splits than steps,
     x staged with 4- or 16-byte stores (XVEC), poisoned outputs."""
     cfg = dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=16 * nw, BKW=32, SPLIT=split, num_warps=nw,
                XVEC=bool(xvec))
-    check_fused_nvfp4(cfg, k, (9, 16, 17, 31, 32, 33, 50, 64) + ((100, 128) if nw == 8 else ()))
+    check_fused_nvfp4(cfg, k, (9, 16, 17, 31, 32, 33, 50, 64) + ((100, 128) if nw == 8 or split == 5 else ()))
 
 
 @hopper
