@@ -9,7 +9,7 @@ version 7 from 5), the default tile of each version and a sweep of version-7 til
 decode) also with the word-pair decode, a 4-stage TMA ring, x staged in shared memory (XSMEM), and both
 (3 stages). GB/s counts the packed weight + scale bytes.
 Usage: python benchmarks/bench_mma_gpu.py [--model qwen2.5-7b] [--rows 8,16,32] [--shapes "gate|up,down"]
-       [--no-sweep] [--v8-only] [--maxnreg 128] [--l2pf 0,64,128,256] [--out results.json]
+       [--no-sweep] [--v8-only] [--maxnreg 128] [--out results.json]
 """
 import argparse
 import itertools
@@ -18,7 +18,6 @@ import json
 import torch
 
 from qerl.bench import graph_time_us, random_nvfp4_layers
-from qerl.kernels._triton import programmatic_launch
 from qerl.kernels.fused_linear import TC_MAX_M, fused_linear, tc_config
 from qerl.kernels.nvfp4_mma import MMA_MAX_M, mma_config
 from qerl.kernels.nvfp4_wgmma import WG_MIN_M, wgmma_config
@@ -36,8 +35,6 @@ def main():
     ap.add_argument("--maxnreg", default="", help="comma-separated register caps to time the default tile with")
     ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="time the default tiles only")
     ap.add_argument("--v8-only", action="store_true", help="version 8 (wgmma, 9..128 rows) and its tile sweep only")
-    ap.add_argument("--l2pf", default="", help="only time the default tile with these L2 prefetch depths (words a row;"
-                    " 0 = off), each also launched with PDL (decode kernel -> epilogue)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     a.maxnreg = [int(r) for r in a.maxnreg.split(",") if r]
@@ -55,20 +52,6 @@ def main():
                 return lambda: fused_linear(x, "nvfp4", d["weight_packed"], d["weight_scale"], gs, glu=glu, out=y,
                                             config=cfg)
 
-            if a.l2pf:  # the default tile of the version serving m rows, L2 prefetch depths x PDL on/off
-                cfg0 = wgmma_config(m, nout, k) if m >= WG_MIN_M else mma_config(m, nout, k)
-                row = dict(shape=name, n=n, k=k, m=m, version=8 if m >= WG_MIN_M else 7, l2pf={})
-                for words in map(int, a.l2pf.split(",")):
-                    cfg = dict(cfg0, L2PF=words)
-                    t = graph_time_us(run(cfg))
-                    with programmatic_launch(True):
-                        tp = graph_time_us(run(cfg))
-                    row["l2pf"][words] = dict(us=t, pdl_us=tp)
-                results.append(row)
-                print(f"{name:8s} M={m:<3d} v{row['version']} L2 prefetch words: us (with PDL) "
-                      + " | ".join(f"{w}: {v['us']:6.1f} ({v['pdl_us']:6.1f})" for w, v in row["l2pf"].items())
-                      + f" | {nbytes / 1e6:.1f} MB", flush=True)
-                continue
             row = dict(shape=name, n=n, k=k, m=m, cublas_bf16_us=graph_time_us(lambda: x @ wb.T),
                        v5_us=graph_time_us(run(tc_config(m, nout, k))) if m <= TC_MAX_M else float("nan"),
                        default_us=graph_time_us(run(None)))

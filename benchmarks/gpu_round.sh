@@ -5,8 +5,7 @@
 # Everything lands in OUTDIR (the device's $OUT).
 # Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_round.sh "$OUT" [steps]
 #   steps: any of tests issue b128 kernels big (default: all five, in that order; up to 16 minutes, so
-#   run it as two device calls: "tests issue b128", then "kernels big"); pftests pfengine pfkernels: the L2
-#   prefetch and programmatic dependent launch (correctness, engine variants, kernel depths)
+#   run it as two device calls: "tests issue b128", then "kernels big")
 out=${1:?usage: gpu_round.sh OUTDIR [steps]}; steps=${2:-"tests issue b128 kernels big"}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 run() {  # name seconds command...
@@ -33,16 +32,5 @@ for s in $steps; do case $s in
     run big32b 120 python -m qerl.cli bench rollout --model-config qwen2.5-32b --quant nvfp4 --batch 8,64 \
       --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --out "$out/big32b.json"
     grep -E "^qerl|copy" "$out/big32b.txt" ;;
-  pftests)  # the L2 prefetch and PDL: kernel reference cases and engine rollouts
-    run pftests 200 python -m pytest -q -x --durations=5 tests/test_nvfp4_mma.py tests/test_nvfp4_wgmma.py \
-      tests/test_engine_cuda.py -k "l2_prefetch or decode_in_the_engine"
-    tail -3 "$out/pftests.txt" ;;
-  pfengine)
-    run pfengine 300 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4 --batch 1,8,64 \
-      --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --variants pdl,l2pf,pdl+l2pf --out "$out/pfengine.json"
-    grep -E "^qerl" "$out/pfengine.txt" ;;
-  pfkernels)
-    run pfkernels 200 python benchmarks/bench_mma_gpu.py --rows 1,8,64 --l2pf 0,64,128,256 --out "$out/pfkernels.json"
-    grep "M=" "$out/pfkernels.txt" ;;
   *) echo "unknown step $s" ;;
 esac; done

@@ -129,7 +129,7 @@ class CudaEngine(Engine):
     def __init__(self, model: CausalLM, tokenizer, eos_ids: list[int] | None = None, check_every: int = 16,
                  use_graphs: bool = True, pdl: bool = False, fuse_shrink: bool = True,
                  mma: bool = True, ring: bool = False, xsmem: bool = False, inword: bool = True,
-                 wgmma: bool = True, l2pf: bool | None = None):
+                 wgmma: bool = True):
         if not available() or model.device.type != "cuda":
             raise KernelUnavailable("CudaEngine needs a CUDA device and Triton; use qerl.rollout.Engine here")
         a = model.args
@@ -150,7 +150,6 @@ class CudaEngine(Engine):
         self.xsmem = xsmem
         self.inword = inword  # version 7's in-word decode (off: its word-pair decode)
         self.wgmma = wgmma  # version 8 (warpgroup MMA) for the NVFP4 rows it serves (9..WG_MAX_M)
-        self.l2pf = l2pf  # versions 7 and 8 prefetch their next words into L2 (None: nvfp4_mma.L2PF)
         self.layers = []
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -256,7 +255,7 @@ class CudaEngine(Engine):
         if one_pass and f.rank and self.fuse_shrink:  # h from the decode kernel (see fused_linear's lora_A)
             return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, None, f.B, f.rank, 1.0, f.segments, f.glu,
                                 out=out, lora_A=f.A, h_out=self.hbuf, mma=self.mma, ring=self.ring,
-                                xsmem=self.xsmem, inword=self.inword, wgmma=self.wgmma, l2pf=self.l2pf)
+                                xsmem=self.xsmem, inword=self.inword, wgmma=self.wgmma)
         if f.rank:
             h = lora_shrink(x, f.A, out=self.hbuf)
         if not one_pass:  # cuBLAS for the product, one small kernel for the epilogue
@@ -278,8 +277,7 @@ class CudaEngine(Engine):
             torch.mm(x, w.t(), out=y0)
             return linear_epilogue(y0, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out)
         return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out,
-                            mma=self.mma, ring=self.ring, xsmem=self.xsmem, inword=self.inword, wgmma=self.wgmma,
-                            l2pf=self.l2pf)
+                            mma=self.mma, ring=self.ring, xsmem=self.xsmem, inword=self.inword, wgmma=self.wgmma)
 
     def _one_pass(self, f: _FusedLinear, m: int) -> bool:
         """Whether the one-pass decode kernels take m rows of this layer (else cuBLAS on a dequantized copy):

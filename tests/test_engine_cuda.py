@@ -90,8 +90,8 @@ def test_lora_update_is_seen_and_bf16_close():
 def test_mma_decode_in_the_engine_agrees_with_version_5():
     """bf16 activations, 6 rows: NVFP4 layers with K % 256 == 0 run version 7 (register-fed tensor cores),
     down_proj (K = 704) version 5; the first token of every row and its logprob match mma=False; the TMA
-    ring, x staged in shared memory, register loads, and the L2 prefetch with PDL give identical rollouts; the
-    word-pair decode (sums in another order) agrees like version 5."""
+    ring, x staged in shared memory, register loads and PDL give identical rollouts; the word-pair decode (sums
+    in another order) agrees like version 5."""
     from qerl.engine_cuda import CudaEngine
 
     model = build_random_model(ARGS, "nvfp4", lora_rank=16, dtype=torch.bfloat16, seed=5)
@@ -101,7 +101,7 @@ def test_mma_decode_in_the_engine_agrees_with_version_5():
     c = CudaEngine(model, Tok(), ring=True).generate(_prompts(), params)  # TMA ring instead of register loads
     d = CudaEngine(model, Tok(), xsmem=True).generate(_prompts(), params)  # x staged in shared memory
     e = CudaEngine(model, Tok(), inword=False).generate(_prompts(), params)  # the word-pair decode
-    f = CudaEngine(model, Tok(), pdl=True, l2pf=True).generate(_prompts(), params)  # L2 prefetch, PDL
+    f = CudaEngine(model, Tok(), pdl=True).generate(_prompts(), params)  # programmatic dependent launch
     assert torch.equal(a.completion_ids[:, :1], e.completion_ids[:, :1])
     assert torch.allclose(a.logprobs[:, 0], e.logprobs[:, 0], atol=0.01)
     assert torch.equal(a.completion_ids[:, :1], b.completion_ids[:, :1])
@@ -124,7 +124,7 @@ def test_wgmma_decode_in_the_engine_agrees_with_version_5(n):
     params = SamplingParams(temperature=0.0, max_new_tokens=12, n=n)
     a = CudaEngine(model, Tok()).generate(_prompts(), params)
     b = CudaEngine(model, Tok(), mma=False, wgmma=False).generate(_prompts(), params)
-    c = CudaEngine(model, Tok(), pdl=True, l2pf=True).generate(_prompts(), params)  # same sums: identical
+    c = CudaEngine(model, Tok(), pdl=True).generate(_prompts(), params)  # same sums: identical
     assert torch.equal(a.completion_ids, c.completion_ids) and torch.equal(a.logprobs, c.logprobs)
     assert torch.equal(a.completion_ids[:, :1], b.completion_ids[:, :1])
     assert torch.allclose(a.logprobs[:, 0], b.logprobs[:, 0], atol=0.05)

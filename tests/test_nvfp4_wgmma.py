@@ -69,20 +69,6 @@ def test_matches_reference(nw, split, xvec, k):
 @hopper
 @gluon
 @pytest.mark.gpu
-@pytest.mark.parametrize("l2pf,pdl", [(32, True), (128, False), (256, True)])
-def test_l2_prefetch_and_pdl_match_reference(l2pf, pdl):
-    """Version 8 with the L2 prefetch 1, 4 or 8 steps ahead and programmatic dependent launch: reference
-    cases as above, 9..64 rows, 3 splits."""
-    from qerl.kernels._triton import programmatic_launch
-
-    cfg = dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=64, BKW=32, SPLIT=3, num_warps=4, L2PF=l2pf)
-    with programmatic_launch(pdl):
-        check_fused_nvfp4(cfg, 1280, (9, 16, 33, 64))
-
-
-@hopper
-@gluon
-@pytest.mark.gpu
 def test_picked_by_default_and_off_switch():
     """fused_linear picks version 8 for 9..128 bf16 rows on Hopper, not with wgmma=False; both agree with
     the reference."""

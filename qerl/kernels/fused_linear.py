@@ -569,18 +569,16 @@ MMA_MIN_M = 1  # version 7 (where supported) from this many rows up: faster than
 
 
 def pick_config(m: int, n: int, k: int, fmt: str, mma: bool = False, ring: int | None = None,
-                xsmem: bool = False, inword: bool | None = None, wgmma: bool = False,
-                l2pf: bool | None = None) -> dict:
+                xsmem: bool = False, inword: bool | None = None, wgmma: bool = False) -> dict:
     """Tile sizes by shape (measured on an H100/H200; see benchmarks/RESULTS.md). mma: version 7
     (`nvfp4_mma`, Gluon) may serve NVFP4 from MMA_MIN_M to MMA_MAX_M rows (the caller checked `mma_supported`);
     ring: its TMA ring stages (None: its tile table's); xsmem: its x staged in shared memory; inword: its
     in-word decode (None: `nvfp4_mma.INWORD`); wgmma: version 8 (`nvfp4_wgmma`) may serve NVFP4 from
-    WG_MIN_M to WG_MAX_M rows (the caller checked `wgmma_supported`); l2pf: versions 7 and 8 prefetch their
-    next words into L2 (None: `nvfp4_mma.L2PF`)."""
+    WG_MIN_M to WG_MAX_M rows (the caller checked `wgmma_supported`)."""
     if wgmma and fmt == "nvfp4" and WG_MIN_M <= m <= WG_MAX_M:
-        return wgmma_config(m, n, k, l2pf=l2pf)
+        return wgmma_config(m, n, k)
     if mma and fmt == "nvfp4" and MMA_MIN_M <= m <= MMA_MAX_M:
-        return mma_config(m, n, k, ring=ring, xsmem=xsmem, inword=inword, l2pf=l2pf)
+        return mma_config(m, n, k, ring=ring, xsmem=xsmem, inword=inword)
     if TC_MIN_M <= m <= TC_MAX_M and fmt in ("nvfp4", "mxfp4"):
         return tc_config(m, n, k)
     if m <= GEMV_MAX_M and fmt in ("nvfp4", "mxfp4"):
@@ -639,8 +637,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
                  lora_scale: float = 1.0, segments: tuple[int, int] | None = None, glu: bool = False,
                  out: torch.Tensor | None = None, config: dict | None = None, lora_A: torch.Tensor | None = None,
                  h_out: torch.Tensor | None = None, mma: bool = True, ring: int | None = None,
-                 xsmem: bool = False, inword: bool | None = None, wgmma: bool = True,
-                 l2pf: bool | None = None) -> torch.Tensor:
+                 xsmem: bool = False, inword: bool | None = None, wgmma: bool = True) -> torch.Tensor:
     """x [M, K] -> y [M, N] (or [M, N/2] with glu) in x.dtype.
 
     weight: nvfp4/mxfp4 packed uint8 [N, K/2] (+ scale [N, K/16] e4m3 or [N, K/32] e8m0,
@@ -656,9 +653,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     xsmem: version 7 copies each split's x into shared memory once (`nvfp4_mma._stage_x`) instead of every
     warp loading it every step; inword: version 7 decodes nibbles j and j + 4 of a word into one register
     (`nvfp4_mma.PAIR_ASM`; None: `nvfp4_mma.INWORD`), else nibble i of a word pair (`PLANES_ASM`);
-    wgmma: let version 8 (warpgroup MMA, `nvfp4_wgmma`) take the rows it serves when no config is given;
-    l2pf: versions 7 and 8 keep `nvfp4_mma.L2PF_WORDS` words a row prefetched into L2 ahead of their loads
-    (`nvfp4_mma._l2_prefetch`; None: `nvfp4_mma.L2PF`).
+    wgmma: let version 8 (warpgroup MMA, `nvfp4_wgmma`) take the rows it serves when no config is given.
     """
     require(x, weight, what="the fused linear kernel")
     if fmt not in FMT_CODES:
@@ -676,8 +671,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     cfg = dict(config or pick_config(m, n, k, fmt, mma=mma and mma_supported(x, fmt, k), ring=ring, xsmem=xsmem,
-                                          inword=inword, wgmma=wgmma and wgmma_supported(x.device, x.dtype, fmt, k),
-                                          l2pf=l2pf))
+                                          inword=inword, wgmma=wgmma and wgmma_supported(x.device, x.dtype, fmt, k)))
     if cfg.pop("WORDS", False):
         return _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
                               segments, glu, out, n, cfg, lora_A, h_out)

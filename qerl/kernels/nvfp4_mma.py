@@ -61,8 +61,6 @@ MMA_MAX_M = 32  # rows of x: at 64 the x tile (32 words x 8 x 64 rows) spills re
 XSMEM_MAX_BYTES = 64 * 1024  # x staged in shared memory (XSMEM) only up to this many bytes a program
 RING_STAGES = 4  # TMA ring depth when a ring is asked for (`CudaEngine(ring=True)`, `fused_linear(ring=)`)
 INWORD = True  # the in-word decode by default (fewer instructions a weight than the word-pair decode)
-L2PF_WORDS = 128  # with the L2 prefetch on (`l2pf`), words a row asked for ahead of the loads (4 steps)
-L2PF = False  # the L2 prefetch's default (not measured yet)
 
 
 def mma_supported(x: torch.Tensor, fmt: str, k: int, bkw: int = 32) -> bool:
@@ -120,12 +118,6 @@ def _shrink_layout(nw: int):
     return gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32], warps_per_cta=[nw, 1], order=[1, 0])
 
 
-@functools.lru_cache(maxsize=None)
-def prefetch_layout(nw: int):
-    """The tile's rows for `_l2_prefetch`: one a thread (rows past 32 * nw wrap around, fewer replicate)."""
-    return gl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[nw], order=[0])
-
-
 # The decode, as PTX text (plain Python, so tests/test_nvfp4_mma.py executes it on the CPU against the
 # reference). For byte b of a word pair (w, w+1): one prmt puts byte b of w twice in the low half and byte b of w+1
 # twice in the high half; each nibble then goes to a bf16x2 as v * 2**-126 (its e1 e0 m bits to bits 8..6
@@ -150,34 +142,16 @@ PAIR_ASM = ("{\n.reg .b32 w, t;\n" + _PAIR.format(src="$4", mask=0x000F000F, mul
             + _PAIR.format(src="w", mask=0x000F000F, mul=0x1040, o=2)
             + _PAIR.format(src="w", mask=0x00F000F0, mul=0x104, o=3) + "}")
 
-# L2 prefetch of a tile's words (`L2PF`): per thread, the 128-byte line of one row's 32 words of a step and the line
-# holding their scale bytes, predicated. (A bulk prefetch, `cp.async.bulk.prefetch.L2`, takes a warp-uniform
-# address: per-row addresses compile to a loop over the warp's lanes, about 450 instructions a step.)
-L2_PREFETCH_ASM = ("{\n.reg .pred p;\nsetp.ne.b32 p, $3, 0;\n@p prefetch.global.L2 [$1];\n"
-                   "@p prefetch.global.L2 [$2];\nmov.b32 $0, 0;\n}")
-
 
 if HAS_GLUON:
 
     _PLANES_ASM: gl.constexpr = gl.constexpr(PLANES_ASM)
     _PAIR_ASM: gl.constexpr = gl.constexpr(PAIR_ASM)
-    _L2_PREFETCH_ASM: gl.constexpr = gl.constexpr(L2_PREFETCH_ASM)
-
-    @gluon.jit
-    def _l2_prefetch(w_ptr, s_ptr, pid_n, k, k_hi, N, stride_ww, stride_sn, BN: gl.constexpr, PF_L: gl.constexpr):
-        """Start pulling the step at word k (32 words a row, one 128-byte line) of the tile's BN rows and its scale
-        bytes into L2, if k < k_hi: the loads that read them later hit L2, and no register holds them meanwhile."""
-        rn = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=PF_L), N - 1).to(gl.int64)
-        ok = gl.full([BN], 1, gl.int32, layout=PF_L) * (k < k_hi).to(gl.int32)
-        gl.inline_asm_elementwise(_L2_PREFETCH_ASM, "=r,l,l,r",
-                                  [(w_ptr + rn * stride_ww + k).to(gl.int64),
-                                   (s_ptr + rn * stride_sn + k // 2).to(gl.int64), ok],
-                                  dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _dependent_start(PDL: gl.constexpr):
-        """Programmatic dependent launch: wait until the previous kernel is complete (its writes visible), then
-        let the next one be scheduled. Everything before it may only read what no earlier kernel writes."""
+        """Programmatic dependent launch (`_triton.programmatic_launch`): wait until the previous kernel is
+        complete (its writes visible), then let the next one be scheduled."""
         if PDL:
             gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
@@ -240,23 +214,17 @@ if HAS_GLUON:
                     SHRINK: gl.constexpr = False, PREFETCH: gl.constexpr = False, RING: gl.constexpr = 0,
                     XSTEPS: gl.constexpr = 0, X2_L: gl.constexpr = None, XF_L: gl.constexpr = None,
                     XS_L: gl.constexpr = None, INWORD: gl.constexpr = False, W_L: gl.constexpr = None,
-                    PF: gl.constexpr = 0, PF_L: gl.constexpr = None, PDL: gl.constexpr = False):
+                    PDL: gl.constexpr = False):
         """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32).
         RING > 0: w_ptr and s_ptr are TMA descriptors of the words and scales, streamed through a ring of RING
         shared-memory stages (`_mma_tile_ring`); else they are pointers, loaded into registers (`_mma_tile`).
         SHRINK: the first R_SH programs of each split instead write the LoRA shrink's partial
         h[split, m, r] = x[m, split's K] . A[r, split's K] (one row of A each), so no `lora_shrink` launch.
-        PF > 0 (RING 0): each tile program pulls its first PF words a row into L2 at once, then keeps PF words
-        ahead of its loads (`_l2_prefetch`). PDL: launched as a programmatic dependent; the first prefetch (of
-        weights, which no kernel writes) overlaps the end of the previous kernel, whose x it then waits for."""
+        PDL: launched as a programmatic dependent of the previous kernel."""
+        _dependent_start(PDL)
         pid = gl.program_id(0)
         k_lo = gl.program_id(1) * k_per_split
         k_hi = gl.minimum(k_lo + k_per_split, KW)
-        if PF > 0 and RING == 0:
-            if pid >= R_SH:
-                for j in gl.static_range(PF // BKW):
-                    _l2_prefetch(w_ptr, s_ptr, pid - R_SH, k_lo + j * BKW, k_hi, N, stride_ww, stride_sn, BN, PF_L)
-        _dependent_start(PDL)
         if SHRINK:
             if pid < R_SH:
                 _shrink_row(x_ptr, a_ptr, h_ptr, pid, M, k_lo * 8, k_hi * 8, stride_xm, stride_ar,
@@ -265,12 +233,12 @@ if HAS_GLUON:
                 _tile_partials(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid - R_SH, k_lo, k_hi, M, N, KW, n1, n2,
                                stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
                                BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, PREFETCH, RING,
-                               XSTEPS, X2_L, XF_L, XS_L, INWORD, W_L, PF, PF_L)
+                               XSTEPS, X2_L, XF_L, XS_L, INWORD, W_L)
         else:
             _tile_partials(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid, k_lo, k_hi, M, N, KW, n1, n2,
                            stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
                            BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, PREFETCH, RING,
-                           XSTEPS, X2_L, XF_L, XS_L, INWORD, W_L, PF, PF_L)
+                           XSTEPS, X2_L, XF_L, XS_L, INWORD, W_L)
 
     @gluon.jit
     def _tile_partials(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid_n, k_lo, k_hi, M, N, KW, n1, n2,
@@ -279,8 +247,7 @@ if HAS_GLUON:
                        C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
                        X_L: gl.constexpr, L3: gl.constexpr, Q_L: gl.constexpr, PREFETCH: gl.constexpr,
                        RING: gl.constexpr, XSTEPS: gl.constexpr, X2_L: gl.constexpr, XF_L: gl.constexpr,
-                       XS_L: gl.constexpr, INWORD: gl.constexpr, W_L: gl.constexpr, PF: gl.constexpr,
-                       PF_L: gl.constexpr):
+                       XS_L: gl.constexpr, INWORD: gl.constexpr, W_L: gl.constexpr):
         if RING > 0:
             acc = _mma_tile_ring(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, stride_xm,
                                  BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, RING, XSTEPS, X2_L, XF_L, XS_L,
@@ -288,7 +255,7 @@ if HAS_GLUON:
         else:
             acc = _mma_tile(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, N, KW, stride_xm, stride_ww, stride_sn,
                             BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, PREFETCH, XSTEPS, X2_L, XF_L, XS_L,
-                            INWORD, W_L, PF, PF_L)
+                            INWORD, W_L)
         _store_partials(acc, gs_ptr, ws_ptr, pid_n, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
 
     @gluon.jit
@@ -367,12 +334,10 @@ if HAS_GLUON:
                   C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
                   X_L: gl.constexpr, L3: gl.constexpr, PREFETCH: gl.constexpr, XSTEPS: gl.constexpr,
                   X2_L: gl.constexpr, XF_L: gl.constexpr, XS_L: gl.constexpr, INWORD: gl.constexpr,
-                  W_L: gl.constexpr, PF: gl.constexpr = 0, PF_L: gl.constexpr = None):
+                  W_L: gl.constexpr):
         """One [BN weight rows, BM rows of x] tile over words [k_lo, k_hi), loaded straight into registers.
         XSTEPS > 0: the split's x (at most XSTEPS steps of [BM, 8 * BKW]) is first copied into shared memory
-        by all warps together, and each step reads its x tile from there (not every warp from L1/L2).
-        PF > 0: each step also starts the L2 prefetch of the step PF words ahead (the first PF words were
-        asked for at the program's start)."""
+        by all warps together, and each step reads its x tile from there (not every warp from L1/L2)."""
         # weight words [BN, BKW] in the A layout (rows past N read row N-1; their sums are not stored)
         rn = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, A_L)), N - 1)
         rw = gl.arange(0, BKW, layout=gl.SliceLayout(0, A_L))
@@ -393,8 +358,6 @@ if HAS_GLUON:
             if XSTEPS == 0:
                 xn = gl.load(x_ptr + kc * 8 + xoff, mask=xmask, other=0.0)
         for k in range(k_lo, k_hi, BKW):
-            if PF > 0:
-                _l2_prefetch(w_ptr, s_ptr, pid_n, k + PF, k_hi, N, stride_ww, stride_sn, BN, PF_L)
             if PREFETCH:
                 q, sb = qn, sbn
                 kc = gl.minimum(k + BKW, KW - BKW)
@@ -514,13 +477,12 @@ MMA_TILES = {
 
 def mma_config(m: int, n: int, k: int, num_warps: int | None = None, rows_per_warp: int | None = None,
                bkw: int = 32, programs: int | None = None, ring: int | None = None, xsmem: bool = False,
-               inword: bool | None = None, l2pf: bool | int | None = None) -> dict:
+               inword: bool | None = None) -> dict:
     """Version 7 tile for m rows of an [n, k] weight: BN = 16 * num_warps * rows_per_warp weight rows, bkw
     words a step; K split until the grid has about `programs` programs (at most 16 splits, each at least
     two steps); `ring` TMA stages (0: register loads); `xsmem`: x staged in shared memory once a program;
     `inword`: the in-word decode (nibble pairs of one word, `PAIR_ASM`; None: `INWORD`), else the word-pair
-    decode (`PLANES_ASM`); `l2pf`: words a row prefetched into L2 ahead of the loads (True: L2PF_WORDS;
-    None: `L2PF`; with a ring: none). Fields given override the `MMA_TILES` entry."""
+    decode (`PLANES_ASM`). Fields given override the `MMA_TILES` entry."""
     cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
     nw, r, target, stages = MMA_TILES[cls][next(b for b in (4, 8, 16, 32) if m <= b or b == 32)]
     nw, r, target = num_warps or nw, rows_per_warp or r, programs or target
@@ -529,14 +491,7 @@ def mma_config(m: int, n: int, k: int, num_warps: int | None = None, rows_per_wa
     split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // bkw // 2))
     return dict(WORDS=True, MMA=True, BLOCK_N=bn, BKW=bkw, RPW=r, SPLIT=split, num_warps=nw,
                 RING=stages if bkw == 32 else 0, XSMEM=xsmem,  # a TMA box row is at most the 128-byte swizzle
-                INWORD=INWORD if inword is None else inword, L2PF=l2pf_words(l2pf, bkw))
-
-
-def l2pf_words(l2pf: bool | int | None, bkw: int = 32) -> int:
-    """Words a row the L2 prefetch keeps ahead (0: off), whole steps of bkw words."""
-    l2pf = L2PF if l2pf is None else l2pf
-    words = L2PF_WORDS if l2pf is True else int(l2pf)
-    return -(-words // bkw) * bkw
+                INWORD=INWORD if inword is None else inword)
 
 
 def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
@@ -602,7 +557,7 @@ def ring_supported(w32: torch.Tensor, scale: torch.Tensor) -> bool:
 def mma_constexprs(m: int, cfg: dict, shrink: bool, xsteps: int = 0, pdl: bool = False) -> dict:
     """`_mma_kernel`'s constexprs for m rows of x and an `mma_config` tile (launcher and offline compile);
     xsteps: steps of BKW words a split has at most (x staged in shared memory with cfg["XSMEM"], if it fits);
-    pdl: launched as a programmatic dependent (`_triton.programmatic_launch`)."""
+    pdl: launched as a programmatic dependent."""
     nw, r, bkw = cfg["num_warps"], cfg["RPW"], cfg["BKW"]
     bm = max(8, 1 << (m - 1).bit_length())
     inword = bool(cfg.get("INWORD", False))
@@ -610,8 +565,7 @@ def mma_constexprs(m: int, cfg: dict, shrink: bool, xsteps: int = 0, pdl: bool =
     const = dict(BM=bm, BN=16 * nw * r, BKW=bkw, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3, Q_L=q_l,
                  INWORD=inword, W_L=w_l if inword else a_l,
                  SH_L=_shrink_layout(nw), SHRINK=shrink, PREFETCH=bool(cfg.get("PREFETCH", False)),
-                 RING=int(cfg.get("RING", 0)), XSTEPS=0, X2_L=None, XF_L=None, XS_L=None,
-                 PF=int(cfg.get("L2PF", 0)), PF_L=prefetch_layout(nw), PDL=pdl)
+                 RING=int(cfg.get("RING", 0)), XSTEPS=0, X2_L=None, XF_L=None, XS_L=None, PDL=pdl)
     if xsteps and cfg.get("XSMEM") and xsteps * bm * 16 * bkw <= XSMEM_MAX_BYTES:
         const.update(XSTEPS=xsteps, X2_L=x2_l,
                      XF_L=gl.BlockedLayout([1, 8], [1, 32], [nw, 1], [1, 0]),  # 16 bytes a thread, a row a warp

@@ -27,15 +27,15 @@ import functools
 import torch
 
 from ._triton import pdl_launch
-from .nvfp4_mma import HAS_GLUON, _bits, compile_partials_kernel, l2pf_words, partials_args
+from .nvfp4_mma import HAS_GLUON, _bits, compile_partials_kernel, partials_args
 
 if HAS_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-    from .nvfp4_mma import (_dependent_start, _l2_prefetch, _pair_planes, _shrink_layout, _shrink_row,
-                            _store_partials, _word_scales, prefetch_layout)
+    from .nvfp4_mma import (_dependent_start, _pair_planes, _shrink_layout, _shrink_row, _store_partials,
+                            _word_scales)
 
     _BKW: gl.constexpr = gl.constexpr(32)
 
@@ -118,19 +118,14 @@ if HAS_GLUON:
                    BM: gl.constexpr, BN: gl.constexpr, C_L: gl.constexpr, A_L: gl.constexpr,
                    LD_L: gl.constexpr, W_L: gl.constexpr, L3: gl.constexpr, S_L: gl.constexpr,
                    X_L: gl.constexpr, XS_L: gl.constexpr, SH_L: gl.constexpr, SHRINK: gl.constexpr = False,
-                   XST_L: gl.constexpr = None, PF: gl.constexpr = 0, PF_L: gl.constexpr = None,
-                   PDL: gl.constexpr = False):
+                   XST_L: gl.constexpr = None, PDL: gl.constexpr = False):
         """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32); with
-        SHRINK the first R_SH programs of each split write the LoRA shrink's partials instead; PF (L2 prefetch)
-        and PDL as version 7's."""
+        SHRINK the first R_SH programs of each split write the LoRA shrink's partials instead; PDL: launched as
+        a programmatic dependent (as version 7)."""
+        _dependent_start(PDL)
         pid = gl.program_id(0)
         k_lo = gl.program_id(1) * k_per_split
         k_hi = gl.minimum(k_lo + k_per_split, KW)
-        if PF > 0:
-            if pid >= R_SH:
-                for j in gl.static_range(PF // _BKW):
-                    _l2_prefetch(w_ptr, s_ptr, pid - R_SH, k_lo + j * _BKW, k_hi, N, stride_ww, stride_sn, BN, PF_L)
-        _dependent_start(PDL)
         if SHRINK:
             if pid < R_SH:
                 _shrink_row(x_ptr, a_ptr, h_ptr, pid, M, k_lo * 8, k_hi * 8, stride_xm, stride_ar,
@@ -138,18 +133,17 @@ if HAS_GLUON:
             else:
                 _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid - R_SH, k_lo, k_hi, M, N, n1, n2, stride_xm,
                          stride_ww, stride_sn, stride_wss, stride_wsm, BM, BN, C_L, A_L, LD_L, W_L, L3, S_L,
-                         X_L, XS_L, XST_L, PF, PF_L)
+                         X_L, XS_L, XST_L)
         else:
             _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid, k_lo, k_hi, M, N, n1, n2, stride_xm,
                      stride_ww, stride_sn, stride_wss, stride_wsm, BM, BN, C_L, A_L, LD_L, W_L, L3, S_L, X_L, XS_L,
-                     XST_L, PF, PF_L)
+                     XST_L)
 
     @gluon.jit
     def _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid_n, k_lo, k_hi, M, N, n1, n2, stride_xm,
                  stride_ww, stride_sn, stride_wss, stride_wsm, BM: gl.constexpr, BN: gl.constexpr,
                  C_L: gl.constexpr, A_L: gl.constexpr, LD_L: gl.constexpr, W_L: gl.constexpr, L3: gl.constexpr,
-                 S_L: gl.constexpr, X_L: gl.constexpr, XS_L: gl.constexpr, XST_L: gl.constexpr,
-                 PF: gl.constexpr = 0, PF_L: gl.constexpr = None):
+                 S_L: gl.constexpr, X_L: gl.constexpr, XS_L: gl.constexpr, XST_L: gl.constexpr):
         """One [BN weight rows, BM rows of x] tile: per step x goes to shared memory (4 planes, all warps), the
         words are decoded into A's registers, 4 wgmmas (one a plane) read x there. (A second x buffer, the
         wgmmas of a step left running into the next one, was measured: rarely faster, and racy with 2
@@ -167,8 +161,6 @@ if HAS_GLUON:
         xb = gl.allocate_shared_memory(gl.bfloat16, [BM, 8 * _BKW], XS_L)
         acc = gl.zeros([BN, BM], gl.float32, layout=C_L)
         for k in range(k_lo, k_hi, _BKW):
-            if PF > 0:
-                _l2_prefetch(w_ptr, s_ptr, pid_n, k + PF, k_hi, N, stride_ww, stride_sn, BN, PF_L)
             xt = _x_planes(gl.load(xp + k * 8, mask=xmask, other=0.0), BM)
             if XST_L is not None:
                 xt = gl.convert_layout(xt, XST_L, assert_trivial=True)
@@ -204,18 +196,17 @@ WG_TILES = {
 
 
 def wgmma_config(m: int, n: int, k: int, num_warps: int | None = None, programs: int | None = None,
-                 xvec: bool = False, l2pf: bool | int | None = None) -> dict:
+                 xvec: bool = False) -> dict:
     """Version 8 tile for m rows of an [n, k] weight: BN = 16 * num_warps weight rows, 32 words a step, K split
     until the grid has about `programs` programs (at most 16 splits, each at least two steps); xvec: x staged
     with 16-byte stores (`_x_layouts`; offline fewer instructions and registers, not yet measured on a GPU,
-    so off); l2pf: as `nvfp4_mma.mma_config`'s; fields given override the `WG_TILES` entry."""
+    so off); fields given override the `WG_TILES` entry."""
     cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
     nw, target = WG_TILES[cls][next(b for b in (16, 32, 64, 128) if m <= b or b == 128)]
     nw, target = num_warps or nw, programs or target
     bn = 16 * nw
     split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // BKW // 2))
-    return dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=bn, BKW=BKW, SPLIT=split, num_warps=nw, XVEC=xvec,
-                L2PF=l2pf_words(l2pf, BKW))
+    return dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=bn, BKW=BKW, SPLIT=split, num_warps=nw, XVEC=xvec)
 
 
 def wgmma_constexprs(m: int, cfg: dict, shrink: bool, pdl: bool = False) -> dict:
@@ -228,8 +219,7 @@ def wgmma_constexprs(m: int, cfg: dict, shrink: bool, pdl: bool = False) -> dict
     if cfg.get("XVEC"):
         x_l, xst_l = _x_layouts(nw, bm)
     return dict(BM=bm, BN=16 * nw, C_L=acc, A_L=a_op, LD_L=ld_l, W_L=w_l, L3=l3, S_L=s_l, X_L=x_l, XS_L=xs_l,
-                SH_L=_shrink_layout(nw), SHRINK=shrink, XST_L=xst_l, PF=int(cfg.get("L2PF", 0)),
-                PF_L=prefetch_layout(nw), PDL=pdl)
+                SH_L=_shrink_layout(nw), SHRINK=shrink, XST_L=xst_l, PDL=pdl)
 
 
 def wgmma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
