@@ -129,7 +129,7 @@ class CudaEngine(Engine):
     def __init__(self, model: CausalLM, tokenizer, eos_ids: list[int] | None = None, check_every: int = 16,
                  use_graphs: bool = True, pdl: bool = False, fuse_shrink: bool = True,
                  mma: bool = True, ring: bool = False, xsmem: bool = False, inword: bool = True,
-                 wgmma: bool = True, rope_epilogue: bool = True):
+                 wgmma: bool = True):
         if not available() or model.device.type != "cuda":
             raise KernelUnavailable("CudaEngine needs a CUDA device and Triton; use qerl.rollout.Engine here")
         a = model.args
@@ -150,8 +150,6 @@ class CudaEngine(Engine):
         self.xsmem = xsmem
         self.inword = inword  # version 7's in-word decode (off: its word-pair decode)
         self.wgmma = wgmma  # version 8 (warpgroup MMA) for the NVFP4 rows it serves (9..WG_MAX_M)
-        # the RoPE/cache kernel applies the q|k|v projection's epilogue itself (no epilogue launch for q|k|v)
-        self.rope_epilogue = rope_epilogue
         self.layers = []
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -247,10 +245,8 @@ class CudaEngine(Engine):
         return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
     # --- one decode step (captured) ------------------------------------------------------
-    def _linear(self, f: _FusedLinear, x: torch.Tensor, out: torch.Tensor, defer: bool = False):
-        """out = the layer's output for x; defer: where the product ends in a separate epilogue launch, that
-        epilogue unlaunched instead (`fused_linear.Epilogue`), for the consumer's kernel to apply."""
-        from .kernels.fused_linear import Epilogue, fused_linear
+    def _linear(self, f: _FusedLinear, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        from .kernels.fused_linear import fused_linear
         from .kernels.lora_shrink import lora_shrink
 
         h = None
@@ -259,7 +255,7 @@ class CudaEngine(Engine):
         if one_pass and f.rank and self.fuse_shrink:  # h from the decode kernel (see fused_linear's lora_A)
             return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, None, f.B, f.rank, 1.0, f.segments, f.glu,
                                 out=out, lora_A=f.A, h_out=self.hbuf, mma=self.mma, ring=self.ring,
-                                xsmem=self.xsmem, inword=self.inword, wgmma=self.wgmma, defer=defer)
+                                xsmem=self.xsmem, inword=self.inword, wgmma=self.wgmma)
         if f.rank:
             h = lora_shrink(x, f.A, out=self.hbuf)
         if not one_pass:  # cuBLAS for the product, one small kernel for the epilogue
@@ -279,11 +275,9 @@ class CudaEngine(Engine):
                     off += n
             y0 = self.y0[: m * n_rows].view(m, n_rows)
             torch.mm(x, w.t(), out=y0)
-            epi = Epilogue(y0, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out)
-            return epi if defer else linear_epilogue(*epi)
+            return linear_epilogue(y0, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out)
         return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out,
-                            mma=self.mma, ring=self.ring, xsmem=self.xsmem, inword=self.inword, wgmma=self.wgmma,
-                            defer=defer)
+                            mma=self.mma, ring=self.ring, xsmem=self.xsmem, inword=self.inword, wgmma=self.wgmma)
 
     def _one_pass(self, f: _FusedLinear, m: int) -> bool:
         """Whether the one-pass decode kernels take m rows of this layer (else cuBLAS on a dequantized copy):
@@ -311,7 +305,7 @@ class CudaEngine(Engine):
         delta = None
         for i, L in enumerate(self.layers):
             add_rmsnorm(resid, L.ln1, a.rms_norm_eps, delta=delta, out=y)
-            qkv = self._linear(L.qkv, y, self.qkv[:b, : L.qkv.n_out], defer=self.rope_epilogue)
+            qkv = self._linear(L.qkv, y, self.qkv[:b, : L.qkv.n_out])
             q = rope_cache(qkv, self.pos, self.slot, self.inv_freq, self.k[i], self.v[i], a.num_heads,
                            a.num_kv_heads, a.head_dim, q_out=self.q[:b])
             att = decode_attention(q, self.k[i], self.v[i], self.keymask, self.nkeys, ns, out=self.att[:b], workspace=ws)

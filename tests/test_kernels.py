@@ -256,38 +256,6 @@ def test_linear_epilogue_on_cublas_product(dtype, m):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_rope_cache_applies_a_deferred_epilogue(dtype):
-    """rope_cache given the q|k|v projection's deferred epilogue (3 fp32 split partials, or a cuBLAS product in
-    the activation dtype; bias; LoRA from 2 partials of h with each module's own rank columns) writes exactly
-    what it writes from that epilogue's output, and leaves the epilogue's output buffer unwritten."""
-    from qerl.kernels.fused_linear import Epilogue
-    from qerl.kernels.rope_cache import rope_cache
-
-    b, hq, hkv, d, s, r = 3, 28, 4, 128, 64, 16
-    n = (hq + 2 * hkv) * d
-    p = torch.randn(3, b, n, device="cuda")
-    bias = torch.randn(n, device="cuda").to(dtype)
-    h, lb = torch.randn(2, b, 3 * r, device="cuda"), torch.randn(n, r, device="cuda") * 0.3
-    pos = torch.tensor([7, 100, 250], device="cuda")
-    slot = torch.tensor([40], device="cuda", dtype=torch.int32)
-    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device="cuda").float() / d))
-    for prod in (p, p.sum(0).to(dtype)):
-        outs = []
-        for deferred in (False, True):
-            kc, vc = (torch.full((4, hkv, s, d), float("nan"), device="cuda", dtype=dtype) for _ in range(2))
-            buf = torch.full((b, n), float("nan"), device="cuda", dtype=dtype)
-            epi = Epilogue(prod, bias, h, lb, r, 0.5, (hq * d, (hq + hkv) * d), False, buf)
-            q = rope_cache(epi if deferred else epi.run(), pos, slot, inv, kc, vc, hq, hkv, d,
-                           q_out=torch.full((b, hq, d), float("nan"), device="cuda", dtype=dtype))
-            assert buf.isnan().all() == deferred
-            outs.append((q, kc[:b, :, 40], vc[:b, :, 40]))
-        for got, ref in zip(outs[1], outs[0]):
-            assert not ref.isnan().any() and rel(got, ref) < 1e-6, rel(got, ref)
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_norm_rope_attention(dtype):
     from qerl.kernels.decode_attention import decode_attention
     from qerl.kernels.rmsnorm import add_rmsnorm

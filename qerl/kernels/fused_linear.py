@@ -42,8 +42,6 @@ the matmul, the bias add and the LoRA add each round to the output dtype.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from ._triton import HAS_TRITON, KernelUnavailable, next_pow2, pdl_launch, pdl_wait, require
@@ -459,22 +457,6 @@ if HAS_TRITON:
         return y
 
     @triton.jit
-    def epilogue_cols(p_ptr, bias_ptr, h_ptr, lb_ptr, row, cols, n1, n2, n_hsplit, lora_scale, stride_ps,
-                      stride_pm, stride_hs, stride_hm, stride_lbn, out_ty: tl.constexpr, S: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr, NSEG: tl.constexpr,
-                      HS_P: tl.constexpr):
-        """Columns `cols` [C] of one row of a deferred epilogue (`Epilogue.kernel_args`), as `linear_epilogue`
-        computes them (the sum of the S partials, + bias, + LoRA, each rounded to out_ty): [C] fp32."""
-        rm = row + tl.arange(0, 1)
-        acc = tl.zeros((1, cols.shape[0]), dtype=tl.float32)
-        for s in tl.static_range(S):
-            acc += tl.load(p_ptr + s * stride_ps + rm[:, None] * stride_pm + cols[None, :]).to(tl.float32)
-        seg = (cols >= n1).to(tl.int32) + (cols >= n2).to(tl.int32)
-        y = _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, rm >= 0, cols, cols >= 0, seg, n_hsplit, lora_scale,
-                      stride_hs, stride_hm, stride_lbn, out_ty, 1, False, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
-        return tl.sum(y, axis=0)
-
-    @triton.jit
     def _shrink_part(x_ptr, a_ptr, h_ptr, rm, m_mask, r0, s, k_lo, k_hi, stride_xm, stride_ar, stride_hs, stride_hm,
                      R: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr):
         """The LoRA shrink's split-K partial h[s, :, r] = x[:, k_lo:k_hi] @ A[r, k_lo:k_hi] for rows
@@ -655,8 +637,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
                  lora_scale: float = 1.0, segments: tuple[int, int] | None = None, glu: bool = False,
                  out: torch.Tensor | None = None, config: dict | None = None, lora_A: torch.Tensor | None = None,
                  h_out: torch.Tensor | None = None, mma: bool = True, ring: int | None = None,
-                 xsmem: bool = False, inword: bool | None = None, wgmma: bool = True,
-                 defer: bool = False) -> "torch.Tensor | Epilogue":
+                 xsmem: bool = False, inword: bool | None = None, wgmma: bool = True) -> torch.Tensor:
     """x [M, K] -> y [M, N] (or [M, N/2] with glu) in x.dtype.
 
     weight: nvfp4/mxfp4 packed uint8 [N, K/2] (+ scale [N, K/16] e4m3 or [N, K/32] e8m0,
@@ -672,9 +653,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     xsmem: version 7 copies each split's x into shared memory once (`nvfp4_mma._stage_x`) instead of every
     warp loading it every step; inword: version 7 decodes nibbles j and j + 4 of a word into one register
     (`nvfp4_mma.PAIR_ASM`; None: `nvfp4_mma.INWORD`), else nibble i of a word pair (`PLANES_ASM`);
-    wgmma: let version 8 (warpgroup MMA, `nvfp4_wgmma`) take the rows it serves when no config is given;
-    defer: where the product ends in a separate epilogue launch, return that epilogue unlaunched (`Epilogue`,
-    for a consumer that applies it in its own kernel); elsewhere the output as usual.
+    wgmma: let version 8 (warpgroup MMA, `nvfp4_wgmma`) take the rows it serves when no config is given.
     """
     require(x, weight, what="the fused linear kernel")
     if fmt not in FMT_CODES:
@@ -695,7 +674,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
                                           inword=inword, wgmma=wgmma and wgmma_supported(x.device, x.dtype, fmt, k)))
     if cfg.pop("WORDS", False):
         return _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
-                              segments, glu, out, n, cfg, lora_A, h_out, defer)
+                              segments, glu, out, n, cfg, lora_A, h_out)
     if lora_A is not None and lora_h is None:
         lora_h = lora_shrink(x, lora_A, out=h_out)
     if x.dtype == torch.float32 and cfg["USE_DOT"]:
@@ -773,7 +752,7 @@ def shrink_block_k(block_m: int) -> int:
 
 
 def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
-                   segments, glu, out, n, cfg, lora_A=None, h_out=None, defer=False):
+                   segments, glu, out, n, cfg, lora_A=None, h_out=None):
     """Versions 6 (<= GEMV_MAX_M rows, CUDA cores) and 5 (TC: <= 64 rows, tensor cores): packed weights read as
     int32 words; split-K partials + epilogue launch."""
     m, k = x.shape
@@ -782,7 +761,7 @@ def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lo
         raise ValueError("the decode kernel needs K % 8 == 0 and 4-byte aligned weight rows")
     if cfg.get("MMA", False):
         return _mma_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
-                           segments, glu, out, n, cfg, lora_A, h_out, defer)
+                           segments, glu, out, n, cfg, lora_A, h_out)
     max_m = TC_MAX_M if cfg.get("TC", False) else GEMV_MAX_M
     if m > max_m:
         raise ValueError(f"the decode kernel takes at most {max_m} rows")
@@ -821,11 +800,11 @@ def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lo
     _decode_kernel[grid](x, w32, scale, gs, dummy, h_arg, dummy, ws, ws, a_arg, m, n, kw, kps, n1, n2, 0, 1.0,
                          x.stride(0), w32.stride(0), scale.stride(0), shs, shm, 0, ws.stride(1), ws.stride(0), sar,
                          **common, **shrink)
-    return _finish(Epilogue(ws, bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out), defer)
+    return linear_epilogue(ws, bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out)
 
 
 def _mma_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
-                segments, glu, out, n, cfg, lora_A=None, h_out=None, defer=False):
+                segments, glu, out, n, cfg, lora_A=None, h_out=None):
     """Versions 7 and 8 (cfg["WGMMA"]): fp32 partials from the register-fed tensor-core kernel, then the
     epilogue launch."""
     wg = cfg.get("WGMMA", False)
@@ -843,46 +822,7 @@ def _mma_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_
     ws = _workspace(cfg["SPLIT"] * m * n_rows, x.device).view(cfg["SPLIT"], m, n_rows)
     (wgmma_partials if wg else mma_partials)(x, w32, scale.view(torch.uint8), global_scale, n1, n2, cfg, ws,
                                              lora_A if fuse_shrink else None, lora_h if fuse_shrink else None)
-    return _finish(Epilogue(ws, bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out), defer)
-
-
-class Epilogue(NamedTuple):
-    """A linear's epilogue not launched yet (`fused_linear(..., defer=True)`): its product p (fp32 split
-    partials [S, M, N_rows] or an [M, N_rows] cuBLAS output) and what `linear_epilogue` adds to it. The
-    consumer runs it inside its own kernel (`rope_cache`) or calls `run`."""
-    p: torch.Tensor
-    bias: torch.Tensor | None
-    lora_h: torch.Tensor | None
-    lora_B: torch.Tensor | None
-    lora_rank: int
-    lora_scale: float
-    segments: tuple[int, int] | None
-    glu: bool
-    out: torch.Tensor | None
-
-    def run(self) -> torch.Tensor:
-        return linear_epilogue(*self)
-
-    def kernel_args(self) -> tuple[list, dict]:
-        """(runtime arguments, constexprs) of `epilogue_rows` for a kernel that applies it to columns of its own:
-        p, bias, h, B, n1, n2, n_hsplit, lora_scale and the strides; S, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P."""
-        p3 = self.p if self.p.ndim == 3 else self.p.unsqueeze(0)
-        if self.glu or p3.stride(2) != 1:
-            raise ValueError("a deferred epilogue needs unit stride along N and no GLU")
-        n_rows = p3.shape[2]
-        n1, n2, nseg = _segments(self.segments, n_rows, n_rows, False)
-        lora, lora_rp = _lora_args(self.lora_h, self.lora_B, self.lora_rank)
-        h, b = (self.lora_h, self.lora_B) if lora else (p3, p3)
-        args = [p3, self.bias if self.bias is not None else p3, h, b, n1, n2, h.shape[0] if lora else 0,
-                float(self.lora_scale), p3.stride(0), p3.stride(1), h.stride(0) if lora else 0,
-                h.stride(1) if lora else 0, b.stride(0) if lora else 0]
-        return args, dict(S=p3.shape[0], HAS_BIAS=self.bias is not None, LORA_R=lora, LORA_RP=lora_rp, NSEG=nseg,
-                          HS_P=_hs_p(self.lora_h, lora))
-
-
-def _finish(epi: Epilogue, defer: bool):
-    """The deferred epilogue (defer) or its result."""
-    return epi if defer else epi.run()
+    return linear_epilogue(ws, bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out)
 
 
 def linear_epilogue(p: torch.Tensor, bias: torch.Tensor | None = None, lora_h: torch.Tensor | None = None,
