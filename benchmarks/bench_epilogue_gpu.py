@@ -3,9 +3,11 @@ the shrink's K chunk (the number of h partials the epilogue sums) and the epilog
 
 Per shape and rows: medians of CUDA-graph replays of `lora_shrink` + `linear_epilogue` over fp32 partials
 laid out as version 7 writes them (its default split), rank 16 per module, bias where Qwen2.5 has one.
-Usage: python benchmarks/bench_epilogue_gpu.py [--model qwen2.5-7b] [--rows 8,16] [--out results.json]
+Usage: python benchmarks/bench_epilogue_gpu.py [--model qwen2.5-7b] [--rows 8,16] [--v8] [--out results.json]
+(--v8: the epilogue after version 8, 9..128 rows, its tile swept)
 """
 import argparse
+import itertools
 import json
 
 import torch
@@ -14,14 +16,19 @@ from qerl.bench import fused_layer_shapes, graph_time_us
 from qerl.kernels.fused_linear import linear_epilogue
 from qerl.kernels.lora_shrink import lora_shrink, shrink_chunk
 from qerl.kernels.nvfp4_mma import mma_config
+from qerl.kernels.nvfp4_wgmma import wgmma_config
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-7b")
     ap.add_argument("--rows", default="8,16")
+    ap.add_argument("--v8", action="store_true", help="rows served by version 8 (9..128): its splits, h from its "
+                    "shrink programs (one partial a split); sweep the epilogue's rows x columns a program and warps")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if a.v8:
+        return sweep_v8(a)
     torch.manual_seed(0)
     results = []
     for name, (n_rows, k, glu) in fused_layer_shapes(a.model).items():
@@ -54,6 +61,42 @@ def main():
                     results.append(row)
                     print(f"{name:8s} M={m:<3d} split {split:2d} | shrink chunk {chunk:5d} ({h.shape[0]:2d} partials) "
                           f"{t_s:6.1f} us | epilogue BN {bn:3d} {t_e:6.1f} us | total {t_s + t_e:6.1f} us", flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), rows=results), f, indent=1)
+
+
+def sweep_v8(a):
+    """The epilogue launch after version 8 (h partials: one a split), tiles (rows, columns, warps) a program."""
+    results = []
+    for name, (n_rows, k, glu) in fused_layer_shapes(a.model).items():
+        nmod = 3 if name == "qkv" else (2 if glu else 1)
+        n = n_rows // 2 if glu else n_rows
+        seg = (n_rows * 7 // 9, n_rows * 8 // 9) if name == "qkv" else None
+        B = torch.randn(n_rows, 16, device="cuda") * 0.01
+        bias = torch.randn(n_rows, device="cuda", dtype=torch.bfloat16) if name == "qkv" else None
+        for m in map(int, a.rows.split(",")):
+            split = wgmma_config(m, n, k)["SPLIT"]
+            p = torch.randn(split, m, n_rows, device="cuda")
+            h = torch.randn(split, m, 16 * nmod, device="cuda")
+            y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            ref = linear_epilogue(p, bias, h, B, 16, 1.0, seg, glu).float()
+            times = {}
+            for bm, bn, nw in itertools.product((16, 32, 64), (16, 32, 64, 128), (4, 8)):
+                if bm > max(16, m) or bm * bn > 64 * 128:
+                    continue
+                f = lambda: linear_epilogue(p, bias, h, B, 16, 1.0, seg, glu, out=y, block_n=bn, block_m=bm,  # noqa: E731
+                                            num_warps=nw)
+                f()
+                assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+                times[(bm, bn, nw)] = graph_time_us(f)
+            default = graph_time_us(lambda: linear_epilogue(p, bias, h, B, 16, 1.0, seg, glu, out=y))
+            best = min(times, key=times.get)
+            mb = (p.numel() * 4 + B.numel() * 4 + y.numel() * 2) / 1e6
+            results.append(dict(shape=name, m=m, split=split, default_us=default, best=best, best_us=times[best],
+                                sweep={f"{x}x{z}w{w}": t for (x, z, w), t in times.items()}, mbytes=mb))
+            print(f"{name:8s} M={m:<3d} split {split:2d} ({mb:6.1f} MB) | default {default:7.1f} us | best {times[best]:7.1f}"
+                  f" us (rows {best[0]}, columns {best[1]}, warps {best[2]})", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), rows=results), f, indent=1)

@@ -435,7 +435,7 @@ if HAS_TRITON:
     def _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
                   stride_hs, stride_hm, stride_lbn, out_ty: tl.constexpr, BLOCK_M: tl.constexpr,
                   USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr,
-                  NSEG: tl.constexpr, HS_P: tl.constexpr):
+                  NSEG: tl.constexpr, HS_P: tl.constexpr, LORA_PREC: tl.constexpr = "ieee"):
         """Round like the reference module: matmul, + bias, + LoRA, each rounded to the output dtype."""
         y = acc.to(out_ty).to(tl.float32)
         if HAS_BIAS:
@@ -452,7 +452,7 @@ if HAS_TRITON:
                 hs = tl.sum(tl.load(h_ptr + rsp[:, None, None] * stride_hs + rm[None, :, None] * stride_hm
                                     + (s * LORA_R + rr)[None, None, :], mask=hmask, other=0.0), axis=0)
                 bs = tl.where((seg == s)[:, None], bl, 0.0)
-                lora = _mac(lora, hs, bs, USE_DOT and LORA_RP >= 16, "ieee")
+                lora = _mac(lora, hs, bs, USE_DOT and LORA_RP >= 16, LORA_PREC)
             y = (y + (lora * lora_scale).to(out_ty).to(tl.float32)).to(out_ty).to(tl.float32)
         return y
 
@@ -533,7 +533,8 @@ if HAS_TRITON:
                     stride_ps, stride_pm, stride_hs, stride_hm, stride_lbn, stride_ym,
                     S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
                     HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr, NSEG: tl.constexpr,
-                    HS_P: tl.constexpr, GLU: tl.constexpr, PDL: tl.constexpr = False):
+                    HS_P: tl.constexpr, GLU: tl.constexpr, PDL: tl.constexpr = False,
+                    LORA_PREC: tl.constexpr = "ieee"):
         """Epilogue over a precomputed product: the sum of S partials p[s, M, N_rows] (a cuBLAS output when
         S = 1, rounded to its dtype like the reference matmul), + bias, + LoRA, (+ SiLU gate)."""
         pdl_wait(PDL)
@@ -549,14 +550,16 @@ if HAS_TRITON:
             acc += tl.load(pp + s * stride_ps, mask=msk, other=0.0).to(tl.float32)
         seg = (rn >= n1).to(tl.int32) + (rn >= n2).to(tl.int32)
         y = _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
-                      stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
+                      stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P,
+                      LORA_PREC)
         if GLU:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(S):
                 acc += tl.load(pp + N + s * stride_ps, mask=msk, other=0.0).to(tl.float32)
             segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
             u = _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn + N, n_mask, segu, n_hsplit, lora_scale,
-                          stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
+                          stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P,
+                      LORA_PREC)
             g = y * tl.sigmoid(y)
             y = g.to(out_ty).to(tl.float32) * u
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(out_ty), mask=msk)
@@ -828,11 +831,15 @@ def _mma_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_
 def linear_epilogue(p: torch.Tensor, bias: torch.Tensor | None = None, lora_h: torch.Tensor | None = None,
                     lora_B: torch.Tensor | None = None, lora_rank: int = 0, lora_scale: float = 1.0,
                     segments: tuple[int, int] | None = None, glu: bool = False,
-                    out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, block_n: int | None = None, block_m: int | None = None,
+                    num_warps: int = 4, lora_dot: bool | None = None, lora_prec: str | None = None) -> torch.Tensor:
     """The fused epilogue over a precomputed product p: [M, N_rows] (a cuBLAS output in the activation
     dtype) or [S, M, N_rows] fp32 split-K partials (summed). Same arguments as `fused_linear`; block_n:
     output columns a program (default: 32 for 5-8 rows, 64 for the rest up to 16, else 32; H200 sweep,
-    benchmarks/bench_epilogue_gpu.py)."""
+    benchmarks/bench_epilogue_gpu.py); block_m: rows a program (default: all up to 32); lora_dot: the LoRA
+    update by tl.dot (default from 16 rows a program) in lora_prec ("ieee" fp32 or "tf32"; default: tf32 for a
+    bf16/fp16 output, whose rounding (2**-9) is coarser than tf32's (2**-11): the gate|up epilogue at 64 rows
+    26.5 -> 11.4 us on the H200, benchmarks/probe_epilogue_gpu.py), else by FMAs (slower)."""
     require(p, what="the linear epilogue kernel")
     p3 = p if p.ndim == 3 else p.unsqueeze(0)
     if p3.stride(2) != 1:
@@ -843,13 +850,15 @@ def linear_epilogue(p: torch.Tensor, bias: torch.Tensor | None = None, lora_h: t
         out = torch.empty((m, n), dtype=p.dtype, device=p.device)
     n1, n2, nseg = _segments(segments, n, n_rows, glu)
     lora, lora_rp = _lora_args(lora_h, lora_B, lora_rank)
-    bm = min(next_pow2(m), 32)
+    bm = block_m or min(next_pow2(m), 32)
     bn = block_n or (32 if bm == 8 else (64 if bm <= 16 else 32))
     dummy = p3
     _pre_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
         p3, bias if bias is not None else dummy, lora_h if lora else dummy, lora_B if lora else dummy, out,
         m, n, n1, n2, lora_h.shape[0] if lora else 0, float(lora_scale), p3.stride(0), p3.stride(1),
         lora_h.stride(0) if lora else 0, lora_h.stride(1) if lora else 0, lora_B.stride(0) if lora else 0,
-        out.stride(0), S=s_, BLOCK_M=bm, BLOCK_N=bn, USE_DOT=bm >= 16, HAS_BIAS=bias is not None, LORA_R=lora,
-        LORA_RP=lora_rp, NSEG=nseg, HS_P=_hs_p(lora_h, lora), GLU=glu, num_warps=4, **pdl_launch())
+        out.stride(0), S=s_, BLOCK_M=bm, BLOCK_N=bn, USE_DOT=bm >= 16 if lora_dot is None else lora_dot,
+        HAS_BIAS=bias is not None, LORA_R=lora, LORA_RP=lora_rp, NSEG=nseg, HS_P=_hs_p(lora_h, lora), GLU=glu,
+        LORA_PREC=lora_prec or ("ieee" if out.dtype == torch.float32 else "tf32"), num_warps=num_warps,
+        **pdl_launch())
     return out
