@@ -150,7 +150,8 @@ if HAS_TRITON:
             if not USE_DOT:
                 acc = tl.sum(acc3, axis=2)
         return _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
-                         stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
+                         stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P,
+                         "ieee")
 
     @triton.jit
     def _fused_linear_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, h_ptr, lb_ptr, y_ptr,
@@ -435,8 +436,9 @@ if HAS_TRITON:
     def _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
                   stride_hs, stride_hm, stride_lbn, out_ty: tl.constexpr, BLOCK_M: tl.constexpr,
                   USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr,
-                  NSEG: tl.constexpr, HS_P: tl.constexpr, LORA_PREC: tl.constexpr = "ieee"):
-        """Round like the reference module: matmul, + bias, + LoRA, each rounded to the output dtype."""
+                  NSEG: tl.constexpr, HS_P: tl.constexpr, LORA_PREC: tl.constexpr):
+        """Round like the reference module: matmul, + bias, + LoRA, each rounded to the output dtype; the LoRA
+        update's tl.dot (USE_DOT) in LORA_PREC."""
         y = acc.to(out_ty).to(tl.float32)
         if HAS_BIAS:
             b = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
@@ -516,14 +518,16 @@ if HAS_TRITON:
         else:
             out_ty: tl.constexpr = y_ptr.dtype.element_ty
             y = _epilogue(y, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
-                          stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, EPI_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
+                          stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, EPI_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P,
+                          "ieee")
             if GLU:
                 segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
                 u = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn + N, n_mask, segu, k_lo, k_per_split, KW, stride_xm,
                           stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, TC, W_BF16, SWAP_AB,
                           PREFETCH)
                 u = _epilogue(u, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn + N, n_mask, segu, n_hsplit, lora_scale,
-                              stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, EPI_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
+                              stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, EPI_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P,
+                          "ieee")
                 g = y * tl.sigmoid(y)
                 y = g.to(out_ty).to(tl.float32) * u
             tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(out_ty), mask=m_mask[:, None] & n_mask[None, :])
