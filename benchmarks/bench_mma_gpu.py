@@ -59,12 +59,10 @@ def main():
                 v8 = {(nw, p): graph_time_us(run(wgmma_config(m, nout, k, num_warps=nw, programs=p)))
                       for nw in (4, 8) for p in ((264, 528, 1056) if a.sweep else (None,))}
                 row["v8_us"] = graph_time_us(run(wgmma_config(m, nout, k)))
-                row["v8_xvec_us"] = graph_time_us(run(wgmma_config(m, nout, k, xvec=True)))  # 16-byte x stores
                 (nw, p), t = min(v8.items(), key=lambda kv: kv[1])
                 row.update(v8_best_us=t, v8_best_tile=[nw, p], v8_sweep={f"{w}x{q}": v for (w, q), v in v8.items()})
                 print(f"{name:8s} M={m:<3d} cuBLAS bf16 {row['cublas_bf16_us']:7.1f} us | default {row['default_us']:7.1f} us"
                       f" | v5 {row['v5_us']:7.1f} us | v8 {row['v8_us']:7.1f} us {nbytes / row['v8_us'] / 1e3:5.0f} GB/s"
-                      f" | v8 xvec {row['v8_xvec_us']:7.1f} us"
                       f" | v8 best {t:7.1f} us (warps {nw}, programs {p})", flush=True)
             if a.v8_only or m > MMA_MAX_M:
                 results.append(row)

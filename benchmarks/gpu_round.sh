@@ -1,6 +1,6 @@
 #!/bin/bash
 # A GPU round (one or two device calls) that checks and measures the decode path: the version 7/8 GPU tests, the issue's
-# headline command, batch 128 (versions 8 vs cuBLAS, and bf16), version 8's 64/128-row tiles (+ XVEC) and the 32B
+# headline command, batch 128 (versions 8 vs cuBLAS, and bf16), version 8's 64/128-row tiles and the 32B
 # model, each under its own time limit so that a slow step cannot take the others' output with it.
 # Everything lands in OUTDIR (the device's $OUT).
 # Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_round.sh "$OUT" [steps]

@@ -140,8 +140,8 @@ class CudaEngine(Engine):
             self.eos_ids = list(eos_ids)
         self.check_every, self.use_graphs = check_every, use_graphs
         # measured on an H200 (benchmarks/RESULTS.md): the LoRA shrink computed by the split-K decode kernels
-        # (fuse_shrink) is +10% tok/s at batch 1, so on; programmatic dependent launch (pdl) is +1% at batch 1
-        # and -43% at batch 8, so off
+        # (fuse_shrink) is +10% tok/s at batch 1, so on; programmatic dependent launch (pdl, every decode kernel)
+        # is -4% at batch 1, -9% at 8 and -1% at 64, so off
         self.pdl, self.fuse_shrink = pdl, fuse_shrink
         self.mma = mma  # version 7 (register-fed tensor cores) for the NVFP4 rows it supports, else versions 5/6
         # version 7 options measured slower on an H200, so off: its words and scales streamed by TMA through

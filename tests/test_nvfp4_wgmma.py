@@ -13,27 +13,24 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_de
 
 
 @gluon
-@pytest.mark.parametrize("m,nw,xvec", [(16, 8, False), (33, 4, False), (64, 8, False), (64, 4, False),
-                                       (128, 8, False), (128, 4, False), (16, 4, True), (64, 4, True),
-                                       (128, 8, True)])
-def test_compiles_for_hopper(m, nw, xvec):
+@pytest.mark.parametrize("m,nw", [(16, 8), (33, 4), (64, 8), (64, 4), (128, 8), (128, 4)])
+def test_compiles_for_hopper(m, nw):
     """Offline (no GPU): every conversion to the A operand is asserted trivial at compile time; the loop
     issues warpgroup MMAs, reads nothing back from shared memory itself (x is the MMA's operand there, the
     weights stay in registers), and nothing spills; x's staging buffer is 4 planes of [BM, 64] bf16, written
-    by one store: two barriers a step (x written; x read); with XVEC by 16-byte stores only. (The loop is
-    looked at without the LoRA shrink programs: at 128 rows a thread's shrink step is the longer loop.)"""
-    ck = nvfp4_wgmma.compile_sm90(m, dict(num_warps=nw, XVEC=xvec), shrink=True)
+    by one store: two barriers a step (x written; x read). (The loop is looked at without the LoRA shrink
+    programs: at 128 rows a thread's shrink step is the longer loop.)"""
+    ck = nvfp4_wgmma.compile_sm90(m, dict(num_warps=nw), shrink=True)
     bm = max(16, 1 << (m - 1).bit_length())
     assert ck.metadata.shared == 4 * bm * 64 * 2
     assert "STL" not in disassemble(ck)
-    sass = disassemble(nvfp4_wgmma.compile_sm90(m, dict(num_warps=nw, XVEC=xvec), shrink=False))
+    sass = disassemble(nvfp4_wgmma.compile_sm90(m, dict(num_warps=nw), shrink=False))
     loop = "\n".join(main_loop(sass))
     assert loop.count("HGMMA") == 16  # 4 planes x 4 steps of k16
     assert loop.count("BAR.SYNC") == 2
     assert "LDS" not in loop and "STL" not in sass
     assert registers(ck) <= (168 if m <= 64 else (232 if nw == 8 else 255))
-    stores = [i.split()[0] for i in main_loop(sass) if i.split()[0].startswith("STS")]
-    assert stores and all(s == "STS.128" for s in stores) == xvec
+    assert any(i.split()[0].startswith("STS") for i in main_loop(sass))
 
 
 def test_config_follows_the_measured_tiles():
@@ -55,14 +52,13 @@ def test_config_follows_the_measured_tiles():
 @hopper
 @gluon
 @pytest.mark.gpu
-@pytest.mark.parametrize("nw,split,xvec", [(4, 1, 0), (8, 3, 0), (4, 5, 0), (4, 3, 1), (8, 1, 1)])
+@pytest.mark.parametrize("nw,split", [(4, 1), (8, 3), (4, 5), (8, 1)])
 @pytest.mark.parametrize("k", [768, 1280])
-def test_matches_reference(nw, split, xvec, k):
+def test_matches_reference(nw, split, k):
     """q|k|v segments with bias and LoRA (from h or from the kernel's shrink programs) and gate|up with SiLU
     for 9..128 rows (x's rows padded to 16, 32, 64, 128; past 64 with 4 and 8 warps), more splits than steps,
-    x staged with 4- or 16-byte stores (XVEC), poisoned outputs."""
-    cfg = dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=16 * nw, BKW=32, SPLIT=split, num_warps=nw,
-               XVEC=bool(xvec))
+    poisoned outputs."""
+    cfg = dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=16 * nw, BKW=32, SPLIT=split, num_warps=nw)
     check_fused_nvfp4(cfg, k, (9, 16, 17, 31, 32, 33, 50, 64) + ((100, 128) if nw == 8 or split == 5 else ()))
 
 

@@ -53,24 +53,6 @@ def _hopper(device: torch.device) -> bool:
     return HAS_GLUON and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
-def _x_layouts(nw: int, bm: int):
-    """x [bm, 256] (row m, column c = 8 w + i) for the XVEC staging: a thread loads 4 words' 8 values (16-byte
-    loads of words w, w + 4, w + 8, w + 12), which after `_x_planes` are 8 consecutive k of each plane (one
-    16-byte shared store a plane instead of 4-byte ones). Returns (load layout, the store's layout)."""
-    m_bits = [1 << v for v in range(max(bm, 1).bit_length() - 1)]
-    lane_m, rest = m_bits[:2], m_bits[2:]
-    warp_m = (rest + [0] * len(_bits(nw)))[:len(_bits(nw))]  # rows past bm: replicated warps
-    reg_m = rest[len(warp_m):]
-    lanes_ld = [(0, 8), (0, 16), (0, 128)] + [(r, 0) for r in lane_m]
-    lanes_st = [(0, 8), (0, 16), (0, 32)] + [(r, 0) for r in lane_m]
-    warps = [[r, 0] for r in warp_m]
-    regs_ld = [(0, 1), (0, 2), (0, 4), (0, 32), (0, 64)] + [(r, 0) for r in reg_m]
-    regs_st = [(0, 1), (0, 2), (0, 4), (0, 64), (0, 128)] + [(r, 0) for r in reg_m]
-    lin = lambda regs, lanes: gl.DistributedLinearLayout([list(b) for b in regs], [list(b) for b in lanes],  # noqa: E731
-                                                         warps, [], [bm, 8 * BKW])
-    return lin(regs_ld, lanes_ld), lin(regs_st, lanes_st)
-
-
 @functools.lru_cache(maxsize=None)
 def _layouts(nw: int, bm: int):
     """(accumulator, A operand, words as loaded, words as A's registers, the [BN, BKW/2, 2] scale-broadcast
@@ -118,7 +100,7 @@ if HAS_GLUON:
                    BM: gl.constexpr, BN: gl.constexpr, C_L: gl.constexpr, A_L: gl.constexpr,
                    LD_L: gl.constexpr, W_L: gl.constexpr, L3: gl.constexpr, S_L: gl.constexpr,
                    X_L: gl.constexpr, XS_L: gl.constexpr, SH_L: gl.constexpr, SHRINK: gl.constexpr = False,
-                   XST_L: gl.constexpr = None, PDL: gl.constexpr = False):
+                   PDL: gl.constexpr = False):
         """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32); with
         SHRINK the first R_SH programs of each split write the LoRA shrink's partials instead; PDL: launched as
         a programmatic dependent (as version 7)."""
@@ -133,21 +115,21 @@ if HAS_GLUON:
             else:
                 _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid - R_SH, k_lo, k_hi, M, N, n1, n2, stride_xm,
                          stride_ww, stride_sn, stride_wss, stride_wsm, BM, BN, C_L, A_L, LD_L, W_L, L3, S_L,
-                         X_L, XS_L, XST_L)
+                         X_L, XS_L)
         else:
             _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid, k_lo, k_hi, M, N, n1, n2, stride_xm,
-                     stride_ww, stride_sn, stride_wss, stride_wsm, BM, BN, C_L, A_L, LD_L, W_L, L3, S_L, X_L, XS_L,
-                     XST_L)
+                     stride_ww, stride_sn, stride_wss, stride_wsm, BM, BN, C_L, A_L, LD_L, W_L, L3, S_L, X_L, XS_L)
 
     @gluon.jit
     def _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid_n, k_lo, k_hi, M, N, n1, n2, stride_xm,
                  stride_ww, stride_sn, stride_wss, stride_wsm, BM: gl.constexpr, BN: gl.constexpr,
                  C_L: gl.constexpr, A_L: gl.constexpr, LD_L: gl.constexpr, W_L: gl.constexpr, L3: gl.constexpr,
-                 S_L: gl.constexpr, X_L: gl.constexpr, XS_L: gl.constexpr, XST_L: gl.constexpr):
+                 S_L: gl.constexpr, X_L: gl.constexpr, XS_L: gl.constexpr):
         """One [BN weight rows, BM rows of x] tile: per step x goes to shared memory (4 planes, all warps), the
         words are decoded into A's registers, 4 wgmmas (one a plane) read x there. (A second x buffer, the
         wgmmas of a step left running into the next one, was measured: rarely faster, and racy with 2
-        warpgroups: benchmarks/RESULTS.md.) XST_L (XVEC): x loaded 4 words a thread and stored 16 bytes a plane."""
+        warpgroups; x stored 16 bytes a plane (4 words a thread loaded): slower on every 7B shape at 64 and 128
+        rows, despite fewer instructions: benchmarks/RESULTS.md.)"""
         rn = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LD_L)), N - 1)
         rw = gl.arange(0, _BKW, layout=gl.SliceLayout(0, LD_L))
         wp = w_ptr + gl.expand_dims(rn.to(gl.int64) * stride_ww, 1) + gl.expand_dims(rw, 0)
@@ -162,8 +144,6 @@ if HAS_GLUON:
         acc = gl.zeros([BN, BM], gl.float32, layout=C_L)
         for k in range(k_lo, k_hi, _BKW):
             xt = _x_planes(gl.load(xp + k * 8, mask=xmask, other=0.0), BM)
-            if XST_L is not None:
-                xt = gl.convert_layout(xt, XST_L, assert_trivial=True)
             xb.store(xt)
             q = gl.convert_layout(gl.load(wp + k), W_L, assert_trivial=True)
             sb = gl.load(sp + k // 2)
@@ -195,18 +175,16 @@ WG_TILES = {
 }
 
 
-def wgmma_config(m: int, n: int, k: int, num_warps: int | None = None, programs: int | None = None,
-                 xvec: bool = False) -> dict:
+def wgmma_config(m: int, n: int, k: int, num_warps: int | None = None, programs: int | None = None) -> dict:
     """Version 8 tile for m rows of an [n, k] weight: BN = 16 * num_warps weight rows, 32 words a step, K split
-    until the grid has about `programs` programs (at most 16 splits, each at least two steps); xvec: x staged
-    with 16-byte stores (`_x_layouts`; offline fewer instructions and registers, not yet measured on a GPU,
-    so off); fields given override the `WG_TILES` entry."""
+    until the grid has about `programs` programs (at most 16 splits, each at least two steps); fields given
+    override the `WG_TILES` entry."""
     cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
     nw, target = WG_TILES[cls][next(b for b in (16, 32, 64, 128) if m <= b or b == 128)]
     nw, target = num_warps or nw, programs or target
     bn = 16 * nw
     split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // BKW // 2))
-    return dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=bn, BKW=BKW, SPLIT=split, num_warps=nw, XVEC=xvec)
+    return dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=bn, BKW=BKW, SPLIT=split, num_warps=nw)
 
 
 def wgmma_constexprs(m: int, cfg: dict, shrink: bool, pdl: bool = False) -> dict:
@@ -215,11 +193,8 @@ def wgmma_constexprs(m: int, cfg: dict, shrink: bool, pdl: bool = False) -> dict
     nw = cfg["num_warps"]
     bm = max(16, 1 << (m - 1).bit_length())
     acc, a_op, ld_l, w_l, l3, s_l, x_l, xs_l = _layouts(nw, bm)
-    xst_l = None
-    if cfg.get("XVEC"):
-        x_l, xst_l = _x_layouts(nw, bm)
     return dict(BM=bm, BN=16 * nw, C_L=acc, A_L=a_op, LD_L=ld_l, W_L=w_l, L3=l3, S_L=s_l, X_L=x_l, XS_L=xs_l,
-                SH_L=_shrink_layout(nw), SHRINK=shrink, XST_L=xst_l, PDL=pdl)
+                SH_L=_shrink_layout(nw), SHRINK=shrink, PDL=pdl)
 
 
 def wgmma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
