@@ -1,12 +1,12 @@
 #!/bin/bash
-# A GPU round (one or two device calls) that checks and measures the decode path: the version 7/8 GPU tests, the issue's
-# headline command, batch 128 (versions 8 vs cuBLAS, and bf16), version 8's 64/128-row tiles and the 32B
-# model, each under its own time limit so that a slow step cannot take the others' output with it.
-# Everything lands in OUTDIR (the device's $OUT).
+# A GPU round (one or two device calls) that checks and measures the decode path: the kernel GPU tests, the issue's
+# headline command, batch 128 (versions 8 vs cuBLAS, and bf16), the epilogue launch's tiles after version 8
+# (tf32 LoRA dot), version 8's 64/128-row tiles and the 32B model, each under its own time limit so that a
+# slow step cannot take the others' output with it. Everything lands in OUTDIR (the device's $OUT).
 # Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_round.sh "$OUT" [steps]
-#   steps: any of tests issue b128 kernels big (default: all five, in that order; up to 16 minutes, so
-#   run it as two device calls: "tests issue b128", then "kernels big")
-out=${1:?usage: gpu_round.sh OUTDIR [steps]}; steps=${2:-"tests issue b128 kernels big"}
+#   steps: any of tests issue b128 epilogue kernels big (default: all six, in that order; up to 20 minutes, so
+#   run it as two device calls: "tests issue b128", then "epilogue kernels big")
+out=${1:?usage: gpu_round.sh OUTDIR [steps]}; steps=${2:-"tests issue b128 epilogue kernels big"}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 run() {  # name seconds command...
   local name=$1 secs=$2; shift 2
@@ -14,8 +14,8 @@ run() {  # name seconds command...
 }
 for s in $steps; do case $s in
   tests)
-    run tests 400 python -m pytest -q tests/test_nvfp4_wgmma.py tests/test_engine_cuda.py tests/test_nvfp4_mma.py \
-      -k "wgmma or engine or (matches_reference and 768 and inword1)"
+    run tests 400 python -m pytest -q tests/test_kernels.py tests/test_nvfp4_wgmma.py tests/test_engine_cuda.py \
+      tests/test_nvfp4_mma.py -k "fused or epilogue or wgmma or engine or pdl or (matches_reference and 768 and inword1)"
     tail -2 "$out/tests.txt" ;;
   issue)
     run issue7b 240 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4,bf16 --batch 1,8,64 \
@@ -25,6 +25,9 @@ for s in $steps; do case $s in
     run b128 150 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4,bf16 --batch 128 \
       --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --variants no_wgmma --out "$out/b128.json"
     grep -E "^qerl" "$out/b128.txt" ;;
+  epilogue)
+    run epilogue 200 python benchmarks/bench_epilogue_gpu.py --v8 --rows 16,64,128 --out "$out/epilogue.json"
+    grep "M=" "$out/epilogue.txt" ;;
   kernels)
     run kernels 200 python benchmarks/bench_mma_gpu.py --rows 64,128 --v8-only --out "$out/kernels.json"
     grep "M=" "$out/kernels.txt" | sed 's/ *{.*//' ;;
