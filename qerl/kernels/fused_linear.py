@@ -38,7 +38,9 @@ Epilogue, fused so the decode step has few launches:
   own R columns of h and its own global scale.
 - GLU (gate/up fused): rows [0, N) are gate, rows [N, 2N) are up, out = silu(g) * u.
 Roundings follow the reference module (`QuantLinear.forward` then `F.silu(g) * u`):
-the matmul, the bias add and the LoRA add each round to the output dtype.
+the matmul, the bias add and the LoRA add each round to the output dtype. The epilogue launch's LoRA dot
+(16+ rows a program) runs in tf32 for bf16/fp16 outputs (finer than their rounding; 2.3x faster than the fp32
+dot), in fp32 otherwise.
 """
 from __future__ import annotations
 
@@ -527,7 +529,7 @@ if HAS_TRITON:
                           PREFETCH)
                 u = _epilogue(u, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn + N, n_mask, segu, n_hsplit, lora_scale,
                               stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, EPI_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P,
-                          "ieee")
+                              "ieee")
                 g = y * tl.sigmoid(y)
                 y = g.to(out_ty).to(tl.float32) * u
             tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(out_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -563,7 +565,7 @@ if HAS_TRITON:
             segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
             u = _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn + N, n_mask, segu, n_hsplit, lora_scale,
                           stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P,
-                      LORA_PREC)
+                          LORA_PREC)
             g = y * tl.sigmoid(y)
             y = g.to(out_ty).to(tl.float32) * u
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(out_ty), mask=msk)
