@@ -27,7 +27,9 @@ for s in $steps; do case $s in
     grep -E "^qerl" "$out/b128.txt" ;;
   epilogue)
     run epilogue 200 python benchmarks/bench_epilogue_gpu.py --v8 --rows 16,64,128 --out "$out/epilogue.json"
-    grep "M=" "$out/epilogue.txt" ;;
+    grep "M=" "$out/epilogue.txt"
+    run probe 100 python benchmarks/probe_epilogue_gpu.py --rows 64,128  # incl. seg_skip (off, not measured yet)
+    grep "M=" "$out/probe.txt" ;;
   kernels)
     run kernels 200 python benchmarks/bench_mma_gpu.py --rows 64,128 --v8-only --out "$out/kernels.json"
     grep "M=" "$out/kernels.txt" | sed 's/ *{.*//' ;;

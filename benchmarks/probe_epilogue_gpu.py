@@ -1,5 +1,7 @@
 """Which part of the gate|up epilogue launch costs its time at 64-128 rows: the same launch with parts taken away
-(LoRA, the second partial, GLU), over the same partials (Qwen2.5-7B gate|up, version 8's split of 2).
+(LoRA, the second partial, GLU) or the LoRA product done otherwise (fp32 or tf32 dot, FMAs, tiles, absent
+modules skipped), over the same partials (Qwen2.5-7B gate|up, version 8's split of 2). "full" is the default
+(tf32 dot for the bf16 output since the eighth round; the fp32 dot before).
 Usage: python benchmarks/probe_epilogue_gpu.py [--rows 64,128]
 """
 import argparse
@@ -29,7 +31,8 @@ def main():
             "no GLU (2N outputs)": lambda: linear_epilogue(p, None, h, B, 16, 1.0, (n, 1 << 30), False, out=y2),
             "bf16 product, LoRA, GLU": lambda: linear_epilogue(pb, None, h, B, 16, 1.0, None, True, out=y),
             "sum of the partials (torch)": lambda: torch.add(p[0], p[1]),
-            "LoRA by tf32 dot": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True, out=y, lora_prec="tf32"),
+            "LoRA by fp32 (ieee) dot": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True, out=y,
+                                                               lora_prec="ieee"),
             "LoRA by FMAs, 16 rows": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True, out=y, block_m=16,
                                                             lora_dot=False),
             "LoRA by FMAs, 8 rows": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True, out=y, block_m=8,
@@ -37,13 +40,15 @@ def main():
             "LoRA by tf32 dot, 64x64, 8 warps": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True, out=y,
                                                                        lora_prec="tf32", block_m=64, block_n=64,
                                                                        num_warps=8),
+            "LoRA by tf32 dot, absent modules skipped": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True,
+                                                                               out=y, seg_skip=True),
         }
-        ref = linear_epilogue(p, None, h, B, 16, 1.0, None, True).float()
+        ref = linear_epilogue(p, None, h, B, 16, 1.0, None, True, out=torch.empty_like(y)).float()
         for name, f in cases.items():
             if name.startswith("LoRA"):
                 f()
-                print(f"   {name}: max |diff| to the default {(y.float() - ref).abs().max().item():.3g}")
-            print(f"M={m:<3d} {name:30s} {graph_time_us(f):7.1f} us  ({p.numel() * 4 / 1e6:.1f} MB of partials)",
+                print(f"   {name}: max |diff| to the default (bf16 output) {(y.float() - ref).abs().max().item():.3g}")
+            print(f"M={m:<3d} {name:40s} {graph_time_us(f):7.1f} us  ({p.numel() * 4 / 1e6:.1f} MB of partials)",
                   flush=True)
 
 

@@ -435,12 +435,23 @@ if HAS_TRITON:
                               stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, PREFETCH)
 
     @triton.jit
+    def _lora_seg(lora, h_ptr, bl, rsp, rm, rr, hmask, seg, s, stride_hs, stride_hm, LORA_R: tl.constexpr,
+                  USE_DOT: tl.constexpr, PREC: tl.constexpr):
+        """lora += h_s @ B.T over the rows of fused module s (h_s: module s's columns of h, the split partials
+        summed in registers; B's other rows masked to zero)."""
+        hs = tl.sum(tl.load(h_ptr + rsp[:, None, None] * stride_hs + rm[None, :, None] * stride_hm
+                            + (s * LORA_R + rr)[None, None, :], mask=hmask, other=0.0), axis=0)
+        bs = tl.where((seg == s)[:, None], bl, 0.0)
+        return _mac(lora, hs, bs, USE_DOT, PREC)
+
+    @triton.jit
     def _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
                   stride_hs, stride_hm, stride_lbn, out_ty: tl.constexpr, BLOCK_M: tl.constexpr,
                   USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr,
-                  NSEG: tl.constexpr, HS_P: tl.constexpr, LORA_PREC: tl.constexpr):
+                  NSEG: tl.constexpr, HS_P: tl.constexpr, LORA_PREC: tl.constexpr, SEG_SKIP: tl.constexpr = False):
         """Round like the reference module: matmul, + bias, + LoRA, each rounded to the output dtype; the LoRA
-        update's tl.dot (USE_DOT) in LORA_PREC."""
+        update's tl.dot (USE_DOT) in LORA_PREC; SEG_SKIP: no LoRA product for a fused module none of the tile's
+        rows belongs to (the same sums: that product only adds zeros)."""
         y = acc.to(out_ty).to(tl.float32)
         if HAS_BIAS:
             b = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
@@ -453,10 +464,13 @@ if HAS_TRITON:
             rsp = tl.arange(0, HS_P)  # all split-K partials of h in one load, summed in registers
             hmask = (rsp < n_hsplit)[:, None, None] & m_mask[None, :, None] & r_mask[None, None, :]
             for s in tl.static_range(NSEG):
-                hs = tl.sum(tl.load(h_ptr + rsp[:, None, None] * stride_hs + rm[None, :, None] * stride_hm
-                                    + (s * LORA_R + rr)[None, None, :], mask=hmask, other=0.0), axis=0)
-                bs = tl.where((seg == s)[:, None], bl, 0.0)
-                lora = _mac(lora, hs, bs, USE_DOT and LORA_RP >= 16, LORA_PREC)
+                if SEG_SKIP:
+                    if tl.max(((seg == s) & n_mask).to(tl.int32), axis=0) > 0:
+                        lora = _lora_seg(lora, h_ptr, bl, rsp, rm, rr, hmask, seg, s, stride_hs, stride_hm, LORA_R,
+                                         USE_DOT and LORA_RP >= 16, LORA_PREC)
+                else:
+                    lora = _lora_seg(lora, h_ptr, bl, rsp, rm, rr, hmask, seg, s, stride_hs, stride_hm, LORA_R,
+                                     USE_DOT and LORA_RP >= 16, LORA_PREC)
             y = (y + (lora * lora_scale).to(out_ty).to(tl.float32)).to(out_ty).to(tl.float32)
         return y
 
@@ -540,7 +554,7 @@ if HAS_TRITON:
                     S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
                     HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr, NSEG: tl.constexpr,
                     HS_P: tl.constexpr, GLU: tl.constexpr, PDL: tl.constexpr = False,
-                    LORA_PREC: tl.constexpr = "ieee"):
+                    LORA_PREC: tl.constexpr = "ieee", SEG_SKIP: tl.constexpr = False):
         """Epilogue over a precomputed product: the sum of S partials p[s, M, N_rows] (a cuBLAS output when
         S = 1, rounded to its dtype like the reference matmul), + bias, + LoRA, (+ SiLU gate)."""
         pdl_wait(PDL)
@@ -557,7 +571,7 @@ if HAS_TRITON:
         seg = (rn >= n1).to(tl.int32) + (rn >= n2).to(tl.int32)
         y = _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
                       stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P,
-                      LORA_PREC)
+                      LORA_PREC, SEG_SKIP)
         if GLU:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(S):
@@ -565,7 +579,7 @@ if HAS_TRITON:
             segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
             u = _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn + N, n_mask, segu, n_hsplit, lora_scale,
                           stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P,
-                          LORA_PREC)
+                          LORA_PREC, SEG_SKIP)
             g = y * tl.sigmoid(y)
             y = g.to(out_ty).to(tl.float32) * u
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(out_ty), mask=msk)
@@ -838,14 +852,16 @@ def linear_epilogue(p: torch.Tensor, bias: torch.Tensor | None = None, lora_h: t
                     lora_B: torch.Tensor | None = None, lora_rank: int = 0, lora_scale: float = 1.0,
                     segments: tuple[int, int] | None = None, glu: bool = False,
                     out: torch.Tensor | None = None, block_n: int | None = None, block_m: int | None = None,
-                    num_warps: int = 4, lora_dot: bool | None = None, lora_prec: str | None = None) -> torch.Tensor:
+                    num_warps: int = 4, lora_dot: bool | None = None, lora_prec: str | None = None,
+                    seg_skip: bool = False) -> torch.Tensor:
     """The fused epilogue over a precomputed product p: [M, N_rows] (a cuBLAS output in the activation
     dtype) or [S, M, N_rows] fp32 split-K partials (summed). Same arguments as `fused_linear`; block_n:
     output columns a program (default: 32 for 5-8 rows, 64 for the rest up to 16, else 32; H200 sweep,
     benchmarks/bench_epilogue_gpu.py); block_m: rows a program (default: all up to 32); lora_dot: the LoRA
     update by tl.dot (default from 16 rows a program) in lora_prec ("ieee" fp32 or "tf32"; default: tf32 for a
     bf16/fp16 output, whose rounding (2**-9) is coarser than tf32's (2**-11): the gate|up epilogue at 64 rows
-    26.5 -> 11.4 us on the H200, benchmarks/probe_epilogue_gpu.py), else by FMAs (slower)."""
+    26.5 -> 11.4 us on the H200, benchmarks/probe_epilogue_gpu.py), else by FMAs (slower); seg_skip: no LoRA
+    product for fused modules absent from a tile (not measured on a GPU yet, so off)."""
     require(p, what="the linear epilogue kernel")
     p3 = p if p.ndim == 3 else p.unsqueeze(0)
     if p3.stride(2) != 1:
@@ -865,6 +881,6 @@ def linear_epilogue(p: torch.Tensor, bias: torch.Tensor | None = None, lora_h: t
         lora_h.stride(0) if lora else 0, lora_h.stride(1) if lora else 0, lora_B.stride(0) if lora else 0,
         out.stride(0), S=s_, BLOCK_M=bm, BLOCK_N=bn, USE_DOT=bm >= 16 if lora_dot is None else lora_dot,
         HAS_BIAS=bias is not None, LORA_R=lora, LORA_RP=lora_rp, NSEG=nseg, HS_P=_hs_p(lora_h, lora), GLU=glu,
-        LORA_PREC=lora_prec or ("ieee" if out.dtype == torch.float32 else "tf32"), num_warps=num_warps,
-        **pdl_launch())
+        LORA_PREC=lora_prec or ("ieee" if out.dtype == torch.float32 else "tf32"), SEG_SKIP=seg_skip,
+        num_warps=num_warps, **pdl_launch())
     return out
