@@ -435,16 +435,6 @@ if HAS_TRITON:
                               stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, PREFETCH)
 
     @triton.jit
-    def _lora_seg(lora, h_ptr, bl, rsp, rm, rr, hmask, seg, s, stride_hs, stride_hm, LORA_R: tl.constexpr,
-                  USE_DOT: tl.constexpr, PREC: tl.constexpr):
-        """lora += h_s @ B.T over the rows of fused module s (h_s: module s's columns of h, the split partials
-        summed in registers; B's other rows masked to zero)."""
-        hs = tl.sum(tl.load(h_ptr + rsp[:, None, None] * stride_hs + rm[None, :, None] * stride_hm
-                            + (s * LORA_R + rr)[None, None, :], mask=hmask, other=0.0), axis=0)
-        bs = tl.where((seg == s)[:, None], bl, 0.0)
-        return _mac(lora, hs, bs, USE_DOT, PREC)
-
-    @triton.jit
     def _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
                   stride_hs, stride_hm, stride_lbn, out_ty: tl.constexpr, BLOCK_M: tl.constexpr,
                   USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr,
@@ -464,13 +454,11 @@ if HAS_TRITON:
             rsp = tl.arange(0, HS_P)  # all split-K partials of h in one load, summed in registers
             hmask = (rsp < n_hsplit)[:, None, None] & m_mask[None, :, None] & r_mask[None, None, :]
             for s in tl.static_range(NSEG):
-                if SEG_SKIP:
-                    if tl.max(((seg == s) & n_mask).to(tl.int32), axis=0) > 0:
-                        lora = _lora_seg(lora, h_ptr, bl, rsp, rm, rr, hmask, seg, s, stride_hs, stride_hm, LORA_R,
-                                         USE_DOT and LORA_RP >= 16, LORA_PREC)
-                else:
-                    lora = _lora_seg(lora, h_ptr, bl, rsp, rm, rr, hmask, seg, s, stride_hs, stride_hm, LORA_R,
-                                     USE_DOT and LORA_RP >= 16, LORA_PREC)
+                if not SEG_SKIP or tl.max(((seg == s) & n_mask).to(tl.int32), axis=0) > 0:
+                    hs = tl.sum(tl.load(h_ptr + rsp[:, None, None] * stride_hs + rm[None, :, None] * stride_hm
+                                        + (s * LORA_R + rr)[None, None, :], mask=hmask, other=0.0), axis=0)
+                    bs = tl.where((seg == s)[:, None], bl, 0.0)
+                    lora = _mac(lora, hs, bs, USE_DOT and LORA_RP >= 16, LORA_PREC)
             y = (y + (lora * lora_scale).to(out_ty).to(tl.float32)).to(out_ty).to(tl.float32)
         return y
 

@@ -225,18 +225,12 @@ if HAS_GLUON:
         pid = gl.program_id(0)
         k_lo = gl.program_id(1) * k_per_split
         k_hi = gl.minimum(k_lo + k_per_split, KW)
-        if SHRINK:
-            if pid < R_SH:
-                _shrink_row(x_ptr, a_ptr, h_ptr, pid, M, k_lo * 8, k_hi * 8, stride_xm, stride_ar,
-                            gl.program_id(1) * stride_hs, stride_hm, BM, SH_L)
-            else:
-                _tile_partials(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid - R_SH, k_lo, k_hi, M, N, KW, n1, n2,
-                               stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
-                               BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, PREFETCH, RING,
-                               XSTEPS, X2_L, XF_L, XS_L, INWORD, W_L)
+        if SHRINK and pid < R_SH:  # (SHRINK False: no branch, every program a tile program)
+            _shrink_row(x_ptr, a_ptr, h_ptr, pid, M, k_lo * 8, k_hi * 8, stride_xm, stride_ar,
+                        gl.program_id(1) * stride_hs, stride_hm, BM, SH_L)
         else:
-            _tile_partials(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid, k_lo, k_hi, M, N, KW, n1, n2,
-                           stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
+            _tile_partials(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid - R_SH if SHRINK else pid, k_lo, k_hi, M, N, KW,
+                           n1, n2, stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
                            BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, PREFETCH, RING,
                            XSTEPS, X2_L, XF_L, XS_L, INWORD, W_L)
 

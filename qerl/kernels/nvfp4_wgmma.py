@@ -108,17 +108,13 @@ if HAS_GLUON:
         pid = gl.program_id(0)
         k_lo = gl.program_id(1) * k_per_split
         k_hi = gl.minimum(k_lo + k_per_split, KW)
-        if SHRINK:
-            if pid < R_SH:
-                _shrink_row(x_ptr, a_ptr, h_ptr, pid, M, k_lo * 8, k_hi * 8, stride_xm, stride_ar,
-                            gl.program_id(1) * stride_hs, stride_hm, BM, SH_L)
-            else:
-                _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid - R_SH, k_lo, k_hi, M, N, n1, n2, stride_xm,
-                         stride_ww, stride_sn, stride_wss, stride_wsm, BM, BN, C_L, A_L, LD_L, W_L, L3, S_L,
-                         X_L, XS_L)
+        if SHRINK and pid < R_SH:  # (SHRINK False: no branch, every program a tile program)
+            _shrink_row(x_ptr, a_ptr, h_ptr, pid, M, k_lo * 8, k_hi * 8, stride_xm, stride_ar,
+                        gl.program_id(1) * stride_hs, stride_hm, BM, SH_L)
         else:
-            _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid, k_lo, k_hi, M, N, n1, n2, stride_xm,
-                     stride_ww, stride_sn, stride_wss, stride_wsm, BM, BN, C_L, A_L, LD_L, W_L, L3, S_L, X_L, XS_L)
+            _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid - R_SH if SHRINK else pid, k_lo, k_hi, M, N, n1, n2,
+                     stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm, BM, BN, C_L, A_L, LD_L, W_L, L3, S_L,
+                     X_L, XS_L)
 
     @gluon.jit
     def _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid_n, k_lo, k_hi, M, N, n1, n2, stride_xm,
