@@ -4,9 +4,9 @@
 # (tf32 LoRA dot), version 8's 64/128-row tiles and the 32B model, each under its own time limit so that a
 # slow step cannot take the others' output with it. Everything lands in OUTDIR (the device's $OUT).
 # Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_round.sh "$OUT" [steps]
-#   steps: any of tests issue b128 epilogue kernels big (default: all six, in that order; up to 20 minutes, so
-#   run it as two device calls: "tests issue b128", then "epilogue kernels big")
-out=${1:?usage: gpu_round.sh OUTDIR [steps]}; steps=${2:-"tests issue b128 epilogue kernels big"}
+#   steps: any of tests issue b128 probe epilogue kernels big (default: all seven, in that order; up to 23 minutes,
+#   so run it as two or three device calls: "tests issue probe", then "b128 epilogue kernels big")
+out=${1:?usage: gpu_round.sh OUTDIR [steps]}; steps=${2:-"tests issue b128 probe epilogue kernels big"}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 run() {  # name seconds command...
   local name=$1 secs=$2; shift 2
@@ -27,8 +27,9 @@ for s in $steps; do case $s in
     grep -E "^qerl" "$out/b128.txt" ;;
   epilogue)
     run epilogue 200 python benchmarks/bench_epilogue_gpu.py --v8 --rows 16,64,128 --out "$out/epilogue.json"
-    grep "M=" "$out/epilogue.txt"
-    run probe 100 python benchmarks/probe_epilogue_gpu.py --rows 64,128  # incl. seg_skip (off, not measured yet)
+    grep "M=" "$out/epilogue.txt" ;;
+  probe)
+    run probe 150 python benchmarks/probe_epilogue_gpu.py --rows 1,8,64,128  # parts and variants of the epilogue
     grep "M=" "$out/probe.txt" ;;
   kernels)
     run kernels 200 python benchmarks/bench_mma_gpu.py --rows 64,128 --v8-only --out "$out/kernels.json"
