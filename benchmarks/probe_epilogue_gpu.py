@@ -1,7 +1,8 @@
 """Which part of the gate|up epilogue launch costs its time at 1-128 rows: the same launch with parts taken away
 (LoRA, the second partial, GLU) or the LoRA product done otherwise (fp32 or tf32 dot, FMAs, tiles, absent
 modules skipped), over the same partials (Qwen2.5-7B gate|up, version 8's split of 2). "full" is the default
-(tf32 dot for the bf16 output since the eighth round; the fp32 dot before).
+(tf32 dot for the bf16 output since the eighth round, the fp32 dot before; absent modules skipped, and a
+16-row block for 5-16 rows, since the ninth).
 Usage: python benchmarks/probe_epilogue_gpu.py [--rows 1,8,64,128]
 """
 import argparse
@@ -40,21 +41,19 @@ def main():
             "LoRA by tf32 dot, 64x64, 8 warps": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True, out=y,
                                                                        lora_prec="tf32", block_m=64, block_n=64,
                                                                        num_warps=8),
-            "LoRA by tf32 dot, absent modules skipped": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True,
-                                                                               out=y, seg_skip=True),
+            "LoRA of absent modules added (no seg_skip)": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True,
+                                                                                 out=y, seg_skip=False),
         }
-        if m < 16:  # the decode rows (versions 7): FMAs by default; a tf32 dot on a 16-row block (rows masked)
+        if m < 16:  # the decode rows (version 7)
             cases.update({
-                "LoRA by tf32 dot, 16-row block": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True, out=y,
-                                                                         block_m=16, lora_dot=True, block_n=64),
-                "LoRA by FMAs, absent modules skipped": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True,
-                                                                               out=y, seg_skip=True),
+                "LoRA by FMAs, 8-row block, 32 columns": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True,
+                                                                               out=y, block_m=8, block_n=32,
+                                                                               lora_dot=False, seg_skip=False),
+                "LoRA by tf32 dot, 16-row block, 32 columns": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True,
+                                                                                    out=y, block_m=16, block_n=32,
+                                                                                    lora_dot=True),
                 "LoRA by FMAs, 64 columns": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True, out=y,
-                                                                   block_n=64),
-                "LoRA by FMAs, 128 columns": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True, out=y,
-                                                                    block_n=128),
-                "LoRA by FMAs, 16 columns": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True, out=y,
-                                                                   block_n=16),
+                                                                   lora_dot=False, block_n=64),
             })
         ref = linear_epilogue(p, None, h, B, 16, 1.0, None, True, out=torch.empty_like(y)).float()
         for name, f in cases.items():

@@ -233,7 +233,8 @@ def test_decode_kernel_configs(fmt, dtype, ci):
 @pytest.mark.parametrize("m", [1, 8, 40])
 def test_linear_epilogue_on_cublas_product(dtype, m):
     """cuBLAS product + the epilogue kernel (bias, q|k|v LoRA, gate|up) = module composition; with the LoRA
-    products of absent modules skipped (bit-identical), the dot in fp32 at 16 rows a program, FMAs instead."""
+    products of absent modules added (bit-identical to skipping them), the dot in fp32 at 16 rows a program,
+    FMAs instead."""
     from qerl.kernels.fused_linear import linear_epilogue
     from qerl.kernels.lora_shrink import lora_shrink
 
@@ -248,8 +249,9 @@ def test_linear_epilogue_on_cublas_product(dtype, m):
     lora = qkv_lora(x, a, b, r, sizes)
     ref = x.float() @ w.float().T + bias.float() + 0.5 * lora
     assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
-    for opts in (dict(seg_skip=True), dict(block_m=16, lora_prec="ieee"), dict(lora_dot=False)):
-        # LoRA products skipped for modules absent from a tile: the same sums; the dot's precision and form
+    for opts in (dict(seg_skip=False), dict(block_m=16, lora_prec="ieee"), dict(lora_dot=False)):
+        # LoRA products of modules absent from a tile (skipped by default) added: the same sums; the dot's
+        # precision and form
         z = linear_epilogue(x @ w.T, bias, h, b, r, 0.5, (64, 80), out=torch.full_like(out, float("nan")), **opts)
         assert torch.equal(z, y) if "seg_skip" in opts else rel(z, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
     out = torch.full((m, 48), float("nan"), device="cuda", dtype=dtype)

@@ -841,15 +841,18 @@ def linear_epilogue(p: torch.Tensor, bias: torch.Tensor | None = None, lora_h: t
                     segments: tuple[int, int] | None = None, glu: bool = False,
                     out: torch.Tensor | None = None, block_n: int | None = None, block_m: int | None = None,
                     num_warps: int = 4, lora_dot: bool | None = None, lora_prec: str | None = None,
-                    seg_skip: bool = False) -> torch.Tensor:
+                    seg_skip: bool = True) -> torch.Tensor:
     """The fused epilogue over a precomputed product p: [M, N_rows] (a cuBLAS output in the activation
-    dtype) or [S, M, N_rows] fp32 split-K partials (summed). Same arguments as `fused_linear`; block_n:
-    output columns a program (default: 32 for 5-8 rows, 64 for the rest up to 16, else 32; H200 sweep,
-    benchmarks/bench_epilogue_gpu.py); block_m: rows a program (default: all up to 32); lora_dot: the LoRA
-    update by tl.dot (default from 16 rows a program) in lora_prec ("ieee" fp32 or "tf32"; default: tf32 for a
-    bf16/fp16 output, whose rounding (2**-9) is coarser than tf32's (2**-11): the gate|up epilogue at 64 rows
-    26.5 -> 11.4 us on the H200, benchmarks/probe_epilogue_gpu.py), else by FMAs (slower); seg_skip: no LoRA
-    product for fused modules absent from a tile (not measured on a GPU yet, so off)."""
+    dtype) or [S, M, N_rows] fp32 split-K partials (summed). Same arguments as `fused_linear`; block_m: rows
+    a program (default: all up to 4 rows, 16 for 5-16 rows (the rows past M masked), else all up to 32);
+    block_n: output columns a program (default: 64 up to 16 rows, else 32; H200 sweeps,
+    benchmarks/bench_epilogue_gpu.py); lora_dot: the LoRA update by tl.dot (default from 16 rows a program)
+    in lora_prec ("ieee" fp32 or "tf32"; default: tf32 for a bf16/fp16 output, whose rounding (2**-9) is
+    coarser than tf32's (2**-11)), else by FMAs. The gate|up epilogue on the H200
+    (benchmarks/probe_epilogue_gpu.py): 8 rows 9.5 us by FMAs on 8-row blocks, 3.5 by the tf32 dot on a
+    16-row block; 64 rows 26.7 with the fp32 dot, 11.5 with tf32. seg_skip: no LoRA product for a fused
+    module none of a tile's rows belongs to (the same sums: it would only add zeros; gate|up 11.5 -> 7.7 us at
+    64 rows)."""
     require(p, what="the linear epilogue kernel")
     p3 = p if p.ndim == 3 else p.unsqueeze(0)
     if p3.stride(2) != 1:
@@ -860,8 +863,8 @@ def linear_epilogue(p: torch.Tensor, bias: torch.Tensor | None = None, lora_h: t
         out = torch.empty((m, n), dtype=p.dtype, device=p.device)
     n1, n2, nseg = _segments(segments, n, n_rows, glu)
     lora, lora_rp = _lora_args(lora_h, lora_B, lora_rank)
-    bm = block_m or min(next_pow2(m), 32)
-    bn = block_n or (32 if bm == 8 else (64 if bm <= 16 else 32))
+    bm = block_m or (next_pow2(m) if m <= 4 else (16 if m <= 16 else min(next_pow2(m), 32)))
+    bn = block_n or (64 if bm <= 16 else 32)
     dummy = p3
     _pre_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
         p3, bias if bias is not None else dummy, lora_h if lora else dummy, lora_B if lora else dummy, out,
