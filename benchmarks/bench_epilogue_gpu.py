@@ -88,7 +88,9 @@ def sweep_v8(a):
                 f = lambda: linear_epilogue(p, bias, h, B, 16, 1.0, seg, glu, out=y, block_n=bn, block_m=bm,  # noqa: E731
                                             num_warps=nw)
                 f()
-                assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+                # the same sums in another order: a bf16 rounding of the gate may flip, which the GLU product
+                # scales by up (so no elementwise bound); a few flips stay far below 1e-3 of the norm
+                assert (y.float() - ref).norm() <= 1e-3 * ref.norm(), (bm, bn, nw)
                 times[(bm, bn, nw)] = graph_time_us(f)
             default = graph_time_us(lambda: linear_epilogue(p, bias, h, B, 16, 1.0, seg, glu, out=y))
             best = min(times, key=times.get)
