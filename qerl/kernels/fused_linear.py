@@ -836,17 +836,36 @@ def _mma_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_
     return linear_epilogue(ws, bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out)
 
 
+def epilogue_tile(m: int, nseg: int, glu: bool, block_m: int | None = None, block_n: int | None = None,
+                  num_warps: int | None = None) -> tuple[int, int, int]:
+    """(rows, output columns, warps) a program of the epilogue launch for m rows of a product of nseg fused
+    modules. Up to 4 rows: all rows, 64 columns, the LoRA update by FMAs. From 5 rows, 16-row blocks (rows past
+    m masked) and the tf32 dot: 32 columns for fused modules (q|k|v, gate|up), 64 for one module (o, down),
+    which past 16 rows takes 128 columns; gate|up past 64 rows 32 x 64. H200 (benchmarks/bench_epilogue_gpu.py
+    --v8, Qwen2.5-7B, us at 16 / 64 / 128 rows, this tile vs the previous 32 x 32 default past 16 rows): o 2.6
+    / 2.8 / 3.8 vs 2.6 / 4.2 / 5.4, down 2.7 / 2.8 / 5.4 vs 2.7 / 4.2 / 9.4, q|k|v 2.1 / 3.2 / 4.2 vs 2.4 / 3.3 /
+    4.6, gate|up 4.5 / 7.4 / 15.6 vs 5.2 / 7.6 / 16.4; at 8 rows gate|up on a 16-row block, 64 columns, by the
+    dot 3.5 us, on 8-row blocks by FMAs (the default before) 9.5 (benchmarks/probe_epilogue_gpu.py).
+    Arguments given override."""
+    if m <= 4:
+        bm, bn = next_pow2(m), 64
+    elif nseg > 1 or glu:
+        bm, bn = (32, 64) if glu and m > 64 else (16, 32)
+    else:
+        bm, bn = 16, (64 if m <= 16 else 128)
+    return block_m or bm, block_n or bn, num_warps or 4
+
+
 def linear_epilogue(p: torch.Tensor, bias: torch.Tensor | None = None, lora_h: torch.Tensor | None = None,
                     lora_B: torch.Tensor | None = None, lora_rank: int = 0, lora_scale: float = 1.0,
                     segments: tuple[int, int] | None = None, glu: bool = False,
                     out: torch.Tensor | None = None, block_n: int | None = None, block_m: int | None = None,
-                    num_warps: int = 4, lora_dot: bool | None = None, lora_prec: str | None = None,
+                    num_warps: int | None = None, lora_dot: bool | None = None, lora_prec: str | None = None,
                     seg_skip: bool = True) -> torch.Tensor:
     """The fused epilogue over a precomputed product p: [M, N_rows] (a cuBLAS output in the activation
-    dtype) or [S, M, N_rows] fp32 split-K partials (summed). Same arguments as `fused_linear`; block_m: rows
-    a program (default: all up to 4 rows, 16 for 5-16 rows (the rows past M masked), else all up to 32);
-    block_n: output columns a program (default: 64 up to 16 rows, else 32; H200 sweeps,
-    benchmarks/bench_epilogue_gpu.py); lora_dot: the LoRA update by tl.dot (default from 16 rows a program)
+    dtype) or [S, M, N_rows] fp32 split-K partials (summed). Same arguments as `fused_linear`; block_m,
+    block_n, num_warps: rows and output columns a program, and its warps (default: `epilogue_tile`);
+    lora_dot: the LoRA update by tl.dot (default from 16 rows a program)
     in lora_prec ("ieee" fp32 or "tf32"; default: tf32 for a bf16/fp16 output, whose rounding (2**-9) is
     coarser than tf32's (2**-11)), else by FMAs. The gate|up epilogue on the H200
     (benchmarks/probe_epilogue_gpu.py): 8 rows 9.5 us by FMAs on 8-row blocks, 3.5 by the tf32 dot on a
@@ -863,8 +882,7 @@ def linear_epilogue(p: torch.Tensor, bias: torch.Tensor | None = None, lora_h: t
         out = torch.empty((m, n), dtype=p.dtype, device=p.device)
     n1, n2, nseg = _segments(segments, n, n_rows, glu)
     lora, lora_rp = _lora_args(lora_h, lora_B, lora_rank)
-    bm = block_m or (next_pow2(m) if m <= 4 else (16 if m <= 16 else min(next_pow2(m), 32)))
-    bn = block_n or (64 if bm <= 16 else 32)
+    bm, bn, num_warps = epilogue_tile(m, nseg, glu, block_m, block_n, num_warps)
     dummy = p3
     _pre_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
         p3, bias if bias is not None else dummy, lora_h if lora else dummy, lora_B if lora else dummy, out,
