@@ -45,7 +45,7 @@ def test_greedy_matches_reference(fmt):
     eos = int(ref.completion_ids[0, 6])
     ref = Engine(model, Tok(eos)).generate(_prompts(), params)
     variants = (dict(), dict(use_graphs=False), dict(pdl=True), dict(fuse_shrink=False), dict(pdl=True, fuse_shrink=False),
-                dict(mma=False))
+                dict(mma=False), dict(fuse_attention=True))
     for opts in variants:  # pdl: programmatic dependent launch; fuse_shrink: h from the split-K decode kernels
         fast = CudaEngine(model, Tok(eos), check_every=4, **opts).generate(_prompts(), params)
         assert torch.equal(fast.completion_ids, ref.completion_ids)
