@@ -5,14 +5,12 @@ MMA, `qerl.kernels.nvfp4_wgmma`, from 9 rows: its default tile and warps x progr
 Per shape and row count: medians of CUDA-graph replays (`do_bench_cudagraph`) of the whole `fused_linear`
 call (decode kernel + epilogue launch), the engine's default choice (`default`: version 6 below 5 rows,
 version 7 from 5), the default tile of each version and a sweep of version-7 tiles
-(warps, 16-row tiles a warp, words a step, splits, loads a step ahead or not); the default tile (in-word
-decode) also with the word-pair decode, a 4-stage TMA ring, x staged in shared memory (XSMEM), and both
-(3 stages). GB/s counts the packed weight + scale bytes.
+(warps, 16-row tiles a warp, words a step, splits); the default tile (in-word decode) also with the
+word-pair decode. GB/s counts the packed weight + scale bytes.
 Usage: python benchmarks/bench_mma_gpu.py [--model qwen2.5-7b] [--rows 8,16,32] [--shapes "gate|up,down"]
        [--no-sweep] [--v8-only] [--maxnreg 128] [--out results.json]
 """
 import argparse
-import itertools
 import json
 
 import torch
@@ -23,8 +21,6 @@ from qerl.kernels.nvfp4_mma import MMA_MAX_M, mma_config
 from qerl.kernels.nvfp4_wgmma import WG_MIN_M, wgmma_config
 
 TILES = [(4, 1, 32), (1, 1, 32), (2, 1, 32), (1, 2, 32), (2, 2, 32), (4, 2, 32), (4, 1, 64), (1, 1, 64)]
-LOADS = (dict(), dict(PREFETCH=True), dict(XSMEM=True))  # register loads; a step ahead; x in shared memory
-# (add dict(RING=4) to sweep 4-stage TMA rings too: 32-word steps only)
 
 
 def main():
@@ -72,22 +68,17 @@ def main():
             y_default = y.float().clone()
             row["v7_us"] = graph_time_us(run(d7))
             row["v7_wordpair_us"] = graph_time_us(run(dict(d7, INWORD=False)))  # the word-pair decode
-            row["v7_ring4_us"] = graph_time_us(run(dict(d7, RING=4)))  # the default tile with a 4-stage TMA ring
-            row["v7_xsmem_us"] = graph_time_us(run(dict(d7, XSMEM=True)))  # ... with x staged in shared memory
-            row["v7_ring3_xsmem_us"] = graph_time_us(run(dict(d7, RING=3, XSMEM=True)))  # ... both: no global load in the loop
             for regs in a.maxnreg:  # the default tile with registers capped (more warps resident, maybe spills)
                 row[f"v7_maxnreg{regs}_us"] = graph_time_us(run(dict(d7, MAXNREG=regs)))
                 print(f"{name:8s} M={m:<3d} v7 {row['v7_us']:7.1f} us, maxnreg {regs}: "
                       f"{row[f'v7_maxnreg{regs}_us']:7.1f} us", flush=True)
             best = (row["v7_us"], d7)
-            for (nw, r, bkw), loads in itertools.product(TILES if a.sweep else [], LOADS):
-                if m > 16 and (r > 1 or loads.get("PREFETCH")) and not loads.get("XSMEM"):  # x spills at 32 rows
+            for nw, r, bkw in TILES if a.sweep else []:
+                if m > 16 and r > 1:  # x spills at 32 rows
                     continue
-                base = mma_config(m, nout, k, num_warps=nw, rows_per_warp=r, bkw=bkw, ring=loads.get("RING", 0))
-                if loads.get("RING") and not base["RING"]:
-                    continue
+                base = mma_config(m, nout, k, num_warps=nw, rows_per_warp=r, bkw=bkw)
                 for split in sorted({base["SPLIT"], max(1, base["SPLIT"] // 2), 2 * base["SPLIT"]}):
-                    cfg = dict(base, SPLIT=split, PREFETCH=loads.get("PREFETCH", False), XSMEM=loads.get("XSMEM", False))
+                    cfg = dict(base, SPLIT=split)
                     if (k // 8) // bkw < split or k % (8 * bkw):
                         continue
                     try:
@@ -97,12 +88,6 @@ def main():
                         continue
                     if t < best[0]:
                         best = (t, cfg)
-            if best[1]["RING"]:  # the best tile with other ring depths
-                for stages in (2, 3, 6):
-                    t = graph_time_us(run(dict(best[1], RING=stages)))
-                    row[f"v7_best_ring{stages}_us"] = t
-                    if t < best[0]:
-                        best = (t, dict(best[1], RING=stages))
             run(best[1])()
             agrees = bool(((y.float() - y_default).norm() / y_default.norm()) < 1e-2)
             row.update(v7_best_us=best[0], v7_best_cfg=best[1], v7_best_agrees=agrees,
@@ -111,7 +96,7 @@ def main():
             results.append(row)
             print(f"{name:8s} M={m:<3d} cuBLAS bf16 {row['cublas_bf16_us']:7.1f} us | default {row['default_us']:7.1f} us | v5 {row['v5_us']:7.1f} us "
                   f"| v7 word pairs {row['v7_wordpair_us']:7.1f} "
-                  f"{row['v5_GBs']:5.0f} GB/s | v7 ring4 {row['v7_ring4_us']:7.1f} | v7 xsmem {row['v7_xsmem_us']:7.1f} | ring3+xsmem {row['v7_ring3_xsmem_us']:7.1f} | v7 {row['v7_us']:7.1f} us {row['v7_GBs']:5.0f} GB/s | v7 best "
+                  f"{row['v5_GBs']:5.0f} GB/s | v7 {row['v7_us']:7.1f} us {row['v7_GBs']:5.0f} GB/s | v7 best "
                   f"{best[0]:7.1f} us {row['v7_best_GBs']:5.0f} GB/s {best[1]} (agrees: {agrees})", flush=True)
     if a.out:
         with open(a.out, "w") as f:

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Nsight Compute over benchmarks/ncu_mma_gpu.py's cases: speed of light, occupancy and the stall reasons per
-# issued instruction. Usage: bash benchmarks/ncu_mma.sh OUTDIR "v7:8 v7:1 v7ring:8 ldg:8"
-out=${1:-.}; cases=${2:-"v7:8 v7:1 v7ring:8 ldg:8"}
+# issued instruction. Usage: bash benchmarks/ncu_mma.sh OUTDIR "v7:8 v7:1 ldg:8"
+out=${1:-.}; cases=${2:-"v7:8 v7:1 ldg:8"}
 for c in $cases; do
   PYTHONPATH=.:benchmarks ncu --clock-control none -k 'regex:_mma_kernel|_ldg' --launch-skip 2 --launch-count 1 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \

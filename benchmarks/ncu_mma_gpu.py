@@ -1,7 +1,7 @@
 """One launch of a decode kernel, for Nsight Compute (stall reasons, occupancy, memory throughput).
 
-Cases (Qwen2.5-7B gate|up, random NVFP4 weights): `v7` (version 7, the engine's tile), `v7ring` (the same
-tile with a 4-stage TMA ring), `ldg` (probe_stream_gpu's best read-only kernel over the same words).
+Cases (Qwen2.5-7B gate|up, random NVFP4 weights): `v7` (version 7, the engine's tile), `ldg`
+(probe_stream_gpu's best read-only kernel over the same words).
 Usage: ncu --clock-control none -k regex:'_mma_kernel|_ldg' --launch-skip 2 --launch-count 1 \\
            --section SpeedOfLight --section Occupancy --section WarpStateStats \\
            python benchmarks/ncu_mma_gpu.py --case v7 --rows 8
@@ -17,7 +17,7 @@ from qerl.kernels.nvfp4_mma import mma_config
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--case", default="v7", choices=["v7", "v7ring", "ldg"])
+    ap.add_argument("--case", default="v7", choices=["v7", "ldg"])
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--shape", default="gate|up")
     a = ap.parse_args()
@@ -36,7 +36,7 @@ def main():
         grid = (triton.cdiv(n, 32), 2)  # the probe's best gate|up tile: 2368 programs of 4 warps, 2 steps of loads
         run = lambda: _ldg[grid](w32, out, n, kw, 256, BN=32, BKW=32, U=2, num_warps=4)  # noqa: E731
     else:
-        cfg = mma_config(a.rows, nout, layer.k, ring=4 if a.case == "v7ring" else None)
+        cfg = mma_config(a.rows, nout, layer.k)
         print(cfg)
         run = lambda: fused_linear(x, "nvfp4", w, layer.q["weight_scale"], layer.gs, glu=layer.glu,  # noqa: E731
                                    config=cfg)

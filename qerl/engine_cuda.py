@@ -46,7 +46,6 @@ import torch
 from .kernels import KernelUnavailable, available
 from .kernels._triton import programmatic_launch
 from .kernels.fused_linear import TC_MAX_M
-from .kernels.nvfp4_mma import RING_STAGES
 from .kernels.nvfp4_wgmma import WG_MAX_M, wgmma_supported
 from .modeling import CausalLM, causal_mask, positions_from_mask, rope_inv_freq
 from .quant import QuantLinear
@@ -129,7 +128,7 @@ class CudaEngine(Engine):
 
     def __init__(self, model: CausalLM, tokenizer, eos_ids: list[int] | None = None, check_every: int = 16,
                  use_graphs: bool = True, pdl: bool = False, fuse_shrink: bool = True,
-                 mma: bool = True, ring: bool = False, xsmem: bool = False, inword: bool = True,
+                 mma: bool = True, inword: bool = True,
                  wgmma: bool = True, fuse_attention: bool = False):
         if not available() or model.device.type != "cuda":
             raise KernelUnavailable("CudaEngine needs a CUDA device and Triton; use qerl.rollout.Engine here")
@@ -145,10 +144,6 @@ class CudaEngine(Engine):
         # is -4% at batch 1, -9% at 8 and -1% at 64, so off
         self.pdl, self.fuse_shrink = pdl, fuse_shrink
         self.mma = mma  # version 7 (register-fed tensor cores) for the NVFP4 rows it supports, else versions 5/6
-        # version 7 options measured slower on an H200, so off: its words and scales streamed by TMA through
-        # shared memory (ring: -2 to -4% tok/s), each split's x staged in shared memory (xsmem: -5 to -10%)
-        self.ring = RING_STAGES if ring else None
-        self.xsmem = xsmem
         self.inword = inword  # version 7's in-word decode (off: its word-pair decode)
         self.wgmma = wgmma  # version 8 (warpgroup MMA) for the NVFP4 rows it serves (9..WG_MAX_M)
         # RoPE + cache write, attention and the splits' merge in one launch instead of three (the same outputs;
@@ -259,8 +254,8 @@ class CudaEngine(Engine):
         one_pass = self._one_pass(f, m)
         if one_pass and f.rank and self.fuse_shrink:  # h from the decode kernel (see fused_linear's lora_A)
             return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, None, f.B, f.rank, 1.0, f.segments, f.glu,
-                                out=out, lora_A=f.A, h_out=self.hbuf, mma=self.mma, ring=self.ring,
-                                xsmem=self.xsmem, inword=self.inword, wgmma=self.wgmma)
+                                out=out, lora_A=f.A, h_out=self.hbuf, mma=self.mma, inword=self.inword,
+                                wgmma=self.wgmma)
         if f.rank:
             h = lora_shrink(x, f.A, out=self.hbuf)
         if not one_pass:  # cuBLAS for the product, one small kernel for the epilogue
@@ -282,7 +277,7 @@ class CudaEngine(Engine):
             torch.mm(x, w.t(), out=y0)
             return linear_epilogue(y0, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out)
         return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out,
-                            mma=self.mma, ring=self.ring, xsmem=self.xsmem, inword=self.inword, wgmma=self.wgmma)
+                            mma=self.mma, inword=self.inword, wgmma=self.wgmma)
 
     def _one_pass(self, f: _FusedLinear, m: int) -> bool:
         """Whether the one-pass decode kernels take m rows of this layer (else cuBLAS on a dequantized copy):

@@ -109,7 +109,7 @@ def test_in_word_decode_asm_matches_reference_on_cpu():
 def test_compiles_for_hopper_without_shared_memory(m, nw, r):
     """Offline (no GPU): every conversion to an MMA operand layout is asserted trivial at compile time, and
     the compiled kernel uses no shared memory and spills nothing (the in-word decode; the word-pair one at 16 rows)."""
-    cfg = dict(num_warps=nw, RPW=r, BKW=32, PREFETCH=m == 16, INWORD=m != 16)  # 16: loaded a step ahead too
+    cfg = dict(num_warps=nw, RPW=r, BKW=32, INWORD=m != 16)
     ck = nvfp4_mma.compile_sm90(m, cfg, shrink=m == 8)  # 8 rows: with the LoRA shrink's extra programs
     assert ck.metadata.shared == 0
     assert "local_alloc" not in ck.asm["ttgir"] and "mma.sync" in ck.asm["ptx"]
@@ -156,50 +156,11 @@ def test_in_word_decode_takes_fewer_instructions():
     assert regs_w < regs_p
 
 
-@gluon
-@pytest.mark.parametrize("m,nw,r,ring", [(1, 4, 2, 4), (8, 2, 2, 3), (32, 2, 1, 2)])
-def test_ring_compiles_for_hopper(m, nw, r, ring):
-    """Offline (no GPU): with the TMA ring the words and scales arrive by bulk tensor copies into `ring`
-    shared-memory stages (16-byte shared loads in the operand layout); the MMA operands still come from
-    registers, and nothing spills."""
-    cfg = dict(num_warps=nw, RPW=r, BKW=32, RING=ring)
-    ck = nvfp4_mma.compile_sm90(m, cfg, shrink=m == 8)
-    bn = 16 * nw * r
-    assert ck.metadata.shared >= ring * bn * (128 + 16)  # the ring: words and scale bytes of each stage
-    ptx = ck.asm["ptx"]
-    assert ptx.count("cp.async.bulk.tensor.2d") == 2 * ring  # words + scales: ring - 1 in the prologue, 1 a step
-    assert "ld.shared.v4.b32" in ptx and "mma.sync" in ptx and "mbarrier.try_wait" in ptx
-    sass = disassemble(ck)
-    assert "HMMA" in sass and "UTMALDG" in sass and "STL" not in sass
-
-
-@gluon
-@pytest.mark.parametrize("m,nw,r,xsteps,ring", [(8, 4, 2, 4, 0), (32, 2, 1, 3, 0), (8, 2, 2, 4, 3)])
-def test_staged_x_compiles_for_hopper(m, nw, r, xsteps, ring):
-    """Offline (no GPU): with XSMEM the split's x is copied into shared memory once (xsteps x [BM, 256] bf16)
-    and the loop reads it with 16-byte shared loads: no global load of x inside the loop (and no barrier
-    without a ring), nothing spills (also at 32 rows, where the register path is at its limit)."""
-    def sass_of(cfg):
-        ck = nvfp4_mma.compile_sm90(m, dict(num_warps=nw, RPW=r, BKW=32, RING=ring, **cfg), shrink=False,
-                                    xsteps=xsteps)
-        return ck, disassemble(ck)
-
-    ck, sass = sass_of(dict(XSMEM=True))
-    ring_bytes = ring * 16 * nw * r * (128 + 16) + (8 * ring if ring else 0)  # stages of words + scales, mbarriers
-    assert ck.metadata.shared == xsteps * m * 256 * 2 + ring_bytes
-    assert "STL" not in sass
-    loop = "\n".join(main_loop(sass))
-    assert "LDS.128" in loop and "HMMA" in loop
-    assert ring or "BAR.SYNC" not in loop  # (a ring has its barriers a step)
-    # x's global loads left the loop: the words' and scales' remain
-    assert loop.count("LDG") < "\n".join(main_loop(sass_of(dict())[1])).count("LDG")
-
-
 def test_config_follows_the_measured_tiles():
-    """The H200 sweeps' best tiles for Qwen2.5-7B; splits keep two steps of K each; register loads (no ring)."""
+    """The H200 sweeps' best tiles for Qwen2.5-7B; splits keep two steps of K each."""
     qkv, o = nvfp4_mma.mma_config(8, 4608, 3584), nvfp4_mma.mma_config(8, 3584, 3584)
     assert (o["num_warps"], o["BLOCK_N"], o["SPLIT"]) == (4, 128, 7)  # 14 steps: 7 splits of 2 (the sweep: 14)
-    assert qkv["MMA"] and qkv["BLOCK_N"] == 128 and qkv["SPLIT"] == 7 and qkv["RING"] == 0
+    assert qkv["MMA"] and qkv["BLOCK_N"] == 128 and qkv["SPLIT"] == 7 and qkv["INWORD"]
     assert nvfp4_mma.mma_config(8, 18944, 3584)["SPLIT"] == 4  # gate|up: 148 tiles of 128 rows, 4 splits
     assert nvfp4_mma.mma_config(16, 18944, 3584)["SPLIT"] == 4
     gu1 = nvfp4_mma.mma_config(1, 18944, 3584)
@@ -209,28 +170,23 @@ def test_config_follows_the_measured_tiles():
     assert nvfp4_mma.mma_config(1, 3584, 18944)["BLOCK_N"] == 32
     assert nvfp4_mma.mma_config(32, 3584, 18944)["BLOCK_N"] == 32  # one tile a warp above 16 rows (registers)
     assert nvfp4_mma.mma_config(8, 64, 512)["SPLIT"] == 1  # 2 steps of 32 words: no room to split
-    assert nvfp4_mma.mma_config(8, 4608, 3584, ring=3)["RING"] == 3
-    assert nvfp4_mma.mma_config(8, 4608, 3584, bkw=64, ring=3)["RING"] == 0  # a TMA box row is at most 128 bytes
+    assert not nvfp4_mma.mma_config(8, 4608, 3584, inword=False)["INWORD"]
 
 
 @hopper
 @gluon
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", [(4, 1, 1, 0, 4, 0, 1), (1, 1, 3, 1, 0, 0, 1), (1, 2, 2, 0, 2, 0, 0),
-                                  (2, 2, 5, 1, 0, 0, 0), (2, 2, 5, 0, 3, 0, 1), (4, 2, 2, 0, 0, 1, 1),
-                                  (2, 1, 3, 1, 0, 1, 0), (2, 2, 2, 0, 3, 1, 1), (4, 2, 2, 0, 0, 0, 1),
-                                  (4, 2, 2, 0, 0, 0, 0)],
-                         ids=lambda t: "w%d-r%d-s%d-p%d-ring%d-xsmem%d-inword%d" % t)
+@pytest.mark.parametrize("tile", [(4, 1, 1, 1), (1, 1, 3, 1), (1, 2, 2, 0), (2, 2, 5, 0), (2, 2, 5, 1),
+                                  (2, 1, 3, 0), (4, 2, 2, 1), (4, 2, 2, 0)],
+                         ids=lambda t: "w%d-r%d-s%d-inword%d" % t)
 @pytest.mark.parametrize("k", [768, 1280])
 def test_matches_reference(tile, k):
     """q|k|v segments (own global scales, bias, LoRA from h or from A) and gate|up with SiLU, M = 1..32,
-    N not a multiple of the tile (the TMA ring's out-of-bounds rows), more splits than steps (empty splits
-    write zeros, a split shorter than the staged x), register loads (with and without prefetch), TMA rings of
-    2-4 stages, x staged in shared memory (with register loads, prefetch or a ring), the in-word and the
+    N not a multiple of the tile, more splits than steps (empty splits write zeros), the in-word and the
     word-pair decode, poisoned outputs."""
-    nw, r_, split, prefetch, ring, xsmem, inword = tile
+    nw, r_, split, inword = tile
     cfg = dict(WORDS=True, MMA=True, BLOCK_N=16 * nw * r_, BKW=32, RPW=r_, SPLIT=split, num_warps=nw,
-               PREFETCH=bool(prefetch), RING=ring, XSMEM=bool(xsmem), INWORD=bool(inword))
+               INWORD=bool(inword))
     check_fused_nvfp4(cfg, k, (1, 3, 5, 8, 13, 16, 17, 32))
 
 
@@ -253,13 +209,12 @@ def test_pdl_matches_reference():
 @gluon
 @pytest.mark.gpu
 def test_picked_by_default_and_off_switch():
-    """fused_linear picks version 7 for 1..32 bf16 rows on Hopper (its TMA ring when asked for), versions
-    5/6 with mma=False; all agree with the reference."""
+    """fused_linear picks version 7 for 1..32 bf16 rows on Hopper (its word-pair decode when asked for),
+    versions 5/6 with mma=False; all agree with the reference."""
     from qerl.kernels.fused_linear import pick_config
 
     assert pick_config(1, 4608, 3584, "nvfp4", mma=True)["MMA"]
-    assert pick_config(8, 4608, 3584, "nvfp4", mma=True, ring=0)["RING"] == 0
-    assert pick_config(8, 4608, 3584, "nvfp4", mma=True, ring=3)["RING"] == 3
+    assert not pick_config(8, 4608, 3584, "nvfp4", mma=True, inword=False)["INWORD"]
     assert not pick_config(8, 4608, 3584, "nvfp4", mma=False).get("MMA")
     assert not pick_config(40, 4608, 3584, "nvfp4", mma=True).get("MMA")
-    check_fused_options((1, 8), [dict(), dict(ring=4), dict(xsmem=True), dict(mma=False)])
+    check_fused_options((1, 8), [dict(), dict(inword=False), dict(mma=False)])

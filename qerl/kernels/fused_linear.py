@@ -11,8 +11,8 @@ the reference does, so the dequantized weight is bit-identical to
 
 - MMA_MIN_M..MMA_MAX_M rows (1..32; 1..8 while version 8 is on), NVFP4 with bf16 x on Hopper (version 7,
   `nvfp4_mma`, Gluon): nibbles j and j + 4 of each int32 word are decoded straight into one `mma.sync`
-  operand register (words loaded into registers, or optionally streamed by TMA through shared memory:
-  `ring`); fp32 partials + the epilogue launch. Tiles: `mma_config`.
+  operand register (words and scales loaded straight into registers); fp32 partials + the epilogue launch.
+  Tiles: `mma_config`.
 - WG_MIN_M..WG_MAX_M rows (9..128), NVFP4 with bf16 x on Hopper (version 8, `nvfp4_wgmma`, Gluon): the same
   decode into the registers of warpgroup MMAs whose x the program stages in shared memory once a step;
   fp32 partials + the epilogue launch. Tiles: `wgmma_config`.
@@ -579,17 +579,16 @@ TC_MIN_M = 5  # from this many rows up, NVFP4/MXFP4 use version 5 (tensor cores)
 MMA_MIN_M = 1  # version 7 (where supported) from this many rows up: faster than version 6 at 1, 2 and 4 rows (H200)
 
 
-def pick_config(m: int, n: int, k: int, fmt: str, mma: bool = False, ring: int | None = None,
-                xsmem: bool = False, inword: bool | None = None, wgmma: bool = False) -> dict:
+def pick_config(m: int, n: int, k: int, fmt: str, mma: bool = False, inword: bool | None = None,
+                wgmma: bool = False) -> dict:
     """Tile sizes by shape (measured on an H100/H200; see benchmarks/RESULTS.md). mma: version 7
     (`nvfp4_mma`, Gluon) may serve NVFP4 from MMA_MIN_M to MMA_MAX_M rows (the caller checked `mma_supported`);
-    ring: its TMA ring stages (None: its tile table's); xsmem: its x staged in shared memory; inword: its
-    in-word decode (None: `nvfp4_mma.INWORD`); wgmma: version 8 (`nvfp4_wgmma`) may serve NVFP4 from
+    inword: its in-word decode (None: `nvfp4_mma.INWORD`); wgmma: version 8 (`nvfp4_wgmma`) may serve NVFP4 from
     WG_MIN_M to WG_MAX_M rows (the caller checked `wgmma_supported`)."""
     if wgmma and fmt == "nvfp4" and WG_MIN_M <= m <= WG_MAX_M:
         return wgmma_config(m, n, k)
     if mma and fmt == "nvfp4" and MMA_MIN_M <= m <= MMA_MAX_M:
-        return mma_config(m, n, k, ring=ring, xsmem=xsmem, inword=inword)
+        return mma_config(m, n, k, inword=inword)
     if TC_MIN_M <= m <= TC_MAX_M and fmt in ("nvfp4", "mxfp4"):
         return tc_config(m, n, k)
     if m <= GEMV_MAX_M and fmt in ("nvfp4", "mxfp4"):
@@ -647,8 +646,8 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
                  lora_h: torch.Tensor | None = None, lora_B: torch.Tensor | None = None, lora_rank: int = 0,
                  lora_scale: float = 1.0, segments: tuple[int, int] | None = None, glu: bool = False,
                  out: torch.Tensor | None = None, config: dict | None = None, lora_A: torch.Tensor | None = None,
-                 h_out: torch.Tensor | None = None, mma: bool = True, ring: int | None = None,
-                 xsmem: bool = False, inword: bool | None = None, wgmma: bool = True) -> torch.Tensor:
+                 h_out: torch.Tensor | None = None, mma: bool = True, inword: bool | None = None,
+                 wgmma: bool = True) -> torch.Tensor:
     """x [M, K] -> y [M, N] (or [M, N/2] with glu) in x.dtype.
 
     weight: nvfp4/mxfp4 packed uint8 [N, K/2] (+ scale [N, K/16] e4m3 or [N, K/32] e8m0,
@@ -659,10 +658,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     scratch for its partials (>= MAX_SPLITS * M * R_total values; allocated if None).
     segments: (n1, n2) row boundaries of fused modules (q | k | v); with glu, rows of up start at N/2.
     mma: let version 7 (register-fed tensor cores, `nvfp4_mma`) take the rows it supports when no config is given;
-    ring: version 7's words and scales streamed by TMA through this many shared-memory stages
-    (`nvfp4_mma._mma_tile_ring`; 0: register loads; None: the tile table's, `nvfp4_mma.MMA_TILES`);
-    xsmem: version 7 copies each split's x into shared memory once (`nvfp4_mma._stage_x`) instead of every
-    warp loading it every step; inword: version 7 decodes nibbles j and j + 4 of a word into one register
+    inword: version 7 decodes nibbles j and j + 4 of a word into one register
     (`nvfp4_mma.PAIR_ASM`; None: `nvfp4_mma.INWORD`), else nibble i of a word pair (`PLANES_ASM`);
     wgmma: let version 8 (warpgroup MMA, `nvfp4_wgmma`) take the rows it serves when no config is given.
     """
@@ -681,8 +677,8 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     n = n_rows // 2 if glu else n_rows
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    cfg = dict(config or pick_config(m, n, k, fmt, mma=mma and mma_supported(x, fmt, k), ring=ring, xsmem=xsmem,
-                                          inword=inword, wgmma=wgmma and wgmma_supported(x.device, x.dtype, fmt, k)))
+    cfg = dict(config or pick_config(m, n, k, fmt, mma=mma and mma_supported(x, fmt, k), inword=inword,
+                                     wgmma=wgmma and wgmma_supported(x.device, x.dtype, fmt, k)))
     if cfg.pop("WORDS", False):
         return _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
                               segments, glu, out, n, cfg, lora_A, h_out)

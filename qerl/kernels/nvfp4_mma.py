@@ -25,13 +25,11 @@ instructions, measured slower.) The row's 2**16 and
 Given the LoRA A matrices, R extra programs per split write the shrink's partials h[split, M, R] (one row
 of A each, CUDA cores), so the decode step needs no `lora_shrink` launch.
 
-Loads: by default each step's words and scales are loaded straight into registers in the operand layout.
-With RING > 0 (`_mma_tile_ring`) they are streamed by TMA (bulk tensor copies, mbarriers) through RING
-shared-memory stages and read back with 16-byte shared loads: the loads in flight no longer depend on the
-registers. With XSTEPS > 0 (`_stage_x`, `xsmem`) each program first copies its split's x into shared memory
-and every step reads x from there instead of every warp loading it again. Both were measured slower on the
-H200 (benchmarks/RESULTS.md): the kernel is bound by its instruction issue at 12 resident warps a
-multiprocessor, not by its loads, so both are off.
+Loads: each step's words and scales go straight into registers in the operand layout. Tried and taken out
+again (measured slower on the H200, benchmarks/RESULTS.md, sixth to eighth rounds): the words and scales streamed
+by TMA through a ring of shared-memory stages, each split's x staged in shared memory, one step of register
+prefetch, an L2 prefetch: the kernel is bound by its instruction issue at 12 resident warps a multiprocessor,
+not by its loads.
 
 Layouts are Gluon's explicit linear layouts: `_layouts` derives the scale and x layouts from the MMA
 operand layouts, and every conversion to an operand layout is asserted trivial at compile time (no data
@@ -50,16 +48,12 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     HAS_GLUON = True
 except Exception:  # Triton without Gluon (< 3.4) or no Triton at all: version 5 serves these rows
     HAS_GLUON = False
 
 MMA_MAX_M = 32  # rows of x: at 64 the x tile (32 words x 8 x 64 rows) spills registers
-XSMEM_MAX_BYTES = 64 * 1024  # x staged in shared memory (XSMEM) only up to this many bytes a program
-RING_STAGES = 4  # TMA ring depth when a ring is asked for (`CudaEngine(ring=True)`, `fused_linear(ring=)`)
 INWORD = True  # the in-word decode by default (fewer instructions a weight than the word-pair decode)
 
 
@@ -76,8 +70,8 @@ def _bits(n: int) -> list[int]:
 
 @functools.lru_cache(maxsize=None)
 def _layouts(nw: int, r: int, bkw: int, bm: int):
-    """(mma, A, B, scale layout, x layout, the [BN, BKW/2, 2] scale-broadcast layout, A as a linear layout,
-    the x tile as [BM, 8 * BKW]) for a tile of BN = 16 * nw * r rows, bkw words, bm rows of x. A and B are the k_width=4 `mma.sync` operand layouts;
+    """(mma, A, B, scale layout, x layout, the [BN, BKW/2, 2] scale-broadcast layout, the in-word decode's
+    words) for a tile of BN = 16 * nw * r rows, bkw words, bm rows of x. A and B are the k_width=4 `mma.sync` operand layouts;
     their linear-layout bases (checked against Triton 3.6 by tests/test_nvfp4_mma.py when Triton is installed):
       A [BN, BKW]:  regs (0,1) (0,2) (8,0) (0,16..) (16nw..,0); lanes (0,4) (0,8) (1,0) (2,0) (4,0); warps (16..,0)
       B [BKW, BM]:  regs (1,0) (2,0) (16..,0) (0,8..); lanes (4,0) (8,0) (0,1) (0,2) (0,4); warps (0,0)..
@@ -99,17 +93,12 @@ def _layouts(nw: int, r: int, bkw: int, bm: int):
     x_l = gl.DistributedLinearLayout([[0, 0, 1], [0, 0, 2], [0, 0, 4]] + [[w, m, 0] for w, m in b_reg],
                                      [[w, m, 0] for w, m in b_lane], [[0, 0, 0] for _ in _bits(nw)], [],
                                      [bkw, bm, 8])
-    # the x tile as [BM, 8 * BKW] (row m, column 8w + i) with the bases of x_l: read from shared memory
-    x2_l = gl.DistributedLinearLayout([[0, 1], [0, 2], [0, 4]] + [[m, 8 * w] for w, m in b_reg],
-                                      [[m, 8 * w] for w, m in b_lane], [[0, 0] for _ in _bits(nw)], [], [bm, 8 * bkw])
-    q_l = gl.DistributedLinearLayout([list(b) for b in a_reg], [list(b) for b in a_lane], [list(b) for b in a_warp], [],
-                                     [16 * nw * r, bkw])  # A's bases as a linear layout: shared -> registers
     # the words for the in-word decode: A's registers with word 2 after row 8, a register permutation of the 16-byte
     # loads (word 1, word 2, row 8) that becomes A's (k 1, k 2, row 8, k 16, ...) once each decoded word is the
     # k pair of one register (`_a_pairs`)
     w_l = gl.DistributedLinearLayout([list(b) for b in [a_reg[0], a_reg[2], a_reg[1]] + a_reg[3:]],
                                      [list(b) for b in a_lane], [list(b) for b in a_warp], [], [16 * nw * r, bkw])
-    return mma, a_op, b_op, s_l, x_l, l3, q_l, x2_l, w_l
+    return mma, a_op, b_op, s_l, x_l, l3, w_l
 
 
 @functools.lru_cache(maxsize=None)
@@ -210,14 +199,10 @@ if HAS_GLUON:
                     stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm, stride_ar, stride_hs, stride_hm,
                     BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
                     C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
-                    X_L: gl.constexpr, L3: gl.constexpr, Q_L: gl.constexpr, SH_L: gl.constexpr,
-                    SHRINK: gl.constexpr = False, PREFETCH: gl.constexpr = False, RING: gl.constexpr = 0,
-                    XSTEPS: gl.constexpr = 0, X2_L: gl.constexpr = None, XF_L: gl.constexpr = None,
-                    XS_L: gl.constexpr = None, INWORD: gl.constexpr = False, W_L: gl.constexpr = None,
+                    X_L: gl.constexpr, L3: gl.constexpr, SH_L: gl.constexpr,
+                    SHRINK: gl.constexpr = False, INWORD: gl.constexpr = False, W_L: gl.constexpr = None,
                     PDL: gl.constexpr = False):
         """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32).
-        RING > 0: w_ptr and s_ptr are TMA descriptors of the words and scales, streamed through a ring of RING
-        shared-memory stages (`_mma_tile_ring`); else they are pointers, loaded into registers (`_mma_tile`).
         SHRINK: the first R_SH programs of each split instead write the LoRA shrink's partial
         h[split, m, r] = x[m, split's K] . A[r, split's K] (one row of A each), so no `lora_shrink` launch.
         PDL: launched as a programmatic dependent of the previous kernel."""
@@ -229,28 +214,10 @@ if HAS_GLUON:
             _shrink_row(x_ptr, a_ptr, h_ptr, pid, M, k_lo * 8, k_hi * 8, stride_xm, stride_ar,
                         gl.program_id(1) * stride_hs, stride_hm, BM, SH_L)
         else:
-            _tile_partials(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid - R_SH if SHRINK else pid, k_lo, k_hi, M, N, KW,
-                           n1, n2, stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
-                           BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, PREFETCH, RING,
-                           XSTEPS, X2_L, XF_L, XS_L, INWORD, W_L)
-
-    @gluon.jit
-    def _tile_partials(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid_n, k_lo, k_hi, M, N, KW, n1, n2,
-                       stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm,
-                       BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
-                       C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
-                       X_L: gl.constexpr, L3: gl.constexpr, Q_L: gl.constexpr, PREFETCH: gl.constexpr,
-                       RING: gl.constexpr, XSTEPS: gl.constexpr, X2_L: gl.constexpr, XF_L: gl.constexpr,
-                       XS_L: gl.constexpr, INWORD: gl.constexpr, W_L: gl.constexpr):
-        if RING > 0:
-            acc = _mma_tile_ring(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, stride_xm,
-                                 BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, Q_L, RING, XSTEPS, X2_L, XF_L, XS_L,
-                                 INWORD, W_L)
-        else:
-            acc = _mma_tile(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, N, KW, stride_xm, stride_ww, stride_sn,
-                            BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, PREFETCH, XSTEPS, X2_L, XF_L, XS_L,
-                            INWORD, W_L)
-        _store_partials(acc, gs_ptr, ws_ptr, pid_n, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
+            pid_n = pid - R_SH if SHRINK else pid
+            acc = _mma_tile(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, N, stride_xm, stride_ww, stride_sn,
+                            BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, INWORD, W_L)
+            _store_partials(acc, gs_ptr, ws_ptr, pid_n, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
 
     @gluon.jit
     def _shrink_row(x_ptr, a_ptr, h_ptr, r, M, k_lo, k_hi, stride_xm, stride_ar, h_off, stride_hm,
@@ -323,15 +290,11 @@ if HAS_GLUON:
         return acc
 
     @gluon.jit
-    def _mma_tile(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, N, KW, stride_xm, stride_ww, stride_sn,
+    def _mma_tile(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, N, stride_xm, stride_ww, stride_sn,
                   BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
                   C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
-                  X_L: gl.constexpr, L3: gl.constexpr, PREFETCH: gl.constexpr, XSTEPS: gl.constexpr,
-                  X2_L: gl.constexpr, XF_L: gl.constexpr, XS_L: gl.constexpr, INWORD: gl.constexpr,
-                  W_L: gl.constexpr):
-        """One [BN weight rows, BM rows of x] tile over words [k_lo, k_hi), loaded straight into registers.
-        XSTEPS > 0: the split's x (at most XSTEPS steps of [BM, 8 * BKW]) is first copied into shared memory
-        by all warps together, and each step reads its x tile from there (not every warp from L1/L2)."""
+                  X_L: gl.constexpr, L3: gl.constexpr, INWORD: gl.constexpr, W_L: gl.constexpr):
+        """One [BN weight rows, BM rows of x] tile over words [k_lo, k_hi), loaded straight into registers."""
         # weight words [BN, BKW] in the A layout (rows past N read row N-1; their sums are not stored)
         rn = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, A_L)), N - 1)
         rw = gl.arange(0, BKW, layout=gl.SliceLayout(0, A_L))
@@ -342,104 +305,11 @@ if HAS_GLUON:
         sp = s_ptr + gl.expand_dims(rns.to(gl.int64) * stride_sn, 1) + gl.expand_dims(rj, 0)
         xoff, xmask = _x_offsets(M, stride_xm, BM, BKW, X_L)
         acc = gl.zeros([BN, BM], gl.float32, layout=C_L)
-        x_s = x_ptr
-        if XSTEPS > 0:
-            x_s = _stage_x(x_ptr, k_lo, k_hi, M, stride_xm, BM, BKW, XSTEPS, XF_L, XS_L)
-        if PREFETCH:  # this step's words and scales (and x from global) were loaded one step ahead (clamped)
-            kc = gl.minimum(k_lo, KW - BKW)
-            qn = gl.load(wp + kc)
-            sbn = gl.load(sp + kc // 2)
-            if XSTEPS == 0:
-                xn = gl.load(x_ptr + kc * 8 + xoff, mask=xmask, other=0.0)
         for k in range(k_lo, k_hi, BKW):
-            if PREFETCH:
-                q, sb = qn, sbn
-                kc = gl.minimum(k + BKW, KW - BKW)
-                qn = gl.load(wp + kc)
-                sbn = gl.load(sp + kc // 2)
-                if XSTEPS == 0:
-                    xv = xn
-                    xn = gl.load(x_ptr + kc * 8 + xoff, mask=xmask, other=0.0)
-                else:
-                    xv = _x_step(x_ptr, x_s, k, k_lo, xoff, xmask, BM, BKW, X_L, X2_L, XSTEPS)
-            else:
-                q = gl.load(wp + k)
-                sb = gl.load(sp + k // 2)
-                xv = _x_step(x_ptr, x_s, k, k_lo, xoff, xmask, BM, BKW, X_L, X2_L, XSTEPS)
-            acc = _mma_step(acc, q, sb, xv, BN, BKW, BM, A_L, B_L, L3, INWORD, W_L)
-        return acc
-
-    @gluon.jit
-    def _x_step(x_ptr, x_s, k, k_lo, xoff, xmask, BM: gl.constexpr, BKW: gl.constexpr, X_L: gl.constexpr,
-                X2_L: gl.constexpr, XSTEPS: gl.constexpr):
-        """The x tile [BKW, BM, 8] of the step at word k: from the staged copy (XSTEPS > 0) or from global."""
-        if XSTEPS > 0:
-            x2 = x_s.index((k - k_lo) // BKW).load(X2_L)  # [BM, 8 * BKW] -> [BKW, BM, 8]: (w, m, i)
-            xv = gl.convert_layout(gl.permute(gl.reshape(x2, [BM, BKW, 8]), [1, 0, 2]), X_L, assert_trivial=True)
-        else:
+            q = gl.load(wp + k)
+            sb = gl.load(sp + k // 2)
             xv = gl.load(x_ptr + k * 8 + xoff, mask=xmask, other=0.0)
-        return xv
-
-    @gluon.jit
-    def _stage_x(x_ptr, k_lo, k_hi, M, stride_xm, BM: gl.constexpr, BKW: gl.constexpr, XSTEPS: gl.constexpr,
-                 XF_L: gl.constexpr, XS_L: gl.constexpr):
-        """x[:, 8 k_lo : 8 k_hi] -> shared memory [XSTEPS, BM, 8 BKW] (swizzled: conflict-free 16-byte reads in
-        the B-operand order), every warp copying its rows, steps unrolled; zeros past k_hi and M."""
-        x_s = gl.allocate_shared_memory(gl.bfloat16, [XSTEPS, BM, 8 * BKW], XS_L)
-        rm = gl.arange(0, BM, layout=gl.SliceLayout(1, XF_L))
-        rk = gl.arange(0, 8 * BKW, layout=gl.SliceLayout(0, XF_L))
-        xp = x_ptr + gl.expand_dims(rm * stride_xm, 1) + gl.expand_dims(rk, 0) + k_lo * 8
-        for j in gl.static_range(XSTEPS):
-            ok = gl.expand_dims(rm < M, 1) & (k_lo + j * BKW < k_hi)
-            x_s.index(j).store(gl.load(xp + j * BKW * 8, mask=ok, other=0.0))
-        gl.thread_barrier()
-        return x_s
-
-    @gluon.jit
-    def _ring_fill(w_desc, s_desc, bar, w_buf, s_buf, n0, k, pred, BN: gl.constexpr, BKW: gl.constexpr):
-        """Start the TMA copies of one step's words [BN, BKW] and scale bytes [BN, BKW/2] into a ring slot."""
-        mbarrier.expect(bar, BN * BKW * 4 + BN * BKW // 2, pred=pred)
-        tma.async_copy_global_to_shared(w_desc, [n0, k], bar, w_buf, pred=pred)
-        tma.async_copy_global_to_shared(s_desc, [n0, k // 2], bar, s_buf, pred=pred)
-
-    @gluon.jit
-    def _mma_tile_ring(x_ptr, w_desc, s_desc, pid_n, k_lo, k_hi, M, stride_xm,
-                       BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
-                       C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
-                       X_L: gl.constexpr, L3: gl.constexpr, Q_L: gl.constexpr, RING: gl.constexpr,
-                       XSTEPS: gl.constexpr, X2_L: gl.constexpr, XF_L: gl.constexpr, XS_L: gl.constexpr,
-                       INWORD: gl.constexpr, W_L: gl.constexpr):
-        """`_mma_tile` with the words and scales streamed by TMA through RING shared-memory stages: RING - 1
-        steps of loads are in flight whatever the registers allow; each step is read back in the A layout
-        (16 bytes a thread). Rows past N arrive as zeros (TMA fills out-of-bounds boxes). With XSTEPS > 0
-        x is staged too (while the first copies are in flight): the loop then has no global load."""
-        steps = (k_hi - k_lo) // BKW
-        w_s = gl.allocate_shared_memory(gl.int32, [RING, BN, BKW], w_desc.layout)
-        s_s = gl.allocate_shared_memory(gl.uint8, [RING, BN, BKW // 2], s_desc.layout)
-        bar = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(RING):
-            mbarrier.init(bar.index(i), count=1)
-        n0 = pid_n * BN
-        for i in gl.static_range(RING - 1):
-            _ring_fill(w_desc, s_desc, bar.index(i), w_s.index(i), s_s.index(i), n0, k_lo + i * BKW, i < steps,
-                       BN, BKW)
-        xoff, xmask = _x_offsets(M, stride_xm, BM, BKW, X_L)
-        acc = gl.zeros([BN, BM], gl.float32, layout=C_L)
-        x_s = x_ptr
-        if XSTEPS > 0:
-            x_s = _stage_x(x_ptr, k_lo, k_hi, M, stride_xm, BM, BKW, XSTEPS, XF_L, XS_L)
-        for j in range(steps):
-            xv = _x_step(x_ptr, x_s, k_lo + j * BKW, k_lo, xoff, xmask, BM, BKW, X_L, X2_L, XSTEPS)
-            gl.thread_barrier()  # every warp is done with the slot refilled now (read at step j - 1)
-            nj = j + RING - 1
-            _ring_fill(w_desc, s_desc, bar.index(nj % RING), w_s.index(nj % RING), s_s.index(nj % RING), n0,
-                       k_lo + nj * BKW, nj < steps, BN, BKW)
-            mbarrier.wait(bar.index(j % RING), (j // RING) & 1)
-            q = gl.convert_layout(w_s.index(j % RING).load(Q_L), A_L, assert_trivial=True)
-            sb = s_s.index(j % RING).load(S_L)
             acc = _mma_step(acc, q, sb, xv, BN, BKW, BM, A_L, B_L, L3, INWORD, W_L)
-        for i in gl.static_range(RING):
-            mbarrier.invalidate(bar.index(i))
         return acc
 
     @gluon.jit
@@ -456,35 +326,29 @@ if HAS_GLUON:
         gl.store(yp, acc, mask=gl.expand_dims(rno < N, 1) & gl.expand_dims(rmo < M, 0))
 
 
-# (num_warps, 16-row tiles a warp, programs in the grid, ring stages) by shape class and rows (<= 4, <= 8,
-# <= 16, <= 32): the best tiles of the H200 sweeps (benchmarks/bench_mma_gpu.py, Qwen2.5-7B shapes); K is
-# split until the grid holds about that many programs, so other model sizes keep the same parallelism.
-# Ring stages 0: words and scales loaded straight into registers; n > 0: streamed by TMA through n stages
-# (measured 1-2 us slower a call and -2 to -4% tok/s in the engine, so 0 everywhere: benchmarks/RESULTS.md).
-# Optional tile fields: PREFETCH, XSMEM (x staged in shared memory), MAXNREG (register cap): all measured, off.
+# (num_warps, 16-row tiles a warp, programs in the grid) by shape class and rows (<= 4, <= 8, <= 16, <= 32): the
+# best tiles of the H200 sweeps (benchmarks/bench_mma_gpu.py, Qwen2.5-7B shapes); K is split until the grid holds
+# about that many programs, so other model sizes keep the same parallelism. Optional tile field: MAXNREG (a
+# register cap; measured, off).
 MMA_TILES = {
-    "down": {4: (2, 1, 896, 0), 8: (4, 1, 448, 0), 16: (4, 2, 252, 0), 32: (2, 1, 448, 0)},  # long K
-    "narrow": {4: (4, 2, 300, 0), 8: (4, 2, 300, 0), 16: (2, 2, 448, 0), 32: (2, 1, 448, 0)},  # q|k|v, o_proj
-    "wide": {4: (2, 2, 1184, 0), 8: (4, 2, 592, 0), 16: (2, 2, 1184, 0), 32: (2, 1, 448, 0)},  # gate|up (n: output columns)
+    "down": {4: (2, 1, 896), 8: (4, 1, 448), 16: (4, 2, 252), 32: (2, 1, 448)},  # long K
+    "narrow": {4: (4, 2, 300), 8: (4, 2, 300), 16: (2, 2, 448), 32: (2, 1, 448)},  # q|k|v, o_proj
+    "wide": {4: (2, 2, 1184), 8: (4, 2, 592), 16: (2, 2, 1184), 32: (2, 1, 448)},  # gate|up (n: output columns)
 }
 
 
 def mma_config(m: int, n: int, k: int, num_warps: int | None = None, rows_per_warp: int | None = None,
-               bkw: int = 32, programs: int | None = None, ring: int | None = None, xsmem: bool = False,
-               inword: bool | None = None) -> dict:
+               bkw: int = 32, programs: int | None = None, inword: bool | None = None) -> dict:
     """Version 7 tile for m rows of an [n, k] weight: BN = 16 * num_warps * rows_per_warp weight rows, bkw
     words a step; K split until the grid has about `programs` programs (at most 16 splits, each at least
-    two steps); `ring` TMA stages (0: register loads); `xsmem`: x staged in shared memory once a program;
-    `inword`: the in-word decode (nibble pairs of one word, `PAIR_ASM`; None: `INWORD`), else the word-pair
-    decode (`PLANES_ASM`). Fields given override the `MMA_TILES` entry."""
+    two steps); `inword`: the in-word decode (nibble pairs of one word, `PAIR_ASM`; None: `INWORD`), else the
+    word-pair decode (`PLANES_ASM`). Fields given override the `MMA_TILES` entry."""
     cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
-    nw, r, target, stages = MMA_TILES[cls][next(b for b in (4, 8, 16, 32) if m <= b or b == 32)]
+    nw, r, target = MMA_TILES[cls][next(b for b in (4, 8, 16, 32) if m <= b or b == 32)]
     nw, r, target = num_warps or nw, rows_per_warp or r, programs or target
-    stages = stages if ring is None else ring
     bn = 16 * nw * r
     split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // bkw // 2))
     return dict(WORDS=True, MMA=True, BLOCK_N=bn, BKW=bkw, RPW=r, SPLIT=split, num_warps=nw,
-                RING=stages if bkw == 32 else 0, XSMEM=xsmem,  # a TMA box row is at most the 128-byte swizzle
                 INWORD=INWORD if inword is None else inword)
 
 
@@ -494,17 +358,11 @@ def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global
     """fp32 partial products ws[s, m, n] = sum over split s of x[m] . W[n] (global scales applied).
     x [M, K] bf16, w32 [N, K/8] int32 words of packed E2M1, scale [N, K/16] uint8 E4M3 bytes,
     global_scale fp32 per segment; ws [SPLIT, M, N] fp32, rows of unit stride.
-    cfg["RING"] > 0 streams the words and scales by TMA (unless a base or row stride is not 16-byte aligned:
-    then they are loaded into registers, same sums); cfg["XSMEM"] stages x in shared memory (if it fits).
     lora_A [R, K] (row-major): also write the LoRA shrink's partials h[s, m, r] = x[m] . A[r] over split s
     into h [SPLIT, M, R] (fp32, contiguous), computed by R extra programs a split."""
-    r_sh, kps, args = partials_args(x, w32, scale, global_scale, n1, n2, ws, lora_A, h, MMA_MAX_M, cfg["BKW"], 7)
-    if cfg.get("RING") and not ring_supported(w32, scale):  # same sums, loaded without TMA
-        cfg = dict(cfg, RING=0)
+    r_sh, _, args = partials_args(x, w32, scale, global_scale, n1, n2, ws, lora_A, h, MMA_MAX_M, cfg["BKW"], 7)
     pdl = pdl_launch()["PDL"]
-    const = mma_constexprs(x.shape[0], cfg, shrink=r_sh > 0, xsteps=kps // cfg["BKW"], pdl=pdl)
-    if const["RING"]:
-        args[1:3] = _descriptors(w32, scale, const["BN"], cfg["BKW"])
+    const = mma_constexprs(x.shape[0], cfg, shrink=r_sh > 0, pdl=pdl)
     _mma_kernel[(-(-w32.shape[0] // const["BN"]) + r_sh, ws.shape[0])](
         *args, num_warps=cfg["num_warps"], **({"maxnreg": cfg["MAXNREG"]} if cfg.get("MAXNREG") else {}),
         launch_pdl=pdl, **const)
@@ -530,53 +388,21 @@ def partials_args(x, w32, scale, global_scale, n1: int, n2: int, ws, lora_A, h, 
                        lora_A.stride(0) if r_sh else 0, h.stride(0) if r_sh else 0, h.stride(1) if r_sh else 0]
 
 
-def _smem_layouts(bn: int, bkw: int):
-    """The TMA boxes' shared layouts: words [BN, BKW] int32 (128-byte swizzle at 32 words), scales [BN, BKW/2] bytes."""
-    return (gl.NVMMASharedLayout.get_default_for([bn, bkw], gl.int32),
-            gl.NVMMASharedLayout.get_default_for([bn, bkw // 2], gl.uint8))
-
-
-def _descriptors(w32: torch.Tensor, scale: torch.Tensor, bn: int, bkw: int):
-    """TMA descriptors of the packed words [N, K/8] and the scale bytes [N, K/16], one step's box each."""
-    wl, sl = _smem_layouts(bn, bkw)
-    return (TensorDescriptor.from_tensor(w32, [bn, bkw], wl), TensorDescriptor.from_tensor(scale, [bn, bkw // 2], sl))
-
-
-def ring_supported(w32: torch.Tensor, scale: torch.Tensor) -> bool:
-    """TMA needs 16-byte aligned bases and row strides (always so for K a multiple of 256 and fresh tensors)."""
-    return all(t.data_ptr() % 16 == 0 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
-               for t in (w32, scale))
-
-
-def mma_constexprs(m: int, cfg: dict, shrink: bool, xsteps: int = 0, pdl: bool = False) -> dict:
+def mma_constexprs(m: int, cfg: dict, shrink: bool, pdl: bool = False) -> dict:
     """`_mma_kernel`'s constexprs for m rows of x and an `mma_config` tile (launcher and offline compile);
-    xsteps: steps of BKW words a split has at most (x staged in shared memory with cfg["XSMEM"], if it fits);
     pdl: launched as a programmatic dependent."""
     nw, r, bkw = cfg["num_warps"], cfg["RPW"], cfg["BKW"]
     bm = max(8, 1 << (m - 1).bit_length())
     inword = bool(cfg.get("INWORD", False))
-    mma, a_l, b_l, s_l, x_l, l3, q_l, x2_l, w_l = _layouts(nw, r, bkw, bm)
-    const = dict(BM=bm, BN=16 * nw * r, BKW=bkw, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3, Q_L=q_l,
-                 INWORD=inword, W_L=w_l if inword else a_l,
-                 SH_L=_shrink_layout(nw), SHRINK=shrink, PREFETCH=bool(cfg.get("PREFETCH", False)),
-                 RING=int(cfg.get("RING", 0)), XSTEPS=0, X2_L=None, XF_L=None, XS_L=None, PDL=pdl)
-    if xsteps and cfg.get("XSMEM") and xsteps * bm * 16 * bkw <= XSMEM_MAX_BYTES:
-        const.update(XSTEPS=xsteps, X2_L=x2_l,
-                     XF_L=gl.BlockedLayout([1, 8], [1, 32], [nw, 1], [1, 0]),  # 16 bytes a thread, a row a warp
-                     XS_L=gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
-    return const
+    mma, a_l, b_l, s_l, x_l, l3, w_l = _layouts(nw, r, bkw, bm)
+    return dict(BM=bm, BN=16 * nw * r, BKW=bkw, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3,
+                INWORD=inword, W_L=w_l if inword else a_l, SH_L=_shrink_layout(nw), SHRINK=shrink, PDL=pdl)
 
 
-def compile_sm90(m: int, cfg: dict, shrink: bool = True, xsteps: int = 4):
+def compile_sm90(m: int, cfg: dict, shrink: bool = True):
     """Compile `_mma_kernel` for sm_90 without a GPU (Triton only), specialized as the launcher is for 16-byte
     aligned pointers and strides: for offline checks of the machine code (tests, benchmarks/sass_decode.py)."""
-    const = mma_constexprs(m, cfg, shrink, xsteps)
-    descs = {}
-    if const["RING"]:
-        bn, bkw = const["BN"], const["BKW"]
-        wl, sl = _smem_layouts(bn, bkw)
-        descs = dict(w_ptr=f"tensordesc<i32[{bn}, {bkw}],{wl}>", s_ptr=f"tensordesc<u8[{bn}, {bkw // 2}],{sl}>")
-    return compile_partials_kernel(_mma_kernel, const, cfg["num_warps"], descs)
+    return compile_partials_kernel(_mma_kernel, mma_constexprs(m, cfg, shrink), cfg["num_warps"])
 
 
 def compile_partials_kernel(fn, const: dict, num_warps: int, types: dict | None = None):
