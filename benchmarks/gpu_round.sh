@@ -4,9 +4,9 @@
 # (tf32 LoRA dot), version 8's 64/128-row tiles and the 32B model, each under its own time limit so that a
 # slow step cannot take the others' output with it. Everything lands in OUTDIR (the device's $OUT).
 # Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_round.sh "$OUT" [steps]
-#   steps: any of tests issue b128 probe epilogue kernels big (default: all seven, in that order; up to 23 minutes,
-#   so run it as two or three device calls: "tests issue probe", then "b128 epilogue kernels big")
-out=${1:?usage: gpu_round.sh OUTDIR [steps]}; steps=${2:-"tests issue b128 probe epilogue kernels big"}
+#   steps: any of tests issue attention b128 probe epilogue kernels big (default: all eight, in that order; up to
+#   26 minutes, so run it as two or three device calls: "tests issue attention", then "b128 probe epilogue kernels big")
+out=${1:?usage: gpu_round.sh OUTDIR [steps]}; steps=${2:-"tests issue attention b128 probe epilogue kernels big"}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 run() {  # name seconds command...
   local name=$1 secs=$2; shift 2
@@ -15,12 +15,16 @@ run() {  # name seconds command...
 for s in $steps; do case $s in
   tests)
     run tests 400 python -m pytest -q tests/test_kernels.py tests/test_nvfp4_wgmma.py tests/test_engine_cuda.py \
-      tests/test_nvfp4_mma.py -k "fused or epilogue or wgmma or engine or pdl or (matches_reference and 768 and inword1)"
+      tests/test_nvfp4_mma.py -k "fused or epilogue or wgmma or engine or pdl or attention or (matches_reference and 768 and inword1)"
     tail -2 "$out/tests.txt" ;;
   issue)
     run issue7b 240 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4,bf16 --batch 1,8,64 \
       --prompt-len 256 --gen-len 512 --lora-rank 16 --out "$out/issue7b.json"
     grep -E "^(qerl|transformers)|copy" "$out/issue7b.txt" ;;
+  attention)  # the one-launch attention (fuse_attention) beside the default, same run
+    run attention 200 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4 --batch 1,8,64 \
+      --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --variants fuse_attention --out "$out/attention.json"
+    grep -E "^qerl" "$out/attention.txt" ;;
   b128)
     run b128 150 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4,bf16 --batch 128 \
       --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --variants no_wgmma --out "$out/b128.json"
