@@ -7,6 +7,10 @@ split over NSPLIT programs per (row, kv head) so that batch 1 fills the GPU
 (flash-decoding); the GQA query heads of one kv head share each key load. A per-row
 key mask (left padding) removes pad slots. The second launch merges the splits'
 partial softmax sums.
+
+`decode_attention_rope` does `rope_cache` + both launches in one (the engine's `fuse_attention`): the
+programs rope their query heads themselves, the split holding the new slot writes its key and value first,
+and the last split of a (row, kv head) to finish merges (an acq_rel count a pair, reset for the next launch).
 """
 from __future__ import annotations
 
