@@ -14,7 +14,9 @@ run() {  # name seconds command...
 }
 for s in $steps; do case $s in
   tests)
-    run tests 400 python -m pytest -q tests/test_kernels.py tests/test_nvfp4_wgmma.py tests/test_engine_cuda.py \
+    # pytest-xdist (in the GPU image) spreads the tests over 8 processes: their time is mostly Triton compiling
+    xd=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
+    run tests 400 python -m pytest -q $xd tests/test_kernels.py tests/test_nvfp4_wgmma.py tests/test_engine_cuda.py \
       tests/test_nvfp4_mma.py -k "fused or epilogue or wgmma or engine or pdl or attention or (matches_reference and 768 and inword1)"
     tail -2 "$out/tests.txt" ;;
   issue)
