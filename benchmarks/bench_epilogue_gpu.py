@@ -116,8 +116,9 @@ def sweep_v8(a):
             results.append(dict(shape=name, m=m, split=split, default_us=default, best=best, best_us=times[best],
                                 sweep={f"{x}x{z}w{w}": t for (x, z, w), t in times.items()}, mbytes=mb,
                                 error_default=e_default, errors={f"{x}x{z}w{w}": e for (x, z, w), e in errs.items()}))
-            print(f"{name:8s} M={m:<3d} split {split:2d} ({mb:6.1f} MB) | default {default:7.1f} us (error {e_default:.1e}) | best {times[best]:7.1f}"
-                  f" us (rows {best[0]}, columns {best[1]}, warps {best[2]})", flush=True)
+            print(f"{name:8s} M={m:<3d} split {split:2d} ({mb:6.1f} MB) | default {default:7.1f} us (error "
+                  f"{e_default:.1e}) | best {times[best]:7.1f} us (rows {best[0]}, columns {best[1]}, warps {best[2]})",
+                  flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), rows=results), f, indent=1)

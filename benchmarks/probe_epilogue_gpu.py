@@ -49,9 +49,8 @@ def main():
                 "LoRA by FMAs, 8-row block, 32 columns": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True,
                                                                                out=y, block_m=8, block_n=32,
                                                                                lora_dot=False, seg_skip=False),
-                "LoRA by tf32 dot, 16-row block, 32 columns": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True,
-                                                                                    out=y, block_m=16, block_n=32,
-                                                                                    lora_dot=True),
+                "LoRA by tf32 dot, 16-row block, 32 columns": lambda: linear_epilogue(
+                    p, None, h, B, 16, 1.0, None, True, out=y, block_m=16, block_n=32, lora_dot=True),
                 "LoRA by FMAs, 64 columns": lambda: linear_epilogue(p, None, h, B, 16, 1.0, None, True, out=y,
                                                                    lora_dot=False, block_n=64),
             })
