@@ -4,9 +4,10 @@
 # (tf32 LoRA dot), version 8's 64/128-row tiles and the 32B model, each under its own time limit so that a
 # slow step cannot take the others' output with it. Everything lands in OUTDIR (the device's $OUT).
 # Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_round.sh "$OUT" [steps]
-#   steps: any of tests issue attention b128 probe epilogue kernels big (default: all eight, in that order; up to
-#   26 minutes, so run it as two or three device calls: "tests issue attention", then "b128 probe epilogue kernels big")
-out=${1:?usage: gpu_round.sh OUTDIR [steps]}; steps=${2:-"tests issue attention b128 probe epilogue kernels big"}
+#   steps: any of tests issue attention streamk b128 probe epilogue kernels big (default: all nine, in that order;
+#   up to 30 minutes, so run it as three device calls: "tests issue attention", "streamk b128 probe", then
+#   "epilogue kernels big")
+out=${1:?usage: gpu_round.sh OUTDIR [steps]}; steps=${2:-"tests issue attention streamk b128 probe epilogue kernels big"}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 run() {  # name seconds command...
   local name=$1 secs=$2; shift 2
@@ -27,6 +28,9 @@ for s in $steps; do case $s in
     run attention 200 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4 --batch 1,8,64 \
       --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --variants fuse_attention --out "$out/attention.json"
     grep -E "^qerl" "$out/attention.txt" ;;
+  streamk)  # version 7 as stream-K (work spread evenly over the resident programs) beside its split-K default
+    run streamk 200 python benchmarks/bench_mma_gpu.py --rows 1,8 --no-sweep --streamk --out "$out/streamk.json"
+    grep "stream-K" "$out/streamk.txt" ;;
   b128)
     run b128 150 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4,bf16 --batch 128 \
       --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --variants no_wgmma --out "$out/b128.json"

@@ -48,7 +48,7 @@ import torch
 
 from ._triton import HAS_TRITON, KernelUnavailable, next_pow2, pdl_launch, pdl_wait, require
 from .lora_shrink import lora_shrink, partials_view
-from .nvfp4_mma import MMA_MAX_M, mma_config, mma_partials, mma_supported
+from .nvfp4_mma import MMA_MAX_M, mma_config, mma_partials, mma_supported, streamk_segments
 from .nvfp4_wgmma import WG_MAX_M, WG_MIN_M, wgmma_config, wgmma_partials, wgmma_supported
 
 FMT_CODES = {"nvfp4": 0, "mxfp4": 1, "bf16": 2}
@@ -821,6 +821,9 @@ def _mma_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_
         raise KernelUnavailable(f"version 7 needs NVFP4, bf16 x, K % {8 * cfg['BKW']} == 0, sm_90+ and Gluon")
     m = x.shape[0]
     n_rows = weight.shape[0]
+    if cfg.get("STREAMK") and not wg:  # version 7 spread evenly over that many programs: its partials' slices
+        cfg = dict(cfg, SPLIT=streamk_segments(-(-n_rows // cfg["BLOCK_N"]), x.shape[1] // 8 // cfg["BKW"],
+                                               cfg["STREAMK"])[1])
     fuse_shrink = lora_A is not None and lora_h is None  # the kernel's extra programs write h's partials
     if fuse_shrink:
         lora_h = partials_view(h_out, cfg["SPLIT"], m, lora_A.shape[0], x.device)
