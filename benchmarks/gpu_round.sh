@@ -18,7 +18,7 @@ for s in $steps; do case $s in
     # pytest-xdist (in the GPU image) spreads the tests over 8 processes: their time is mostly Triton compiling
     xd=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
     run tests 400 python -m pytest -q $xd tests/test_kernels.py tests/test_nvfp4_wgmma.py tests/test_engine_cuda.py \
-      tests/test_nvfp4_mma.py -k "fused or epilogue or wgmma or engine or pdl or attention or (matches_reference and 768 and inword1)"
+      tests/test_nvfp4_mma.py -k "fused or epilogue or wgmma or engine or pdl or attention or streamk or (matches_reference and 768 and inword1)"
     tail -2 "$out/tests.txt" ;;
   issue)
     run issue7b 240 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4,bf16 --batch 1,8,64 \
@@ -30,7 +30,10 @@ for s in $steps; do case $s in
     grep -E "^qerl" "$out/attention.txt" ;;
   streamk)  # version 7 as stream-K (work spread evenly over the resident programs) beside its split-K default
     run streamk 200 python benchmarks/bench_mma_gpu.py --rows 1,8 --no-sweep --streamk --out "$out/streamk.json"
-    grep "stream-K" "$out/streamk.txt" ;;
+    grep "stream-K" "$out/streamk.txt"
+    run streamk_engine 150 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4 --batch 1,8 \
+      --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --variants streamk --out "$out/streamk_engine.json"
+    grep -E "^qerl" "$out/streamk_engine.txt" ;;
   b128)
     run b128 150 python -m qerl.cli bench rollout --model-config qwen2.5-7b --quant nvfp4,bf16 --batch 128 \
       --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --variants no_wgmma --out "$out/b128.json"

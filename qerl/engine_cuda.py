@@ -129,7 +129,7 @@ class CudaEngine(Engine):
     def __init__(self, model: CausalLM, tokenizer, eos_ids: list[int] | None = None, check_every: int = 16,
                  use_graphs: bool = True, pdl: bool = False, fuse_shrink: bool = True,
                  mma: bool = True, inword: bool = True,
-                 wgmma: bool = True, fuse_attention: bool = False):
+                 wgmma: bool = True, fuse_attention: bool = False, streamk: bool = False):
         if not available() or model.device.type != "cuda":
             raise KernelUnavailable("CudaEngine needs a CUDA device and Triton; use qerl.rollout.Engine here")
         a = model.args
@@ -149,6 +149,7 @@ class CudaEngine(Engine):
         # RoPE + cache write, attention and the splits' merge in one launch instead of three (the same outputs;
         # not measured on a GPU yet, so off)
         self.fuse_attention = fuse_attention
+        self.streamk = streamk  # version 7 as stream-K over the resident programs (not measured yet, so off)
         self.layers = []
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -255,7 +256,7 @@ class CudaEngine(Engine):
         if one_pass and f.rank and self.fuse_shrink:  # h from the decode kernel (see fused_linear's lora_A)
             return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, None, f.B, f.rank, 1.0, f.segments, f.glu,
                                 out=out, lora_A=f.A, h_out=self.hbuf, mma=self.mma, inword=self.inword,
-                                wgmma=self.wgmma)
+                                wgmma=self.wgmma, streamk=self.streamk)
         if f.rank:
             h = lora_shrink(x, f.A, out=self.hbuf)
         if not one_pass:  # cuBLAS for the product, one small kernel for the epilogue
@@ -277,7 +278,7 @@ class CudaEngine(Engine):
             torch.mm(x, w.t(), out=y0)
             return linear_epilogue(y0, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out)
         return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out,
-                            mma=self.mma, inword=self.inword, wgmma=self.wgmma)
+                            mma=self.mma, inword=self.inword, wgmma=self.wgmma, streamk=self.streamk)
 
     def _one_pass(self, f: _FusedLinear, m: int) -> bool:
         """Whether the one-pass decode kernels take m rows of this layer (else cuBLAS on a dequantized copy):

@@ -389,7 +389,8 @@ def mma_config(m: int, n: int, k: int, num_warps: int | None = None, rows_per_wa
     words a step; K split until the grid has about `programs` programs (at most 16 splits, each at least
     two steps); `inword`: the in-word decode (nibble pairs of one word, `PAIR_ASM`; None: `INWORD`), else the
     word-pair decode (`PLANES_ASM`); `streamk`: instead of whole splits, the steps spread evenly over that many
-    programs (`_streamk_kernel`; SPLIT is then set by the launcher; not measured on a GPU yet, so off).
+    programs, or (True) over as many as fit the GPU at once (`_streamk_kernel`; SPLIT is then set by the
+    launcher; not measured on a GPU yet, so off).
     Fields given override the `MMA_TILES` entry."""
     cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
     nw, r, target = MMA_TILES[cls][next(b for b in (4, 8, 16, 32) if m <= b or b == 32)]
@@ -408,6 +409,22 @@ def streamk_segments(tiles: int, steps: int, programs: int) -> tuple[int, int]:
     total = tiles * steps
     per = -(-total // max(1, min(programs, total)))
     return per, max((((t + 1) * steps - 1) // per) - (t * steps) // per + 1 for t in range(tiles))
+
+
+def resident_programs(m: int, cfg: dict, shrink: bool, device) -> int:
+    """How many `_streamk_kernel` programs of this tile fit the GPU at once (by its registers: compiled here for
+    sm_90 once a tile, as the launcher specializes it)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return sms * _programs_an_sm(m, cfg["num_warps"], cfg["RPW"], cfg["BKW"], bool(cfg.get("INWORD")), shrink)
+
+
+@functools.lru_cache(maxsize=None)
+def _programs_an_sm(m: int, nw: int, r: int, bkw: int, inword: bool, shrink: bool) -> int:
+    from ._triton import registers
+
+    const = mma_constexprs(m, dict(num_warps=nw, RPW=r, BKW=bkw, INWORD=inword), shrink)
+    regs = registers(compile_partials_kernel(_streamk_kernel, dict(const, NSPLIT=3), nw))
+    return max(1, min(32, 65536 // (-(-regs // 8) * 8 * 32 * nw)))  # registers go 8 a thread, 64 K an SM
 
 
 def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
