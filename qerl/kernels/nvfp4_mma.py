@@ -23,7 +23,9 @@ instructions, measured slower.) The row's 2**16 and
 1 / global scale are applied to the fp32 accumulator at the end. Partial sums go to an fp32 workspace
 [split, M, N]; `fused_linear.linear_epilogue` adds bias, LoRA, GLU and rounds, as for version 5's split-K.
 Given the LoRA A matrices, R extra programs per split write the shrink's partials h[split, M, R] (one row
-of A each, CUDA cores), so the decode step needs no `lora_shrink` launch.
+of A each, CUDA cores), so the decode step needs no `lora_shrink` launch. With STREAMK (`_streamk_kernel`,
+off until measured) the grid is the programs that fit the GPU at once and the tiles' steps are spread evenly
+over them (stream-K) instead of whole splits, so no wave runs part empty.
 
 Loads: each step's words and scales go straight into registers in the operand layout. Tried and taken out
 again (measured slower on the H200, benchmarks/RESULTS.md, sixth to eighth rounds): the words and scales streamed
