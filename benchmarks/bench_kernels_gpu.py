@@ -8,7 +8,6 @@ Usage: python benchmarks/bench_kernels_gpu.py [--quick] [--model qwen2.5-7b] [--
        [--v6-sweep] [--shapes "gate|up,down"]
 """
 import argparse
-import itertools
 import json
 
 import torch

@@ -5,8 +5,7 @@ MMA, `qerl.kernels.nvfp4_wgmma`, from 9 rows: its default tile and warps x progr
 Per shape and row count: medians of CUDA-graph replays (`do_bench_cudagraph`) of the whole `fused_linear`
 call (decode kernel + epilogue launch), the engine's default choice (`default`: version 6 below 5 rows,
 version 7 from 5), the default tile of each version and a sweep of version-7 tiles
-(warps, 16-row tiles a warp, words a step, splits); the default tile (in-word decode) also with the
-word-pair decode. GB/s counts the packed weight + scale bytes.
+(warps, 16-row tiles a warp, words a step, splits). GB/s counts the packed weight + scale bytes.
 Usage: python benchmarks/bench_mma_gpu.py [--model qwen2.5-7b] [--rows 8,16,32] [--shapes "gate|up,down"]
        [--no-sweep] [--v8-only] [--streamk] [--maxnreg 128] [--out results.json]
 """
@@ -69,7 +68,6 @@ def main():
             run(d7)()
             y_default = y.float().clone()
             row["v7_us"] = graph_time_us(run(d7))
-            row["v7_wordpair_us"] = graph_time_us(run(dict(d7, INWORD=False)))  # the word-pair decode
             if a.streamk:  # the default tile with its steps spread evenly over c programs a multiprocessor
                 sms = torch.cuda.get_device_properties(0).multi_processor_count
                 sk = {c: graph_time_us(run(dict(d7, STREAMK=c * sms))) for c in (3, 4, 5, 6, 7, 8, 10, 12)}
@@ -108,7 +106,6 @@ def main():
                        v7_best_GBs=nbytes / best[0] / 1e3)
             results.append(row)
             print(f"{name:8s} M={m:<3d} cuBLAS bf16 {row['cublas_bf16_us']:7.1f} us | default {row['default_us']:7.1f} us | v5 {row['v5_us']:7.1f} us "
-                  f"| v7 word pairs {row['v7_wordpair_us']:7.1f} "
                   f"{row['v5_GBs']:5.0f} GB/s | v7 {row['v7_us']:7.1f} us {row['v7_GBs']:5.0f} GB/s | v7 best "
                   f"{best[0]:7.1f} us {row['v7_best_GBs']:5.0f} GB/s {best[1]} (agrees: {agrees})", flush=True)
     if a.out:

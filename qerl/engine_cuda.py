@@ -128,7 +128,7 @@ class CudaEngine(Engine):
 
     def __init__(self, model: CausalLM, tokenizer, eos_ids: list[int] | None = None, check_every: int = 16,
                  use_graphs: bool = True, pdl: bool = False, fuse_shrink: bool = True,
-                 mma: bool = True, inword: bool = True,
+                 mma: bool = True,
                  wgmma: bool = True, fuse_attention: bool = False, streamk: bool = False):
         if not available() or model.device.type != "cuda":
             raise KernelUnavailable("CudaEngine needs a CUDA device and Triton; use qerl.rollout.Engine here")
@@ -144,7 +144,6 @@ class CudaEngine(Engine):
         # is -4% at batch 1, -9% at 8 and -1% at 64, so off
         self.pdl, self.fuse_shrink = pdl, fuse_shrink
         self.mma = mma  # version 7 (register-fed tensor cores) for the NVFP4 rows it supports, else versions 5/6
-        self.inword = inword  # version 7's in-word decode (off: its word-pair decode)
         self.wgmma = wgmma  # version 8 (warpgroup MMA) for the NVFP4 rows it serves (9..WG_MAX_M)
         # RoPE + cache write, attention and the splits' merge in one launch instead of three (the same outputs;
         # not measured on a GPU yet, so off)
@@ -255,8 +254,8 @@ class CudaEngine(Engine):
         one_pass = self._one_pass(f, m)
         if one_pass and f.rank and self.fuse_shrink:  # h from the decode kernel (see fused_linear's lora_A)
             return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, None, f.B, f.rank, 1.0, f.segments, f.glu,
-                                out=out, lora_A=f.A, h_out=self.hbuf, mma=self.mma, inword=self.inword,
-                                wgmma=self.wgmma, streamk=self.streamk)
+                                out=out, lora_A=f.A, h_out=self.hbuf, mma=self.mma, wgmma=self.wgmma,
+                                streamk=self.streamk)
         if f.rank:
             h = lora_shrink(x, f.A, out=self.hbuf)
         if not one_pass:  # cuBLAS for the product, one small kernel for the epilogue
@@ -278,7 +277,7 @@ class CudaEngine(Engine):
             torch.mm(x, w.t(), out=y0)
             return linear_epilogue(y0, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out)
         return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out,
-                            mma=self.mma, inword=self.inword, wgmma=self.wgmma, streamk=self.streamk)
+                            mma=self.mma, wgmma=self.wgmma, streamk=self.streamk)
 
     def _one_pass(self, f: _FusedLinear, m: int) -> bool:
         """Whether the one-pass decode kernels take m rows of this layer (else cuBLAS on a dequantized copy):

@@ -579,17 +579,17 @@ TC_MIN_M = 5  # from this many rows up, NVFP4/MXFP4 use version 5 (tensor cores)
 MMA_MIN_M = 1  # version 7 (where supported) from this many rows up: faster than version 6 at 1, 2 and 4 rows (H200)
 
 
-def pick_config(m: int, n: int, k: int, fmt: str, mma: bool = False, inword: bool | None = None,
-                wgmma: bool = False, streamk: bool = False) -> dict:
+def pick_config(m: int, n: int, k: int, fmt: str, mma: bool = False, wgmma: bool = False,
+                streamk: bool = False) -> dict:
     """Tile sizes by shape (measured on an H100/H200; see benchmarks/RESULTS.md). mma: version 7
     (`nvfp4_mma`, Gluon) may serve NVFP4 from MMA_MIN_M to MMA_MAX_M rows (the caller checked `mma_supported`);
-    inword: its in-word decode (None: `nvfp4_mma.INWORD`); streamk: it as stream-K over the programs that fit the
+    streamk: it as stream-K over the programs that fit the
     GPU at once; wgmma: version 8 (`nvfp4_wgmma`) may serve NVFP4 from WG_MIN_M to WG_MAX_M rows (the caller
     checked `wgmma_supported`)."""
     if wgmma and fmt == "nvfp4" and WG_MIN_M <= m <= WG_MAX_M:
         return wgmma_config(m, n, k)
     if mma and fmt == "nvfp4" and MMA_MIN_M <= m <= MMA_MAX_M:
-        return mma_config(m, n, k, inword=inword, streamk=streamk)
+        return mma_config(m, n, k, streamk=streamk)
     if TC_MIN_M <= m <= TC_MAX_M and fmt in ("nvfp4", "mxfp4"):
         return tc_config(m, n, k)
     if m <= GEMV_MAX_M and fmt in ("nvfp4", "mxfp4"):
@@ -647,8 +647,8 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
                  lora_h: torch.Tensor | None = None, lora_B: torch.Tensor | None = None, lora_rank: int = 0,
                  lora_scale: float = 1.0, segments: tuple[int, int] | None = None, glu: bool = False,
                  out: torch.Tensor | None = None, config: dict | None = None, lora_A: torch.Tensor | None = None,
-                 h_out: torch.Tensor | None = None, mma: bool = True, inword: bool | None = None,
-                 wgmma: bool = True, streamk: bool = False) -> torch.Tensor:
+                 h_out: torch.Tensor | None = None, mma: bool = True, wgmma: bool = True,
+                 streamk: bool = False) -> torch.Tensor:
     """x [M, K] -> y [M, N] (or [M, N/2] with glu) in x.dtype.
 
     weight: nvfp4/mxfp4 packed uint8 [N, K/2] (+ scale [N, K/16] e4m3 or [N, K/32] e8m0,
@@ -659,8 +659,6 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     scratch for its partials (>= MAX_SPLITS * M * R_total values; allocated if None).
     segments: (n1, n2) row boundaries of fused modules (q | k | v); with glu, rows of up start at N/2.
     mma: let version 7 (register-fed tensor cores, `nvfp4_mma`) take the rows it supports when no config is given;
-    inword: version 7 decodes nibbles j and j + 4 of a word into one register
-    (`nvfp4_mma.PAIR_ASM`; None: `nvfp4_mma.INWORD`), else nibble i of a word pair (`PLANES_ASM`);
     wgmma: let version 8 (warpgroup MMA, `nvfp4_wgmma`) take the rows it serves when no config is given;
     streamk: version 7's steps spread evenly over the programs that fit the GPU at once (`_streamk_kernel`).
     """
@@ -679,7 +677,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     n = n_rows // 2 if glu else n_rows
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    cfg = dict(config or pick_config(m, n, k, fmt, mma=mma and mma_supported(x, fmt, k), inword=inword,
+    cfg = dict(config or pick_config(m, n, k, fmt, mma=mma and mma_supported(x, fmt, k),
                                      wgmma=wgmma and wgmma_supported(x.device, x.dtype, fmt, k), streamk=streamk))
     if cfg.pop("WORDS", False):
         return _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,

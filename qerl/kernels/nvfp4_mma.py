@@ -13,14 +13,13 @@ row, one 16-byte load) and multiplied with the matching B operand of x (each thr
 values of x, four 16-byte loads, split into the 8 planes in registers). The weights keep the
 compressed-tensors packing: one copy, the same bytes every other path reads.
 
-Decode (default, INWORD, `PAIR_ASM`): a register of the A operand holds a k pair, here nibbles j and
+Decode (`PAIR_ASM`, the in-word decode): a register of the A operand holds a k pair, here nibbles j and
 j + 4 of one word (the planes are pairs, each an MMA over 2 * BKW values of k, and x is paired to match):
 both codes go into a bf16x2 as v * 2**-126 (e1 e0 m in exponent/mantissa bits 8..6, E=0 codes on bf16
 subnormals; one mask, one integer multiply that places sign and magnitude at once, one mask) and are
 multiplied by the block scale * 2**110 (bf16x2, exact: E4M3 has 3 mantissa bits): v * scale * 2**-16,
-normal. (INWORD off, `PLANES_ASM`: nibble i of a word pair (w, w + 1), one `prmt` a byte; more
-instructions, measured slower.) The row's 2**16 and
-1 / global scale are applied to the fp32 accumulator at the end. Partial sums go to an fp32 workspace
+normal. (A decode of nibble i of a word pair (w, w + 1), one `prmt` a byte, took more instructions and was
+measured slower: taken out.) The row's 2**16 and 1 / global scale are applied to the fp32 accumulator at the end. Partial sums go to an fp32 workspace
 [split, M, N]; `fused_linear.linear_epilogue` adds bias, LoRA, GLU and rounds, as for version 5's split-K.
 Given the LoRA A matrices, R extra programs per split write the shrink's partials h[split, M, R] (one row
 of A each, CUDA cores), so the decode step needs no `lora_shrink` launch. With STREAMK (`_streamk_kernel`,
@@ -56,7 +55,6 @@ except Exception:  # Triton without Gluon (< 3.4) or no Triton at all: version 5
     HAS_GLUON = False
 
 MMA_MAX_M = 32  # rows of x: at 64 the x tile (32 words x 8 x 64 rows) spills registers
-INWORD = True  # the in-word decode by default (fewer instructions a weight than the word-pair decode)
 
 
 def mma_supported(x: torch.Tensor, fmt: str, k: int, bkw: int = 32) -> bool:
@@ -110,18 +108,7 @@ def _shrink_layout(nw: int):
 
 
 # The decode, as PTX text (plain Python, so tests/test_nvfp4_mma.py executes it on the CPU against the
-# reference). For byte b of a word pair (w, w+1): one prmt puts byte b of w twice in the low half and byte b of w+1
-# twice in the high half; each nibble then goes to a bf16x2 as v * 2**-126 (its e1 e0 m bits to bits 8..6
-# by one shift, its sign bit to bit 15) times the block scale pair. The low nibble's sign (bit 3) takes a
-# second shift; the high nibble's (bit 7) already sits at bit 15 in the byte's copy: no shift.
-_NIBBLE = "shl.b32 t, x, {m}; {sign}and.b32 t, t, 0x01C001C0; or.b32 t, t, u; mul.rn.bf16x2 ${o}, t, $10;\n"
-_SIGN_LOW, _SIGN_HIGH = "shl.b32 u, x, 12; and.b32 u, u, 0x80008000; ", "and.b32 u, x, 0x80008000; "
-PLANES_ASM = (
-    "{\n.reg .b32 x, t, u;\n" + "".join(
-        f"prmt.b32 x, $8, $9, 0x{4 + b}{4 + b}{b}{b};\n" + _NIBBLE.format(m=6, sign=_SIGN_LOW, o=2 * b)
-        + _NIBBLE.format(m=2, sign=_SIGN_HIGH, o=2 * b + 1) for b in range(4)) + "}")
-
-# The in-word decode (INWORD): one word w, its nibbles j and j + 4 (j = 0..3) as one bf16x2 (low, high half),
+# reference): one word w, its nibbles j and j + 4 (j = 0..3) as one bf16x2 (low, high half),
 # the k pair of one A register. Both halves of w move alike: the nibble pair is isolated with one mask, one
 # integer multiply by 2**a + 2**b adds the copy shifted by a (sign to bit 15) to the copy shifted by b (e1 e0 m
 # to bits 8..6; the copies do not overlap, so nothing carries), and one mask keeps those bits. Nibbles 2, 3
@@ -136,7 +123,6 @@ PAIR_ASM = ("{\n.reg .b32 w, t;\n" + _PAIR.format(src="$4", mask=0x000F000F, mul
 
 if HAS_GLUON:
 
-    _PLANES_ASM: gl.constexpr = gl.constexpr(PLANES_ASM)
     _PAIR_ASM: gl.constexpr = gl.constexpr(PAIR_ASM)
 
     @gluon.jit
@@ -147,13 +133,6 @@ if HAS_GLUON:
             gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
-
-    @gluon.jit
-    def _planes(q, s2):
-        """int32 words (pairs w, w+1 of a row) and their block scale (bf16x2 of scale * 2**110, as int32)
-        -> 8 bf16 tensors, nibble planes 0..7 of v * scale * 2**-16."""
-        return gl.inline_asm_elementwise(_PLANES_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [q, s2],
-                                         dtype=(gl.bfloat16,) * 8, is_pure=True, pack=2)
 
     @gluon.jit
     def _pair_planes(qq, ss):
@@ -182,28 +161,12 @@ if HAS_GLUON:
         return gl.split(gl.reshape(t, shape))
 
     @gluon.jit
-    def _x_planes(xv, BKW: gl.constexpr, BM: gl.constexpr, B_L: gl.constexpr):
-        """x values [BKW, BM, 8] (plane = last axis) -> the 8 planes [BKW, BM] as MMA B operands."""
-        e, o = _halves(xv, [BKW, BM, 4, 2])  # planes 0 2 4 6 | 1 3 5 7
-        e0, e1 = _halves(e, [BKW, BM, 2, 2])  # 0 4 | 2 6
-        o0, o1 = _halves(o, [BKW, BM, 2, 2])  # 1 5 | 3 7
-        p0, p4 = gl.split(e0)
-        p2, p6 = gl.split(e1)
-        p1, p5 = gl.split(o0)
-        p3, p7 = gl.split(o1)
-        return (gl.convert_layout(p0, B_L, assert_trivial=True), gl.convert_layout(p1, B_L, assert_trivial=True),
-                gl.convert_layout(p2, B_L, assert_trivial=True), gl.convert_layout(p3, B_L, assert_trivial=True),
-                gl.convert_layout(p4, B_L, assert_trivial=True), gl.convert_layout(p5, B_L, assert_trivial=True),
-                gl.convert_layout(p6, B_L, assert_trivial=True), gl.convert_layout(p7, B_L, assert_trivial=True))
-
-    @gluon.jit
     def _mma_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, a_ptr, h_ptr, M, N, KW, k_per_split, n1, n2, R_SH,
                     stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm, stride_ar, stride_hs, stride_hm,
                     BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
                     C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
                     X_L: gl.constexpr, L3: gl.constexpr, SH_L: gl.constexpr,
-                    SHRINK: gl.constexpr = False, INWORD: gl.constexpr = False, W_L: gl.constexpr = None,
-                    PDL: gl.constexpr = False):
+                    W_L: gl.constexpr, SHRINK: gl.constexpr = False, PDL: gl.constexpr = False):
         """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32).
         SHRINK: the first R_SH programs of each split instead write the LoRA shrink's partial
         h[split, m, r] = x[m, split's K] . A[r, split's K] (one row of A each), so no `lora_shrink` launch.
@@ -218,7 +181,7 @@ if HAS_GLUON:
         else:
             pid_n = pid - R_SH if SHRINK else pid
             acc = _mma_tile(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, N, stride_xm, stride_ww, stride_sn,
-                            BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, INWORD, W_L)
+                            BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, W_L)
             _store_partials(acc, gs_ptr, ws_ptr, pid_n, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
 
     @gluon.jit
@@ -228,8 +191,7 @@ if HAS_GLUON:
                         BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr, NSPLIT: gl.constexpr,
                         C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
                         X_L: gl.constexpr, L3: gl.constexpr, SH_L: gl.constexpr,
-                        SHRINK: gl.constexpr = False, INWORD: gl.constexpr = False, W_L: gl.constexpr = None,
-                        PDL: gl.constexpr = False):
+                        W_L: gl.constexpr, SHRINK: gl.constexpr = False, PDL: gl.constexpr = False):
         """`_mma_kernel`'s sums with the work spread evenly over the grid (stream-K): the TOTAL = tiles x STEPS
         steps of BKW words are cut into runs of PER consecutive steps, one a program, whatever the tile
         boundaries; a program's part of a tile goes to slice `streamk_segments` of ws [NSPLIT, M, N], and the
@@ -252,7 +214,7 @@ if HAS_GLUON:
                 k1 = gl.minimum(STEPS, k0 + end - it)
                 seg = p - (t * STEPS) // PER
                 acc = _mma_tile(x_ptr, w_ptr, s_ptr, t, k0 * BKW, k1 * BKW, M, N, stride_xm, stride_ww, stride_sn,
-                                BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, INWORD, W_L)
+                                BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, W_L)
                 _store_slice(acc, gs_ptr, ws_ptr, seg, t, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
                 if k1 == STEPS:  # this program ends tile t: zero the slices after its last segment
                     for z in range(seg + 1, NSPLIT):
@@ -298,43 +260,30 @@ if HAS_GLUON:
 
     @gluon.jit
     def _mma_step(acc, q, sb, xv, BN: gl.constexpr, BKW: gl.constexpr, BM: gl.constexpr,
-                  A_L: gl.constexpr, B_L: gl.constexpr, L3: gl.constexpr, INWORD: gl.constexpr, W_L: gl.constexpr):
-        """acc += the words q [BN, BKW] (A layout) with their scale bytes sb [BN, BKW/2], times the x tile xv.
-        INWORD: 4 planes of nibble pairs (j, j + 4) of a word, each an MMA over 2 BKW values of k; else 8 planes
-        of nibble i of a word pair (w, w + 1), each over BKW."""
+                  A_L: gl.constexpr, B_L: gl.constexpr, L3: gl.constexpr, W_L: gl.constexpr):
+        """acc += the words q [BN, BKW] (A layout) with their scale bytes sb [BN, BKW/2], times the x tile xv:
+        4 planes of nibble pairs (j, j + 4) of a word, each an MMA over 2 BKW values of k."""
         s2 = gl.convert_layout(_word_scales(sb, BN, BKW, L3), W_L, assert_trivial=True)
         q = gl.convert_layout(q, W_L, assert_trivial=True)
-        if INWORD:
-            p0, p1, p2, p3 = _pair_planes(gl.join(q, q), gl.join(s2, s2))
-            e, o = _halves(xv, [BKW, BM, 4, 2])  # x of planes j even | j odd, each [.., (h, j bit 1)]
-            x0, x2 = _halves(e, [BKW, BM, 2, 2])
-            x1, x3 = _halves(o, [BKW, BM, 2, 2])
-            a0 = gl.convert_layout(_a_pairs(p0, BN, BKW), A_L, assert_trivial=True)
-            a1 = gl.convert_layout(_a_pairs(p1, BN, BKW), A_L, assert_trivial=True)
-            a2 = gl.convert_layout(_a_pairs(p2, BN, BKW), A_L, assert_trivial=True)
-            a3 = gl.convert_layout(_a_pairs(p3, BN, BKW), A_L, assert_trivial=True)
-            acc = mma_v2(a0, gl.convert_layout(_b_pairs(x0, BKW, BM), B_L, assert_trivial=True), acc)
-            acc = mma_v2(a1, gl.convert_layout(_b_pairs(x1, BKW, BM), B_L, assert_trivial=True), acc)
-            acc = mma_v2(a2, gl.convert_layout(_b_pairs(x2, BKW, BM), B_L, assert_trivial=True), acc)
-            acc = mma_v2(a3, gl.convert_layout(_b_pairs(x3, BKW, BM), B_L, assert_trivial=True), acc)
-        else:
-            p0, p1, p2, p3, p4, p5, p6, p7 = _planes(q, s2)
-            x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes(xv, BKW, BM, B_L)
-            acc = mma_v2(p0, x0, acc)
-            acc = mma_v2(p1, x1, acc)
-            acc = mma_v2(p2, x2, acc)
-            acc = mma_v2(p3, x3, acc)
-            acc = mma_v2(p4, x4, acc)
-            acc = mma_v2(p5, x5, acc)
-            acc = mma_v2(p6, x6, acc)
-            acc = mma_v2(p7, x7, acc)
+        p0, p1, p2, p3 = _pair_planes(gl.join(q, q), gl.join(s2, s2))
+        e, o = _halves(xv, [BKW, BM, 4, 2])  # x of planes j even | j odd, each [.., (h, j bit 1)]
+        x0, x2 = _halves(e, [BKW, BM, 2, 2])
+        x1, x3 = _halves(o, [BKW, BM, 2, 2])
+        a0 = gl.convert_layout(_a_pairs(p0, BN, BKW), A_L, assert_trivial=True)
+        a1 = gl.convert_layout(_a_pairs(p1, BN, BKW), A_L, assert_trivial=True)
+        a2 = gl.convert_layout(_a_pairs(p2, BN, BKW), A_L, assert_trivial=True)
+        a3 = gl.convert_layout(_a_pairs(p3, BN, BKW), A_L, assert_trivial=True)
+        acc = mma_v2(a0, gl.convert_layout(_b_pairs(x0, BKW, BM), B_L, assert_trivial=True), acc)
+        acc = mma_v2(a1, gl.convert_layout(_b_pairs(x1, BKW, BM), B_L, assert_trivial=True), acc)
+        acc = mma_v2(a2, gl.convert_layout(_b_pairs(x2, BKW, BM), B_L, assert_trivial=True), acc)
+        acc = mma_v2(a3, gl.convert_layout(_b_pairs(x3, BKW, BM), B_L, assert_trivial=True), acc)
         return acc
 
     @gluon.jit
     def _mma_tile(x_ptr, w_ptr, s_ptr, pid_n, k_lo, k_hi, M, N, stride_xm, stride_ww, stride_sn,
                   BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr,
                   C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
-                  X_L: gl.constexpr, L3: gl.constexpr, INWORD: gl.constexpr, W_L: gl.constexpr):
+                  X_L: gl.constexpr, L3: gl.constexpr, W_L: gl.constexpr):
         """One [BN weight rows, BM rows of x] tile over words [k_lo, k_hi), loaded straight into registers."""
         # weight words [BN, BKW] in the A layout (rows past N read row N-1; their sums are not stored)
         rn = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, A_L)), N - 1)
@@ -350,7 +299,7 @@ if HAS_GLUON:
             q = gl.load(wp + k)
             sb = gl.load(sp + k // 2)
             xv = gl.load(x_ptr + k * 8 + xoff, mask=xmask, other=0.0)
-            acc = _mma_step(acc, q, sb, xv, BN, BKW, BM, A_L, B_L, L3, INWORD, W_L)
+            acc = _mma_step(acc, q, sb, xv, BN, BKW, BM, A_L, B_L, L3, W_L)
         return acc
 
     @gluon.jit
@@ -385,12 +334,10 @@ MMA_TILES = {
 
 
 def mma_config(m: int, n: int, k: int, num_warps: int | None = None, rows_per_warp: int | None = None,
-               bkw: int = 32, programs: int | None = None, inword: bool | None = None,
-               streamk: int | None = None) -> dict:
+               bkw: int = 32, programs: int | None = None, streamk: int | bool | None = None) -> dict:
     """Version 7 tile for m rows of an [n, k] weight: BN = 16 * num_warps * rows_per_warp weight rows, bkw
     words a step; K split until the grid has about `programs` programs (at most 16 splits, each at least
-    two steps); `inword`: the in-word decode (nibble pairs of one word, `PAIR_ASM`; None: `INWORD`), else the
-    word-pair decode (`PLANES_ASM`); `streamk`: instead of whole splits, the steps spread evenly over that many
+    two steps); `streamk`: instead of whole splits, the steps spread evenly over that many
     programs, or (True) over as many as fit the GPU at once (`_streamk_kernel`; SPLIT is then set by the
     launcher; not measured on a GPU yet, so off).
     Fields given override the `MMA_TILES` entry."""
@@ -400,7 +347,7 @@ def mma_config(m: int, n: int, k: int, num_warps: int | None = None, rows_per_wa
     bn = 16 * nw * r
     split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // bkw // 2))
     return dict(WORDS=True, MMA=True, BLOCK_N=bn, BKW=bkw, RPW=r, SPLIT=split, num_warps=nw,
-                INWORD=INWORD if inword is None else inword, **({"STREAMK": streamk} if streamk else {}))
+                **({"STREAMK": streamk} if streamk else {}))
 
 
 @functools.lru_cache(maxsize=None)
@@ -417,14 +364,14 @@ def resident_programs(m: int, cfg: dict, shrink: bool, device) -> int:
     """How many `_streamk_kernel` programs of this tile fit the GPU at once (by its registers: compiled here for
     sm_90 once a tile, as the launcher specializes it)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return sms * _programs_an_sm(m, cfg["num_warps"], cfg["RPW"], cfg["BKW"], bool(cfg.get("INWORD")), shrink)
+    return sms * _programs_an_sm(m, cfg["num_warps"], cfg["RPW"], cfg["BKW"], shrink)
 
 
 @functools.lru_cache(maxsize=None)
-def _programs_an_sm(m: int, nw: int, r: int, bkw: int, inword: bool, shrink: bool) -> int:
+def _programs_an_sm(m: int, nw: int, r: int, bkw: int, shrink: bool) -> int:
     from ._triton import registers
 
-    const = mma_constexprs(m, dict(num_warps=nw, RPW=r, BKW=bkw, INWORD=inword), shrink)
+    const = mma_constexprs(m, dict(num_warps=nw, RPW=r, BKW=bkw), shrink)
     regs = registers(compile_partials_kernel(_streamk_kernel, dict(const, NSPLIT=3), nw))
     return max(1, min(32, 65536 // (-(-regs // 8) * 8 * 32 * nw)))  # registers go 8 a thread, 64 K an SM
 
@@ -478,10 +425,9 @@ def mma_constexprs(m: int, cfg: dict, shrink: bool, pdl: bool = False) -> dict:
     pdl: launched as a programmatic dependent."""
     nw, r, bkw = cfg["num_warps"], cfg["RPW"], cfg["BKW"]
     bm = max(8, 1 << (m - 1).bit_length())
-    inword = bool(cfg.get("INWORD", False))
     mma, a_l, b_l, s_l, x_l, l3, w_l = _layouts(nw, r, bkw, bm)
     return dict(BM=bm, BN=16 * nw * r, BKW=bkw, C_L=mma, A_L=a_l, B_L=b_l, S_L=s_l, X_L=x_l, L3=l3,
-                INWORD=inword, W_L=w_l if inword else a_l, SH_L=_shrink_layout(nw), SHRINK=shrink, PDL=pdl)
+                W_L=w_l, SH_L=_shrink_layout(nw), SHRINK=shrink, PDL=pdl)
 
 
 def compile_sm90(m: int, cfg: dict, shrink: bool = True):
