@@ -128,8 +128,7 @@ class CudaEngine(Engine):
 
     def __init__(self, model: CausalLM, tokenizer, eos_ids: list[int] | None = None, check_every: int = 16,
                  use_graphs: bool = True, pdl: bool = False, fuse_shrink: bool = True,
-                 mma: bool = True,
-                 wgmma: bool = True, fuse_attention: bool = False, streamk: bool = False):
+                 mma: bool = True, wgmma: bool = True, fuse_attention: bool = False, streamk: bool = False):
         if not available() or model.device.type != "cuda":
             raise KernelUnavailable("CudaEngine needs a CUDA device and Triton; use qerl.rollout.Engine here")
         a = model.args

@@ -27,14 +27,17 @@ if HAS_TRITON:
     from .rope_cache import rope_rows
 
     @triton.jit
-    def _attend(q, kbase, vbase, mrow, nkeys_ptr, sp, sm_scale, stride_ks,
-                NSPLIT: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr):
-        """Split sp of the keys [0, n_keys) (BS-key blocks) for the GP query heads q [GP, D] of one kv head:
-        the running max, the softmax sum and the unnormalized output (m [GP], l [GP], acc [GP, D], fp32)."""
+    def _key_range(nkeys_ptr, sp, NSPLIT: tl.constexpr, BS: tl.constexpr):
+        """Split sp's keys [lo, hi) of [0, n_keys): NSPLIT runs of whole BS-key blocks."""
         n_keys = tl.load(nkeys_ptr)
         per = tl.cdiv(tl.cdiv(n_keys, NSPLIT), BS) * BS
-        lo = sp * per
-        hi = tl.minimum(lo + per, n_keys)
+        return sp * per, tl.minimum(sp * per + per, n_keys)
+
+    @triton.jit
+    def _attend(q, kbase, vbase, mrow, lo, hi, sm_scale, stride_ks,
+                GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr):
+        """Keys [lo, hi) (BS-key blocks) for the GP query heads q [GP, D] of one kv head: the running max, the
+        softmax sum and the unnormalized output (m [GP], l [GP], acc [GP, D], fp32)."""
         d = tl.arange(0, D)
         m_i = tl.full((GP,), float("-inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
@@ -98,8 +101,9 @@ if HAS_TRITON:
         heads = hk * G + g
         d = tl.arange(0, D)
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gm[:, None], other=0.0)
+        lo, hi = _key_range(nkeys_ptr, sp, NSPLIT, BS)
         m_i, l_i, acc = _attend(q, k_ptr + b * stride_kb + hk * stride_kh, v_ptr + b * stride_kb + hk * stride_kh,
-                                mask_ptr + b * stride_mb, nkeys_ptr, sp, sm_scale, stride_ks, NSPLIT, GP, D, BS, PREC)
+                                mask_ptr + b * stride_mb, lo, hi, sm_scale, stride_ks, GP, D, BS, PREC)
         _store_split(m_i, l_i, acc, o_ptr, ml_ptr, b, heads, gm, sp, stride_ob, stride_oh, stride_os, stride_mlb,
                      stride_mlh, D)
 
@@ -130,10 +134,9 @@ if HAS_TRITON:
         pos = tl.load(pos_ptr + b).to(tl.float32)
         kbase = k_ptr + b * stride_kb + hk * stride_kh
         vbase = v_ptr + b * stride_kb + hk * stride_kh
-        n_keys = tl.load(nkeys_ptr)
-        per = tl.cdiv(tl.cdiv(n_keys, NSPLIT), BS) * BS
+        lo, hi = _key_range(nkeys_ptr, sp, NSPLIT, BS)
         slot = tl.load(slot_ptr)
-        if (slot >= sp * per) & (slot < (sp + 1) * per):  # this split reads the new token's key and value
+        if (slot >= lo) & (slot < hi):  # this split reads the new token's key and value
             kv = rope_rows(row + (G * HKV + hk) * D, d, pos, inv_ptr, d < D, D)
             tl.store(kbase + slot * stride_ks + d, kv)
             tl.store(vbase + slot * stride_ks + d, tl.load(row + (G * HKV + HKV + hk) * D + d))
@@ -142,8 +145,8 @@ if HAS_TRITON:
         gm = g < G
         heads = hk * G + g
         q = rope_rows(row + heads[:, None] * D, d[None, :], pos, inv_ptr, gm[:, None], D)
-        m_i, l_i, acc = _attend(q, kbase, vbase, mask_ptr + b * stride_mb, nkeys_ptr, sp, sm_scale, stride_ks,
-                                NSPLIT, GP, D, BS, PREC)
+        m_i, l_i, acc = _attend(q, kbase, vbase, mask_ptr + b * stride_mb, lo, hi, sm_scale, stride_ks, GP, D, BS,
+                                PREC)
         _store_split(m_i, l_i, acc, o_ptr, ml_ptr, b, heads, gm, sp, stride_ob, stride_oh, stride_os, stride_mlb,
                      stride_mlh, D)
         tl.debug_barrier()  # every thread's partials stored before the count (release, cumulative over the barrier)

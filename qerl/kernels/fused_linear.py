@@ -583,9 +583,8 @@ def pick_config(m: int, n: int, k: int, fmt: str, mma: bool = False, wgmma: bool
                 streamk: bool = False) -> dict:
     """Tile sizes by shape (measured on an H100/H200; see benchmarks/RESULTS.md). mma: version 7
     (`nvfp4_mma`, Gluon) may serve NVFP4 from MMA_MIN_M to MMA_MAX_M rows (the caller checked `mma_supported`);
-    streamk: it as stream-K over the programs that fit the
-    GPU at once; wgmma: version 8 (`nvfp4_wgmma`) may serve NVFP4 from WG_MIN_M to WG_MAX_M rows (the caller
-    checked `wgmma_supported`)."""
+    streamk: it as stream-K over the programs that fit the GPU at once; wgmma: version 8 (`nvfp4_wgmma`) may
+    serve NVFP4 from WG_MIN_M to WG_MAX_M rows (the caller checked `wgmma_supported`)."""
     if wgmma and fmt == "nvfp4" and WG_MIN_M <= m <= WG_MAX_M:
         return wgmma_config(m, n, k)
     if mma and fmt == "nvfp4" and MMA_MIN_M <= m <= MMA_MAX_M:

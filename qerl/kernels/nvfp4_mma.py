@@ -135,6 +135,14 @@ if HAS_GLUON:
                                       is_pure=False, pack=1)
 
     @gluon.jit
+    def _split_range(KW, k_per_split, PDL: gl.constexpr):
+        """The start versions 7 and 8 share: (PDL) wait for the previous kernel, then (program, first word, end
+        word) of this program's split of K (grid axis 1)."""
+        _dependent_start(PDL)
+        k_lo = gl.program_id(1) * k_per_split
+        return gl.program_id(0), k_lo, gl.minimum(k_lo + k_per_split, KW)
+
+    @gluon.jit
     def _pair_planes(qq, ss):
         """Words [.., 2] (each twice) and their block scale pairs (likewise) -> 4 bf16 tensors [.., 2], plane j
         holding nibbles j (index 0) and j + 4 (index 1) of each word as v * scale * 2**-16."""
@@ -171,10 +179,7 @@ if HAS_GLUON:
         SHRINK: the first R_SH programs of each split instead write the LoRA shrink's partial
         h[split, m, r] = x[m, split's K] . A[r, split's K] (one row of A each), so no `lora_shrink` launch.
         PDL: launched as a programmatic dependent of the previous kernel."""
-        _dependent_start(PDL)
-        pid = gl.program_id(0)
-        k_lo = gl.program_id(1) * k_per_split
-        k_hi = gl.minimum(k_lo + k_per_split, KW)
+        pid, k_lo, k_hi = _split_range(KW, k_per_split, PDL)
         if SHRINK and pid < R_SH:  # (SHRINK False: no branch, every program a tile program)
             _shrink_row(x_ptr, a_ptr, h_ptr, pid, M, k_lo * 8, k_hi * 8, stride_xm, stride_ar,
                         gl.program_id(1) * stride_hs, stride_hm, BM, SH_L)

@@ -34,7 +34,7 @@ if HAS_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-    from .nvfp4_mma import (_dependent_start, _pair_planes, _shrink_layout, _shrink_row, _store_partials,
+    from .nvfp4_mma import (_pair_planes, _shrink_layout, _shrink_row, _split_range, _store_partials,
                             _word_scales)
 
     _BKW: gl.constexpr = gl.constexpr(32)
@@ -104,10 +104,7 @@ if HAS_GLUON:
         """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32); with
         SHRINK the first R_SH programs of each split write the LoRA shrink's partials instead; PDL: launched as
         a programmatic dependent (as version 7)."""
-        _dependent_start(PDL)
-        pid = gl.program_id(0)
-        k_lo = gl.program_id(1) * k_per_split
-        k_hi = gl.minimum(k_lo + k_per_split, KW)
+        pid, k_lo, k_hi = _split_range(KW, k_per_split, PDL)
         if SHRINK and pid < R_SH:  # (SHRINK False: no branch, every program a tile program)
             _shrink_row(x_ptr, a_ptr, h_ptr, pid, M, k_lo * 8, k_hi * 8, stride_xm, stride_ar,
                         gl.program_id(1) * stride_hs, stride_hm, BM, SH_L)
