@@ -7,7 +7,7 @@ call (decode kernel + epilogue launch), the engine's default choice (`default`: 
 version 7 from 5), the default tile of each version and a sweep of version-7 tiles
 (warps, 16-row tiles a warp, words a step, splits). GB/s counts the packed weight + scale bytes.
 Usage: python benchmarks/bench_mma_gpu.py [--model qwen2.5-7b] [--rows 8,16,32] [--shapes "gate|up,down"]
-       [--no-sweep] [--v8-only] [--streamk] [--maxnreg 128] [--out results.json]
+       [--no-sweep] [--v8-only] [--maxnreg 128] [--out results.json]
 """
 import argparse
 import json
@@ -30,8 +30,6 @@ def main():
     ap.add_argument("--maxnreg", default="", help="comma-separated register caps to time the default tile with")
     ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="time the default tiles only")
     ap.add_argument("--v8-only", action="store_true", help="version 8 (wgmma, 9..128 rows) and its tile sweep only")
-    ap.add_argument("--streamk", action="store_true", help="also version 7's default tile as stream-K over 3..12 "
-                    "programs a multiprocessor")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     a.maxnreg = [int(r) for r in a.maxnreg.split(",") if r]
@@ -68,17 +66,6 @@ def main():
             run(d7)()
             y_default = y.float().clone()
             row["v7_us"] = graph_time_us(run(d7))
-            if a.streamk:  # the default tile with its steps spread evenly over c programs a multiprocessor
-                sms = torch.cuda.get_device_properties(0).multi_processor_count
-                sk = {c: graph_time_us(run(dict(d7, STREAMK=c * sms))) for c in (3, 4, 5, 6, 7, 8, 10, 12)}
-                c = min(sk, key=sk.get)
-                run(dict(d7, STREAMK=c * sms))()
-                sk_ok = bool(((y.float() - y_default).norm() / y_default.norm()) < 1e-2)
-                row.update(v7_streamk_us=sk[c], v7_streamk_per_sm=c, v7_streamk_agrees=sk_ok,
-                           v7_streamk_sweep={str(k): v for k, v in sk.items()})
-                print(f"{name:8s} M={m:<3d} v7 {row['v7_us']:7.1f} us | stream-K best {sk[c]:7.1f} us "
-                      f"({c} programs an SM, agrees: {sk_ok}) {' '.join(f'{k}:{v:.1f}' for k, v in sk.items())}",
-                      flush=True)
             for regs in a.maxnreg:  # the default tile with registers capped (more warps resident, maybe spills)
                 row[f"v7_maxnreg{regs}_us"] = graph_time_us(run(dict(d7, MAXNREG=regs)))
                 print(f"{name:8s} M={m:<3d} v7 {row['v7_us']:7.1f} us, maxnreg {regs}: "

@@ -3,7 +3,7 @@ eager launches, same kernels as the graph) next to the CUDA-graph replay time of
 
 Random Qwen2.5 weights (no download), LoRA rank 16 live, KV cache filled to `--ctx` keys.
 Usage: python benchmarks/profile_decode_gpu.py [--model qwen2.5-7b] [--quant nvfp4,bf16] [--batch 1,8,64]
-       [--pdl] [--no-fuse-shrink] [--fuse-attention] [--streamk]   (the engine's defaults unless given)
+       [--pdl] [--no-fuse-shrink]   (the engine's defaults unless given)
 """
 import argparse
 import json
@@ -77,17 +77,12 @@ def main():
                     help="programmatic dependent launch of the step's kernels (engine default: off)")
     ap.add_argument("--fuse-shrink", action=argparse.BooleanOptionalAction, default=True,
                     help="LoRA shrink inside the split-K decode kernels (engine default: on)")
-    ap.add_argument("--fuse-attention", action=argparse.BooleanOptionalAction, default=False,
-                    help="RoPE + cache write + attention + merge in one launch (engine default: off)")
-    ap.add_argument("--streamk", action=argparse.BooleanOptionalAction, default=False,
-                    help="version 7 as stream-K over the resident programs (engine default: off)")
     a = ap.parse_args()
     args = model_args(a.model)
     res = []
     for q in a.quant.split(","):
         model = build_random_model(args, q, 16)
-        eng = CudaEngine(model, NullTokenizer(), eos_ids=[], pdl=a.pdl, fuse_shrink=a.fuse_shrink,
-                         fuse_attention=a.fuse_attention, streamk=a.streamk)
+        eng = CudaEngine(model, NullTokenizer(), eos_ids=[], pdl=a.pdl, fuse_shrink=a.fuse_shrink)
         for b in map(int, a.batch.split(",")):
             r = profile_step(eng, b, a.ctx)
             r["quant"] = q

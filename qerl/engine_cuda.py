@@ -18,8 +18,7 @@ What differs from the reference engine (and why):
   and more rows, use
   cuBLAS (one layer dequantized into the engine's own buffer for NVFP4/MXFP4) and one
   epilogue launch (`linear_epilogue`: bias, LoRA, SiLU gate); residual add + RMSNorm
-  and RoPE + cache write are one launch each (`fuse_attention`: RoPE + cache write + attention + its
-  split merge in one). About 15 launches a layer with LoRA
+  and RoPE + cache write are one launch each. About 15 launches a layer with LoRA
   (`benchmarks/profile_decode_gpu.py` lists them with their time).
 - LoRA stays live: each `generate` copies the current A, B (scaling folded into B)
   into the fused buffers first, so an optimizer step is seen by the next rollout.
@@ -128,7 +127,7 @@ class CudaEngine(Engine):
 
     def __init__(self, model: CausalLM, tokenizer, eos_ids: list[int] | None = None, check_every: int = 16,
                  use_graphs: bool = True, pdl: bool = False, fuse_shrink: bool = True,
-                 mma: bool = True, wgmma: bool = True, fuse_attention: bool = False, streamk: bool = False):
+                 mma: bool = True, wgmma: bool = True):
         if not available() or model.device.type != "cuda":
             raise KernelUnavailable("CudaEngine needs a CUDA device and Triton; use qerl.rollout.Engine here")
         a = model.args
@@ -144,10 +143,6 @@ class CudaEngine(Engine):
         self.pdl, self.fuse_shrink = pdl, fuse_shrink
         self.mma = mma  # version 7 (register-fed tensor cores) for the NVFP4 rows it supports, else versions 5/6
         self.wgmma = wgmma  # version 8 (warpgroup MMA) for the NVFP4 rows it serves (9..WG_MAX_M)
-        # RoPE + cache write, attention and the splits' merge in one launch instead of three (the same outputs;
-        # not measured on a GPU yet, so off)
-        self.fuse_attention = fuse_attention
-        self.streamk = streamk  # version 7 as stream-K over the resident programs (not measured yet, so off)
         self.layers = []
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -236,7 +231,6 @@ class CudaEngine(Engine):
         ns_max = max(attention_splits(x, a.num_kv_heads, s, self._sms()) for x in range(1, b + 1))
         self.ws_o = torch.zeros(b * a.num_heads * ns_max * a.head_dim, dtype=torch.float32, device=dev)
         self.ws_ml = torch.zeros(b * a.num_heads * ns_max * 2, dtype=torch.float32, device=dev)
-        self.attn_count = torch.zeros(b * a.num_kv_heads, dtype=torch.int32, device=dev)  # fuse_attention's counts
         self.cap = (b, s)
 
     @staticmethod
@@ -253,8 +247,7 @@ class CudaEngine(Engine):
         one_pass = self._one_pass(f, m)
         if one_pass and f.rank and self.fuse_shrink:  # h from the decode kernel (see fused_linear's lora_A)
             return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, None, f.B, f.rank, 1.0, f.segments, f.glu,
-                                out=out, lora_A=f.A, h_out=self.hbuf, mma=self.mma, wgmma=self.wgmma,
-                                streamk=self.streamk)
+                                out=out, lora_A=f.A, h_out=self.hbuf, mma=self.mma, wgmma=self.wgmma)
         if f.rank:
             h = lora_shrink(x, f.A, out=self.hbuf)
         if not one_pass:  # cuBLAS for the product, one small kernel for the epilogue
@@ -276,7 +269,7 @@ class CudaEngine(Engine):
             torch.mm(x, w.t(), out=y0)
             return linear_epilogue(y0, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out)
         return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out,
-                            mma=self.mma, wgmma=self.wgmma, streamk=self.streamk)
+                            mma=self.mma, wgmma=self.wgmma)
 
     def _one_pass(self, f: _FusedLinear, m: int) -> bool:
         """Whether the one-pass decode kernels take m rows of this layer (else cuBLAS on a dequantized copy):
@@ -291,7 +284,7 @@ class CudaEngine(Engine):
             self._decode_kernels(b)
 
     def _decode_kernels(self, b: int):
-        from .kernels.decode_attention import attention_splits, decode_attention, decode_attention_rope
+        from .kernels.decode_attention import attention_splits, decode_attention
         from .kernels.rmsnorm import add_rmsnorm
         from .kernels.rope_cache import rope_cache
 
@@ -305,15 +298,9 @@ class CudaEngine(Engine):
         for i, L in enumerate(self.layers):
             add_rmsnorm(resid, L.ln1, a.rms_norm_eps, delta=delta, out=y)
             qkv = self._linear(L.qkv, y, self.qkv[:b, : L.qkv.n_out])
-            if self.fuse_attention:
-                att = decode_attention_rope(qkv, self.pos, self.slot, self.inv_freq, self.k[i], self.v[i], self.keymask,
-                                            self.nkeys, ns, a.num_heads, out=self.att[:b], workspace=ws,
-                                            counters=self.attn_count)
-            else:
-                q = rope_cache(qkv, self.pos, self.slot, self.inv_freq, self.k[i], self.v[i], a.num_heads,
-                               a.num_kv_heads, a.head_dim, q_out=self.q[:b])
-                att = decode_attention(q, self.k[i], self.v[i], self.keymask, self.nkeys, ns, out=self.att[:b],
-                                       workspace=ws)
+            q = rope_cache(qkv, self.pos, self.slot, self.inv_freq, self.k[i], self.v[i], a.num_heads,
+                           a.num_kv_heads, a.head_dim, q_out=self.q[:b])
+            att = decode_attention(q, self.k[i], self.v[i], self.keymask, self.nkeys, ns, out=self.att[:b], workspace=ws)
             o = self._linear(L.o, att, self.o[:b])
             add_rmsnorm(resid, L.ln2, a.rms_norm_eps, delta=o, out=y)
             act = self._linear(L.gu, y, self.act[:b])

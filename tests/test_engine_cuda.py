@@ -45,7 +45,7 @@ def test_greedy_matches_reference(fmt):
     eos = int(ref.completion_ids[0, 6])
     ref = Engine(model, Tok(eos)).generate(_prompts(), params)
     variants = (dict(), dict(use_graphs=False), dict(pdl=True), dict(fuse_shrink=False), dict(pdl=True, fuse_shrink=False),
-                dict(mma=False), dict(fuse_attention=True))
+                dict(mma=False))
     for opts in variants:  # pdl: programmatic dependent launch; fuse_shrink: h from the split-K decode kernels
         fast = CudaEngine(model, Tok(eos), check_every=4, **opts).generate(_prompts(), params)
         assert torch.equal(fast.completion_ids, ref.completion_ids)
@@ -89,23 +89,17 @@ def test_lora_update_is_seen_and_bf16_close():
 
 def test_mma_decode_in_the_engine_agrees_with_version_5():
     """bf16 activations, 6 rows: NVFP4 layers with K % 256 == 0 run version 7 (register-fed tensor cores),
-    down_proj (K = 704) version 5; the first token of every row and its logprob match mma=False; PDL and the
-    one-launch attention give identical rollouts; stream-K (sums in another order) agrees like version 5."""
+    down_proj (K = 704) version 5; the first token of every row and its logprob match mma=False; PDL gives
+    identical rollouts."""
     from qerl.engine_cuda import CudaEngine
 
     model = build_random_model(ARGS, "nvfp4", lora_rank=16, dtype=torch.bfloat16, seed=5)
     params = SamplingParams(temperature=0.0, max_new_tokens=12, n=2)
     a = CudaEngine(model, Tok()).generate(_prompts(), params)
     b = CudaEngine(model, Tok(), mma=False).generate(_prompts(), params)
-    c = CudaEngine(model, Tok(), fuse_attention=True).generate(_prompts(), params)  # one attention launch
     f = CudaEngine(model, Tok(), pdl=True).generate(_prompts(), params)  # programmatic dependent launch
-    g = CudaEngine(model, Tok(), streamk=True).generate(_prompts(), params)  # version 7 as stream-K
-    assert torch.equal(a.completion_ids[:, :1], g.completion_ids[:, :1])
-    assert torch.allclose(a.logprobs[:, 0], g.logprobs[:, 0], atol=0.01)
     assert torch.equal(a.completion_ids[:, :1], b.completion_ids[:, :1])
     assert torch.allclose(a.logprobs[:, 0], b.logprobs[:, 0], atol=0.05)
-    assert torch.equal(a.completion_ids, c.completion_ids)  # same sums in the same order: identical
-    assert torch.equal(a.logprobs, c.logprobs)
     assert torch.equal(a.completion_ids, f.completion_ids) and torch.equal(a.logprobs, f.logprobs)
 
 

@@ -304,63 +304,6 @@ def test_norm_rope_attention(dtype):
         assert rel(o, ref) < tol, ns
 
 
-def test_decode_attention_rope_synchronizes_for_hopper():
-    """Offline (Triton, no GPU): in the one-launch attention's sm_90 code, one thread counts a finished split
-    with a release fence before and an L1 invalidation after (acq_rel), and the last split reads the others'
-    partials from L2 (ld.global.cg), never from a possibly stale L1."""
-    pytest.importorskip("triton")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from qerl.kernels import decode_attention as da
-    from qerl.kernels._triton import disassemble
-
-    fn = da._attn_rope_kernel
-    const = dict(NSPLIT=12, NSP=16, GP=16, D=128, BS=32, PREC="tf32", PDL=False)
-    types = dict(qkv_ptr="*bf16", pos_ptr="*i64", slot_ptr="*i32", inv_ptr="*fp32", k_ptr="*bf16", v_ptr="*bf16",
-                 mask_ptr="*i1", nkeys_ptr="*i32", o_ptr="*fp32", ml_ptr="*fp32", cnt_ptr="*i32", out_ptr="*bf16",
-                 sm_scale="fp32")
-    sig = {a: "constexpr" if a in const else types.get(a, "i32") for a in fn.arg_names}
-    ck = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-    ops = [ln.split("*/")[-1].strip() for ln in disassemble(ck).splitlines() if "*/" in ln]
-    add = next(i for i, o in enumerate(ops) if "ATOMG.E.ADD" in o)
-    before = " ".join(ops[add - 12:add])
-    assert ops[add].startswith("@P") and "MEMBAR.ALL.GPU" in before and "CCTL.IVALL" in ops[add + 1]
-    assert "BAR.SYNC" in before  # every thread's partials stored before the count
-    assert ck.asm["ptx"].count("ld.global.cg") >= 2 * 16  # m, l of each split and the outputs
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decode_attention_rope_is_the_three_launches(dtype):
-    """RoPE + cache write + split attention + merge in one launch = rope_cache, decode_attention (bit for bit,
-    cache included), for 1..16 splits, the new key in any split; its split counts are left at zero."""
-    from qerl.kernels.decode_attention import decode_attention, decode_attention_rope
-    from qerl.kernels.rope_cache import rope_cache
-
-    b, hq, hkv, d, s = 3, 28, 4, 128, 300
-    qkv = torch.randn(b, (hq + 2 * hkv) * d, device="cuda", dtype=dtype)
-    pos = torch.tensor([7, 100, 250], device="cuda")
-    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device="cuda").float() / d))
-    kc, vc = (torch.randn(4, hkv, s, d, device="cuda", dtype=dtype) for _ in range(2))
-    mask = torch.rand(4, s, device="cuda") > 0.3
-    cnt = torch.zeros(b * hkv, device="cuda", dtype=torch.int32)
-    for n_keys in (17, 200, 261):
-        slot = torch.tensor([n_keys - 1], device="cuda", dtype=torch.int32)
-        nk = torch.tensor([n_keys], device="cuda", dtype=torch.int32)
-        mask[:, n_keys - 1] = True
-        for ns in (1, 5, 16):
-            k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
-            q = rope_cache(qkv, pos, slot, inv, k1, v1, hq, hkv, d)
-            ref = decode_attention(q, k1, v1, mask, nk, ns)
-            for _ in range(2):  # the counts reset themselves: a second launch (a graph replay) is the same
-                out = torch.full((b, hq * d), float("nan"), device="cuda", dtype=dtype)
-                o = decode_attention_rope(qkv, pos, slot, inv, k2, v2, mask, nk, ns, hq, out=out, counters=cnt)
-                assert torch.equal(o, ref) and torch.equal(k2, k1) and torch.equal(v2, v1), (n_keys, ns)
-                assert not cnt.any()
-
-
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -144,7 +144,6 @@ def test_config_follows_the_measured_tiles():
     assert nvfp4_mma.mma_config(1, 3584, 18944)["BLOCK_N"] == 32
     assert nvfp4_mma.mma_config(32, 3584, 18944)["BLOCK_N"] == 32  # one tile a warp above 16 rows (registers)
     assert nvfp4_mma.mma_config(8, 64, 512)["SPLIT"] == 1  # 2 steps of 32 words: no room to split
-    assert nvfp4_mma.mma_config(8, 4608, 3584, streamk=True)["STREAMK"] is True
 
 
 @hopper
@@ -159,66 +158,6 @@ def test_matches_reference(tile, k):
     nw, r_, split = tile
     cfg = dict(WORDS=True, MMA=True, BLOCK_N=16 * nw * r_, BKW=32, RPW=r_, SPLIT=split, num_warps=nw)
     check_fused_nvfp4(cfg, k, (1, 3, 5, 8, 13, 16, 17, 32))
-
-
-def test_streamk_covers_every_step_once():
-    """The stream-K decomposition the kernel computes (`_streamk_kernel`, written out here in Python): every
-    step of every tile in exactly one program's run, every partials slice of every tile written exactly once
-    (a program's part, or zeros by the program that ends the tile), slices within `streamk_segments`'s count."""
-    import random
-
-    rng = random.Random(0)
-    cases = [(592, 14, 924), (36, 14, 396), (56, 74, 1452), (1, 2, 7), (5, 3, 7), (7, 2, 1)]
-    for tiles, steps, programs in cases + [(rng.randint(1, 60), rng.randint(2, 40), rng.randint(1, 300))
-                                           for _ in range(200)]:
-        per, nsplit = nvfp4_mma.streamk_segments(tiles, steps, programs)
-        total = tiles * steps
-        assert -(-total // per) <= max(programs, 1)
-        steps_seen, slices = set(), set()
-        for p in range(-(-total // per)):
-            it, end = p * per, min(p * per + per, total)
-            while it < end:  # the kernel's loop
-                t = it // steps
-                k0 = it - t * steps
-                k1 = min(steps, k0 + end - it)
-                seg = p - (t * steps) // per
-                assert 0 <= seg < nsplit
-                assert not steps_seen & {(t, k) for k in range(k0, k1)}
-                steps_seen |= {(t, k) for k in range(k0, k1)}
-                new = {(t, seg)} | ({(t, z) for z in range(seg + 1, nsplit)} if k1 == steps else set())
-                assert not slices & new
-                slices |= new
-                it += k1 - k0
-        assert len(steps_seen) == total and len(slices) == tiles * nsplit, (tiles, steps, programs)
-
-
-@gluon
-def test_streamk_compiles_for_hopper():
-    """Offline (no GPU): the stream-K kernel compiles for sm_90 with the engine's tiles, spills nothing and its
-    main loop is version 7's (at most a few instructions longer)."""
-    for m, shape in ((1, (37888, 3584)), (8, (3584, 18944))):
-        cfg = nvfp4_mma.mma_config(m, *shape)
-        const = nvfp4_mma.mma_constexprs(m, cfg, True)
-        sk = disassemble(nvfp4_mma.compile_partials_kernel(nvfp4_mma._streamk_kernel, dict(const, NSPLIT=3),
-                                                           cfg["num_warps"]))
-        base = disassemble(nvfp4_mma.compile_partials_kernel(nvfp4_mma._mma_kernel, const, cfg["num_warps"]))
-        assert "STL" not in sk and "HMMA" in sk
-        assert len(main_loop(base)) <= len(main_loop(sk)) <= len(main_loop(base)) + 16
-
-
-@hopper
-@gluon
-@pytest.mark.gpu
-@pytest.mark.parametrize("programs", [3, 7, 50])
-@pytest.mark.parametrize("k", [768, 1280])
-def test_streamk_matches_reference(programs, k):
-    """Stream-K version 7 (runs crossing tile boundaries, zeroed slices, shrink programs over its slices) gives
-    the reference results, the workspace poisoned first."""
-    from qerl.kernels import fused_linear as fl
-
-    fl._workspace(1 << 22, torch.empty(0, device="cuda").device).fill_(float("nan"))  # the partials' buffer
-    cfg = dict(WORDS=True, MMA=True, BLOCK_N=64, BKW=32, RPW=1, SPLIT=1, num_warps=4, STREAMK=programs)
-    check_fused_nvfp4(cfg, k, (1, 5, 8, 17, 32))
 
 
 @hopper
@@ -240,12 +179,11 @@ def test_pdl_matches_reference():
 @gluon
 @pytest.mark.gpu
 def test_picked_by_default_and_off_switch():
-    """fused_linear picks version 7 for 1..32 bf16 rows on Hopper (as stream-K when asked for), versions 5/6
-    with mma=False; all agree with the reference."""
+    """fused_linear picks version 7 for 1..32 bf16 rows on Hopper, versions 5/6 with mma=False; both agree with
+    the reference."""
     from qerl.kernels.fused_linear import pick_config
 
     assert pick_config(1, 4608, 3584, "nvfp4", mma=True)["MMA"]
-    assert pick_config(8, 4608, 3584, "nvfp4", mma=True, streamk=True)["STREAMK"]
     assert not pick_config(8, 4608, 3584, "nvfp4", mma=False).get("MMA")
     assert not pick_config(40, 4608, 3584, "nvfp4", mma=True).get("MMA")
-    check_fused_options((1, 8), [dict(), dict(streamk=True), dict(mma=False)])
+    check_fused_options((1, 8), [dict(), dict(mma=False)])

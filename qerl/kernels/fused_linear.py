@@ -48,7 +48,7 @@ import torch
 
 from ._triton import HAS_TRITON, KernelUnavailable, next_pow2, pdl_launch, pdl_wait, require
 from .lora_shrink import lora_shrink, partials_view
-from .nvfp4_mma import MMA_MAX_M, mma_config, mma_partials, mma_supported, resident_programs, streamk_segments
+from .nvfp4_mma import MMA_MAX_M, mma_config, mma_partials, mma_supported
 from .nvfp4_wgmma import WG_MAX_M, WG_MIN_M, wgmma_config, wgmma_partials, wgmma_supported
 
 FMT_CODES = {"nvfp4": 0, "mxfp4": 1, "bf16": 2}
@@ -579,16 +579,15 @@ TC_MIN_M = 5  # from this many rows up, NVFP4/MXFP4 use version 5 (tensor cores)
 MMA_MIN_M = 1  # version 7 (where supported) from this many rows up: faster than version 6 at 1, 2 and 4 rows (H200)
 
 
-def pick_config(m: int, n: int, k: int, fmt: str, mma: bool = False, wgmma: bool = False,
-                streamk: bool = False) -> dict:
+def pick_config(m: int, n: int, k: int, fmt: str, mma: bool = False, wgmma: bool = False) -> dict:
     """Tile sizes by shape (measured on an H100/H200; see benchmarks/RESULTS.md). mma: version 7
     (`nvfp4_mma`, Gluon) may serve NVFP4 from MMA_MIN_M to MMA_MAX_M rows (the caller checked `mma_supported`);
-    streamk: it as stream-K over the programs that fit the GPU at once; wgmma: version 8 (`nvfp4_wgmma`) may
-    serve NVFP4 from WG_MIN_M to WG_MAX_M rows (the caller checked `wgmma_supported`)."""
+    wgmma: version 8 (`nvfp4_wgmma`) may serve NVFP4 from WG_MIN_M to WG_MAX_M rows (the caller checked
+    `wgmma_supported`)."""
     if wgmma and fmt == "nvfp4" and WG_MIN_M <= m <= WG_MAX_M:
         return wgmma_config(m, n, k)
     if mma and fmt == "nvfp4" and MMA_MIN_M <= m <= MMA_MAX_M:
-        return mma_config(m, n, k, streamk=streamk)
+        return mma_config(m, n, k)
     if TC_MIN_M <= m <= TC_MAX_M and fmt in ("nvfp4", "mxfp4"):
         return tc_config(m, n, k)
     if m <= GEMV_MAX_M and fmt in ("nvfp4", "mxfp4"):
@@ -646,8 +645,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
                  lora_h: torch.Tensor | None = None, lora_B: torch.Tensor | None = None, lora_rank: int = 0,
                  lora_scale: float = 1.0, segments: tuple[int, int] | None = None, glu: bool = False,
                  out: torch.Tensor | None = None, config: dict | None = None, lora_A: torch.Tensor | None = None,
-                 h_out: torch.Tensor | None = None, mma: bool = True, wgmma: bool = True,
-                 streamk: bool = False) -> torch.Tensor:
+                 h_out: torch.Tensor | None = None, mma: bool = True, wgmma: bool = True) -> torch.Tensor:
     """x [M, K] -> y [M, N] (or [M, N/2] with glu) in x.dtype.
 
     weight: nvfp4/mxfp4 packed uint8 [N, K/2] (+ scale [N, K/16] e4m3 or [N, K/32] e8m0,
@@ -658,8 +656,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     scratch for its partials (>= MAX_SPLITS * M * R_total values; allocated if None).
     segments: (n1, n2) row boundaries of fused modules (q | k | v); with glu, rows of up start at N/2.
     mma: let version 7 (register-fed tensor cores, `nvfp4_mma`) take the rows it supports when no config is given;
-    wgmma: let version 8 (warpgroup MMA, `nvfp4_wgmma`) take the rows it serves when no config is given;
-    streamk: version 7's steps spread evenly over the programs that fit the GPU at once (`_streamk_kernel`).
+    wgmma: let version 8 (warpgroup MMA, `nvfp4_wgmma`) take the rows it serves when no config is given.
     """
     require(x, weight, what="the fused linear kernel")
     if fmt not in FMT_CODES:
@@ -677,7 +674,7 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     cfg = dict(config or pick_config(m, n, k, fmt, mma=mma and mma_supported(x, fmt, k),
-                                     wgmma=wgmma and wgmma_supported(x.device, x.dtype, fmt, k), streamk=streamk))
+                                     wgmma=wgmma and wgmma_supported(x.device, x.dtype, fmt, k)))
     if cfg.pop("WORDS", False):
         return _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
                               segments, glu, out, n, cfg, lora_A, h_out)
@@ -820,11 +817,6 @@ def _mma_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_
         raise KernelUnavailable(f"version 7 needs NVFP4, bf16 x, K % {8 * cfg['BKW']} == 0, sm_90+ and Gluon")
     m = x.shape[0]
     n_rows = weight.shape[0]
-    if cfg.get("STREAMK") and not wg:  # version 7 spread evenly over that many programs: its partials' slices
-        if cfg["STREAMK"] is True:  # as many as fit the GPU at once
-            cfg["STREAMK"] = resident_programs(m, cfg, lora_A is not None and lora_h is None, x.device)
-        cfg = dict(cfg, SPLIT=streamk_segments(-(-n_rows // cfg["BLOCK_N"]), x.shape[1] // 8 // cfg["BKW"],
-                                               cfg["STREAMK"])[1])
     fuse_shrink = lora_A is not None and lora_h is None  # the kernel's extra programs write h's partials
     if fuse_shrink:
         lora_h = partials_view(h_out, cfg["SPLIT"], m, lora_A.shape[0], x.device)

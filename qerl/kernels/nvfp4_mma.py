@@ -22,9 +22,8 @@ normal. (A decode of nibble i of a word pair (w, w + 1), one `prmt` a byte, took
 measured slower: taken out.) The row's 2**16 and 1 / global scale are applied to the fp32 accumulator at the end. Partial sums go to an fp32 workspace
 [split, M, N]; `fused_linear.linear_epilogue` adds bias, LoRA, GLU and rounds, as for version 5's split-K.
 Given the LoRA A matrices, R extra programs per split write the shrink's partials h[split, M, R] (one row
-of A each, CUDA cores), so the decode step needs no `lora_shrink` launch. With STREAMK (`_streamk_kernel`,
-off until measured) the grid is the programs that fit the GPU at once and the tiles' steps are spread evenly
-over them (stream-K) instead of whole splits, so no wave runs part empty.
+of A each, CUDA cores), so the decode step needs no `lora_shrink` launch. (Stream-K, the tiles' steps spread
+evenly over the programs that fit the GPU at once instead of whole splits, measured no faster: taken out.)
 
 Loads: each step's words and scales go straight into registers in the operand layout. Tried and taken out
 again (measured slower on the H200, benchmarks/RESULTS.md, sixth to eighth rounds): the words and scales streamed
@@ -190,44 +189,6 @@ if HAS_GLUON:
             _store_partials(acc, gs_ptr, ws_ptr, pid_n, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
 
     @gluon.jit
-    def _streamk_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, a_ptr, h_ptr, M, N, KW, k_per_split, n1, n2, R_SH,
-                        stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm, stride_ar, stride_hs, stride_hm,
-                        STEPS, PER, TOTAL,
-                        BM: gl.constexpr, BN: gl.constexpr, BKW: gl.constexpr, NSPLIT: gl.constexpr,
-                        C_L: gl.constexpr, A_L: gl.constexpr, B_L: gl.constexpr, S_L: gl.constexpr,
-                        X_L: gl.constexpr, L3: gl.constexpr, SH_L: gl.constexpr,
-                        W_L: gl.constexpr, SHRINK: gl.constexpr = False, PDL: gl.constexpr = False):
-        """`_mma_kernel`'s sums with the work spread evenly over the grid (stream-K): the TOTAL = tiles x STEPS
-        steps of BKW words are cut into runs of PER consecutive steps, one a program, whatever the tile
-        boundaries; a program's part of a tile goes to slice `streamk_segments` of ws [NSPLIT, M, N], and the
-        program that ends a tile zeroes the tile's slices no program wrote, so the epilogue sums NSPLIT slices
-        as for split-K. The first R_SH * NSPLIT programs are the LoRA shrink's (row r of A over split s of K)."""
-        _dependent_start(PDL)
-        pid = gl.program_id(0)
-        if SHRINK and pid < R_SH * NSPLIT:
-            s = pid // R_SH
-            k_lo = s * k_per_split
-            _shrink_row(x_ptr, a_ptr, h_ptr, pid - s * R_SH, M, k_lo * 8, gl.minimum(k_lo + k_per_split, KW) * 8,
-                        stride_xm, stride_ar, s * stride_hs, stride_hm, BM, SH_L)
-        else:
-            p = pid - R_SH * NSPLIT if SHRINK else pid
-            it = p * PER
-            end = gl.minimum(it + PER, TOTAL)
-            while it < end:
-                t = it // STEPS
-                k0 = it - t * STEPS
-                k1 = gl.minimum(STEPS, k0 + end - it)
-                seg = p - (t * STEPS) // PER
-                acc = _mma_tile(x_ptr, w_ptr, s_ptr, t, k0 * BKW, k1 * BKW, M, N, stride_xm, stride_ww, stride_sn,
-                                BM, BN, BKW, C_L, A_L, B_L, S_L, X_L, L3, W_L)
-                _store_slice(acc, gs_ptr, ws_ptr, seg, t, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
-                if k1 == STEPS:  # this program ends tile t: zero the slices after its last segment
-                    for z in range(seg + 1, NSPLIT):
-                        _store_slice(gl.zeros([BN, BM], gl.float32, layout=C_L), gs_ptr, ws_ptr, z, t, M, N, n1, n2,
-                                     stride_wss, stride_wsm, BM, BN, C_L)
-                it += k1 - k0
-
-    @gluon.jit
     def _shrink_row(x_ptr, a_ptr, h_ptr, r, M, k_lo, k_hi, stride_xm, stride_ar, h_off, stride_hm,
                     BM: gl.constexpr, SH_L: gl.constexpr):
         """h[m, r] over columns [k_lo, k_hi) of x (a multiple of 128 long): CUDA-core dot of BM rows of x with row r of A."""
@@ -311,18 +272,12 @@ if HAS_GLUON:
     def _store_partials(acc, gs_ptr, ws_ptr, pid_n, M, N, n1, n2, stride_wss, stride_wsm,
                         BM: gl.constexpr, BN: gl.constexpr, C_L: gl.constexpr):
         """ws[split, m, n] = acc * 2**16 / the row's global scale (fused q|k|v and gate|up rows carry their module's)."""
-        _store_slice(acc, gs_ptr, ws_ptr, gl.program_id(1), pid_n, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
-
-    @gluon.jit
-    def _store_slice(acc, gs_ptr, ws_ptr, split, pid_n, M, N, n1, n2, stride_wss, stride_wsm,
-                     BM: gl.constexpr, BN: gl.constexpr, C_L: gl.constexpr):
-        """ws[split, m, n] of tile pid_n = acc * 2**16 / the row's global scale."""
         rno = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, C_L))
         seg = (rno >= n1).to(gl.int32) + (rno >= n2).to(gl.int32)
         f = 65536.0 / gl.load(gs_ptr + seg, mask=rno < N, other=1.0)
         acc = acc * gl.expand_dims(f, 1)
         rmo = gl.arange(0, BM, layout=gl.SliceLayout(0, C_L))
-        yp = (ws_ptr + split.to(gl.int64) * stride_wss + gl.expand_dims(rmo * stride_wsm, 0)
+        yp = (ws_ptr + gl.program_id(1).to(gl.int64) * stride_wss + gl.expand_dims(rmo * stride_wsm, 0)
               + gl.expand_dims(rno, 1))
         gl.store(yp, acc, mask=gl.expand_dims(rno < N, 1) & gl.expand_dims(rmo < M, 0))
 
@@ -339,46 +294,16 @@ MMA_TILES = {
 
 
 def mma_config(m: int, n: int, k: int, num_warps: int | None = None, rows_per_warp: int | None = None,
-               bkw: int = 32, programs: int | None = None, streamk: int | bool | None = None) -> dict:
+               bkw: int = 32, programs: int | None = None) -> dict:
     """Version 7 tile for m rows of an [n, k] weight: BN = 16 * num_warps * rows_per_warp weight rows, bkw
     words a step; K split until the grid has about `programs` programs (at most 16 splits, each at least
-    two steps); `streamk`: instead of whole splits, the steps spread evenly over that many
-    programs, or (True) over as many as fit the GPU at once (`_streamk_kernel`; SPLIT is then set by the
-    launcher; not measured on a GPU yet, so off).
-    Fields given override the `MMA_TILES` entry."""
+    two steps). Fields given override the `MMA_TILES` entry."""
     cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
     nw, r, target = MMA_TILES[cls][next(b for b in (4, 8, 16, 32) if m <= b or b == 32)]
     nw, r, target = num_warps or nw, rows_per_warp or r, programs or target
     bn = 16 * nw * r
     split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // bkw // 2))
-    return dict(WORDS=True, MMA=True, BLOCK_N=bn, BKW=bkw, RPW=r, SPLIT=split, num_warps=nw,
-                **({"STREAMK": streamk} if streamk else {}))
-
-
-@functools.lru_cache(maxsize=None)
-def streamk_segments(tiles: int, steps: int, programs: int) -> tuple[int, int]:
-    """Stream-K (`_streamk_kernel`): tiles x steps steps of work over about `programs` programs -> (steps a
-    program, slices of partials). Program p takes the steps [p * per, (p + 1) * per) (the last fewer); its part
-    of tile t goes to slice p - (t * steps) // per, so the slices are the most programs one tile meets."""
-    total = tiles * steps
-    per = -(-total // max(1, min(programs, total)))
-    return per, max((((t + 1) * steps - 1) // per) - (t * steps) // per + 1 for t in range(tiles))
-
-
-def resident_programs(m: int, cfg: dict, shrink: bool, device) -> int:
-    """How many `_streamk_kernel` programs of this tile fit the GPU at once (by its registers: compiled here for
-    sm_90 once a tile, as the launcher specializes it)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return sms * _programs_an_sm(m, cfg["num_warps"], cfg["RPW"], cfg["BKW"], shrink)
-
-
-@functools.lru_cache(maxsize=None)
-def _programs_an_sm(m: int, nw: int, r: int, bkw: int, shrink: bool) -> int:
-    from ._triton import registers
-
-    const = mma_constexprs(m, dict(num_warps=nw, RPW=r, BKW=bkw), shrink)
-    regs = registers(compile_partials_kernel(_streamk_kernel, dict(const, NSPLIT=3), nw))
-    return max(1, min(32, 65536 // (-(-regs // 8) * 8 * 32 * nw)))  # registers go 8 a thread, 64 K an SM
+    return dict(WORDS=True, MMA=True, BLOCK_N=bn, BKW=bkw, RPW=r, SPLIT=split, num_warps=nw)
 
 
 def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
@@ -392,14 +317,6 @@ def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global
     r_sh, _, args = partials_args(x, w32, scale, global_scale, n1, n2, ws, lora_A, h, MMA_MAX_M, cfg["BKW"], 7)
     pdl = pdl_launch()["PDL"]
     const = mma_constexprs(x.shape[0], cfg, shrink=r_sh > 0, pdl=pdl)
-    if cfg.get("STREAMK"):  # the work spread evenly over cfg["STREAMK"] programs (cfg["SPLIT"]: its slices)
-        tiles, steps = -(-w32.shape[0] // const["BN"]), w32.shape[1] // cfg["BKW"]
-        per, nsplit = streamk_segments(tiles, steps, cfg["STREAMK"])
-        if nsplit != ws.shape[0]:
-            raise ValueError(f"stream-K over {cfg['STREAMK']} programs writes {nsplit} slices, not {ws.shape[0]}")
-        _streamk_kernel[(-(-tiles * steps // per) + r_sh * nsplit,)](
-            *args, steps, per, tiles * steps, NSPLIT=nsplit, num_warps=cfg["num_warps"], launch_pdl=pdl, **const)
-        return ws
     _mma_kernel[(-(-w32.shape[0] // const["BN"]) + r_sh, ws.shape[0])](
         *args, num_warps=cfg["num_warps"], **({"maxnreg": cfg["MAXNREG"]} if cfg.get("MAXNREG") else {}),
         launch_pdl=pdl, **const)

@@ -17,37 +17,37 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def rope_rows(base, d, pos, inv_ptr, mask, D: tl.constexpr):
-        """Rotary embedding of rows of D values at base + d (d: offsets 0..D-1 broadcast against base's rows) at
-        position pos, in base's dtype, rounded as `apply_rope`: x * cos + rotate_half(x) * sin, cos/sin and each
-        product rounded to the dtype (rotate_half: -x[D/2:] for the first half, x[:D/2] for the second)."""
-        HALF: tl.constexpr = D // 2
-        dt = base.dtype.element_ty
-        f = pos * tl.load(inv_ptr + d % HALF)
-        c = tl.cos(f).to(dt).to(tl.float32)
-        s = tl.sin(f).to(dt).to(tl.float32)
-        x = tl.load(base + d, mask=mask, other=0.0).to(tl.float32)
-        xr = tl.load(base + (d + HALF) % D, mask=mask, other=0.0).to(tl.float32)
-        xr = tl.where(d < HALF, -xr, xr)
-        return ((x * c).to(dt).to(tl.float32) + (xr * s).to(dt).to(tl.float32)).to(dt)
-
-    @triton.jit
     def _rope_cache_kernel(qkv_ptr, pos_ptr, slot_ptr, inv_ptr, q_ptr, k_ptr, v_ptr,
                            HQ, HKV, stride_qkv, stride_qb, stride_qh,
                            stride_kb, stride_kh, stride_ks, D: tl.constexpr, PDL: tl.constexpr = False):
         pdl_wait(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)  # 0..HQ-1: a q head; HQ..HQ+HKV-1: a kv head
-        d = tl.arange(0, D)
+        HALF: tl.constexpr = D // 2
+        i = tl.arange(0, HALF)
+        dt = qkv_ptr.dtype.element_ty
         pos = tl.load(pos_ptr + b).to(tl.float32)
-        o = rope_rows(qkv_ptr + b * stride_qkv + h * D, d, pos, inv_ptr, d < D, D)
+        f = pos * tl.load(inv_ptr + i)
+        c = tl.cos(f).to(dt).to(tl.float32)
+        s = tl.sin(f).to(dt).to(tl.float32)
+        base = qkv_ptr + b * stride_qkv + h * D
+        x1 = tl.load(base + i).to(tl.float32)
+        x2 = tl.load(base + HALF + i).to(tl.float32)
+        o1 = ((x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)).to(dt)
+        o2 = ((x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)).to(dt)
         if h < HQ:
-            tl.store(q_ptr + b * stride_qb + h * stride_qh + d, o)
+            qdst = q_ptr + b * stride_qb + h * stride_qh
+            tl.store(qdst + i, o1)
+            tl.store(qdst + HALF + i, o2)
         else:
             j = h - HQ
-            off = b * stride_kb + j * stride_kh + tl.load(slot_ptr) * stride_ks
-            tl.store(k_ptr + off + d, o)
-            tl.store(v_ptr + off + d, tl.load(qkv_ptr + b * stride_qkv + (HQ + HKV + j) * D + d))
+            slot = tl.load(slot_ptr)
+            off = b * stride_kb + j * stride_kh + slot * stride_ks
+            tl.store(k_ptr + off + i, o1)
+            tl.store(k_ptr + off + HALF + i, o2)
+            vsrc = qkv_ptr + b * stride_qkv + (HQ + HKV + j) * D
+            tl.store(v_ptr + off + i, tl.load(vsrc + i))
+            tl.store(v_ptr + off + HALF + i, tl.load(vsrc + HALF + i))
 
 
 def rope_cache(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, inv_freq: torch.Tensor,
