@@ -191,7 +191,7 @@ def decode_bytes(model, rows: int, mean_ctx: float) -> float:
     return float(total)
 
 
-ENGINE_OPTIONS = ("pdl", "fuse_shrink", "mma", "wgmma", "prefetch")  # CudaEngine switches `--variants` may turn on ("pdl") or off ("no_fuse_shrink")
+ENGINE_OPTIONS = ("pdl", "fuse_shrink", "mma", "wgmma")  # CudaEngine switches `--variants` may turn on ("pdl") or off ("no_fuse_shrink")
 
 
 def bench_qerl(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0, temperature: float = 0.0,

@@ -25,7 +25,7 @@ def bench_rollout(model_config: str = typer.Option("qwen2.5-7b", help="qwen2.5-7
                   temperature: float = typer.Option(0.0, help="0: greedy; > 0: sampled, as in training rollouts"),
                   variants: str = typer.Option("", help="also time qerl with engine options switched on (name) "
                                                "or off (no_name), '+' to combine, e.g. 'pdl,no_mma,pdl+no_wgmma' "
-                                               "(same run); options: pdl, fuse_shrink, mma, wgmma, prefetch"),
+                                               "(same run); options: pdl, fuse_shrink, mma, wgmma"),
                   out: str = typer.Option(None, help="write the numbers as JSON here")):
     """Rollout speed on random weights of a real config: qerl (CUDA engine) vs transformers, side by side."""
     from .bench import run_rollout_bench

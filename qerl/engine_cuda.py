@@ -54,7 +54,6 @@ from .rollout import Engine, Rollout, SamplingParams, left_pad, sample_tokens
 # above (and above WG_MAX_M for NVFP4 layers version 8 takes): one layer dequantized into the engine's buffer,
 # cuBLAS, and the epilogue kernel
 DECODE_MAX_M = TC_MAX_M
-PREFETCH_MAX_BYTES = 40 << 20  # of one fused layer's packed weight (the H100/H200 L2 holds 50 MB)
 
 _WEIGHT_BUFFERS = {"nvfp4": ("weight_packed", "weight_scale"), "mxfp4": ("weight_packed", "weight_scale"),
                    "bf16": ("weight",)}
@@ -128,7 +127,7 @@ class CudaEngine(Engine):
 
     def __init__(self, model: CausalLM, tokenizer, eos_ids: list[int] | None = None, check_every: int = 16,
                  use_graphs: bool = True, pdl: bool = False, fuse_shrink: bool = True,
-                 mma: bool = True, wgmma: bool = True, prefetch: bool = False):
+                 mma: bool = True, wgmma: bool = True):
         if not available() or model.device.type != "cuda":
             raise KernelUnavailable("CudaEngine needs a CUDA device and Triton; use qerl.rollout.Engine here")
         a = model.args
@@ -144,10 +143,6 @@ class CudaEngine(Engine):
         self.pdl, self.fuse_shrink = pdl, fuse_shrink
         self.mma = mma  # version 7 (register-fed tensor cores) for the NVFP4 rows it supports, else versions 5/6
         self.wgmma = wgmma  # version 8 (warpgroup MMA) for the NVFP4 rows it serves (9..WG_MAX_M)
-        # each layer's next quantized weights brought into L2 on a side stream while the kernels before them run
-        # (`kernels.prefetch`): a decode kernel reading from DRAM is 10-15% slower than from L2
-        self.prefetch = prefetch
-        self.side, self._forked = torch.cuda.Stream(device=model.device), False
         self.layers = []
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -276,18 +271,6 @@ class CudaEngine(Engine):
         return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out,
                             mma=self.mma, wgmma=self.wgmma)
 
-    def _prefetch(self, f: _FusedLinear):
-        """With `prefetch`: on the side stream, once the kernels launched so far are done, ask for f's packed
-        weight (up to PREFETCH_MAX_BYTES of it) and scales to be brought into L2 (nothing waits for it)."""
-        if not self.prefetch or f.fmt == "bf16":
-            return
-        from .kernels.prefetch import prefetch_l2
-
-        self.side.wait_stream(torch.cuda.current_stream())
-        self._forked = True
-        with torch.cuda.stream(self.side):
-            prefetch_l2([f.scale, f.weight], PREFETCH_MAX_BYTES)
-
     def _one_pass(self, f: _FusedLinear, m: int) -> bool:
         """Whether the one-pass decode kernels take m rows of this layer (else cuBLAS on a dequantized copy):
         NVFP4/MXFP4 up to DECODE_MAX_M rows, and up to WG_MAX_M where version 8 runs (`wgmma_supported`)."""
@@ -315,20 +298,13 @@ class CudaEngine(Engine):
         for i, L in enumerate(self.layers):
             add_rmsnorm(resid, L.ln1, a.rms_norm_eps, delta=delta, out=y)
             qkv = self._linear(L.qkv, y, self.qkv[:b, : L.qkv.n_out])
-            self._prefetch(L.o)  # beside RoPE and attention
             q = rope_cache(qkv, self.pos, self.slot, self.inv_freq, self.k[i], self.v[i], a.num_heads,
                            a.num_kv_heads, a.head_dim, q_out=self.q[:b])
             att = decode_attention(q, self.k[i], self.v[i], self.keymask, self.nkeys, ns, out=self.att[:b], workspace=ws)
             o = self._linear(L.o, att, self.o[:b])
             add_rmsnorm(resid, L.ln2, a.rms_norm_eps, delta=o, out=y)
-            self._prefetch(L.down)  # beside gate|up
             act = self._linear(L.gu, y, self.act[:b])
-            if i + 1 < len(self.layers):
-                self._prefetch(self.layers[i + 1].qkv)  # beside down
             delta = self._linear(L.down, act, self.d[:b])
-        if self._forked:  # the side stream joins (a captured graph must end joined)
-            torch.cuda.current_stream().wait_stream(self.side)
-            self._forked = False
         add_rmsnorm(resid, m.model.norm.weight, a.rms_norm_eps, delta=delta, out=y)
         torch.mm(y, m.lm_head.weight.t(), out=self.logits[:b])
         self.pos[:b] += 1

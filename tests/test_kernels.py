@@ -304,46 +304,6 @@ def test_norm_rope_attention(dtype):
         assert rel(o, ref) < tol, ns
 
 
-def test_prefetch_compiles_to_bulk_l2_prefetches():
-    """Offline (Triton, no GPU): the L2 prefetch kernel's sm_90 code is bulk L2 prefetches (one for each of the
-    two tensors' branches) with a cache-policy descriptor (evict-last), and it loads and stores nothing."""
-    pytest.importorskip("triton")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from qerl.kernels import prefetch
-    from qerl.kernels._triton import disassemble
-
-    sig = dict(a_ptr="*u8", a_bytes="i64", a_progs="i32", b_ptr="*u8", b_bytes="i64", CHUNK="constexpr")
-    ck = triton.compile(ASTSource(prefetch._prefetch_kernel, sig, dict(CHUNK=prefetch.CHUNK)),
-                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
-    ops = [ln.split("*/")[1].strip() for ln in disassemble(ck).splitlines() if "*/" in ln]
-    pf = [o for o in ops if o.startswith("UBLKPF.L2")]
-    assert len(pf) == 2 and all("desc[" in o for o in pf)
-    assert not [o for o in ops if o.split()[0].split(".")[0] in ("LDG", "STG", "ST", "LD", "ATOMG", "RED")]
-    assert "createpolicy.fractional.L2::evict_last" in ck.asm["ptx"]
-
-
-@gpu
-@pytest.mark.gpu
-def test_prefetch_leaves_tensors_alone():
-    """prefetch_l2 on one or two tensors of odd sizes (tails not a multiple of 16 bytes or of a program's
-    chunks, a byte cap) runs and changes nothing; three tensors are refused."""
-    from qerl.kernels.prefetch import prefetch_l2
-
-    a = torch.randint(0, 255, (1_000_003,), device="cuda", dtype=torch.uint8)
-    b = torch.randn(333, 77, device="cuda")
-    a0, b0 = a.clone(), b.clone()
-    prefetch_l2([a])
-    prefetch_l2([b, a], max_bytes=70_001)
-    prefetch_l2([a[:5]])
-    torch.cuda.synchronize()
-    assert torch.equal(a, a0) and torch.equal(b, b0)
-    with pytest.raises(ValueError):
-        prefetch_l2([a, b, a])
-
-
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
