@@ -19,11 +19,12 @@ both codes go into a bf16x2 as v * 2**-126 (e1 e0 m in exponent/mantissa bits 8.
 subnormals; one mask, one integer multiply that places sign and magnitude at once, one mask) and are
 multiplied by the block scale * 2**110 (bf16x2, exact: E4M3 has 3 mantissa bits): v * scale * 2**-16,
 normal. (A decode of nibble i of a word pair (w, w + 1), one `prmt` a byte, took more instructions and was
-measured slower: taken out.) The row's 2**16 and 1 / global scale are applied to the fp32 accumulator at the end. Partial sums go to an fp32 workspace
-[split, M, N]; `fused_linear.linear_epilogue` adds bias, LoRA, GLU and rounds, as for version 5's split-K.
-Given the LoRA A matrices, R extra programs per split write the shrink's partials h[split, M, R] (one row
-of A each, CUDA cores), so the decode step needs no `lora_shrink` launch. (Stream-K, the tiles' steps spread
-evenly over the programs that fit the GPU at once instead of whole splits, measured no faster: taken out.)
+measured slower: taken out.) The row's 2**16 and 1 / global scale are applied to the fp32 accumulator at the
+end. Partial sums go to an fp32 workspace [split, M, N]; `fused_linear.linear_epilogue` adds bias, LoRA,
+GLU and rounds, as for version 5's split-K. Given the LoRA A matrices, R extra programs per split write the
+shrink's partials h[split, M, R] (one row of A each, CUDA cores), so the decode step needs no `lora_shrink`
+launch. (Stream-K, the tiles' steps spread evenly over the programs that fit the GPU at once instead of whole
+splits, measured no faster: taken out.)
 
 Loads: each step's words and scales go straight into registers in the operand layout. Tried and taken out
 again (measured slower on the H200, benchmarks/RESULTS.md, sixth to eighth rounds): the words and scales streamed
@@ -314,7 +315,7 @@ def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global
     global_scale fp32 per segment; ws [SPLIT, M, N] fp32, rows of unit stride.
     lora_A [R, K] (row-major): also write the LoRA shrink's partials h[s, m, r] = x[m] . A[r] over split s
     into h [SPLIT, M, R] (fp32, contiguous), computed by R extra programs a split."""
-    r_sh, _, args = partials_args(x, w32, scale, global_scale, n1, n2, ws, lora_A, h, MMA_MAX_M, cfg["BKW"], 7)
+    r_sh, args = partials_args(x, w32, scale, global_scale, n1, n2, ws, lora_A, h, MMA_MAX_M, cfg["BKW"], 7)
     pdl = pdl_launch()["PDL"]
     const = mma_constexprs(x.shape[0], cfg, shrink=r_sh > 0, pdl=pdl)
     _mma_kernel[(-(-w32.shape[0] // const["BN"]) + r_sh, ws.shape[0])](
@@ -324,9 +325,9 @@ def mma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global
 
 
 def partials_args(x, w32, scale, global_scale, n1: int, n2: int, ws, lora_A, h, max_m: int, bkw: int,
-                  version: int) -> tuple[int, int, list]:
+                  version: int) -> tuple[int, list]:
     """Checks and runtime arguments shared by versions 7 and 8 (`_mma_kernel`, `nvfp4_wgmma._wg_kernel`):
-    (LoRA shrink programs a split, words a split, the arguments in the kernels' order)."""
+    (LoRA shrink programs a split, the arguments in the kernels' order)."""
     m, k = x.shape
     if not 1 <= m <= max_m or k % (8 * bkw):
         raise ValueError(f"version {version} takes at most {max_m} rows and K a multiple of {8 * bkw}")
@@ -337,7 +338,7 @@ def partials_args(x, w32, scale, global_scale, n1: int, n2: int, ws, lora_A, h, 
         r_sh = lora_A.shape[0]
         if lora_A.shape[1] != k or lora_A.stride(1) != 1 or h is None or h.shape != (split, m, r_sh):
             raise ValueError("lora_A must be [R, K] row-major and h [SPLIT, M, R]")
-    return r_sh, kps, [x, w32, scale, global_scale, ws, lora_A if r_sh else ws, h if r_sh else ws, m, w32.shape[0],
+    return r_sh, [x, w32, scale, global_scale, ws, lora_A if r_sh else ws, h if r_sh else ws, m, w32.shape[0],
                        kw, kps, n1, n2, r_sh, x.stride(0), w32.stride(0), scale.stride(0), ws.stride(0), ws.stride(1),
                        lora_A.stride(0) if r_sh else 0, h.stride(0) if r_sh else 0, h.stride(1) if r_sh else 0]
 
@@ -358,16 +359,15 @@ def compile_sm90(m: int, cfg: dict, shrink: bool = True):
     return compile_partials_kernel(_mma_kernel, mma_constexprs(m, cfg, shrink), cfg["num_warps"])
 
 
-def compile_partials_kernel(fn, const: dict, num_warps: int, types: dict | None = None):
+def compile_partials_kernel(fn, const: dict, num_warps: int):
     """`triton.compile` of a partials kernel (`_mma_kernel`, `nvfp4_wgmma._wg_kernel`: same runtime arguments)
-    for sm_90, specialized as the launcher is (16-byte aligned pointers, strides and word counts); types:
-    arguments of other types (TMA descriptors)."""
+    for sm_90, specialized as the launcher is (16-byte aligned pointers, strides and word counts)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    types = dict(dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", ws_ptr="*fp32", a_ptr="*fp32",
-                      h_ptr="*fp32"), **(types or {}))
+    types = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", ws_ptr="*fp32", a_ptr="*fp32",
+                 h_ptr="*fp32")
     aligned = ("KW", "k_per_split", "stride_xm", "stride_ww", "stride_sn", "stride_wss")
     sig = {a: "constexpr" if a in const else types.get(a, "i32") for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)

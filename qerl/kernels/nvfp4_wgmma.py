@@ -194,7 +194,7 @@ def wgmma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, glob
                    n1: int, n2: int, cfg: dict, ws: torch.Tensor, lora_A: torch.Tensor | None = None,
                    h: torch.Tensor | None = None) -> torch.Tensor:
     """As `nvfp4_mma.mma_partials` (same arguments and outputs), by version 8: up to WG_MAX_M rows."""
-    r_sh, _, args = partials_args(x, w32, scale, global_scale, n1, n2, ws, lora_A, h, WG_MAX_M, BKW, 8)
+    r_sh, args = partials_args(x, w32, scale, global_scale, n1, n2, ws, lora_A, h, WG_MAX_M, BKW, 8)
     pdl = pdl_launch()["PDL"]
     const = wgmma_constexprs(x.shape[0], cfg, shrink=r_sh > 0, pdl=pdl)
     _wg_kernel[(-(-w32.shape[0] // const["BN"]) + r_sh, ws.shape[0])](*args, num_warps=cfg["num_warps"],
