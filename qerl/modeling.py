@@ -10,12 +10,15 @@ HF: RMSNorm in fp32, rotary tables in fp32 cast to the activation dtype.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .packing import Packed, packed_attention
 
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -81,10 +84,32 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * h).to(dtype)
+        return _elementwise(rms_norm, x)(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * h).to(x.dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+_COMPILED: dict = {}
+
+
+def _elementwise(fn, x: torch.Tensor):
+    """`fn` itself, or on a CUDA training forward (autograd on) `fn` compiled by torch.compile
+    into one fused kernel forward and one backward, saving only its inputs: the eager
+    versions cost 4-7 launches each and keep fp32 intermediates for backward. Rollouts and
+    evals (no autograd) always run `fn` as written. QERL_COMPILE=0 turns compiling off."""
+    if not (x.is_cuda and torch.is_grad_enabled()) or os.environ.get("QERL_COMPILE", "1") == "0":
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
 
 
 def rope_inv_freq(args: ModelArgs, device) -> torch.Tensor:
@@ -108,7 +133,11 @@ def rope_inv_freq(args: ModelArgs, device) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, H, T, D]; cos/sin: [B, 1, T, D]
+    return _elementwise(rope_rotate, x)(x, cos, sin)
+
+
+def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, D]; cos/sin: [B, 1, T, D] (or any layout that broadcasts, e.g. [T, H, D] and [T, 1, D])
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -164,6 +193,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
+        if isinstance(mask, Packed):  # one row of packed segments (training): [T, H, D] throughout
+            c, s = cos[0, 0, :, None], sin[0, 0, :, None]  # [T, 1, D]
+            out = packed_attention(apply_rope(q[0], c, s), apply_rope(k[0], c, s), v[0], mask)
+            return self.o_proj(out.reshape(b, t, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if capture is not None:  # a shared prompt's keys/values, kept for the completions (with grad)
@@ -195,7 +228,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(_elementwise(silu_mul, g)(g, u))
 
 
 class DecoderLayer(nn.Module):
@@ -222,7 +256,10 @@ class Transformer(nn.Module):
 class CausalLM(nn.Module):
     """`forward(ids, positions, mask, cache, start) -> hidden`; `logits(hidden)` applies lm_head.
 
-    mask: bool [B, 1, T, S] (True = attend) over the S keys visible to the T queries.
+    mask: bool [B, 1, T, S] (True = attend) over the S keys visible to the T queries, or a
+    `Packed` layout (B = 1: segments end to end, see `qerl.packing`).
+    gradient_checkpointing: False, True (every layer) or an int k (the first k layers):
+    a checkpointed layer keeps only its input and recomputes the rest in backward.
     """
 
     def __init__(self, args: ModelArgs):
@@ -251,9 +288,11 @@ class CausalLM(nn.Module):
         forward per group of completions; mask then covers the P prefix keys too."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
+        ckpt = self.gradient_checkpointing
+        ckpt = len(self.model.layers) if ckpt is True else int(ckpt or 0)
         for i, layer in enumerate(self.model.layers):
             pre = prefix[i] if prefix is not None else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if i < ckpt and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, cache, i, start, pre, capture, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, i, start, pre, capture)

@@ -24,6 +24,7 @@ import torch
 
 from .lora import adapter_disabled
 from .modeling import CausalLM, causal_mask, positions_from_mask
+from .packing import pack
 from .rl import LossConfig, chunked_logprobs_and_entropy, importance_weights, policy_loss
 
 
@@ -92,11 +93,45 @@ def sequence_logprobs(model: CausalLM, b: Batch, temperature: float, chunk_token
                                         temperature=temperature)
 
 
+def packed_logprobs(model: CausalLM, b: Batch, temperature: float, chunk_tokens: int = 1024, group: int = 1):
+    """`sequence_logprobs` on the packed layout (`qerl.packing`): the same (logp, entropy) [N, L]
+    where `b.mask` is set (0 elsewhere), computed over real tokens only: each group's prompt
+    once, each completion up to its last loss token, no padding, no [N, 1, T, S] masks.
+    Rows come in contiguous groups of `group` (1: every row its own prompt); each row's mask
+    must be a prefix of its completion (as rollouts make it)."""
+    n, length = b.completion.shape
+    p = b.prompt_len
+    lens = b.mask.sum(1)
+    if bool((b.mask != (torch.arange(length, device=lens.device) < lens[:, None])).any()):
+        raise ValueError("packed_logprobs needs each row's loss mask to be a prefix of its completion")
+    plens = b.attn[::group, :p].sum(1).tolist()
+    rows = b.input_ids[::group, :p].tolist()
+    prompts = [r[p - k:] for r, k in zip(rows, plens)]
+    comps = [c[:k] for c, k in zip(b.completion.tolist(), lens.tolist())]
+    pk = pack(prompts, comps, group, length, b.completion.device)
+    logp = torch.zeros(n * length, device=b.completion.device)
+    ent = torch.zeros(n * length, device=b.completion.device)
+    if pk.targets.numel() == 0:
+        return logp.view(n, length), ent.view(n, length)
+    hidden = model(pk.ids[None], pk.positions[None], pk)[0]  # [T, H]
+    lp, e = chunked_logprobs_and_entropy(hidden[pk.pred_index][None], model.lm_head.weight, pk.targets[None],
+                                         chunk_tokens=chunk_tokens, temperature=temperature)
+    logp = logp.to(lp.dtype).index_copy(0, pk.out_index, lp[0])
+    ent = ent.to(e.dtype).index_copy(0, pk.out_index, e[0])
+    return logp.view(n, length), ent.view(n, length)
+
+
+LOGPROB_PATHS = {"packed": packed_logprobs, "reference": sequence_logprobs}
+
+
 def policy_update(model: CausalLM, optimizer, params: list[torch.nn.Parameter], batch: Batch, loss_cfg: LossConfig,
                   *, temperature: float, micro_batch_size: int, num_iterations: int, max_grad_norm: float,
-                  is_level: str, is_mode: str, is_threshold: float, group: int = 1) -> dict:
+                  is_level: str, is_mode: str, is_threshold: float, group: int = 1, path: str = "packed") -> dict:
     """group > 1: rows are contiguous groups sharing a prompt (see `sequence_logprobs`);
-    micro-batches then hold whole groups (micro_batch_size rounded down to a multiple of group)."""
+    micro-batches then hold whole groups (micro_batch_size rounded down to a multiple of group).
+    path: "packed" (`packed_logprobs`, the default) or "reference" (`sequence_logprobs`, the
+    padded oracle it is tested against): same values, the packed one costs the tokens it holds."""
+    logprobs = LOGPROB_PATHS[path]
     tokens, seqs = int(batch.mask.sum()), batch.input_ids.shape[0]
     if tokens == 0:  # e.g. every completion truncated and masked (DAPO overlong filtering)
         return {"skipped_updates": 0.0, "loss_tokens": 0.0, "active_seqs": 0.0}
@@ -118,7 +153,7 @@ def policy_update(model: CausalLM, optimizer, params: list[torch.nn.Parameter], 
         finite = True
         for s in range(0, n, micro_batch_size):
             mb = batch.slice(slice(s, s + micro_batch_size))
-            logp, ent = sequence_logprobs(model, mb, temperature, group=group)
+            logp, ent = logprobs(model, mb, temperature, group=group)
             if it == 0:
                 old_logp[s:s + micro_batch_size] = logp.detach()
             old = old_logp[s:s + micro_batch_size]
@@ -132,7 +167,7 @@ def policy_update(model: CausalLM, optimizer, params: list[torch.nn.Parameter], 
             ref = None
             if loss_cfg.kl_beta > 0:
                 with torch.no_grad(), adapter_disabled(model):
-                    ref, _ = sequence_logprobs(model, mb, temperature, group=group)
+                    ref, _ = logprobs(model, mb, temperature, group=group)
             loss, m = policy_loss(logp, old, mb.advantages, mb.mask, loss_cfg, ref_logp=ref, is_weights=isw,
                                   global_tokens=tokens, global_seqs=seqs)
             if not torch.isfinite(loss):

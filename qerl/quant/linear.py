@@ -48,6 +48,10 @@ class QuantLinear(nn.Module):
         self.lora_B: nn.Parameter | None = None
         self.lora_dropout: nn.Module = nn.Identity()
         self.lora_enabled = True
+        # dtype the LoRA products run in; None: the adapter's own (fp32). The GPU trainer sets
+        # the activation dtype (bf16 GEMMs, as the rollout engine's LoRA epilogue computes),
+        # the fp32 parameters and their gradients stay as they are.
+        self.lora_compute_dtype: torch.dtype | None = None
         self.backend = "reference"
         # Opt-in cache of the dequantized weight (CPU rollouts): trades the memory
         # saving for speed; off by default so a GPU never holds a bf16 copy.
@@ -140,8 +144,10 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if self.lora_rank and self.lora_enabled:
-            h = self.lora_dropout(x).to(self.lora_A.dtype)
-            y = y + (self.lora_scaling * F.linear(F.linear(h, self.lora_A), self.lora_B)).to(y.dtype)
+            cdt = self.lora_compute_dtype or self.lora_A.dtype
+            h = self.lora_dropout(x).to(cdt)
+            lora = F.linear(F.linear(h, self.lora_A.to(cdt)), self.lora_B.to(cdt))
+            y = y + (lora * self.lora_scaling).to(y.dtype)
         return y
 
     def extra_repr(self) -> str:
