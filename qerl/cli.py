@@ -10,7 +10,7 @@ import sys
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="RL for LLMs on NVFP4 weights with LoRA and AQN.")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (rollout speed).")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (rollout speed, the whole RL step).")
 app.add_typer(bench_app, name="bench")
 
 
@@ -33,6 +33,27 @@ def bench_rollout(model_config: str = typer.Option("qwen2.5-7b", help="qwen2.5-7
     run_rollout_bench(model_config, tuple(q.strip() for q in quant.split(",") if q.strip()),
                       tuple(int(b) for b in batch.split(",")), prompt_len, gen_len, lora_rank, hf, hf_gen_len, out,
                       temperature, tuple(v.strip() for v in variants.split(",") if v.strip()))
+
+
+@bench_app.command("step")
+def bench_step(model_config: str = typer.Option("qwen2.5-7b", help="qwen2.5-7b | qwen2.5-14b | qwen2.5-32b | a config.json"),
+               quant: str = typer.Option("nvfp4,bf16", help="comma-separated weight formats (nvfp4, mxfp4, bf16)"),
+               prompts: int = typer.Option(8, help="prompts per step"), group_size: int = typer.Option(8),
+               prompt_len: int = typer.Option(256), gen_len: int = typer.Option(2048),
+               lengths: str = typer.Option("full", help="completion lengths: full | uniform:LO-HI | lognormal:MEAN"),
+               micro_batch: int = typer.Option(None, help="sequences per forward/backward (default: one group)"),
+               gradient_checkpointing: str = typer.Option("auto", help="auto | on | off"),
+               lora_rank: int = typer.Option(16), steps: int = typer.Option(2, help="measured steps (after one warm-up)"),
+               update_path: str = typer.Option("packed", help="comma-separated: packed (default) | reference (padded oracle)"),
+               device: str = typer.Option(None, help="default: cuda when available"),
+               profile: str = typer.Option(None, help="write a per-kernel profile of the last step here (a folder)"),
+               out: str = typer.Option(None, help="write the numbers as JSON here")):
+    """The trainer's whole RL step (rollout + AQN, rewards, advantages, update) on random weights, formats side by side."""
+    from .bench_step import run_step_bench
+
+    run_step_bench(model_config, tuple(q.strip() for q in quant.split(",") if q.strip()), prompts, group_size, prompt_len,
+                   gen_len, lengths, micro_batch, gradient_checkpointing, lora_rank, steps, out,
+                   tuple(p.strip() for p in update_path.split(",") if p.strip()), device, profile=profile)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -29,7 +29,8 @@ class ModelConfig:
     lora_dropout: float = 0.0
     device: str | None = None  # default: cuda if available, else cpu
     dtype: str = "auto"  # compute dtype: auto (bf16 on GPUs and AMX/AVX512-BF16 CPUs, else fp32) | bfloat16 | float32
-    gradient_checkpointing: bool | None = None  # default: on with CUDA, off on CPU (small models)
+    # auto: on a GPU, as few layers as each micro-batch's activations need (none when they fit); off on CPU
+    gradient_checkpointing: str = "auto"  # auto | on | off (true/false are on/off)
     train_norms: bool = False  # the released QeRL scripts also trained the RMSNorm weights
 
 
@@ -290,6 +291,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 def validate(cfg: Config):
     cfg.algo.resolved()
+    gc = str(cfg.model.gradient_checkpointing).lower()
+    cfg.model.gradient_checkpointing = {"true": "on", "1": "on", "false": "off", "0": "off", "none": "auto"}.get(gc, gc)
+    _choice("model.gradient_checkpointing", cfg.model.gradient_checkpointing, ("auto", "on", "off"))
     _choice("rollout.backend", cfg.rollout.backend, ("auto", "cuda", "reference"))
     from .quant import FORMATS
 

@@ -404,13 +404,14 @@ class CudaEngine(Engine):
         out_tok = torch.full((rows + 1, max_new), self.pad_id, dtype=torch.long, device=dev)  # last row: trash
         out_lp = torch.zeros((rows + 1, max_new), dtype=torch.float32, device=dev)
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=dev)
+        limit = torch.cat([params.row_limits(rows, dev), torch.tensor([max_new], device=dev)])  # + the trash row
         ev[1].record()
         steps = 0
         for t in range(max_new):
             tok, lp = sample_tokens(logits, params.temperature, params.top_k, params.top_p, gen)
             out_tok[:, t].index_copy_(0, slot_row, tok)
             out_lp[:, t].index_copy_(0, slot_row, lp)
-            done |= torch.isin(tok, eos)
+            done |= torch.isin(tok, eos) | (limit[slot_row] <= t + 1)
             if t + 1 == max_new:
                 break
             self.tok[:b].copy_(tok)
@@ -435,12 +436,14 @@ class CudaEngine(Engine):
         out_tok, out_lp = out_tok[:rows], out_lp[:rows]
         mask = torch.zeros_like(out_tok, dtype=torch.bool)
         finish = []
+        limits = limit[:rows].tolist()
         for i, row in enumerate(out_tok.tolist()):
-            # The earlier of EOS and a stop string ends the row (padding may be the EOS id).
+            # The earlier of EOS and a stop string ends the row (padding may be the EOS id), else its limit.
             ends = [next((j + 1 for j, x in enumerate(row) if x in self.eos_ids), None), self._stop_len(row, params.stop)]
             n = min((e for e in ends if e), default=None)
+            n = n if n and n <= limits[i] else None
             finish.append("stop" if n else "length")
-            mask[i, : n or max_new] = True
+            mask[i, : n or limits[i]] = True
         out_tok = out_tok.masked_fill(~mask, self.pad_id)
         return out_tok.cpu(), out_lp.masked_fill(~mask, 0.0).cpu(), mask.cpu(), finish
 

@@ -289,6 +289,9 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         ckpt = self.gradient_checkpointing
+        if ckpt == "auto":
+            ckpt = auto_checkpoint_layers(self.args, input_ids.numel(), free_bytes(input_ids.device)) \
+                if self.training and torch.is_grad_enabled() else 0
         ckpt = len(self.model.layers) if ckpt is True else int(ckpt or 0)
         for i, layer in enumerate(self.model.layers):
             pre = prefix[i] if prefix is not None else None
@@ -308,6 +311,41 @@ class CausalLM(nn.Module):
     @property
     def dtype(self):
         return self.model.embed_tokens.weight.dtype
+
+
+def activation_bytes(a: ModelArgs, dtype_bytes: int = 2) -> tuple[int, int]:
+    """(bytes per token a layer keeps for backward, the same with the layer checkpointed).
+
+    Kept by autograd in a training forward (packed layout, fused elementwise ops): the
+    layer input and the two norm outputs' inputs and outputs (4 x hidden), the rotated
+    queries and the attention output (2 x q heads x head_dim), the rotated keys and the
+    gathered keys and values (3 x kv width), gate, up and their product (3 x intermediate).
+    A checkpointed layer keeps its input only."""
+    qd, kvd = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+    return dtype_bytes * (4 * a.hidden_size + 2 * qd + 3 * kvd + 3 * a.intermediate_size), dtype_bytes * a.hidden_size
+
+
+def auto_checkpoint_layers(a: ModelArgs, tokens: int, free: float) -> int:
+    """How many layers (from the first) a training forward of `tokens` tokens must checkpoint
+    so that its activations fit in `free` bytes: as few as possible. Kept free: 2 GiB, the
+    chunked log-prob buffers (3 fp32 [1024, vocab]) and one layer's activations twice more
+    (its recompute and its gradients in backward)."""
+    full, kept = activation_bytes(a)
+    if math.isinf(free):
+        return 0
+    reserve = 2 * 2**30 + 12 * 1024 * a.vocab_size
+    n = a.num_layers
+    budget = free - reserve - 2 * tokens * full
+    uncheckpointed = int((budget - tokens * kept * n) // max(tokens * (full - kept), 1))
+    return n - max(0, min(n, uncheckpointed))
+
+
+def free_bytes(device: torch.device) -> float:
+    """Memory a forward may still use: free on the device plus what the allocator holds unused (CUDA)."""
+    if device.type != "cuda":
+        return float("inf")
+    free, _ = torch.cuda.mem_get_info(device)
+    return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 def causal_mask(attn: torch.Tensor) -> torch.Tensor:

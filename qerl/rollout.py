@@ -34,6 +34,17 @@ class SamplingParams:
     n: int = 1  # samples per prompt
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Optional per-row limit, one per output row (prompts x n, in order), each <= max_new_tokens:
+    # a row that reaches its limit ends there with finish reason "length" (benchmarks use it to
+    # give random-weight models, which never emit EOS, the ragged lengths of real rollouts).
+    row_max_tokens: tuple[int, ...] | None = None
+
+    def row_limits(self, rows: int, device) -> torch.Tensor:
+        if self.row_max_tokens is None:
+            return torch.full((rows,), self.max_new_tokens, dtype=torch.long, device=device)
+        if len(self.row_max_tokens) != rows or not all(1 <= x <= self.max_new_tokens for x in self.row_max_tokens):
+            raise ValueError(f"row_max_tokens needs {rows} values in [1, max_new_tokens={self.max_new_tokens}]")
+        return torch.tensor(self.row_max_tokens, dtype=torch.long, device=device)
 
 
 @dataclass
@@ -173,6 +184,7 @@ class Engine:
         finish = ["length"] * b
         ends = [params.max_new_tokens] * b  # tokens each row generated, its EOS or stop string included
         eos = torch.tensor(self.eos_ids, device=dev)
+        limit = params.row_limits(b, dev)
         rows = torch.arange(b, device=dev)  # original row of each slot in the running batch
         alive = torch.ones(b, dtype=torch.bool, device=dev)
         for t in range(params.max_new_tokens):
@@ -186,10 +198,13 @@ class Engine:
                 for r in rows[done].tolist():
                     finish[r] = "stop"
                 break
-            if bool(done.any()):
+            full = (limit[rows] <= t + 1) & alive & ~done
+            if bool((done | full).any()):
                 for r in rows[done].tolist():
                     finish[r], ends[r] = "stop", t + 1
-                alive &= ~done
+                for r in rows[full].tolist():
+                    ends[r] = t + 1
+                alive &= ~(done | full)
                 n_alive = int(alive.sum())
                 if n_alive == 0:
                     break

@@ -21,7 +21,7 @@ from .data import build_prompt, load_records
 from .errors import QerlError
 from .evaluate import EvalSettings, evaluate
 from .logger import RunLogger, plot_run
-from .lora import lora_parameters, save_adapter
+from .lora import lora_parameters, quant_linears, save_adapter
 from .noise import aqn_sigma, apply_noise
 from .rewards import compute_rewards
 from .rl import LossConfig, dynamic_sampling_keep, fill_batch, group_advantages
@@ -67,28 +67,45 @@ def _dataset(spec: str, split: str, cfg: Config, limit=None):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, progress: bool = True):
+    """`Trainer(cfg).train()`. model/tokenizer, records (train, eval) and reward_fn (the signature
+    of `compute_rewards`) may be given instead of loaded from `cfg`: `qerl bench step` times this
+    class's own `step` on random weights that way."""
+
+    update_path = "packed"  # `policy_update`'s path; "reference" is the padded oracle
+
+    def __init__(self, cfg: Config, progress: bool = True, *, model=None, tokenizer=None, records=None,
+                 reward_fn=None):
         from .loading import load_model
 
         self.cfg, self.progress = cfg, progress
+        self.reward_fn = reward_fn or compute_rewards
         self.algo = cfg.algo.resolved()
         t = cfg.train
         self.run_dir = Path(t.output_dir)
         torch.manual_seed(t.seed)
         random.seed(t.seed)
-        # Data first: a bad path or an empty file fails in a second, before the model loads.
-        train_recs, rep = _dataset(cfg.data.train, cfg.data.train_split, cfg, cfg.data.train_limit)
-        self.eval_recs, erep = _dataset(cfg.data.eval, cfg.data.eval_split, cfg, t.eval_limit)
-        self.data_reports = [rep.summary(), erep.summary()]
-        for r in (rep, erep):
-            if not r.n_skipped:  # reports with skipped rows were already logged as warnings
-                print(r.summary())
+        if records is None:  # data first: a bad path or an empty file fails in a second, before the model loads
+            train_recs, rep = _dataset(cfg.data.train, cfg.data.train_split, cfg, cfg.data.train_limit)
+            self.eval_recs, erep = _dataset(cfg.data.eval, cfg.data.eval_split, cfg, t.eval_limit)
+            self.data_reports = [rep.summary(), erep.summary()]
+            for r in (rep, erep):
+                if not r.n_skipped:  # reports with skipped rows were already logged as warnings
+                    print(r.summary())
+        else:
+            train_recs, self.eval_recs = records
+            self.data_reports = [f"{len(train_recs)} given training records", f"{len(self.eval_recs)} given eval records"]
         m = cfg.model
-        self.model, self.tok = load_model(m.name, quant=m.quant, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
+        if model is None:
+            model, tokenizer = load_model(m.name, quant=m.quant, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
                                           lora_dropout=m.lora_dropout, device=m.device, dtype=m.dtype)
+        self.model, self.tok = model, tokenizer
         self.device = self.model.device
+        if self.device.type == "cuda":
+            use_training_kernels(self.model)
+        # auto: on a GPU, checkpoint as few layers as each micro-batch's activations need (see
+        # `qerl.modeling.auto_checkpoint_layers`); on a CPU (small models) none
         gc = m.gradient_checkpointing
-        self.model.gradient_checkpointing = self.device.type == "cuda" if gc is None else gc
+        self.model.gradient_checkpointing = {"on": True, "off": False}.get(gc, "auto" if self.device.type == "cuda" else False)
         self.engine = make_engine(self.model, self.tok, backend=cfg.rollout.backend)
         self.params = lora_parameters(self.model)
         self.norms = {}
@@ -148,7 +165,7 @@ class Trainer:
             with apply_noise(self.model, sigma, self.gen):
                 out = self.engine.generate(prompts, params, generator=self.gen)
             golds = [rec.answer for rec in recs for _ in range(G)]
-            rewards, parts = compute_rewards(out.texts, golds, out.lengths, r.max_new_tokens, self.reward_cfg)
+            rewards, parts = self.reward_fn(out.texts, golds, out.lengths, r.max_new_tokens, self.reward_cfg)
             rewards = torch.tensor(rewards)
             groups = [dict(prompt=prompts[i], out=out, rows=range(i * G, (i + 1) * G), rewards=rewards[i * G:(i + 1) * G],
                            correct=parts["correct"][i * G:(i + 1) * G]) for i in range(len(recs))]
@@ -182,11 +199,13 @@ class Trainer:
                     finish.append(g["out"].finish_reasons[row])
             batch = build_batch(prompts, comps, masks, logps, adv, self.engine.pad_id, self.device)
             a = self.algo
+            t_upd = time.perf_counter()
             upd = policy_update(self.model, self.optimizer, self.params + list(self.norms.values()), batch,
                                 self.loss_cfg, temperature=self.cfg.rollout.temperature,
                                 micro_batch_size=self.cfg.optim.micro_batch_size, num_iterations=a.num_iterations,
                                 max_grad_norm=self.cfg.optim.max_grad_norm, is_level=a.is_level, is_mode=a.is_mode,
-                                is_threshold=a.is_threshold, group=G)
+                                is_threshold=a.is_threshold, group=G, path=self.update_path)
+            metrics["update_s"] = time.perf_counter() - t_upd  # policy_update ends on host values: synchronized
             lengths = [float(m.sum()) for g in groups for m in g["out"].mask[list(g["rows"])]]
             correct = [c for g in groups for c in g["correct"]]
             metrics.update(upd)
@@ -251,6 +270,20 @@ class Trainer:
         plot_run(self.run_dir)
         summary = write_summary(self.run_dir, self.cfg, history, self.data_reports)
         return summary
+
+
+def use_training_kernels(model) -> None:
+    """The GPU training forward: each frozen Linear dequantizes in one kernel launch into a shared
+    bf16 buffer and multiplies with cuBLAS (`torch.ops.qerl.nvfp4_matmul`, backward likewise),
+    instead of the reference's elementwise dequantization; LoRA products run as bf16 GEMMs,
+    as the rollout engine computes them (fp32 parameters, gradients and AdamW states)."""
+    from .kernels import available
+
+    fast = available()
+    for q in quant_linears(model).values():
+        q.lora_compute_dtype = model.dtype
+        if fast and q.format.name in ("nvfp4", "mxfp4", "bf16"):
+            q.backend = "triton"
 
 
 def _describe(step, m):
