@@ -127,18 +127,22 @@ def step_config(prompts: int, group_size: int, gen_len: int, micro_batch: int | 
 
 def bench_one(args, quant: str, *, prompts: int, group_size: int, prompt_len: int, gen_len: int, lengths: str,
               micro_batch: int | None, gradient_checkpointing: str, lora_rank: int, steps: int, device, dtype,
-              update_path: str, out_dir: str, profile: str | None = None) -> dict:
+              update_path: str, out_dir: str, profile: str | None = None, gpu_mem: float | None = None) -> dict:
     from .trainer import Trainer
 
     cfg = step_config(prompts, group_size, gen_len, micro_batch, gradient_checkpointing, lora_rank, str(device), out_dir)
     model = build_random_model(args, quant, lora_rank, device=device, dtype=dtype)
+    cuda = device.type == "cuda"
+    total = torch.cuda.get_device_properties(device).total_memory if cuda else None
+    if gpu_mem and cuda:  # behave as on a GPU of gpu_mem GiB: allocations past it fail, "auto" plans within it
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_mem * 2**30 / total), device)
+        model.memory_limit = gpu_mem * 2**30
     tok = RandomTokenizer(args.vocab_size, prompt_len)
     recs = [Record(f"question {i}", "0") for i in range(max(64, 4 * prompts))]
     tr = Trainer(cfg, progress=False, model=model, tokenizer=tok, records=(recs, recs[:1]),
                  reward_fn=alternating_rewards)
     tr.update_path = update_path
     tr.engine = ForcedLengths(_engine(model, tok), parse_lengths(lengths, gen_len))
-    cuda = device.type == "cuda"
     rows = []
     for s in range(steps + 1):  # step 0 warms up: compiling, CUDA-graph capture, allocator growth
         if cuda:
@@ -155,11 +159,16 @@ def bench_one(args, quant: str, *, prompts: int, group_size: int, prompt_len: in
     gen_tokens = statistics.median(r["completion_len"] for r in rows) * prompts * group_size
     train_tokens = prompts * prompt_len + gen_tokens  # a group's prompt runs once
     fl = update_flops(args, train_tokens, gen_tokens)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
-    plan = plan_memory(args, cfg, prompt_len=prompt_len, quant=quant)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else math.nan
+    reserved = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else math.nan
+    avail = (gpu_mem * 2**30 if gpu_mem else total) / 1e9 if cuda else None
+    plan = plan_memory(args, cfg, prompt_len=prompt_len, quant=quant, available_gb=avail)
     out = dict(quant=quant, update_path=update_path, **med, generated_tokens=gen_tokens,
                gen_tok_s=gen_tokens / med["rollout_s"], update_flops=fl, update_tflop_s=fl / med["update_s"] / 1e12,
-               peak_gib=peak, plan_gib=plan.total / 2**30, entropy=statistics.median(r.get("entropy", math.nan) for r in rows))
+               peak_gib=peak, reserved_gib=reserved, plan_gib=plan.estimate / 2**30, plan_checkpointed=plan.checkpointed,
+               gpu_mem_gib=gpu_mem, entropy=statistics.median(r.get("entropy", math.nan) for r in rows))
+    if cuda:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
     del tr, model
     if cuda:
         torch.cuda.empty_cache()
@@ -186,7 +195,7 @@ def run_step_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16"), p
                    prompt_len: int = 256, gen_len: int = 2048, lengths: str = "full", micro_batch: int | None = None,
                    gradient_checkpointing: str = "auto", lora_rank: int = 16, steps: int = 2, out: str | None = None,
                    update_paths=("packed",), device: str | None = None, dtype=None,
-                   profile: str | None = None) -> list[dict]:
+                   profile: str | None = None, gpu_mem: float | None = None) -> list[dict]:
     parse_lengths(lengths, gen_len)  # a bad spec fails before any model is built
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -206,7 +215,7 @@ def run_step_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16"), p
                 r = bench_one(args, q, prompts=prompts, group_size=group_size, prompt_len=prompt_len, gen_len=gen_len,
                               lengths=lengths, micro_batch=micro_batch, gradient_checkpointing=gradient_checkpointing,
                               lora_rank=lora_rank, steps=steps, device=dev, dtype=dtype, update_path=path,
-                              out_dir=f"{tmp}/{q}-{path}", profile=profile)
+                              out_dir=f"{tmp}/{q}-{path}", profile=profile, gpu_mem=gpu_mem)
                 r["peak_pct"] = 100 * r["update_tflop_s"] * 1e12 / peak if peak == peak else math.nan
                 r["bench_s"] = time.perf_counter() - t
                 rows.append(r)
@@ -228,14 +237,16 @@ def run_step_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16"), p
 def _line(r: dict) -> str:
     return (f"{r['quant']:<6} {r['update_path']:<9} rollout {r['rollout_s']:7.2f} s  update {r['update_s']:7.2f} s  "
             f"step {r['step_s']:7.2f} s  {r['gen_tok_s']:8.0f} gen tok/s  {r['update_tflop_s']:6.1f} TFLOP/s "
-            f"({r['peak_pct']:.0f}% of peak)  peak {r['peak_gib']:.1f} GiB (plan {r['plan_gib']:.1f})")
+            f"({r['peak_pct']:.0f}% of peak)  peak {r['peak_gib']:.1f} GiB allocated, {r['reserved_gib']:.1f} reserved "
+            f"(plan {r['plan_gib']:.1f}, {r['plan_checkpointed']} layers checkpointed)")
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| format | update path | rollout s | update s | step s | gen tok/s | update TFLOP/s | % bf16 peak | "
-             "peak GiB | plan GiB | step vs bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak GiB (allocated / reserved) | plan GiB | step vs bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['quant']} | {r['update_path']} | {r['rollout_s']:.2f} | {r['update_s']:.2f} | {r['step_s']:.2f} | "
-                     f"{r['gen_tok_s']:.0f} | {r['update_tflop_s']:.1f} | {r['peak_pct']:.0f} | {r['peak_gib']:.1f} | "
+                     f"{r['gen_tok_s']:.0f} | {r['update_tflop_s']:.1f} | {r['peak_pct']:.0f} | "
+                     f"{r['peak_gib']:.1f} / {r['reserved_gib']:.1f} | "
                      f"{r['plan_gib']:.1f} | {r['step_vs_bf16']:.2f}x |")
     return "\n".join(lines)

@@ -47,13 +47,14 @@ def bench_step(model_config: str = typer.Option("qwen2.5-7b", help="qwen2.5-7b |
                update_path: str = typer.Option("packed", help="comma-separated: packed (default) | reference (padded oracle)"),
                device: str = typer.Option(None, help="default: cuda when available"),
                profile: str = typer.Option(None, help="write a per-kernel profile of the last step here (a folder)"),
+               gpu_mem: float = typer.Option(None, help="GiB: run as on a GPU this size (a process memory cap)"),
                out: str = typer.Option(None, help="write the numbers as JSON here")):
     """The trainer's whole RL step (rollout + AQN, rewards, advantages, update) on random weights, formats side by side."""
     from .bench_step import run_step_bench
 
     run_step_bench(model_config, tuple(q.strip() for q in quant.split(",") if q.strip()), prompts, group_size, prompt_len,
                    gen_len, lengths, micro_batch, gradient_checkpointing, lora_rank, steps, out,
-                   tuple(p.strip() for p in update_path.split(",") if p.strip()), device, profile=profile)
+                   tuple(p.strip() for p in update_path.split(",") if p.strip()), device, profile=profile, gpu_mem=gpu_mem)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

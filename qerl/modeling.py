@@ -268,6 +268,7 @@ class CausalLM(nn.Module):
         self.model = Transformer(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.memory_limit: float | None = None  # bytes this process may hold on its GPU ("auto" plans within it)
         self._inv_freq: torch.Tensor | None = None
 
     def tie_weights(self):
@@ -290,7 +291,7 @@ class CausalLM(nn.Module):
         cos, sin = self.rope(positions, x.dtype)
         ckpt = self.gradient_checkpointing
         if ckpt == "auto":
-            ckpt = auto_checkpoint_layers(self.args, input_ids.numel(), free_bytes(input_ids.device)) \
+            ckpt = auto_checkpoint_layers(self.args, input_ids.numel(), free_bytes(input_ids.device, self.memory_limit)) \
                 if self.training and torch.is_grad_enabled() else 0
         ckpt = len(self.model.layers) if ckpt is True else int(ckpt or 0)
         for i, layer in enumerate(self.model.layers):
@@ -340,12 +341,15 @@ def auto_checkpoint_layers(a: ModelArgs, tokens: int, free: float) -> int:
     return n - max(0, min(n, uncheckpointed))
 
 
-def free_bytes(device: torch.device) -> float:
-    """Memory a forward may still use: free on the device plus what the allocator holds unused (CUDA)."""
+def free_bytes(device: torch.device, limit: float | None = None) -> float:
+    """Memory a forward may still use: free on the device plus what the allocator holds unused
+    (CUDA), and no more than `limit` minus what is allocated."""
     if device.type != "cuda":
         return float("inf")
     free, _ = torch.cuda.mem_get_info(device)
-    return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    allocated = torch.cuda.memory_allocated(device)
+    out = float(free + torch.cuda.memory_reserved(device) - allocated)
+    return out if limit is None else min(out, limit - allocated)
 
 
 def causal_mask(attn: torch.Tensor) -> torch.Tensor:

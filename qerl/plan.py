@@ -4,17 +4,20 @@ An analytic estimate from the model's shape and the run config, component by com
 quantized weights (bits per weight of the format, scales included), bf16 embeddings and
 lm_head, LoRA parameters with their gradients and AdamW states (fp32), the rollout KV cache
 (all prompts x group size, prompt + completion length), sampling logits, training activations
-(per micro-batch; with gradient checkpointing one layer's worth plus each layer's input),
-the chunked log-prob buffers, one layer's dequantization buffer, and a fixed CUDA context /
-allocator reserve. It is an estimate, not a measurement: the reserve and the 10% headroom are
-there because allocators fragment.
+of one packed micro-batch (its groups' prompts once plus every completion token; per layer
+`qerl.modeling.activation_bytes`, a checkpointed layer keeping its input only; `auto` picks
+the checkpointed layers by the same rule the model applies, `auto_checkpoint_layers`, given
+the memory the rest leaves), one layer's recompute / gradients in backward, the chunked
+log-prob buffers, one layer's dequantization buffer, and a fixed CUDA context / allocator
+reserve. `estimate` is the sum (what `qerl bench step` compares with the measured peak);
+`total` adds 10% headroom for fragmentation and decides whether the run fits.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .config import Config
-from .modeling import LINEAR_NAMES, ModelArgs
+from .modeling import LINEAR_NAMES, ModelArgs, activation_bytes, auto_checkpoint_layers
 from .quant import get_format
 
 GB = 1e9
@@ -32,20 +35,26 @@ class Plan:
     components: dict[str, float]  # bytes
     available: float | None  # bytes
 
+    checkpointed: int = 0  # layers the training forward checkpoints
+
+    @property
+    def estimate(self) -> float:
+        return sum(self.components.values())
+
     @property
     def total(self) -> float:
-        return sum(self.components.values()) * 1.10
+        return self.estimate * 1.10
 
     @property
     def fits(self) -> bool | None:
         return None if self.available is None else self.total <= self.available
 
     def table(self) -> str:
-        rows = [f"{k:<34} {v / GB:8.2f} GB" for k, v in sorted(self.components.items(), key=lambda kv: -kv[1])]
-        rows.append(f"{'total (+10% headroom)':<34} {self.total / GB:8.2f} GB")
+        rows = [f"{k:<44} {v / GB:8.2f} GB" for k, v in sorted(self.components.items(), key=lambda kv: -kv[1])]
+        rows.append(f"{'total (+10% headroom)':<44} {self.total / GB:8.2f} GB")
         if self.available is not None:
             verdict = "fits" if self.fits else "does NOT fit"
-            rows.append(f"{'available':<34} {self.available / GB:8.2f} GB  -> {verdict}")
+            rows.append(f"{'available':<44} {self.available / GB:8.2f} GB  -> {verdict}")
         return "\n".join(rows)
 
 
@@ -62,21 +71,31 @@ def plan_memory(a: ModelArgs, cfg: Config, prompt_len: int = 512, available_gb: 
     seq = prompt_len + cfg.rollout.max_new_tokens
     kv = a.num_layers * 2 * rows * a.num_kv_heads * a.head_dim * seq * act
     sampling = rows * a.vocab_size * 4 * 3  # fp32 logits, probabilities, CDF
-    tokens = cfg.optim.micro_batch_size * seq
-    per_layer = tokens * (10 * a.hidden_size + 3 * a.intermediate_size + 2 * a.num_heads * a.head_dim) * act
-    ckpt = cfg.model.gradient_checkpointing is not False
-    activations = (a.num_layers * tokens * a.hidden_size * act + per_layer) if ckpt else a.num_layers * per_layer
+    g = cfg.rollout.group_size
+    groups = max(1, cfg.optim.micro_batch_size // g)
+    tokens = groups * (prompt_len + g * cfg.rollout.max_new_tokens)  # one packed micro-batch
+    full, kept = activation_bytes(a, act)
     logits = min(1024, tokens) * a.vocab_size * 4 * 3  # one chunk of chunked log-probs, forward + backward
     dequant = max(n * k for n, k in shapes.values()) * act if fmt.name != "bf16" else 0
+    rest = weights + embed + lora_params * 16 + kv + sampling + dequant + CUDA_RESERVE_GB * GB
+    mode = cfg.model.gradient_checkpointing
+    if mode == "on":
+        ckpt = a.num_layers
+    elif mode == "auto" and available_gb:
+        ckpt = auto_checkpoint_layers(a, tokens, available_gb * GB - rest)
+    else:
+        ckpt = 0
+    activations = tokens * (ckpt * kept + (a.num_layers - ckpt) * full)
     comps = {
         f"weights ({fmt.name}, decoder Linears)": weights,
         "embeddings + lm_head (bf16)": embed,
         f"LoRA r={r}: params+grads+AdamW (fp32)": lora_params * 16,
         f"rollout KV cache ({rows} x {seq} tokens)": kv,
         "sampling logits": sampling,
-        f"training activations ({'checkpointed' if ckpt else 'full'})": activations,
+        f"training activations ({tokens} tokens, {ckpt}/{a.num_layers} layers checkpointed)": activations,
+        "one layer's recompute / gradients": tokens * full,
         "log-prob chunk": logits,
         "dequantization buffer (one layer)": dequant,
         "CUDA context + reserve": CUDA_RESERVE_GB * GB,
     }
-    return Plan(comps, available_gb * GB if available_gb else None)
+    return Plan(comps, available_gb * GB if available_gb else None, ckpt)
