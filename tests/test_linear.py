@@ -174,3 +174,25 @@ def test_folded_lora_is_inference_only():
         torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized(torch.float32), layer.bias))
     layer.unfold_lora()
     assert layer._folded is None
+
+
+def test_lora_in_the_output_dtype_matches_the_fp32_adapter_path():
+    """lora_compute_dtype = the activation dtype (the GPU trainer's setting: one addmm, scaling folded
+    into B) gives the reference's output and gradients (fp32 here, so to rounding)."""
+    g = torch.Generator().manual_seed(3)
+    m = QuantLinear.from_weight(torch.randn(48, 64, generator=g) * 0.1, "nvfp4", bias=torch.randn(48, generator=g))
+    m.add_lora(4, alpha=8)
+    with torch.no_grad():
+        m.lora_B.normal_(0, 0.1, generator=g)
+    x = torch.randn(2, 5, 64, generator=g, requires_grad=True)
+    w = torch.randn(2, 5, 48, generator=g)
+    outs = []
+    for cdt in (None, torch.float32):
+        m.lora_compute_dtype = cdt
+        m.zero_grad()
+        y = m(x)
+        gx, = torch.autograd.grad((y * w).sum(), x, retain_graph=True)
+        (y * w).sum().backward()
+        outs.append((y.detach(), gx, m.lora_A.grad.clone(), m.lora_B.grad.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

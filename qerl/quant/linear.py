@@ -144,6 +144,12 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if self.lora_rank and self.lora_enabled:
+            if self.lora_compute_dtype == y.dtype:
+                # In the output's dtype: the up-projection accumulates into y in its GEMM's epilogue
+                # (addmm), the scaling folded into B ([N, r]), so no extra pass over the [tokens, N] output.
+                h = F.linear(self.lora_dropout(x), self.lora_A.to(y.dtype)).reshape(-1, self.lora_rank)
+                b = (self.lora_B * self.lora_scaling).to(y.dtype)
+                return torch.addmm(y.reshape(-1, y.shape[-1]), h, b.T).view(y.shape)
             cdt = self.lora_compute_dtype or self.lora_A.dtype
             h = self.lora_dropout(x).to(cdt)
             lora = F.linear(F.linear(h, self.lora_A.to(cdt)), self.lora_B.to(cdt))
