@@ -133,6 +133,8 @@ def bench_one(args, quant: str, *, prompts: int, group_size: int, prompt_len: in
     cfg = step_config(prompts, group_size, gen_len, micro_batch, gradient_checkpointing, lora_rank, str(device), out_dir)
     model = build_random_model(args, quant, lora_rank, device=device, dtype=dtype)
     cuda = device.type == "cuda"
+    if cuda and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory if cuda else None
     if gpu_mem and cuda:  # behave as on a GPU of gpu_mem GiB: allocations past it fail, "auto" plans within it
         torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_mem * 2**30 / total), device)
