@@ -24,6 +24,7 @@ the compute time itself).
 Threads: `qerl.utils.configure_cpu_threads()` (1 intra-op thread unless OMP_NUM_THREADS is set)
 applies to both sides; set OMP_NUM_THREADS=2 to compare with two threads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,13 @@ def hf_system(path, new_tokens: int, dtype=torch.float32):
     def run(prompts):
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                **enc,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
         assert out.shape[1] == enc.input_ids.shape[1] + new_tokens
 
     return run
@@ -115,7 +121,8 @@ def decode_step_times(path, batch: int, steps: int, prompt_len: int = 40) -> dic
         with torch.no_grad():
             model(ids, positions_from_mask(attn), causal_mask(attn), cache, 0)
         step[f"qerl {quant}"] = lambda i, e=engine, c=cache, k=keys: e.decode_one(
-            torch.full((batch,), 5), torch.full((batch,), prompt_len + i), c, k, prompt_len + i)
+            torch.full((batch,), 5), torch.full((batch,), prompt_len + i), c, k, prompt_len + i
+        )
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf_cache = DynamicCache(config=hf.config)
     with torch.no_grad():
@@ -138,10 +145,18 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="compute dtype of BOTH sides (bfloat16: what `qerl train` uses on AMX / AVX512-BF16 CPUs)")
-    ap.add_argument("--decode-steps", type=int, default=0,
-                    help="instead: CPU ms of this many single decode steps per batch size, qerl vs HF forward")
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="compute dtype of BOTH sides (bfloat16: what `qerl train` uses on AMX / AVX512-BF16 CPUs)",
+    )
+    ap.add_argument(
+        "--decode-steps",
+        type=int,
+        default=0,
+        help="instead: CPU ms of this many single decode steps per batch size, qerl vs HF forward",
+    )
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
@@ -153,8 +168,10 @@ def main():
     directory, gguf = resolve("smollm2-135m-instruct")
     path = gguf_to_hf_dir(directory / gguf)
     tok = AutoTokenizer.from_pretrained(path)
-    chat = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-            for q in QUESTIONS]
+    chat = [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in QUESTIONS
+    ]
     n = args.new_tokens
     if args.decode_steps:
         print("| batch | system | decode step, CPU ms (median) | (min) |\n|---|---|---|---|")
@@ -162,8 +179,11 @@ def main():
             for name, ts in decode_step_times(path, b, args.decode_steps).items():
                 print(f"| {b} | {name} | {statistics.median(ts) * 1e3:.1f} | {min(ts) * 1e3:.1f} |", flush=True)
         return
-    print(f"SmolLM2-135M-Instruct from {path}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-          f"greedy, {n} new tokens; {args.repeats} interleaved rounds after 1 warm-up", flush=True)
+    print(
+        f"SmolLM2-135M-Instruct from {path}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+        f"greedy, {n} new tokens; {args.repeats} interleaved rounds after 1 warm-up",
+        flush=True,
+    )
     dt = getattr(torch, args.dtype)
     d = "fp32" if dt == torch.float32 else "bf16"
     systems = {
@@ -189,17 +209,32 @@ def main():
                 cpu[name].append(time.process_time() - c)
         for name, ts in times.items():
             med, med_cpu = statistics.median(ts), statistics.median(cpu[name])
-            results.append({"system": name, "batch": b, "prompt_tokens": lens, "new_tokens": n, "seconds": ts,
-                            "cpu_seconds": cpu[name], "tokens_per_s": b * n / med, "tokens_per_cpu_s": b * n / med_cpu})
-            print(f"batch {b:2d}  {name:46s} median {med:6.2f} s  {b * n / med:6.1f} tok/s  "
-                  f"{b * n / med_cpu:6.1f} tok per CPU-s", flush=True)
+            results.append(
+                {
+                    "system": name,
+                    "batch": b,
+                    "prompt_tokens": lens,
+                    "new_tokens": n,
+                    "seconds": ts,
+                    "cpu_seconds": cpu[name],
+                    "tokens_per_s": b * n / med,
+                    "tokens_per_cpu_s": b * n / med_cpu,
+                }
+            )
+            print(
+                f"batch {b:2d}  {name:46s} median {med:6.2f} s  {b * n / med:6.1f} tok/s  "
+                f"{b * n / med_cpu:6.1f} tok per CPU-s",
+                flush=True,
+            )
     print("\n| batch | system | tokens/s (wall) | vs transformers | tokens per CPU-s | vs transformers |")
     print("|---|---|---|---|---|---|")
     for r in results:
         base = next(x for x in results if x["batch"] == r["batch"] and x["system"].startswith("transformers"))
         wall, cpu = r["tokens_per_s"] / base["tokens_per_s"], r["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
-        print(f"| {r['batch']} | {r['system']} | {r['tokens_per_s']:.1f} | {wall:.2f}x | {r['tokens_per_cpu_s']:.1f} | "
-              f"{cpu:.2f}x |")
+        print(
+            f"| {r['batch']} | {r['system']} | {r['tokens_per_s']:.1f} | {wall:.2f}x | {r['tokens_per_cpu_s']:.1f} | "
+            f"{cpu:.2f}x |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

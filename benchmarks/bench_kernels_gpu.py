@@ -7,6 +7,7 @@ cuBLAS bf16 (x @ W.T), dequantize-one-layer + cuBLAS (the engine's path above 64
 Usage: python benchmarks/bench_kernels_gpu.py [--quick] [--model qwen2.5-7b] [--rows 1,8,64] [--sweep-rows 8]
        [--v6-sweep] [--shapes "gate|up,down"]
 """
+
 import argparse
 import json
 
@@ -23,8 +24,19 @@ def _splits(base: int, k: int, bkw: int) -> list[int]:
 
 
 # (BLOCK_N, BKW, num_warps): from wide 4-8 warp tiles to small 1-2 warp programs (many per SM, more loads in flight)
-TC_TILES = [(16, 8, 1), (16, 16, 1), (16, 16, 2), (32, 8, 2), (32, 16, 2), (32, 16, 4), (64, 8, 4), (64, 16, 4),
-            (128, 8, 8)]
+TC_TILES = [
+    (16, 8, 1),
+    (16, 16, 1),
+    (16, 16, 2),
+    (32, 8, 2),
+    (32, 16, 2),
+    (32, 16, 4),
+    (64, 8, 4),
+    (64, 16, 4),
+    (128, 8, 8),
+]
+
+
 def tc_sweep(m: int, n: int, k: int, quick: bool):
     """Version 5 tiles, each at its default split and 2x, 4x it; 3 stages or 1 (no wgmma serialization);
     up to 16 rows also with the weights as the B operand of mma.sync (SWAP_AB=False)."""
@@ -45,7 +57,7 @@ V6_TILES_MANY_ROWS = [(16, 32, 1), (32, 32, 4), (64, 32, 4), (128, 32, 8)]
 def v6_sweep(m: int, n: int, k: int):
     """Version 6 (CUDA cores, 16-byte weight loads): tiles at their default split and 2x, 4x it."""
     out = []
-    for bn, bkw, nw in (V6_TILES if m == 1 else V6_TILES_MANY_ROWS):
+    for bn, bkw, nw in V6_TILES if m == 1 else V6_TILES_MANY_ROWS:
         base = gemv_config(m, n, k, block_n=bn, bkw=bkw, num_warps=nw)
         out += [dict(base, SPLIT=sp) for sp in _splits(base["SPLIT"], k, bkw)]
     return out
@@ -76,8 +88,16 @@ def main():
     torch.manual_seed(0)
     results = []
     for layer in random_nvfp4_layers(a.model, a.shapes):
-        name, n, k, glu, d, wb, gs, nbytes = (layer.name, layer.n, layer.k, layer.glu, layer.q, layer.wb, layer.gs,
-                                              layer.nbytes)
+        name, n, k, glu, d, wb, gs, nbytes = (
+            layer.name,
+            layer.n,
+            layer.k,
+            layer.glu,
+            layer.q,
+            layer.wb,
+            layer.gs,
+            layer.nbytes,
+        )
         buf = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
         for m in map(int, a.rows.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -86,8 +106,9 @@ def main():
             yfull = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
 
             def run(cfg):
-                return lambda: fused_linear(x, "nvfp4", d["weight_packed"], d["weight_scale"], gs, glu=glu, out=y,
-                                            config=cfg)
+                return lambda: fused_linear(
+                    x, "nvfp4", d["weight_packed"], d["weight_scale"], gs, glu=glu, out=y, config=cfg
+                )
 
             def deq_mm():
                 dequantize("nvfp4", d["weight_packed"], d["weight_scale"], gs[:1], torch.bfloat16, out=buf)
@@ -103,7 +124,7 @@ def main():
                     row["v6_rel_err"] = float((y.float() - ref).norm() / ref.norm())
                 row["v6_us"] = time_it(run(g6)) * 1e3
                 b6 = (row["v6_us"], g6)
-                for cfg in (v6_sweep(m, nout, k) if a.v6_sweep else []):
+                for cfg in v6_sweep(m, nout, k) if a.v6_sweep else []:
                     try:
                         t = time_it(run(cfg)) * 1e3
                     except Exception as e:  # a tile that does not compile or fit
@@ -116,11 +137,18 @@ def main():
                     row["v6_best_prefetch_us"] = t
                     if t < b6[0]:
                         b6 = (t, dict(b6[1], PREFETCH=True))
-                row.update(v6_best_us=b6[0], v6_best_cfg=b6[1], v6_best_GBs=nbytes / b6[0] / 1e3,
-                           v6_best_agrees=agrees(run, y, b6[1], g6))
-                print(f"{name:8s} M={m} v6 default {row['v6_us']:.1f} us (err {row.get('v6_rel_err', float('nan')):.1e}) "
-                      f"| v6 best {b6[0]:.1f} us {row['v6_best_GBs']:.0f} GB/s "
-                      f"{b6[1]} (agrees: {row['v6_best_agrees']})", flush=True)
+                row.update(
+                    v6_best_us=b6[0],
+                    v6_best_cfg=b6[1],
+                    v6_best_GBs=nbytes / b6[0] / 1e3,
+                    v6_best_agrees=agrees(run, y, b6[1], g6),
+                )
+                print(
+                    f"{name:8s} M={m} v6 default {row['v6_us']:.1f} us (err {row.get('v6_rel_err', float('nan')):.1e}) "
+                    f"| v6 best {b6[0]:.1f} us {row['v6_best_GBs']:.0f} GB/s "
+                    f"{b6[1]} (agrees: {row['v6_best_agrees']})",
+                    flush=True,
+                )
             dflt = tc_config(m, nout, k)
             run(dflt)()
             if not glu:  # the TC kernel's product against the bf16 weights it was quantized from
@@ -136,13 +164,20 @@ def main():
                     continue
                 if t < best[0]:
                     best = (t, cfg)
-            row.update(best_us=best[0] * 1e3, best_cfg=best[1], best_GBs=nbytes / best[0] / 1e6,
-                       best_agrees=agrees(run, y, best[1], dflt))
+            row.update(
+                best_us=best[0] * 1e3,
+                best_cfg=best[1],
+                best_GBs=nbytes / best[0] / 1e6,
+                best_agrees=agrees(run, y, best[1], dflt),
+            )
             results.append(row)
-            print(f"{name:8s} M={m:<3d} N={n:6d} K={k:6d} | cuBLAS bf16 {t_bf * 1e3:6.1f} us | deq+cuBLAS "
-                  f"{row['deq_cublas_us']:6.1f} | v6 {row.get('v6_us', float('nan')):6.1f} | v5 {t5 * 1e3:6.1f} "
-                  f"(err {row.get('v5_rel_err', float('nan')):.1e}) | best v5 {best[0] * 1e3:6.1f} us "
-                  f"{row['best_GBs']:5.0f} GB/s {best[1]} (agrees: {row['best_agrees']})", flush=True)
+            print(
+                f"{name:8s} M={m:<3d} N={n:6d} K={k:6d} | cuBLAS bf16 {t_bf * 1e3:6.1f} us | deq+cuBLAS "
+                f"{row['deq_cublas_us']:6.1f} | v6 {row.get('v6_us', float('nan')):6.1f} | v5 {t5 * 1e3:6.1f} "
+                f"(err {row.get('v5_rel_err', float('nan')):.1e}) | best v5 {best[0] * 1e3:6.1f} us "
+                f"{row['best_GBs']:5.0f} GB/s {best[1]} (agrees: {row['best_agrees']})",
+                flush=True,
+            )
     if a.out:
         with open(a.out, "w") as f:
             json.dump(results, f, indent=1)

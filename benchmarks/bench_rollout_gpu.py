@@ -2,6 +2,7 @@
 
 python benchmarks/bench_rollout_gpu.py --model-config qwen2.5-7b --quant nvfp4,bf16 --batch 1,8,64
 """
+
 from qerl.cli import app
 
 if __name__ == "__main__":

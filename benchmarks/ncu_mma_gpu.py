@@ -6,6 +6,7 @@ Usage: ncu --clock-control none -k regex:'_mma_kernel|_ldg' --launch-skip 2 --la
            --section SpeedOfLight --section Occupancy --section WarpStateStats \\
            python benchmarks/ncu_mma_gpu.py --case v7 --rows 8
 """
+
 import argparse
 
 import torch
@@ -34,12 +35,24 @@ def main():
         n, kw = w32.shape
         out = torch.empty(1 << 16, dtype=torch.int32, device="cuda")
         grid = (triton.cdiv(n, 32), 2)  # the probe's best gate|up tile: 2368 programs of 4 warps, 2 steps of loads
-        run = lambda: _ldg[grid](w32, out, n, kw, 256, BN=32, BKW=32, U=2, num_warps=4)  # noqa: E731
+
+        def run():
+            return _ldg[grid](w32, out, n, kw, 256, BN=32, BKW=32, U=2, num_warps=4)
     else:
         cfg = mma_config(a.rows, nout, layer.k)
         print(cfg)
-        run = lambda: fused_linear(x, "nvfp4", w, layer.q["weight_scale"], layer.gs, glu=layer.glu,  # noqa: E731
-                                   config=cfg)
+
+        def run():
+            return fused_linear(
+                x,
+                "nvfp4",
+                w,
+                layer.q["weight_scale"],
+                layer.gs,
+                glu=layer.glu,
+                config=cfg,
+            )
+
     for _ in range(4):
         run()
     torch.cuda.synchronize()

@@ -5,6 +5,7 @@ Random Qwen2.5 weights (no download), LoRA rank 16 live, KV cache filled to `--c
 Usage: python benchmarks/profile_decode_gpu.py [--model qwen2.5-7b] [--quant nvfp4,bf16] [--batch 1,8,64]
        [--pdl] [--no-fuse-shrink]   (the engine's defaults unless given)
 """
+
 import argparse
 import json
 import re
@@ -62,8 +63,13 @@ def profile_step(eng: CudaEngine, b: int, ctx: int, reps: int = 3) -> dict:
         t.synchronize()
         times.append(s.elapsed_time(t))
     rows = sorted(((k, v[0], v[1]) for k, v in fam.items()), key=lambda r: -r[1])
-    return dict(batch=b, graph_ms=statistics.median(times[5:]), kernel_us_total=sum(r[1] for r in rows),
-                launches=sum(r[2] for r in rows), kernels=[dict(name=k, us=round(u, 1), n=round(n)) for k, u, n in rows])
+    return dict(
+        batch=b,
+        graph_ms=statistics.median(times[5:]),
+        kernel_us_total=sum(r[1] for r in rows),
+        launches=sum(r[2] for r in rows),
+        kernels=[dict(name=k, us=round(u, 1), n=round(n)) for k, u, n in rows],
+    )
 
 
 def main():
@@ -73,10 +79,18 @@ def main():
     ap.add_argument("--batch", default="1,8,64")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=False,
-                    help="programmatic dependent launch of the step's kernels (engine default: off)")
-    ap.add_argument("--fuse-shrink", action=argparse.BooleanOptionalAction, default=True,
-                    help="LoRA shrink inside the split-K decode kernels (engine default: on)")
+    ap.add_argument(
+        "--pdl",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="programmatic dependent launch of the step's kernels (engine default: off)",
+    )
+    ap.add_argument(
+        "--fuse-shrink",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="LoRA shrink inside the split-K decode kernels (engine default: on)",
+    )
     a = ap.parse_args()
     args = model_args(a.model)
     res = []
@@ -87,8 +101,11 @@ def main():
             r = profile_step(eng, b, a.ctx)
             r["quant"] = q
             res.append(r)
-            print(f"\n== {a.model} {q} batch {b}: graph replay {r['graph_ms']:.3f} ms/step; kernels "
-                  f"{r['kernel_us_total'] / 1e3:.3f} ms in {r['launches']:.0f} launches", flush=True)
+            print(
+                f"\n== {a.model} {q} batch {b}: graph replay {r['graph_ms']:.3f} ms/step; kernels "
+                f"{r['kernel_us_total'] / 1e3:.3f} ms in {r['launches']:.0f} launches",
+                flush=True,
+            )
             for k in r["kernels"][:14]:
                 print(f"  {k['us']:9.1f} us  x{k['n']:<4} {k['name']}")
         del eng, model

@@ -13,6 +13,7 @@ Usage: python benchmarks/sass_decode.py [--model qwen2.5-7b] [--rows 1,8,64] [--
 (--mma: version 7, `qerl.kernels.nvfp4_mma`, at 1..32 rows; --wgmma: version 8, `qerl.kernels.nvfp4_wgmma`,
 at 9..128 rows; their loops are counted per weight the same way)
 """
+
 import argparse
 import collections
 import json
@@ -38,17 +39,51 @@ def compile_decode(m: int, n: int, k: int, cfg: dict, glu: bool = False, lora: i
     fn = fl._decode_kernel
     kw = k // 8
     split, kps, const = fl._decode_tiling("nvfp4", m, k, cfg, w_bf16=True)
-    options = dict(num_warps=const.pop("num_warps"), num_stages=const.pop("num_stages"),
-                   launch_pdl=bool(cfg.get("PDL", False)))
-    const.update(HAS_BIAS=False, LORA_R=lora if split == 1 else 0, LORA_RP=16, NSEG=1, HS_P=16 if split == 1 else 1,
-                 GLU=glu, PDL=bool(cfg.get("PDL", False)), SHRINK_R=48 if cfg.get("SHRINK") and split > 1 else 0,
-                 SHRINK_BK=fl.shrink_block_k(const["BLOCK_M"]))
-    ptrs = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", bias_ptr="*u8", h_ptr="*fp32",
-                lb_ptr="*fp32", y_ptr="*bf16" if split == 1 else "*fp32", ws_ptr="*fp32", a_ptr="*fp32")
-    ints = dict(M=m, N=n, KW=kw, k_per_split=kps, n1=n if glu else 1 << 30, n2=1 << 30, n_hsplit=14,
-                lora_scale=1.0, stride_xm=k, stride_ww=kw, stride_sn=k // 16, stride_hs=m * 16, stride_hm=16,
-                stride_lbn=16, stride_ym=n * (2 if glu else 1), stride_wss=m * n * 2,
-                stride_ar=k)
+    options = dict(
+        num_warps=const.pop("num_warps"), num_stages=const.pop("num_stages"), launch_pdl=bool(cfg.get("PDL", False))
+    )
+    const.update(
+        HAS_BIAS=False,
+        LORA_R=lora if split == 1 else 0,
+        LORA_RP=16,
+        NSEG=1,
+        HS_P=16 if split == 1 else 1,
+        GLU=glu,
+        PDL=bool(cfg.get("PDL", False)),
+        SHRINK_R=48 if cfg.get("SHRINK") and split > 1 else 0,
+        SHRINK_BK=fl.shrink_block_k(const["BLOCK_M"]),
+    )
+    ptrs = dict(
+        x_ptr="*bf16",
+        w_ptr="*i32",
+        s_ptr="*u8",
+        gs_ptr="*fp32",
+        bias_ptr="*u8",
+        h_ptr="*fp32",
+        lb_ptr="*fp32",
+        y_ptr="*bf16" if split == 1 else "*fp32",
+        ws_ptr="*fp32",
+        a_ptr="*fp32",
+    )
+    ints = dict(
+        M=m,
+        N=n,
+        KW=kw,
+        k_per_split=kps,
+        n1=n if glu else 1 << 30,
+        n2=1 << 30,
+        n_hsplit=14,
+        lora_scale=1.0,
+        stride_xm=k,
+        stride_ww=kw,
+        stride_sn=k // 16,
+        stride_hs=m * 16,
+        stride_hm=16,
+        stride_lbn=16,
+        stride_ym=n * (2 if glu else 1),
+        stride_wss=m * n * 2,
+        stride_ar=k,
+    )
     sig, attrs, constexprs = {}, {}, {}
     for i, a in enumerate(fn.arg_names):  # the launcher's specialization: 16-aligned pointers and ints, ints == 1
         if a in const:
@@ -81,15 +116,22 @@ def inspect(m: int, n: int, k: int, cfg: dict, glu: bool = False) -> dict:
         ptx = os.path.join(d, "k.ptx")
         with open(ptx, "w") as f:
             f.write(ck.asm["ptx"])
-        info = subprocess.run([os.path.join(BIN, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", os.path.join(d, "x.cubin")],
-                              capture_output=True, text=True).stderr
+        info = subprocess.run(
+            [os.path.join(BIN, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", os.path.join(d, "x.cubin")],
+            capture_output=True,
+            text=True,
+        ).stderr
     n_loop, hist = loop_mix(disassemble(ck))
     threads = 32 * cfg.get("num_warps", 4)
-    return dict(regs=int(re.search(r"Used (\d+) registers", info).group(1)),
-                spill_bytes=int(re.search(r"(\d+) bytes spill stores", info).group(1)),
-                wgmma_serialized="C7513" in info, smem=ck.metadata.shared, loop_instrs=n_loop,
-                instrs_per_weight=round(n_loop * threads / (cfg["BLOCK_N"] * cfg["BKW"] * 8), 2),
-                loop_mix=dict(hist.most_common(10)))
+    return dict(
+        regs=int(re.search(r"Used (\d+) registers", info).group(1)),
+        spill_bytes=int(re.search(r"(\d+) bytes spill stores", info).group(1)),
+        wgmma_serialized="C7513" in info,
+        smem=ck.metadata.shared,
+        loop_instrs=n_loop,
+        instrs_per_weight=round(n_loop * threads / (cfg["BLOCK_N"] * cfg["BKW"] * 8), 2),
+        loop_mix=dict(hist.most_common(10)),
+    )
 
 
 def main():
@@ -110,11 +152,14 @@ def main():
             cfg.update(json.loads(a.config) if a.config else {})
             r = inspect(m, n, k, cfg, glu)
             ver = "v8" if cfg.get("WGMMA") else "v7" if cfg.get("MMA") else ("v5" if cfg.get("TC") else "v6")
-            print(f"{name:8s} M={m:<3d} {ver} BN{cfg['BLOCK_N']} BKW{cfg['BKW']} "
-                  f"w{cfg.get('num_warps', 4)} st{cfg.get('num_stages', 1)} split{cfg.get('SPLIT', 1)}: "
-                  f"{r['regs']} regs, {r['spill_bytes']} B spilled, wgmma serialized {r['wgmma_serialized']}, "
-                  f"smem {r['smem']} B, loop {r['loop_instrs']} instrs = {r['instrs_per_weight']} per weight "
-                  f"{r['loop_mix']}", flush=True)
+            print(
+                f"{name:8s} M={m:<3d} {ver} BN{cfg['BLOCK_N']} BKW{cfg['BKW']} "
+                f"w{cfg.get('num_warps', 4)} st{cfg.get('num_stages', 1)} split{cfg.get('SPLIT', 1)}: "
+                f"{r['regs']} regs, {r['spill_bytes']} B spilled, wgmma serialized {r['wgmma_serialized']}, "
+                f"smem {r['smem']} B, loop {r['loop_instrs']} instrs = {r['instrs_per_weight']} per weight "
+                f"{r['loop_mix']}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

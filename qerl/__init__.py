@@ -1,4 +1,5 @@
 """qerl: reinforcement learning of LLMs on NVFP4 weights with LoRA and Adaptive Quantization Noise."""
+
 __version__ = "0.1.0"
 
 

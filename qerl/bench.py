@@ -16,6 +16,7 @@ included), ms per decode step, achieved GB/s (bytes a decode step must read: wei
 scales, LoRA, lm_head, and the KV cache at the mean context, over the measured step
 time) and that as a % of the device-to-device copy bandwidth measured in the same run.
 """
+
 from __future__ import annotations
 
 import gc
@@ -67,17 +68,31 @@ def random_nvfp4_layers(name: str, only: str | None = None, device: str = "cuda"
         q = nvfp4_quantize(w)
         wb = w.bfloat16()
         del w
-        yield SimpleNamespace(name=layer, n=n, k=k, glu=glu, q=q, wb=wb,
-                              gs=q["weight_global_scale"].reshape(1).repeat(2 if glu else 1),
-                              nbytes=q["weight_packed"].numel() + q["weight_scale"].numel())
+        yield SimpleNamespace(
+            name=layer,
+            n=n,
+            k=k,
+            glu=glu,
+            q=q,
+            wb=wb,
+            gs=q["weight_global_scale"].reshape(1).repeat(2 if glu else 1),
+            nbytes=q["weight_packed"].numel() + q["weight_scale"].numel(),
+        )
 
 
 def model_args(name_or_path: str) -> ModelArgs:
     key = name_or_path.lower()
     if key in CONFIGS:
         c = CONFIGS[key]
-        return ModelArgs(model_type="qwen2", vocab_size=152064, head_dim=c["hidden_size"] // c["num_heads"],
-                         rms_norm_eps=1e-6, rope_theta=1e6, attention_bias=True, **c)
+        return ModelArgs(
+            model_type="qwen2",
+            vocab_size=152064,
+            head_dim=c["hidden_size"] // c["num_heads"],
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            attention_bias=True,
+            **c,
+        )
     from transformers import AutoConfig
 
     p = Path(name_or_path)
@@ -97,16 +112,27 @@ class RandomSource:
             shapes["lm_head.weight"] = (a.vocab_size, h)
         for i in range(a.num_layers):
             p = f"model.layers.{i}."
-            shapes.update({
-                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                p + "self_attn.q_proj.weight": (a.num_heads * d, h), p + "self_attn.k_proj.weight": (a.num_kv_heads * d, h),
-                p + "self_attn.v_proj.weight": (a.num_kv_heads * d, h), p + "self_attn.o_proj.weight": (h, a.num_heads * d),
-                p + "mlp.gate_proj.weight": (a.intermediate_size, h), p + "mlp.up_proj.weight": (a.intermediate_size, h),
-                p + "mlp.down_proj.weight": (h, a.intermediate_size)})
+            shapes.update(
+                {
+                    p + "input_layernorm.weight": (h,),
+                    p + "post_attention_layernorm.weight": (h,),
+                    p + "self_attn.q_proj.weight": (a.num_heads * d, h),
+                    p + "self_attn.k_proj.weight": (a.num_kv_heads * d, h),
+                    p + "self_attn.v_proj.weight": (a.num_kv_heads * d, h),
+                    p + "self_attn.o_proj.weight": (h, a.num_heads * d),
+                    p + "mlp.gate_proj.weight": (a.intermediate_size, h),
+                    p + "mlp.up_proj.weight": (a.intermediate_size, h),
+                    p + "mlp.down_proj.weight": (h, a.intermediate_size),
+                }
+            )
             if a.attention_bias:
-                shapes.update({p + "self_attn.q_proj.bias": (a.num_heads * d,),
-                               p + "self_attn.k_proj.bias": (a.num_kv_heads * d,),
-                               p + "self_attn.v_proj.bias": (a.num_kv_heads * d,)})
+                shapes.update(
+                    {
+                        p + "self_attn.q_proj.bias": (a.num_heads * d,),
+                        p + "self_attn.k_proj.bias": (a.num_kv_heads * d,),
+                        p + "self_attn.v_proj.bias": (a.num_kv_heads * d,),
+                    }
+                )
         self.shapes = shapes
 
     checkpoint = None  # full precision: the loader quantizes every Linear itself
@@ -143,6 +169,7 @@ def build_random_model(args: ModelArgs, quant: str, lora_rank: int, device="cuda
 
 class NullTokenizer:
     """What the engine needs from a tokenizer when prompts are token ids and texts are not wanted."""
+
     pad_token_id = 0
     eos_token_id = None
 
@@ -191,11 +218,17 @@ def decode_bytes(model, rows: int, mean_ctx: float) -> float:
     return float(total)
 
 
-ENGINE_OPTIONS = ("pdl", "fuse_shrink", "mma", "wgmma")  # CudaEngine switches `--variants` may turn on ("pdl") or off ("no_fuse_shrink")
+ENGINE_OPTIONS = (
+    "pdl",
+    "fuse_shrink",
+    "mma",
+    "wgmma",
+)  # CudaEngine switches `--variants` may turn on ("pdl") or off ("no_fuse_shrink")
 
 
-def bench_qerl(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0, temperature: float = 0.0,
-               **engine_opts) -> dict:
+def bench_qerl(
+    model, batch: int, prompt_len: int, gen_len: int, seed: int = 0, temperature: float = 0.0, **engine_opts
+) -> dict:
     from .engine_cuda import CudaEngine
     from .rollout import SamplingParams
 
@@ -210,21 +243,35 @@ def bench_qerl(model, batch: int, prompt_len: int, gen_len: int, seed: int = 0, 
     s = eng.last_stats
     assert r.completion_ids.shape == (batch, gen_len) and bool(r.mask.all())
     step_ms = s["decode_ms"] / s["decode_steps"]
-    out = dict(decode_tok_s=batch * s["decode_steps"] / (s["decode_ms"] / 1e3), step_ms=step_ms,
-               e2e_tok_s=batch * gen_len / ((s["prefill_ms"] + s["decode_ms"]) / 1e3), prefill_ms=s["prefill_ms"],
-               bytes_per_step=decode_bytes(model, batch, prompt_len + gen_len / 2))
+    out = dict(
+        decode_tok_s=batch * s["decode_steps"] / (s["decode_ms"] / 1e3),
+        step_ms=step_ms,
+        e2e_tok_s=batch * gen_len / ((s["prefill_ms"] + s["decode_ms"]) / 1e3),
+        prefill_ms=s["prefill_ms"],
+        bytes_per_step=decode_bytes(model, batch, prompt_len + gen_len / 2),
+    )
     del eng
     return out
 
 
-def bench_hf(args: ModelArgs, batch: int, prompt_len: int, gen_len: int, lora_rank: int, temperature: float = 0.0) -> dict:
+def bench_hf(
+    args: ModelArgs, batch: int, prompt_len: int, gen_len: int, lora_rank: int, temperature: float = 0.0
+) -> dict:
     """transformers generate in bf16 on a random-init Qwen2ForCausalLM (+ PEFT LoRA when available)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-                      num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-                      num_key_value_heads=args.num_kv_heads, rms_norm_eps=args.rms_norm_eps, rope_theta=args.rope_theta,
-                      max_position_embeddings=32768, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads,
+        rms_norm_eps=args.rms_norm_eps,
+        rope_theta=args.rope_theta,
+        max_position_embeddings=32768,
+        tie_word_embeddings=False,
+    )
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -237,8 +284,14 @@ def bench_hf(args: ModelArgs, batch: int, prompt_len: int, gen_len: int, lora_ra
         try:
             from peft import LoraConfig, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=[
-                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=lora_rank,
+                    lora_alpha=lora_rank,
+                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                ),
+            )
             lora = f"peft r{lora_rank}"
         except ImportError:
             pass
@@ -246,13 +299,21 @@ def bench_hf(args: ModelArgs, batch: int, prompt_len: int, gen_len: int, lora_ra
     ids = torch.randint(0, args.vocab_size, (batch, prompt_len), device="cuda")
     am = torch.ones_like(ids)
 
-    sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    sample = (
+        dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    )
 
     def run(n):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
-                             **sample)
+        out = model.generate(  # noqa: F821 (ruff reads the later `del model` as unbinding it)
+            input_ids=ids,
+            attention_mask=am,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=0,
+            **sample,
+        )
         torch.cuda.synchronize()
         assert out.shape[1] == prompt_len + n
         return time.perf_counter() - t
@@ -260,8 +321,14 @@ def bench_hf(args: ModelArgs, batch: int, prompt_len: int, gen_len: int, lora_ra
     run(4)
     t1, tn = run(1), run(gen_len)
     step = (tn - t1) / (gen_len - 1)
-    res = dict(decode_tok_s=batch / step, step_ms=step * 1e3, e2e_tok_s=batch * gen_len / tn, prefill_ms=t1 * 1e3,
-               lora=lora, gen_len=gen_len)
+    res = dict(
+        decode_tok_s=batch / step,
+        step_ms=step * 1e3,
+        e2e_tok_s=batch * gen_len / tn,
+        prefill_ms=t1 * 1e3,
+        lora=lora,
+        gen_len=gen_len,
+    )
     del model
     return res
 
@@ -271,10 +338,19 @@ def _free():
     torch.cuda.empty_cache()
 
 
-def run_rollout_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16"), batches=(1, 8, 64),
-                      prompt_len: int = 256, gen_len: int = 512, lora_rank: int = 16, hf: bool = True,
-                      hf_gen_len: int = 64, out: str | None = None, temperature: float = 0.0,
-                      variants: tuple[str, ...] = ()) -> list[dict]:
+def run_rollout_bench(
+    model_config: str = "qwen2.5-7b",
+    quants=("nvfp4", "bf16"),
+    batches=(1, 8, 64),
+    prompt_len: int = 256,
+    gen_len: int = 512,
+    lora_rank: int = 16,
+    hf: bool = True,
+    hf_gen_len: int = 64,
+    out: str | None = None,
+    temperature: float = 0.0,
+    variants: tuple[str, ...] = (),
+) -> list[dict]:
     """variants: also time each qerl row with these `CudaEngine` options switched on ("pdl") or off
     ("no_fuse_shrink"), in the same run; several joined by '+'; rows 'qerl <fmt> +<variant>'."""
     for v in variants:
@@ -288,14 +364,20 @@ def run_rollout_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16")
     args = model_args(model_config)
     bw = copy_bandwidth()
     dev = torch.cuda.get_device_name()
-    print(f"device {dev}; device-to-device copy {bw / 1e9:.0f} GB/s (read + write); model {model_config}, "
-          f"prompt {prompt_len}, gen {gen_len}, LoRA r{lora_rank}, temperature {temperature}", flush=True)
+    print(
+        f"device {dev}; device-to-device copy {bw / 1e9:.0f} GB/s (read + write); model {model_config}, "
+        f"prompt {prompt_len}, gen {gen_len}, LoRA r{lora_rank}, temperature {temperature}",
+        flush=True,
+    )
     rows = []
     for q in quants:
         t = time.perf_counter()
         model = build_random_model(args, q, lora_rank)
         torch.cuda.synchronize()
-        print(f"built {q} model in {time.perf_counter() - t:.1f}s, {torch.cuda.memory_allocated() / 1e9:.1f} GB", flush=True)
+        print(
+            f"built {q} model in {time.perf_counter() - t:.1f}s, {torch.cuda.memory_allocated() / 1e9:.1f} GB",
+            flush=True,
+        )
         for b in batches:
             for v in ("",) + tuple(variants):
                 opts = {o.removeprefix("no_"): not o.startswith("no_") for o in v.split("+") if o}
@@ -315,28 +397,45 @@ def run_rollout_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16")
     print()
     print(table(rows, bw))
     if out:
-        Path(out).write_text(json.dumps(dict(device=dev, copy_bytes_per_s=bw, model=model_config,
-                                             prompt_len=prompt_len, gen_len=gen_len, lora_rank=lora_rank,
-                                             temperature=temperature, rows=rows),
-                                        indent=1))
+        Path(out).write_text(
+            json.dumps(
+                dict(
+                    device=dev,
+                    copy_bytes_per_s=bw,
+                    model=model_config,
+                    prompt_len=prompt_len,
+                    gen_len=gen_len,
+                    lora_rank=lora_rank,
+                    temperature=temperature,
+                    rows=rows,
+                ),
+                indent=1,
+            )
+        )
     return rows
 
 
 def _fmt(r: dict, bw: float) -> str:
     gbs = r["bytes_per_step"] / (r["step_ms"] / 1e3) / 1e9 if "bytes_per_step" in r else math.nan
-    return (f"{r['system']:<34} batch {r['batch']:>3}: {r['decode_tok_s']:9.1f} tok/s decode, {r['e2e_tok_s']:9.1f} e2e, "
-            f"{r['step_ms']:7.2f} ms/step, {gbs:6.0f} GB/s, {100 * gbs * 1e9 / bw:5.1f}% of copy")
+    return (
+        f"{r['system']:<34} batch {r['batch']:>3}: {r['decode_tok_s']:9.1f} tok/s decode, {r['e2e_tok_s']:9.1f} e2e, "
+        f"{r['step_ms']:7.2f} ms/step, {gbs:6.0f} GB/s, {100 * gbs * 1e9 / bw:5.1f}% of copy"
+    )
 
 
 def table(rows: list[dict], bw: float) -> str:
-    lines = ["| system | batch | decode tok/s | end-to-end tok/s | ms/step | GB/s | % of copy roofline |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| system | batch | decode tok/s | end-to-end tok/s | ms/step | GB/s | % of copy roofline |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "bytes_per_step" in r:
             gbs = r["bytes_per_step"] / (r["step_ms"] / 1e3) / 1e9
             g, pct = f"{gbs:.0f}", f"{100 * gbs * 1e9 / bw:.1f}"
         else:
             g = pct = "-"
-        lines.append(f"| {r['system']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['e2e_tok_s']:.1f} | "
-                     f"{r['step_ms']:.2f} | {g} | {pct} |")
+        lines.append(
+            f"| {r['system']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['e2e_tok_s']:.1f} | "
+            f"{r['step_ms']:.2f} | {g} | {pct} |"
+        )
     return "\n".join(lines)

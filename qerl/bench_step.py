@@ -16,6 +16,7 @@ Update FLOPs (stated, attention excluded): 6 x decoder Linear parameters x train
 (each group's prompt once plus every completion token: forward, recompute, input gradient)
 + 6 x lm_head parameters x completion tokens.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,7 +83,9 @@ class ForcedLengths:
 
     def generate(self, prompts, params, generator=None):
         rows = self.draw(len(prompts) * params.n, self.rng)
-        return self.engine.generate(prompts, dataclasses.replace(params, row_max_tokens=tuple(rows)), generator=generator)
+        return self.engine.generate(
+            prompts, dataclasses.replace(params, row_max_tokens=tuple(rows)), generator=generator
+        )
 
 
 def alternating_rewards(texts, golds, lengths, max_len, cfg=None):
@@ -104,7 +107,7 @@ def matmul_peak(device, n: int = 8192, iters: int = 10) -> float:
         e1.record()
         e1.synchronize()
         times.append(e0.elapsed_time(e1) / 1e3)
-    return 2 * n ** 3 / statistics.median(times[3:])
+    return 2 * n**3 / statistics.median(times[3:])
 
 
 def update_flops(args, train_tokens: int, completion_tokens: int) -> float:
@@ -112,25 +115,64 @@ def update_flops(args, train_tokens: int, completion_tokens: int) -> float:
     return 6.0 * lin * train_tokens + 6.0 * args.vocab_size * args.hidden_size * completion_tokens
 
 
-def step_config(prompts: int, group_size: int, gen_len: int, micro_batch: int | None, gradient_checkpointing: str,
-                lora_rank: int, device: str, out_dir: str) -> Config:
-    return load_config(None, {
-        "model": {"lora_rank": lora_rank, "lora_alpha": 2 * lora_rank, "gradient_checkpointing": gradient_checkpointing,
-                  "device": device},
-        "data": {"chat_template": False, "suffix": None},
-        "rollout": {"prompts_per_step": prompts, "group_size": group_size, "max_new_tokens": gen_len, "temperature": 1.0},
-        "algo": {"name": "grpo"},
-        "optim": {"micro_batch_size": micro_batch or group_size, "lr": 1e-5},
-        "train": {"max_steps": 100, "output_dir": out_dir, "eval_every": 0},
-    })
+def step_config(
+    prompts: int,
+    group_size: int,
+    gen_len: int,
+    micro_batch: int | None,
+    gradient_checkpointing: str,
+    lora_rank: int,
+    device: str,
+    out_dir: str,
+) -> Config:
+    return load_config(
+        None,
+        {
+            "model": {
+                "lora_rank": lora_rank,
+                "lora_alpha": 2 * lora_rank,
+                "gradient_checkpointing": gradient_checkpointing,
+                "device": device,
+            },
+            "data": {"chat_template": False, "suffix": None},
+            "rollout": {
+                "prompts_per_step": prompts,
+                "group_size": group_size,
+                "max_new_tokens": gen_len,
+                "temperature": 1.0,
+            },
+            "algo": {"name": "grpo"},
+            "optim": {"micro_batch_size": micro_batch or group_size, "lr": 1e-5},
+            "train": {"max_steps": 100, "output_dir": out_dir, "eval_every": 0},
+        },
+    )
 
 
-def bench_one(args, quant: str, *, prompts: int, group_size: int, prompt_len: int, gen_len: int, lengths: str,
-              micro_batch: int | None, gradient_checkpointing: str, lora_rank: int, steps: int, device, dtype,
-              update_path: str, out_dir: str, profile: str | None = None, gpu_mem: float | None = None) -> dict:
+def bench_one(
+    args,
+    quant: str,
+    *,
+    prompts: int,
+    group_size: int,
+    prompt_len: int,
+    gen_len: int,
+    lengths: str,
+    micro_batch: int | None,
+    gradient_checkpointing: str,
+    lora_rank: int,
+    steps: int,
+    device,
+    dtype,
+    update_path: str,
+    out_dir: str,
+    profile: str | None = None,
+    gpu_mem: float | None = None,
+) -> dict:
     from .trainer import Trainer
 
-    cfg = step_config(prompts, group_size, gen_len, micro_batch, gradient_checkpointing, lora_rank, str(device), out_dir)
+    cfg = step_config(
+        prompts, group_size, gen_len, micro_batch, gradient_checkpointing, lora_rank, str(device), out_dir
+    )
     model = build_random_model(args, quant, lora_rank, device=device, dtype=dtype)
     cuda = device.type == "cuda"
     if cuda and device.index is None:
@@ -141,8 +183,9 @@ def bench_one(args, quant: str, *, prompts: int, group_size: int, prompt_len: in
         model.memory_limit = gpu_mem * 2**30
     tok = RandomTokenizer(args.vocab_size, prompt_len)
     recs = [Record(f"question {i}", "0") for i in range(max(64, 4 * prompts))]
-    tr = Trainer(cfg, progress=False, model=model, tokenizer=tok, records=(recs, recs[:1]),
-                 reward_fn=alternating_rewards)
+    tr = Trainer(
+        cfg, progress=False, model=model, tokenizer=tok, records=(recs, recs[:1]), reward_fn=alternating_rewards
+    )
     tr.update_path = update_path
     tr.engine = ForcedLengths(_engine(model, tok), parse_lengths(lengths, gen_len))
     rows = []
@@ -165,10 +208,21 @@ def bench_one(args, quant: str, *, prompts: int, group_size: int, prompt_len: in
     reserved = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else math.nan
     avail = (gpu_mem * 2**30 if gpu_mem else total) / 1e9 if cuda else None
     plan = plan_memory(args, cfg, prompt_len=prompt_len, quant=quant, available_gb=avail)
-    out = dict(quant=quant, update_path=update_path, **med, generated_tokens=gen_tokens,
-               gen_tok_s=gen_tokens / med["rollout_s"], update_flops=fl, update_tflop_s=fl / med["update_s"] / 1e12,
-               peak_gib=peak, reserved_gib=reserved, plan_gib=plan.estimate / 2**30, plan_checkpointed=plan.checkpointed,
-               gpu_mem_gib=gpu_mem, entropy=statistics.median(r.get("entropy", math.nan) for r in rows))
+    out = dict(
+        quant=quant,
+        update_path=update_path,
+        **med,
+        generated_tokens=gen_tokens,
+        gen_tok_s=gen_tokens / med["rollout_s"],
+        update_flops=fl,
+        update_tflop_s=fl / med["update_s"] / 1e12,
+        peak_gib=peak,
+        reserved_gib=reserved,
+        plan_gib=plan.estimate / 2**30,
+        plan_checkpointed=plan.checkpointed,
+        gpu_mem_gib=gpu_mem,
+        entropy=statistics.median(r.get("entropy", math.nan) for r in rows),
+    )
     if cuda:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     del tr, model
@@ -190,23 +244,44 @@ def _profiled(tr, s: int, path: Path) -> dict:
 def _engine(model, tok):
     from .rollout import make_engine
 
-    return make_engine(model, tok, eos_ids=[]) if model.device.type == "cuda" else make_engine(model, tok, backend="reference")
+    return (
+        make_engine(model, tok, eos_ids=[])
+        if model.device.type == "cuda"
+        else make_engine(model, tok, backend="reference")
+    )
 
 
-def run_step_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16"), prompts: int = 8, group_size: int = 8,
-                   prompt_len: int = 256, gen_len: int = 2048, lengths: str = "full", micro_batch: int | None = None,
-                   gradient_checkpointing: str = "auto", lora_rank: int = 16, steps: int = 2, out: str | None = None,
-                   update_paths=("packed",), device: str | None = None, dtype=None,
-                   profile: str | None = None, gpu_mem: float | None = None) -> list[dict]:
+def run_step_bench(
+    model_config: str = "qwen2.5-7b",
+    quants=("nvfp4", "bf16"),
+    prompts: int = 8,
+    group_size: int = 8,
+    prompt_len: int = 256,
+    gen_len: int = 2048,
+    lengths: str = "full",
+    micro_batch: int | None = None,
+    gradient_checkpointing: str = "auto",
+    lora_rank: int = 16,
+    steps: int = 2,
+    out: str | None = None,
+    update_paths=("packed",),
+    device: str | None = None,
+    dtype=None,
+    profile: str | None = None,
+    gpu_mem: float | None = None,
+) -> list[dict]:
     parse_lengths(lengths, gen_len)  # a bad spec fails before any model is built
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     args = model_args(model_config)
     peak = matmul_peak(dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    print(f"device {name}; bf16 matmul peak {peak / 1e12:.0f} TFLOP/s (8192^3, median); model {model_config}; "
-          f"{prompts} prompts x {group_size} x ({prompt_len} + {gen_len}), lengths {lengths}, LoRA r{lora_rank}, "
-          f"checkpointing {gradient_checkpointing}", flush=True)
+    print(
+        f"device {name}; bf16 matmul peak {peak / 1e12:.0f} TFLOP/s (8192^3, median); model {model_config}; "
+        f"{prompts} prompts x {group_size} x ({prompt_len} + {gen_len}), lengths {lengths}, LoRA r{lora_rank}, "
+        f"checkpointing {gradient_checkpointing}",
+        flush=True,
+    )
     rows = []
     import tempfile
 
@@ -214,10 +289,25 @@ def run_step_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16"), p
         for q in quants:
             for path in update_paths:
                 t = time.perf_counter()
-                r = bench_one(args, q, prompts=prompts, group_size=group_size, prompt_len=prompt_len, gen_len=gen_len,
-                              lengths=lengths, micro_batch=micro_batch, gradient_checkpointing=gradient_checkpointing,
-                              lora_rank=lora_rank, steps=steps, device=dev, dtype=dtype, update_path=path,
-                              out_dir=f"{tmp}/{q}-{path}", profile=profile, gpu_mem=gpu_mem)
+                r = bench_one(
+                    args,
+                    q,
+                    prompts=prompts,
+                    group_size=group_size,
+                    prompt_len=prompt_len,
+                    gen_len=gen_len,
+                    lengths=lengths,
+                    micro_batch=micro_batch,
+                    gradient_checkpointing=gradient_checkpointing,
+                    lora_rank=lora_rank,
+                    steps=steps,
+                    device=dev,
+                    dtype=dtype,
+                    update_path=path,
+                    out_dir=f"{tmp}/{q}-{path}",
+                    profile=profile,
+                    gpu_mem=gpu_mem,
+                )
                 r["peak_pct"] = 100 * r["update_tflop_s"] * 1e12 / peak if peak == peak else math.nan
                 r["bench_s"] = time.perf_counter() - t
                 rows.append(r)
@@ -229,26 +319,47 @@ def run_step_bench(model_config: str = "qwen2.5-7b", quants=("nvfp4", "bf16"), p
     print()
     print(table(rows))
     if out:
-        Path(out).write_text(json.dumps(dict(device=name, matmul_peak_flop_s=peak, model=model_config, prompts=prompts,
-                                             group_size=group_size, prompt_len=prompt_len, gen_len=gen_len, lengths=lengths,
-                                             lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing,
-                                             rows=rows), indent=1))
+        Path(out).write_text(
+            json.dumps(
+                dict(
+                    device=name,
+                    matmul_peak_flop_s=peak,
+                    model=model_config,
+                    prompts=prompts,
+                    group_size=group_size,
+                    prompt_len=prompt_len,
+                    gen_len=gen_len,
+                    lengths=lengths,
+                    lora_rank=lora_rank,
+                    gradient_checkpointing=gradient_checkpointing,
+                    rows=rows,
+                ),
+                indent=1,
+            )
+        )
     return rows
 
 
 def _line(r: dict) -> str:
-    return (f"{r['quant']:<6} {r['update_path']:<9} rollout {r['rollout_s']:7.2f} s  update {r['update_s']:7.2f} s  "
-            f"step {r['step_s']:7.2f} s  {r['gen_tok_s']:8.0f} gen tok/s  {r['update_tflop_s']:6.1f} TFLOP/s "
-            f"({r['peak_pct']:.0f}% of peak)  peak {r['peak_gib']:.1f} GiB allocated, {r['reserved_gib']:.1f} reserved "
-            f"(plan {r['plan_gib']:.1f}, {r['plan_checkpointed']} layers checkpointed)")
+    return (
+        f"{r['quant']:<6} {r['update_path']:<9} rollout {r['rollout_s']:7.2f} s  update {r['update_s']:7.2f} s  "
+        f"step {r['step_s']:7.2f} s  {r['gen_tok_s']:8.0f} gen tok/s  {r['update_tflop_s']:6.1f} TFLOP/s "
+        f"({r['peak_pct']:.0f}% of peak)  peak {r['peak_gib']:.1f} GiB allocated, {r['reserved_gib']:.1f} reserved "
+        f"(plan {r['plan_gib']:.1f}, {r['plan_checkpointed']} layers checkpointed)"
+    )
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| format | update path | rollout s | update s | step s | gen tok/s | update TFLOP/s | % bf16 peak | "
-             "peak GiB (allocated / reserved) | plan GiB | step vs bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| format | update path | rollout s | update s | step s | gen tok/s | update TFLOP/s | % bf16 peak | "
+        "peak GiB (allocated / reserved) | plan GiB | step vs bf16 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['quant']} | {r['update_path']} | {r['rollout_s']:.2f} | {r['update_s']:.2f} | {r['step_s']:.2f} | "
-                     f"{r['gen_tok_s']:.0f} | {r['update_tflop_s']:.1f} | {r['peak_pct']:.0f} | "
-                     f"{r['peak_gib']:.1f} / {r['reserved_gib']:.1f} | "
-                     f"{r['plan_gib']:.1f} | {r['step_vs_bf16']:.2f}x |")
+        lines.append(
+            f"| {r['quant']} | {r['update_path']} | {r['rollout_s']:.2f} | {r['update_s']:.2f} | {r['step_s']:.2f} | "
+            f"{r['gen_tok_s']:.0f} | {r['update_tflop_s']:.1f} | {r['peak_pct']:.0f} | "
+            f"{r['peak_gib']:.1f} / {r['reserved_gib']:.1f} | "
+            f"{r['plan_gib']:.1f} | {r['step_vs_bf16']:.2f}x |"
+        )
     return "\n".join(lines)

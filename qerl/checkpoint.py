@@ -30,6 +30,7 @@ llm-compressor does, because vLLM fuses them into one GEMM with one tensor scale
 `ct_quantization_config` is the config.json entry of REFERENCE.md section 1 (weight-only
 "NVFP4A16" / "MXFP4A16").
 """
+
 from __future__ import annotations
 
 import json
@@ -50,23 +51,47 @@ log = logging.getLogger(__name__)
 # The compressed-tensors format name of each qerl format it can store.
 CT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 _CT_WEIGHTS = {
-    "nvfp4": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16,
-              "symmetric": True, "dynamic": False, "scale_dtype": "float8_e4m3fn"},
-    "mxfp4": {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32,
-              "symmetric": True, "dynamic": False, "scale_dtype": "uint8"},
+    "nvfp4": {
+        "num_bits": 4,
+        "type": "float",
+        "strategy": "tensor_group",
+        "group_size": 16,
+        "symmetric": True,
+        "dynamic": False,
+        "scale_dtype": "float8_e4m3fn",
+    },
+    "mxfp4": {
+        "num_bits": 4,
+        "type": "float",
+        "strategy": "group",
+        "group_size": 32,
+        "symmetric": True,
+        "dynamic": False,
+        "scale_dtype": "uint8",
+    },
 }
 # Per-Linear tensors qerl stores, by format; the first is the one whose presence marks the
 # Linear as quantized (compressed-tensors' convention).
-_CT_TENSORS = {"nvfp4": ("weight_packed", "weight_scale", "weight_global_scale"),
-               "mxfp4": ("weight_packed", "weight_scale")}
+_CT_TENSORS = {
+    "nvfp4": ("weight_packed", "weight_scale", "weight_global_scale"),
+    "mxfp4": ("weight_packed", "weight_scale"),
+}
 _SCALE_DTYPE = {"nvfp4": torch.float8_e4m3fn, "mxfp4": torch.uint8}
 # Activation / KV-cache scales of W4A4 checkpoints: qerl runs activations unquantized.
 ACTIVATION_SCALES = ("input_global_scale", "input_scale", "k_scale", "v_scale", "output_scale")
 WEIGHT_QPARAMS = ("weight_packed", "weight_scale", "weight_global_scale", "weight_scale_2", "weight_zero_point")
 DEFAULT_SHARD_BYTES = 5 * 10**9  # Hugging Face's default shard size
 # Files copied beside the weights: tokenizer and generation settings.
-SIDE_FILES = ("generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-              "vocab.*", "merges.txt", "*.model", "chat_template*")
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template*",
+)
 
 
 @dataclass(frozen=True)
@@ -78,18 +103,24 @@ class QuantizedCheckpoint:
 # --- reading --------------------------------------------------------------------------
 def _ct_format(qc: dict, where: str) -> str:
     if qc.get("quantization_status", "compressed") != "compressed":
-        raise QerlError(f"{where}: compressed-tensors status '{qc.get('quantization_status')}' is not supported "
-                        "(qerl reads packed checkpoints, status 'compressed')")
+        raise QerlError(
+            f"{where}: compressed-tensors status '{qc.get('quantization_status')}' is not supported "
+            "(qerl reads packed checkpoints, status 'compressed')"
+        )
     found = set()
     for name, group in (qc.get("config_groups") or {}).items():
         w = group.get("weights") or {}
         if w.get("num_bits") != 4 or w.get("type") != "float" or not w.get("symmetric", True):
-            raise QerlError(f"{where}: compressed-tensors group '{name}' ({group.get('format') or qc.get('format')}) "
-                            "is not FP4; qerl reads nvfp4-pack-quantized and mxfp4-pack-quantized")
+            raise QerlError(
+                f"{where}: compressed-tensors group '{name}' ({group.get('format') or qc.get('format')}) "
+                "is not FP4; qerl reads nvfp4-pack-quantized and mxfp4-pack-quantized"
+            )
         found.add({16: "nvfp4", 32: "mxfp4"}.get(w.get("group_size"), f"fp4 with group size {w.get('group_size')}"))
     if len(found) != 1 or not found <= set(CT_FORMATS):
-        raise QerlError(f"{where}: weight formats {sorted(found) or 'none'} are not supported; qerl reads "
-                        "checkpoints with one format, nvfp4-pack-quantized or mxfp4-pack-quantized")
+        raise QerlError(
+            f"{where}: weight formats {sorted(found) or 'none'} are not supported; qerl reads "
+            "checkpoints with one format, nvfp4-pack-quantized or mxfp4-pack-quantized"
+        )
     return found.pop()
 
 
@@ -112,8 +143,10 @@ def detect_quantized(path: str | Path) -> QuantizedCheckpoint | None:
         if str(algo).upper() != "NVFP4":
             raise QerlError(f"{path}: ModelOpt quantization '{algo}' is not supported; qerl reads ModelOpt NVFP4")
         return QuantizedCheckpoint("modelopt", "nvfp4")
-    raise QerlError(f"{path}: quantization method '{qc.get('quant_method')}' is not supported; qerl reads "
-                    "compressed-tensors NVFP4/MXFP4 and ModelOpt NVFP4 checkpoints (or full-precision ones)")
+    raise QerlError(
+        f"{path}: quantization method '{qc.get('quant_method')}' is not supported; qerl reads "
+        "compressed-tensors NVFP4/MXFP4 and ModelOpt NVFP4 checkpoints (or full-precision ones)"
+    )
 
 
 def read_quantized(source, module: str, ckpt: QuantizedCheckpoint, shape: tuple[int, int]) -> dict | None:
@@ -142,8 +175,10 @@ def read_quantized(source, module: str, ckpt: QuantizedCheckpoint, shape: tuple[
     want = {"weight_packed": ((n, k // 2), torch.uint8), "weight_scale": ((n, k // block), _SCALE_DTYPE[ckpt.format])}
     for name, (s, dtype) in want.items():
         if tuple(t[name].shape) != s or t[name].dtype != dtype:
-            raise QerlError(f"{module}.{name}: stored {tuple(t[name].shape)} {t[name].dtype}, "
-                            f"expected {s} {dtype} for a [{n}, {k}] {ckpt.format} Linear")
+            raise QerlError(
+                f"{module}.{name}: stored {tuple(t[name].shape)} {t[name].dtype}, "
+                f"expected {s} {dtype} for a [{n}, {k}] {ckpt.format} Linear"
+            )
     return t
 
 
@@ -155,8 +190,13 @@ def quantize_group(names: list[str], weights: list[torch.Tensor], fmt: WeightFor
     ok = [w.shape[1] % fmt.block_size == 0 for w in weights]
     for name, w, good in zip(names, weights, ok):
         if not good:
-            log.warning("%s: K=%d is not divisible by the %s block size %d; kept unquantized",
-                        name, w.shape[1], fmt.name, fmt.block_size)
+            log.warning(
+                "%s: K=%d is not divisible by the %s block size %d; kept unquantized",
+                name,
+                w.shape[1],
+                fmt.name,
+                fmt.block_size,
+            )
     kwargs = {}
     if fmt.fused_global_scale and any(ok):
         kwargs["global_scale"] = min((nvfp4_global_scale(w) for w, good in zip(weights, ok) if good), key=float)
@@ -169,10 +209,20 @@ def ct_quantization_config(fmt: str, ignore: list[str]) -> dict:
     if fmt not in CT_FORMATS:
         raise QerlError(f"compressed-tensors stores nvfp4 or mxfp4, not '{fmt}'")
     return {
-        "quant_method": "compressed-tensors", "format": CT_FORMATS[fmt], "quantization_status": "compressed",
-        "ignore": ignore, "kv_cache_scheme": None,
-        "config_groups": {"group_0": {"targets": ["Linear"], "format": CT_FORMATS[fmt], "input_activations": None,
-                                      "output_activations": None, "weights": dict(_CT_WEIGHTS[fmt])}},
+        "quant_method": "compressed-tensors",
+        "format": CT_FORMATS[fmt],
+        "quantization_status": "compressed",
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "format": CT_FORMATS[fmt],
+                "input_activations": None,
+                "output_activations": None,
+                "weights": dict(_CT_WEIGHTS[fmt]),
+            }
+        },
     }
 
 

@@ -3,6 +3,7 @@
 User mistakes (bad config, missing file, unknown format) raise QerlError / ValueError /
 OSError and are printed as one line with exit code 2, never a stack trace.
 """
+
 from __future__ import annotations
 
 import sys
@@ -15,52 +16,90 @@ app.add_typer(bench_app, name="bench")
 
 
 @bench_app.command("rollout")
-def bench_rollout(model_config: str = typer.Option("qwen2.5-7b", help="qwen2.5-7b | qwen2.5-14b | qwen2.5-32b | a config.json"),
-                  quant: str = typer.Option("nvfp4,bf16", help="comma-separated weight formats (nvfp4, mxfp4, bf16)"),
-                  batch: str = typer.Option("1,8,64", help="comma-separated batch sizes"),
-                  prompt_len: int = typer.Option(256), gen_len: int = typer.Option(512),
-                  lora_rank: int = typer.Option(16),
-                  hf: bool = typer.Option(True, help="also time transformers generate (bf16)"),
-                  hf_gen_len: int = typer.Option(64, help="tokens for the (slow) transformers rows"),
-                  temperature: float = typer.Option(0.0, help="0: greedy; > 0: sampled, as in training rollouts"),
-                  variants: str = typer.Option("", help="also time qerl with engine options switched on (name) "
-                                               "or off (no_name), '+' to combine, e.g. 'pdl,no_mma,pdl+no_wgmma' "
-                                               "(same run); options: pdl, fuse_shrink, mma, wgmma"),
-                  out: str = typer.Option(None, help="write the numbers as JSON here")):
+def bench_rollout(
+    model_config: str = typer.Option("qwen2.5-7b", help="qwen2.5-7b | qwen2.5-14b | qwen2.5-32b | a config.json"),
+    quant: str = typer.Option("nvfp4,bf16", help="comma-separated weight formats (nvfp4, mxfp4, bf16)"),
+    batch: str = typer.Option("1,8,64", help="comma-separated batch sizes"),
+    prompt_len: int = typer.Option(256),
+    gen_len: int = typer.Option(512),
+    lora_rank: int = typer.Option(16),
+    hf: bool = typer.Option(True, help="also time transformers generate (bf16)"),
+    hf_gen_len: int = typer.Option(64, help="tokens for the (slow) transformers rows"),
+    temperature: float = typer.Option(0.0, help="0: greedy; > 0: sampled, as in training rollouts"),
+    variants: str = typer.Option(
+        "",
+        help="also time qerl with engine options switched on (name) "
+        "or off (no_name), '+' to combine, e.g. 'pdl,no_mma,pdl+no_wgmma' "
+        "(same run); options: pdl, fuse_shrink, mma, wgmma",
+    ),
+    out: str = typer.Option(None, help="write the numbers as JSON here"),
+):
     """Rollout speed on random weights of a real config: qerl (CUDA engine) vs transformers, side by side."""
     from .bench import run_rollout_bench
 
-    run_rollout_bench(model_config, tuple(q.strip() for q in quant.split(",") if q.strip()),
-                      tuple(int(b) for b in batch.split(",")), prompt_len, gen_len, lora_rank, hf, hf_gen_len, out,
-                      temperature, tuple(v.strip() for v in variants.split(",") if v.strip()))
+    run_rollout_bench(
+        model_config,
+        tuple(q.strip() for q in quant.split(",") if q.strip()),
+        tuple(int(b) for b in batch.split(",")),
+        prompt_len,
+        gen_len,
+        lora_rank,
+        hf,
+        hf_gen_len,
+        out,
+        temperature,
+        tuple(v.strip() for v in variants.split(",") if v.strip()),
+    )
 
 
 @bench_app.command("step")
-def bench_step(model_config: str = typer.Option("qwen2.5-7b", help="qwen2.5-7b | qwen2.5-14b | qwen2.5-32b | a config.json"),
-               quant: str = typer.Option("nvfp4,bf16", help="comma-separated weight formats (nvfp4, mxfp4, bf16)"),
-               prompts: int = typer.Option(8, help="prompts per step"), group_size: int = typer.Option(8),
-               prompt_len: int = typer.Option(256), gen_len: int = typer.Option(2048),
-               lengths: str = typer.Option("full", help="completion lengths: full | uniform:LO-HI | lognormal:MEAN"),
-               micro_batch: int = typer.Option(None, help="sequences per forward/backward (default: one group)"),
-               gradient_checkpointing: str = typer.Option("auto", help="auto | on | off"),
-               lora_rank: int = typer.Option(16), steps: int = typer.Option(2, help="measured steps (after one warm-up)"),
-               update_path: str = typer.Option("packed", help="comma-separated: packed (default) | reference (padded oracle)"),
-               device: str = typer.Option(None, help="default: cuda when available"),
-               profile: str = typer.Option(None, help="write a per-kernel profile of the last step here (a folder)"),
-               gpu_mem: float = typer.Option(None, help="GiB: run as on a GPU this size (a process memory cap)"),
-               out: str = typer.Option(None, help="write the numbers as JSON here")):
+def bench_step(
+    model_config: str = typer.Option("qwen2.5-7b", help="qwen2.5-7b | qwen2.5-14b | qwen2.5-32b | a config.json"),
+    quant: str = typer.Option("nvfp4,bf16", help="comma-separated weight formats (nvfp4, mxfp4, bf16)"),
+    prompts: int = typer.Option(8, help="prompts per step"),
+    group_size: int = typer.Option(8),
+    prompt_len: int = typer.Option(256),
+    gen_len: int = typer.Option(2048),
+    lengths: str = typer.Option("full", help="completion lengths: full | uniform:LO-HI | lognormal:MEAN"),
+    micro_batch: int = typer.Option(None, help="sequences per forward/backward (default: one group)"),
+    gradient_checkpointing: str = typer.Option("auto", help="auto | on | off"),
+    lora_rank: int = typer.Option(16),
+    steps: int = typer.Option(2, help="measured steps (after one warm-up)"),
+    update_path: str = typer.Option("packed", help="comma-separated: packed (default) | reference (padded oracle)"),
+    device: str = typer.Option(None, help="default: cuda when available"),
+    profile: str = typer.Option(None, help="write a per-kernel profile of the last step here (a folder)"),
+    gpu_mem: float = typer.Option(None, help="GiB: run as on a GPU this size (a process memory cap)"),
+    out: str = typer.Option(None, help="write the numbers as JSON here"),
+):
     """The trainer's whole RL step (rollout + AQN, rewards, advantages, update) on random weights, formats side by side."""
     from .bench_step import run_step_bench
 
-    run_step_bench(model_config, tuple(q.strip() for q in quant.split(",") if q.strip()), prompts, group_size, prompt_len,
-                   gen_len, lengths, micro_batch, gradient_checkpointing, lora_rank, steps, out,
-                   tuple(p.strip() for p in update_path.split(",") if p.strip()), device, profile=profile, gpu_mem=gpu_mem)
+    run_step_bench(
+        model_config,
+        tuple(q.strip() for q in quant.split(",") if q.strip()),
+        prompts,
+        group_size,
+        prompt_len,
+        gen_len,
+        lengths,
+        micro_batch,
+        gradient_checkpointing,
+        lora_rank,
+        steps,
+        out,
+        tuple(p.strip() for p in update_path.split(",") if p.strip()),
+        device,
+        profile=profile,
+        gpu_mem=gpu_mem,
+    )
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def train(ctx: typer.Context,
-          config: str = typer.Option(None, "--config", "-c", help="YAML config; the embedded default if omitted"),
-          no_progress: bool = typer.Option(False, "--no-progress", help="plain log lines instead of a progress bar")):
+def train(
+    ctx: typer.Context,
+    config: str = typer.Option(None, "--config", "-c", help="YAML config; the embedded default if omitted"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="plain log lines instead of a progress bar"),
+):
     """Train LoRA with GRPO/DAPO/Dr.GRPO + AQN. Any setting can be overridden: --section.key value
     (e.g. --rollout.temperature 0.8), plus --max-steps N and --output-dir DIR."""
     from .config import load_config
@@ -70,27 +109,31 @@ def train(ctx: typer.Context,
     source = config or "the embedded default (SmolLM2-135M-Instruct, NVFP4 + LoRA + AQN, GRPO on arithmetic)"
     print(f"qerl train: {source}; output in {cfg.train.output_dir}")
     summary = Trainer(cfg, progress=not no_progress).train()
-    print(f"qerl train: done. held-out accuracy {summary['eval_start']} -> {summary['eval_end']}; "
-          f"summary in {cfg.train.output_dir}/summary.md")
+    print(
+        f"qerl train: done. held-out accuracy {summary['eval_start']} -> {summary['eval_end']}; "
+        f"summary in {cfg.train.output_dir}/summary.md"
+    )
 
 
 @app.command("eval")
-def eval_cmd(model: str = typer.Option("smollm2-135m-instruct", "--model", "-m"),
-             quant: str = typer.Option("nvfp4", "--quant"),
-             adapter: str = typer.Option(None, "--adapter", help="PEFT adapter directory to apply"),
-             dataset: str = typer.Option("arithmetic:1", "--dataset", "-d"),
-             split: str = typer.Option("test", "--split"),
-             limit: int = typer.Option(None, "--limit"),
-             samples: int = typer.Option(1, "--samples", "-k"),
-             temperature: float = typer.Option(0.0, "--temperature"),
-             max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
-             system_prompt: str = typer.Option(None, "--system-prompt"),
-             suffix: str = typer.Option(None, "--suffix"),
-             question_key: str = typer.Option(None, "--question-key"),
-             answer_key: str = typer.Option(None, "--answer-key"),
-             output: str = typer.Option("eval/results.jsonl", "--output", "-o"),
-             device: str = typer.Option(None, "--device"),
-             seed: int = typer.Option(0, "--seed")):
+def eval_cmd(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m"),
+    quant: str = typer.Option("nvfp4", "--quant"),
+    adapter: str = typer.Option(None, "--adapter", help="PEFT adapter directory to apply"),
+    dataset: str = typer.Option("arithmetic:1", "--dataset", "-d"),
+    split: str = typer.Option("test", "--split"),
+    limit: int = typer.Option(None, "--limit"),
+    samples: int = typer.Option(1, "--samples", "-k"),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    system_prompt: str = typer.Option(None, "--system-prompt"),
+    suffix: str = typer.Option(None, "--suffix"),
+    question_key: str = typer.Option(None, "--question-key"),
+    answer_key: str = typer.Option(None, "--answer-key"),
+    output: str = typer.Option("eval/results.jsonl", "--output", "-o"),
+    device: str = typer.Option(None, "--device"),
+    seed: int = typer.Option(0, "--seed"),
+):
     """pass@1 (averaged over k samples) and maj@k, with a per-example jsonl."""
     from .data import load_records
     from .evaluate import EvalSettings, evaluate
@@ -114,20 +157,39 @@ def eval_cmd(model: str = typer.Option("smollm2-135m-instruct", "--model", "-m")
             data = json.loads(run_cfg.read_text()).get("data", {})
             system_prompt, suffix = data.get("system_prompt"), data.get("suffix")
             print(f"prompt settings from {run_cfg}: system_prompt={system_prompt!r}, suffix={suffix!r}")
-    s = EvalSettings(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                     system_prompt=system_prompt, suffix=suffix, seed=seed)
-    res = evaluate(make_engine(m, tok), records, s, output,
-                   extra={"model": model, "quant": quant, "adapter": adapter, "dataset": dataset, "split": split})
-    print(f"{dataset}/{split}: n={res['n']} pass@1={res['pass@1']:.4f} maj@{samples}={res[f'maj@{samples}']:.4f} "
-          f"(adapter: {adapter or 'none'}) -> {output}")
+    s = EvalSettings(
+        samples=samples,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        system_prompt=system_prompt,
+        suffix=suffix,
+        seed=seed,
+    )
+    res = evaluate(
+        make_engine(m, tok),
+        records,
+        s,
+        output,
+        extra={"model": model, "quant": quant, "adapter": adapter, "dataset": dataset, "split": split},
+    )
+    print(
+        f"{dataset}/{split}: n={res['n']} pass@1={res['pass@1']:.4f} maj@{samples}={res[f'maj@{samples}']:.4f} "
+        f"(adapter: {adapter or 'none'}) -> {output}"
+    )
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def plan(ctx: typer.Context,
-         config: str = typer.Option(None, "--config", "-c", help="YAML config (the embedded default if omitted)"),
-         model_config: str = typer.Option(None, "--model-config", help="qwen2.5-7b | qwen2.5-14b | qwen2.5-32b | a config.json or HF dir; default: the config's model"),
-         gpu_mem: float = typer.Option(None, "--gpu-mem", help="GB available; default: the visible GPU's memory"),
-         prompt_len: int = typer.Option(512, "--prompt-len", help="longest prompt in tokens")):
+def plan(
+    ctx: typer.Context,
+    config: str = typer.Option(None, "--config", "-c", help="YAML config (the embedded default if omitted)"),
+    model_config: str = typer.Option(
+        None,
+        "--model-config",
+        help="qwen2.5-7b | qwen2.5-14b | qwen2.5-32b | a config.json or HF dir; default: the config's model",
+    ),
+    gpu_mem: float = typer.Option(None, "--gpu-mem", help="GB available; default: the visible GPU's memory"),
+    prompt_len: int = typer.Option(512, "--prompt-len", help="longest prompt in tokens"),
+):
     """Estimate GPU memory for a training run, component by component, before starting it."""
     import torch
 
@@ -140,8 +202,10 @@ def plan(ctx: typer.Context,
         gpu_mem = torch.cuda.get_device_properties(0).total_memory / 1e9
     args = model_args(model_config or _model_dir(cfg.model.name))
     p = plan_memory(args, cfg, prompt_len=prompt_len, available_gb=gpu_mem)
-    print(f"memory plan: {model_config or cfg.model.name}, {cfg.model.quant} + LoRA r={cfg.model.lora_rank}, "
-          f"{cfg.rollout.prompts_per_step}x{cfg.rollout.group_size} rollouts of {prompt_len}+{cfg.rollout.max_new_tokens} tokens")
+    print(
+        f"memory plan: {model_config or cfg.model.name}, {cfg.model.quant} + LoRA r={cfg.model.lora_rank}, "
+        f"{cfg.rollout.prompts_per_step}x{cfg.rollout.group_size} rollouts of {prompt_len}+{cfg.rollout.max_new_tokens} tokens"
+    )
     print(p.table())
     if p.fits is False:
         sys.exit(1)
@@ -159,9 +223,11 @@ def _model_dir(name: str) -> str:
 
 
 @app.command()
-def quantize(model: str = typer.Argument(..., help="HF directory, hub id or GGUF file (or a ModelOpt NVFP4 checkpoint)"),
-             fmt: str = typer.Option("nvfp4", "--format", "-f", help="nvfp4 or mxfp4"),
-             out: str = typer.Option(..., "--out", "-o", help="new output directory")):
+def quantize(
+    model: str = typer.Argument(..., help="HF directory, hub id or GGUF file (or a ModelOpt NVFP4 checkpoint)"),
+    fmt: str = typer.Option("nvfp4", "--format", "-f", help="nvfp4 or mxfp4"),
+    out: str = typer.Option(..., "--out", "-o", help="new output directory"),
+):
     """Write a compressed-tensors checkpoint (what vLLM serves), streaming one layer group at a time."""
     from .export import quantize_checkpoint
 
@@ -169,10 +235,14 @@ def quantize(model: str = typer.Argument(..., help="HF directory, hub id or GGUF
 
 
 @app.command()
-def export(adapter: str = typer.Option(..., "--adapter", "-a", help="PEFT adapter directory saved by qerl"),
-           out: str = typer.Option(..., "--out", "-o", help="new output directory"),
-           merge: str = typer.Option(None, "--merge", help="bf16, nvfp4 or mxfp4: fold the adapter into the weights"),
-           model: str = typer.Option(None, "--model", "-m", help="base model (default: the adapter's base_model_name_or_path)")):
+def export(
+    adapter: str = typer.Option(..., "--adapter", "-a", help="PEFT adapter directory saved by qerl"),
+    out: str = typer.Option(..., "--out", "-o", help="new output directory"),
+    merge: str = typer.Option(None, "--merge", help="bf16, nvfp4 or mxfp4: fold the adapter into the weights"),
+    model: str = typer.Option(
+        None, "--model", "-m", help="base model (default: the adapter's base_model_name_or_path)"
+    ),
+):
     """Adapter + compressed-tensors base for vLLM LoRA serving, or (--merge) one merged model."""
     from .export import export_adapter
 

@@ -7,6 +7,7 @@ chosen once here: `AlgoConfig.resolved()` fills the settings it implies (advanta
 normalization, clip range, loss aggregation, dynamic sampling, overlong handling),
 and the trainer reads only those settings, never the algorithm's name.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,12 +63,20 @@ class RolloutConfig:
 
 ALGORITHMS = {
     # name: the settings it implies (explicit values in the config win)
-    "grpo": dict(normalize_std=True, aggregation="seq_mean", eps_low=0.2, eps_high=0.2,
-                 dynamic_sampling=False, overlong="none"),
-    "dapo": dict(normalize_std=True, aggregation="token_mean", eps_low=0.2, eps_high=0.28,
-                 dynamic_sampling=True, overlong="penalty"),
-    "drgrpo": dict(normalize_std=False, aggregation="constant", eps_low=0.2, eps_high=0.2,
-                   dynamic_sampling=False, overlong="none"),
+    "grpo": dict(
+        normalize_std=True, aggregation="seq_mean", eps_low=0.2, eps_high=0.2, dynamic_sampling=False, overlong="none"
+    ),
+    "dapo": dict(
+        normalize_std=True,
+        aggregation="token_mean",
+        eps_low=0.2,
+        eps_high=0.28,
+        dynamic_sampling=True,
+        overlong="penalty",
+    ),
+    "drgrpo": dict(
+        normalize_std=False, aggregation="constant", eps_low=0.2, eps_high=0.2, dynamic_sampling=False, overlong="none"
+    ),
 }
 
 
@@ -87,7 +96,7 @@ class AlgoConfig:
     is_mode: str = "truncate"  # truncate | mask | none
     is_threshold: float = 2.0
 
-    def resolved(self) -> "AlgoConfig":
+    def resolved(self) -> AlgoConfig:
         if self.name not in ALGORITHMS:
             raise QerlError(f"algo.name: unknown algorithm '{self.name}'; choose one of {', '.join(ALGORITHMS)}")
         preset = {k: v for k, v in ALGORITHMS[self.name].items() if getattr(self, k) is None}
@@ -211,7 +220,14 @@ def _apply(obj, data: dict, prefix: str = ""):
     for k, v in data.items():
         key = f"{prefix}{k}"
         if k not in names:
-            raise QerlError(f"unknown config key '{key}'" + (f"; {prefix.rstrip('.')} has: {', '.join(sorted(names))}" if prefix else f"; sections: {', '.join(sorted(names))}"))
+            raise QerlError(
+                f"unknown config key '{key}'"
+                + (
+                    f"; {prefix.rstrip('.')} has: {', '.join(sorted(names))}"
+                    if prefix
+                    else f"; sections: {', '.join(sorted(names))}"
+                )
+            )
         cur = getattr(obj, k)
         if dataclasses.is_dataclass(cur):
             if not isinstance(v, dict):
@@ -232,8 +248,15 @@ def _set_path(data: dict, dotted: str, value):
 
 
 # Short flags every config accepts.
-ALIASES = {"max_steps": "train.max_steps", "output_dir": "train.output_dir", "resume": "train.resume",
-           "seed": "train.seed", "model": "model.name", "quant": "model.quant", "device": "model.device"}
+ALIASES = {
+    "max_steps": "train.max_steps",
+    "output_dir": "train.output_dir",
+    "resume": "train.resume",
+    "seed": "train.seed",
+    "model": "model.name",
+    "quant": "model.quant",
+    "device": "model.device",
+}
 
 
 def parse_overrides(args: list[str]) -> dict:
@@ -298,9 +321,14 @@ def validate(cfg: Config):
     from .quant import FORMATS
 
     _choice("model.quant", cfg.model.quant, tuple(FORMATS))
-    for key, v in (("rollout.group_size", cfg.rollout.group_size), ("rollout.prompts_per_step", cfg.rollout.prompts_per_step),
-                   ("rollout.max_new_tokens", cfg.rollout.max_new_tokens), ("train.max_steps", cfg.train.max_steps),
-                   ("optim.micro_batch_size", cfg.optim.micro_batch_size), ("algo.num_iterations", cfg.algo.num_iterations)):
+    for key, v in (
+        ("rollout.group_size", cfg.rollout.group_size),
+        ("rollout.prompts_per_step", cfg.rollout.prompts_per_step),
+        ("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
+        ("train.max_steps", cfg.train.max_steps),
+        ("optim.micro_batch_size", cfg.optim.micro_batch_size),
+        ("algo.num_iterations", cfg.algo.num_iterations),
+    ):
         if v < 1:
             raise QerlError(f"{key} must be >= 1, got {v}")
     if cfg.rollout.group_size < 2 and cfg.algo.resolved().normalize_std:

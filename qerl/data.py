@@ -23,9 +23,10 @@ import numbers
 import random
 import re
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .rewards import normalize_gold
 

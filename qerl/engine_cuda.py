@@ -33,6 +33,7 @@ What differs from the reference engine (and why):
 
 Not supported here (use `Engine`): Qwen3's q/k norm, weight formats without a kernel (nf4).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,13 +56,17 @@ from .rollout import Engine, Rollout, SamplingParams, left_pad, sample_tokens
 # cuBLAS, and the epilogue kernel
 DECODE_MAX_M = TC_MAX_M
 
-_WEIGHT_BUFFERS = {"nvfp4": ("weight_packed", "weight_scale"), "mxfp4": ("weight_packed", "weight_scale"),
-                   "bf16": ("weight",)}
+_WEIGHT_BUFFERS = {
+    "nvfp4": ("weight_packed", "weight_scale"),
+    "mxfp4": ("weight_packed", "weight_scale"),
+    "bf16": ("weight",),
+}
 
 
 @dataclass
 class _FusedLinear:
     """One launch over the rows of several modules that share their input."""
+
     mods: list
     fmt: str
     weight: torch.Tensor  # [N_total, K/2] packed or [N_total, K] dense; the modules' buffers are views of it
@@ -87,8 +92,10 @@ def _fuse(mods: list, glu: bool = False) -> _FusedLinear:
             raise KernelUnavailable(f"CudaEngine needs QuantLinear layers, got {type(m).__name__}")
     fmt = mods[0].format.name
     if fmt not in _WEIGHT_BUFFERS or any(m.format.name != fmt for m in mods):
-        raise KernelUnavailable(f"CudaEngine has no kernel for the weight format(s) "
-                                f"{sorted({m.format.name for m in mods})}; use qerl.rollout.Engine")
+        raise KernelUnavailable(
+            f"CudaEngine has no kernel for the weight format(s) "
+            f"{sorted({m.format.name for m in mods})}; use qerl.rollout.Engine"
+        )
     fused = {}
     for name in _WEIGHT_BUFFERS[fmt]:
         parts = [getattr(m, name) for m in mods]
@@ -98,7 +105,7 @@ def _fuse(mods: list, glu: bool = False) -> _FusedLinear:
         cat = torch.cat(parts, 0)
         off = 0
         for m, p in zip(mods, parts):  # the modules now view the fused buffer: no second copy
-            m._buffers[name] = cat[off: off + p.shape[0]]
+            m._buffers[name] = cat[off : off + p.shape[0]]
             off += p.shape[0]
         fused[name] = cat
     sizes = [m.out_features for m in mods]
@@ -113,21 +120,36 @@ def _fuse(mods: list, glu: bool = False) -> _FusedLinear:
         raise KernelUnavailable(f"CudaEngine fuses modules with one LoRA rank, got {sorted(ranks)}")
     rank = ranks.pop() if ranks else 0
     return _FusedLinear(
-        mods=mods, fmt=fmt, weight=fused[_WEIGHT_BUFFERS[fmt][0]],
+        mods=mods,
+        fmt=fmt,
+        weight=fused[_WEIGHT_BUFFERS[fmt][0]],
         scale=fused["weight_scale"].view(torch.uint8) if fmt != "bf16" else None,
         gs=torch.cat([m.weight_global_scale.float().reshape(1) for m in mods]) if fmt == "nvfp4" else None,
         bias=torch.empty(n_total, dtype=mods[0].bias.dtype, device=dev) if mods[0].bias is not None else None,
         A=torch.zeros(rank * len(mods), k, dtype=torch.float32, device=dev) if rank else None,
         B=torch.zeros(n_total, rank, dtype=torch.float32, device=dev) if rank else None,
-        rank=rank, segments=segments, glu=glu, in_features=k)
+        rank=rank,
+        segments=segments,
+        glu=glu,
+        in_features=k,
+    )
 
 
 class CudaEngine(Engine):
     """`generate(prompts, params, generator) -> Rollout`, as `Engine`, with the decode step in CUDA graphs."""
 
-    def __init__(self, model: CausalLM, tokenizer, eos_ids: list[int] | None = None, check_every: int = 16,
-                 use_graphs: bool = True, pdl: bool = False, fuse_shrink: bool = True,
-                 mma: bool = True, wgmma: bool = True):
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer,
+        eos_ids: list[int] | None = None,
+        check_every: int = 16,
+        use_graphs: bool = True,
+        pdl: bool = False,
+        fuse_shrink: bool = True,
+        mma: bool = True,
+        wgmma: bool = True,
+    ):
         if not available() or model.device.type != "cuda":
             raise KernelUnavailable("CudaEngine needs a CUDA device and Triton; use qerl.rollout.Engine here")
         a = model.args
@@ -146,10 +168,16 @@ class CudaEngine(Engine):
         self.layers = []
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
-            self.layers.append(SimpleNamespace(
-                ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
-                qkv=_fuse([at.q_proj, at.k_proj, at.v_proj]), o=_fuse([at.o_proj]),
-                gu=_fuse([mlp.gate_proj, mlp.up_proj], glu=True), down=_fuse([mlp.down_proj])))
+            self.layers.append(
+                SimpleNamespace(
+                    ln1=layer.input_layernorm.weight,
+                    ln2=layer.post_attention_layernorm.weight,
+                    qkv=_fuse([at.q_proj, at.k_proj, at.v_proj]),
+                    o=_fuse([at.o_proj]),
+                    gu=_fuse([mlp.gate_proj, mlp.up_proj], glu=True),
+                    down=_fuse([mlp.down_proj]),
+                )
+            )
         for f in self._fused():
             if f.fmt == "bf16" and f.weight.dtype != model.dtype:  # e.g. an fp32 model with bf16 weights
                 f.dense = f.weight.to(model.dtype)
@@ -172,7 +200,9 @@ class CudaEngine(Engine):
             for m in f.mods:
                 t = getattr(m, name)
                 if t.data_ptr() != f.weight[off:].data_ptr():
-                    raise RuntimeError("a fused module's weight was replaced after CudaEngine was built; build a new engine")
+                    raise RuntimeError(
+                        "a fused module's weight was replaced after CudaEngine was built; build a new engine"
+                    )
                 off += t.shape[0]
             if f.bias is not None:
                 torch.cat([m.bias for m in f.mods], out=f.bias)
@@ -181,11 +211,11 @@ class CudaEngine(Engine):
                 for i, m in enumerate(f.mods):
                     n = m.out_features
                     if m.lora_rank and m.lora_enabled:
-                        f.A[i * r:(i + 1) * r].copy_(m.lora_A)
-                        torch.mul(m.lora_B, m.lora_scaling, out=f.B[off:off + n])
+                        f.A[i * r : (i + 1) * r].copy_(m.lora_A)
+                        torch.mul(m.lora_B, m.lora_scaling, out=f.B[off : off + n])
                     else:
-                        f.A[i * r:(i + 1) * r].zero_()
-                        f.B[off:off + n].zero_()
+                        f.A[i * r : (i + 1) * r].zero_()
+                        f.B[off : off + n].zero_()
                     off += n
 
     def _ensure_capacity(self, rows: int, length: int):
@@ -246,8 +276,25 @@ class CudaEngine(Engine):
         m = x.shape[0]
         one_pass = self._one_pass(f, m)
         if one_pass and f.rank and self.fuse_shrink:  # h from the decode kernel (see fused_linear's lora_A)
-            return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, None, f.B, f.rank, 1.0, f.segments, f.glu,
-                                out=out, lora_A=f.A, h_out=self.hbuf, mma=self.mma, wgmma=self.wgmma)
+            return fused_linear(
+                x,
+                f.fmt,
+                f.weight,
+                f.scale,
+                f.gs,
+                f.bias,
+                None,
+                f.B,
+                f.rank,
+                1.0,
+                f.segments,
+                f.glu,
+                out=out,
+                lora_A=f.A,
+                h_out=self.hbuf,
+                mma=self.mma,
+                wgmma=self.wgmma,
+            )
         if f.rank:
             h = lora_shrink(x, f.A, out=self.hbuf)
         if not one_pass:  # cuBLAS for the product, one small kernel for the epilogue
@@ -262,22 +309,44 @@ class CudaEngine(Engine):
                 off = 0
                 for i, mod in enumerate(f.mods):
                     n = mod.out_features
-                    dequantize(f.fmt, f.weight[off:off + n], f.scale[off:off + n],
-                               f.gs[i:i + 1] if f.gs is not None else None, x.dtype, out=w[off:off + n])
+                    dequantize(
+                        f.fmt,
+                        f.weight[off : off + n],
+                        f.scale[off : off + n],
+                        f.gs[i : i + 1] if f.gs is not None else None,
+                        x.dtype,
+                        out=w[off : off + n],
+                    )
                     off += n
             y0 = self.y0[: m * n_rows].view(m, n_rows)
             torch.mm(x, w.t(), out=y0)
             return linear_epilogue(y0, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out)
-        return fused_linear(x, f.fmt, f.weight, f.scale, f.gs, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out,
-                            mma=self.mma, wgmma=self.wgmma)
+        return fused_linear(
+            x,
+            f.fmt,
+            f.weight,
+            f.scale,
+            f.gs,
+            f.bias,
+            h,
+            f.B,
+            f.rank,
+            1.0,
+            f.segments,
+            f.glu,
+            out=out,
+            mma=self.mma,
+            wgmma=self.wgmma,
+        )
 
     def _one_pass(self, f: _FusedLinear, m: int) -> bool:
         """Whether the one-pass decode kernels take m rows of this layer (else cuBLAS on a dequantized copy):
         NVFP4/MXFP4 up to DECODE_MAX_M rows, and up to WG_MAX_M where version 8 runs (`wgmma_supported`)."""
         if f.fmt == "bf16":
             return False
-        return m <= DECODE_MAX_M or (self.wgmma and m <= WG_MAX_M
-                                     and wgmma_supported(self.model.device, self.model.dtype, f.fmt, f.in_features))
+        return m <= DECODE_MAX_M or (
+            self.wgmma and m <= WG_MAX_M and wgmma_supported(self.model.device, self.model.dtype, f.fmt, f.in_features)
+        )
 
     def _decode_step(self, b: int):
         with programmatic_launch(self.pdl):
@@ -290,17 +359,31 @@ class CudaEngine(Engine):
 
         a, m = self.model.args, self.model
         ns = attention_splits(b, a.num_kv_heads, self.cap[1], self._sms())
-        ws = (self.ws_o[: b * a.num_heads * ns * a.head_dim].view(b, a.num_heads, ns, a.head_dim),
-              self.ws_ml[: b * a.num_heads * ns * 2].view(b, a.num_heads, ns, 2))
+        ws = (
+            self.ws_o[: b * a.num_heads * ns * a.head_dim].view(b, a.num_heads, ns, a.head_dim),
+            self.ws_ml[: b * a.num_heads * ns * 2].view(b, a.num_heads, ns, 2),
+        )
         resid, y = self.resid[:b], self.y[:b]
         torch.index_select(m.model.embed_tokens.weight, 0, self.tok[:b], out=resid)
         delta = None
         for i, L in enumerate(self.layers):
             add_rmsnorm(resid, L.ln1, a.rms_norm_eps, delta=delta, out=y)
             qkv = self._linear(L.qkv, y, self.qkv[:b, : L.qkv.n_out])
-            q = rope_cache(qkv, self.pos, self.slot, self.inv_freq, self.k[i], self.v[i], a.num_heads,
-                           a.num_kv_heads, a.head_dim, q_out=self.q[:b])
-            att = decode_attention(q, self.k[i], self.v[i], self.keymask, self.nkeys, ns, out=self.att[:b], workspace=ws)
+            q = rope_cache(
+                qkv,
+                self.pos,
+                self.slot,
+                self.inv_freq,
+                self.k[i],
+                self.v[i],
+                a.num_heads,
+                a.num_kv_heads,
+                a.head_dim,
+                q_out=self.q[:b],
+            )
+            att = decode_attention(
+                q, self.k[i], self.v[i], self.keymask, self.nkeys, ns, out=self.att[:b], workspace=ws
+            )
             o = self._linear(L.o, att, self.o[:b])
             add_rmsnorm(resid, L.ln2, a.rms_norm_eps, delta=o, out=y)
             act = self._linear(L.gu, y, self.act[:b])
@@ -357,10 +440,16 @@ class CudaEngine(Engine):
         return sorted({rows} | {1 << i for i in range(rows.bit_length()) if (1 << i) < rows})
 
     @torch.no_grad()
-    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None,
-                 generator: torch.Generator | None = None) -> Rollout:
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
         params = params or SamplingParams()
-        ids = [self.tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else list(p) for p in prompts]
+        ids = [
+            self.tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else list(p) for p in prompts
+        ]
         dev = self.model.device
         if generator is None:
             generator = torch.Generator(dev)
@@ -411,13 +500,15 @@ class CudaEngine(Engine):
             tok, lp = sample_tokens(logits, params.temperature, params.top_k, params.top_p, gen)
             out_tok[:, t].index_copy_(0, slot_row, tok)
             out_lp[:, t].index_copy_(0, slot_row, lp)
-            done |= torch.isin(tok, eos) | (limit[slot_row] <= t + 1)
+            done |= torch.isin(tok, eos)
+            if params.row_max_tokens is not None:  # only then: no per-step work for the common case
+                done |= limit[slot_row] <= t + 1
             if t + 1 == max_new:
                 break
             self.tok[:b].copy_(tok)
             if (t + 1) % self.check_every == 0:
                 if params.stop:
-                    tails = out_tok[slot_row, max(0, t + 1 - self.check_every - 8): t + 1]
+                    tails = out_tok[slot_row, max(0, t + 1 - self.check_every - 8) : t + 1]
                     done |= self._hit_stop(tails, params.stop)
                 done_h = done.cpu()
                 live = (~done_h).nonzero().squeeze(-1)
@@ -431,15 +522,23 @@ class CudaEngine(Engine):
             logits = self.logits[:b]
         ev[2].record()
         ev[2].synchronize()
-        self.last_stats = dict(prefill_ms=ev[0].elapsed_time(ev[1]), decode_ms=ev[1].elapsed_time(ev[2]),
-                               decode_steps=steps, rows=rows, wall_s=time.perf_counter() - t_start)
+        self.last_stats = dict(
+            prefill_ms=ev[0].elapsed_time(ev[1]),
+            decode_ms=ev[1].elapsed_time(ev[2]),
+            decode_steps=steps,
+            rows=rows,
+            wall_s=time.perf_counter() - t_start,
+        )
         out_tok, out_lp = out_tok[:rows], out_lp[:rows]
         mask = torch.zeros_like(out_tok, dtype=torch.bool)
         finish = []
         limits = limit[:rows].tolist()
         for i, row in enumerate(out_tok.tolist()):
             # The earlier of EOS and a stop string ends the row (padding may be the EOS id), else its limit.
-            ends = [next((j + 1 for j, x in enumerate(row) if x in self.eos_ids), None), self._stop_len(row, params.stop)]
+            ends = [
+                next((j + 1 for j, x in enumerate(row) if x in self.eos_ids), None),
+                self._stop_len(row, params.stop),
+            ]
             n = min((e for e in ends if e), default=None)
             n = n if n and n <= limits[i] else None
             finish.append("stop" if n else "length")

@@ -24,6 +24,7 @@ re-quantization; its activation / KV-cache scales are dropped (the output is wei
     the result is close to, not equal to, base + LoRA.
 The merges load the quantized model (small) and write one fused group at a time.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,20 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (ACTIVATION_SCALES, CT_FORMATS, DEFAULT_SHARD_BYTES, WEIGHT_QPARAMS, ShardedWriter,
-                         checkpoint_dtype, copy_side_files, ct_quantization_config, detect_quantized,
-                         prepare_out_dir, quantize_group, write_config)
+from .checkpoint import (
+    ACTIVATION_SCALES,
+    CT_FORMATS,
+    DEFAULT_SHARD_BYTES,
+    WEIGHT_QPARAMS,
+    ShardedWriter,
+    checkpoint_dtype,
+    copy_side_files,
+    ct_quantization_config,
+    detect_quantized,
+    prepare_out_dir,
+    quantize_group,
+    write_config,
+)
 from .errors import QerlError
 from .loading import _PARENT, FUSED_GROUPS, SafetensorsSource, default_device, load_model, model_dir
 from .lora import PEFT_PREFIX, load_adapter, quant_linears
@@ -81,8 +93,9 @@ def _write_group(writer: ShardedWriter, paths, weights, fmt, ignore: list[str], 
                 writer.add(f"{path}.{name}", v)
 
 
-def quantize_checkpoint(model: str, out: str | Path, fmt: str = "nvfp4", device=None,
-                        max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+def quantize_checkpoint(
+    model: str, out: str | Path, fmt: str = "nvfp4", device=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> Path:
     """Write `model` (HF dir, hub id, GGUF, or a quantized checkpoint) as a compressed-tensors checkpoint."""
     if fmt not in CT_FORMATS:
         raise QerlError(f"format must be one of {', '.join(CT_FORMATS)} (the compressed-tensors formats), not '{fmt}'")
@@ -106,8 +119,10 @@ def quantize_checkpoint(model: str, out: str | Path, fmt: str = "nvfp4", device=
         elif owner in shapes:
             continue  # decoder Linears are written group by group below
         elif ckpt and leaf in WEIGHT_QPARAMS:
-            raise QerlError(f"{model}: {key} is quantized; qerl converts checkpoints whose quantized layers "
-                            "are the decoder Linears only")
+            raise QerlError(
+                f"{model}: {key} is quantized; qerl converts checkpoints whose quantized layers "
+                "are the decoder Linears only"
+            )
         else:
             writer.add(key, source.get(key))  # as it was: same name, same dtype
 
@@ -185,12 +200,15 @@ def _write_merged(model, args: ModelArgs, src: Path, out: Path, merge: str):
         write_config(src, out, ct_quantization_config(merge, ignore))
 
 
-def export_adapter(adapter: str | Path, out: str | Path, merge: str | None = None, model: str | None = None,
-                   device=None) -> Path:
+def export_adapter(
+    adapter: str | Path, out: str | Path, merge: str | None = None, model: str | None = None, device=None
+) -> Path:
     """Export a qerl (PEFT) adapter for serving; see the module docstring. -> the output directory."""
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").exists() or not (adapter / "adapter_model.safetensors").exists():
-        raise QerlError(f"{adapter}: not a PEFT adapter directory (needs adapter_config.json and adapter_model.safetensors)")
+        raise QerlError(
+            f"{adapter}: not a PEFT adapter directory (needs adapter_config.json and adapter_model.safetensors)"
+        )
     if merge is not None and merge not in MERGE_CHOICES:
         raise QerlError(f"--merge must be one of {', '.join(MERGE_CHOICES)}, not '{merge}'")
     peft_cfg = json.loads((adapter / "adapter_config.json").read_text())

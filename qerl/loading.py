@@ -22,6 +22,7 @@ cached as a plain HF safetensors directory under `$QERL_CACHE` (default
 materializes the whole model once and is meant for small models such as the
 embedded default, SmolLM2-135M-Instruct.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+_PARENT = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 
 
 # --- where the tensors come from -------------------------------------------------
@@ -101,8 +109,11 @@ def gguf_to_hf_dir(gguf_path: Path) -> Path:
 
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in hf.state_dict().items()
-             if not (k == "lm_head.weight" and config.tie_word_embeddings)}
+    state = {
+        k: v.contiguous()
+        for k, v in hf.state_dict().items()
+        if not (k == "lm_head.weight" and config.tie_word_embeddings)
+    }
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the GGUF blocks are already dequantized to fp32
@@ -133,7 +144,10 @@ def default_gguf() -> Path:
 
 def resolve(name_or_path: str) -> tuple[Path, str | None]:
     """-> (directory, gguf file name or None)."""
-    if name_or_path.lower() in (DEFAULT_MODEL, "smollm2-135m", "huggingfacetb/smollm2-135m-instruct") and not Path(name_or_path).exists():
+    if (
+        name_or_path.lower() in (DEFAULT_MODEL, "smollm2-135m", "huggingfacetb/smollm2-135m-instruct")
+        and not Path(name_or_path).exists()
+    ):
         g = default_gguf()
         return g.parent, g.name
     p = Path(name_or_path).expanduser()
@@ -148,14 +162,21 @@ def resolve(name_or_path: str) -> tuple[Path, str | None]:
         if ggufs:
             return p, ggufs[0].name
         raise QerlError(f"{p}: no *.safetensors or *.gguf files in this directory")
-    if os.sep in name_or_path.strip("/") and name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+    if (
+        os.sep in name_or_path.strip("/")
+        and name_or_path.count("/") == 1
+        and not name_or_path.startswith((".", "/", "~"))
+    ):
         try:
             from huggingface_hub import snapshot_download
 
-            local = snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+            local = snapshot_download(
+                name_or_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+            )
         except Exception as e:  # offline, unknown repo, auth: all one user-facing message
-            raise QerlError(f"model '{name_or_path}' is not a local path and could not be fetched from the hub "
-                            f"({type(e).__name__})") from e
+            raise QerlError(
+                f"model '{name_or_path}' is not a local path and could not be fetched from the hub ({type(e).__name__})"
+            ) from e
         return Path(local), None
     raise QerlError(f"model path does not exist: {name_or_path}")
 
@@ -177,8 +198,10 @@ def build_quantized(args: ModelArgs, source, quant: str, device, dtype, targets=
     fmt = get_format(quant)
     ckpt = source.checkpoint
     if ckpt and ckpt.format != fmt.name:
-        raise QerlError(f"the checkpoint is {ckpt.method} {ckpt.format}: load it with quant '{ckpt.format}' "
-                        f"(qerl uses its packed weights as they are and does not re-quantize them to {fmt.name})")
+        raise QerlError(
+            f"the checkpoint is {ckpt.method} {ckpt.format}: load it with quant '{ckpt.format}' "
+            f"(qerl uses its packed weights as they are and does not re-quantize them to {fmt.name})"
+        )
     with torch.device("meta"):
         model = CausalLM(args)
     keys = set(source.keys())
@@ -217,7 +240,9 @@ def build_quantized(args: ModelArgs, source, quant: str, device, dtype, targets=
             if absent:
                 raise QerlError(f"checkpoint lacks {absent[0]}")
             weights = [source.get(p + ".weight").to(device) if t is None else None for p, t in zip(paths, stored)]
-            biases = [source.get(p + ".bias").to(device=device, dtype=dtype) if p + ".bias" in keys else None for p in paths]
+            biases = [
+                source.get(p + ".bias").to(device=device, dtype=dtype) if p + ".bias" in keys else None for p in paths
+            ]
             if ckpt is None:
                 stored = quantize_group(paths, weights, fmt)
             for path, (n, k), w, t, b in zip(paths, shapes, weights, stored, biases):
@@ -242,9 +267,16 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, quant: str = "nvfp4", lora_rank: int = 16,
-               lora_alpha: float | None = None, lora_dropout: float = 0.0, device=None, dtype=None,
-               targets=LINEAR_NAMES):
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    quant: str = "nvfp4",
+    lora_rank: int = 16,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    device=None,
+    dtype=None,
+    targets=LINEAR_NAMES,
+):
     """-> (model, tokenizer). `lora_rank=0` loads without an adapter.
 
     dtype is the compute dtype of activations and unquantized tensors: default bf16 on CUDA

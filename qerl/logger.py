@@ -1,5 +1,6 @@
 """Run logging: metrics.jsonl (the source of truth), TensorBoard, optional W&B, and at
 the end a PNG of reward / accuracy / entropy / sigma curves plus a Markdown summary."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,9 @@ from pathlib import Path
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, config: dict, tensorboard: bool = True, wandb: bool = False, resume: bool = False):
+    def __init__(
+        self, run_dir: Path, config: dict, tensorboard: bool = True, wandb: bool = False, resume: bool = False
+    ):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
@@ -58,8 +61,12 @@ def plot_run(run_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(Path(run_dir) / "metrics.jsonl")
-    panels = [("reward_mean", "reward (train)"), ("accuracy", "accuracy"), ("entropy", "entropy (train policy)"),
-              ("sigma", "AQN sigma")]
+    panels = [
+        ("reward_mean", "reward (train)"),
+        ("accuracy", "accuracy"),
+        ("entropy", "entropy (train policy)"),
+        ("sigma", "AQN sigma"),
+    ]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (key, title) in zip(axes.flat, panels):
         pts = [(r["step"], r[key]) for r in rows if key in r]

@@ -6,6 +6,7 @@ Keys follow PEFT exactly: `base_model.model.<module path>.lora_A.weight` ([r, K]
 qerl's own facts (weight format, group size) go into `qerl_adapter.json` beside it,
 never into a file name.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,13 @@ def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
-             targets: tuple[str, ...] | None = None) -> list[nn.Parameter]:
+def add_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    targets: tuple[str, ...] | None = None,
+) -> list[nn.Parameter]:
     """Attach adapters to every QuantLinear (optionally only names ending in `targets`); freeze the rest."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -79,10 +85,20 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None =
     cfg = getattr(model, "lora_config", {})
     targets = sorted({k.split(".")[-3] for k in state})
     peft_cfg = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or getattr(model, "name_or_path", None),
-        "r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"), "lora_dropout": cfg.get("lora_dropout", 0.0),
-        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-        "init_lora_weights": True, "modules_to_save": None, "inference_mode": True, "revision": None,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model or getattr(model, "name_or_path", None),
+        "r": cfg.get("r"),
+        "lora_alpha": cfg.get("lora_alpha"),
+        "lora_dropout": cfg.get("lora_dropout", 0.0),
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "revision": None,
     }
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2))
@@ -146,7 +162,7 @@ def merge_lora(model: nn.Module, quant: str | None = None):
     for members in groups.values():
         fmt = get_format(quant or members[0][1].format.name)
         weights = [m.dequantized(torch.float32) + m.lora_delta().float() for _, m in members]
-        for (name, m), w, q in zip(members, weights, quantize_group([n for n, _ in members], weights, fmt)):
+        for (_name, m), w, q in zip(members, weights, quantize_group([n for n, _ in members], weights, fmt)):
             for n in ("weight_packed", "weight_scale", "weight_global_scale", "weight"):
                 m._buffers.pop(n, None)
             m.format = fmt if q is not None else get_format("bf16")

@@ -7,6 +7,7 @@ Module and parameter names mirror Hugging Face's (`model.layers.N.self_attn.q_pr
 so checkpoints load by name and PEFT adapters keep their keys. The numerics follow
 HF: RMSNorm in fp32, rotary tables in fp32 cast to the activation dtype.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,11 +43,13 @@ class ModelArgs:
     tie_word_embeddings: bool = False
 
     @classmethod
-    def from_hf(cls, config) -> "ModelArgs":
+    def from_hf(cls, config) -> ModelArgs:
         mt = getattr(config, "model_type", None)
         if mt not in SUPPORTED_TYPES:
-            raise ValueError(f"unsupported architecture '{mt}': qerl supports {', '.join(SUPPORTED_TYPES)} "
-                             f"(decoder blocks with {', '.join(LINEAR_NAMES)})")
+            raise ValueError(
+                f"unsupported architecture '{mt}': qerl supports {', '.join(SUPPORTED_TYPES)} "
+                f"(decoder blocks with {', '.join(LINEAR_NAMES)})"
+            )
         heads = config.num_attention_heads
         rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
         theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -161,7 +164,7 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def repeat_interleave(self, n: int, length: int) -> "KVCache":
+    def repeat_interleave(self, n: int, length: int) -> KVCache:
         """A cache with each row repeated n times (n samples share one prompt prefill)."""
         out = KVCache.__new__(KVCache)
         nn.Module.__init__(out)
@@ -204,8 +207,8 @@ class Attention(nn.Module):
         if prefix is not None:  # keys/values of this row's prompt, computed once per group
             k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
         if cache is not None:
-            cache.k[layer, :, :, start:start + t] = k
-            cache.v[layer, :, :, start:start + t] = v
+            cache.k[layer, :, :, start : start + t] = k
+            cache.v[layer, :, :, start : start + t] = v
             k = cache.k[layer, :, :, : mask.shape[-1]]
             v = cache.v[layer, :, :, : mask.shape[-1]]
         if self.num_kv_heads != self.num_heads:
@@ -282,8 +285,16 @@ class CausalLM(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # [B, 1, T, D]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, input_ids, positions, mask, cache: KVCache | None = None, start: int = 0,
-                prefix: list | None = None, capture: list | None = None):
+    def forward(
+        self,
+        input_ids,
+        positions,
+        mask,
+        cache: KVCache | None = None,
+        start: int = 0,
+        prefix: list | None = None,
+        capture: list | None = None,
+    ):
         """prefix: per layer (k, v) [B, H_kv, P, D] of keys before these tokens (a shared prompt);
         capture: a list that receives each layer's (k, v). Both serve training with one prompt
         forward per group of completions; mask then covers the P prefix keys too."""
@@ -291,8 +302,11 @@ class CausalLM(nn.Module):
         cos, sin = self.rope(positions, x.dtype)
         ckpt = self.gradient_checkpointing
         if ckpt == "auto":
-            ckpt = auto_checkpoint_layers(self.args, input_ids.numel(), free_bytes(input_ids.device, self.memory_limit)) \
-                if self.training and torch.is_grad_enabled() else 0
+            ckpt = (
+                auto_checkpoint_layers(self.args, input_ids.numel(), free_bytes(input_ids.device, self.memory_limit))
+                if self.training and torch.is_grad_enabled()
+                else 0
+            )
         ckpt = len(self.model.layers) if ckpt is True else int(ckpt or 0)
         for i, layer in enumerate(self.model.layers):
             pre = prefix[i] if prefix is not None else None

@@ -29,6 +29,7 @@ default schedule) to 23% at 2.2e-3 (stage 5), 3% at 1.1e-3 (stage 7) and 0.005% 
 5e-4 (stage 9): with bf16 norm weights the late stages are nearly a no-op. Keep the
 norm weights in fp32 if the whole schedule is to act.
 """
+
 import contextlib
 import math
 from collections.abc import Iterator

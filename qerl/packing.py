@@ -15,6 +15,7 @@ gather) and a ragged batch costs the tokens it holds, not rows x longest.
 CUDA (`torch.nn.attention.varlen.varlen_attn`, causal aligned bottom-right) and with a
 loop of masked SDPA calls elsewhere (the reference the GPU path is tested against).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -81,8 +82,18 @@ def pack(prompts: list[list[int]], completions: list[list[int]], group: int, len
     def t(x, dtype=torch.long):
         return torch.tensor(x, dtype=dtype, device=device)
 
-    return Packed(t(ids), t(pos), t(cu_q, torch.int32), t(cu_k, torch.int32), t(kidx), max(seg_q, default=0),
-                  max(seg_k, default=0), t(pred), t(tgt), t(out))
+    return Packed(
+        t(ids),
+        t(pos),
+        t(cu_q, torch.int32),
+        t(cu_k, torch.int32),
+        t(kidx),
+        max(seg_q, default=0),
+        max(seg_k, default=0),
+        t(pred),
+        t(tgt),
+        t(out),
+    )
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packed) -> torch.Tensor:
@@ -99,9 +110,9 @@ def packed_attention_reference(q, kk, vv, p: Packed) -> torch.Tensor:
     outs = []
     cq, ck = p.cu_q.tolist(), p.cu_k.tolist()
     for s in range(len(cq) - 1):
-        qs = q[cq[s]:cq[s + 1]].transpose(0, 1)  # [Hq, Lq, D]
-        ks = kk[ck[s]:ck[s + 1]].transpose(0, 1).repeat_interleave(g, 0)  # [Hq, Lk, D]
-        vs = vv[ck[s]:ck[s + 1]].transpose(0, 1).repeat_interleave(g, 0)
+        qs = q[cq[s] : cq[s + 1]].transpose(0, 1)  # [Hq, Lq, D]
+        ks = kk[ck[s] : ck[s + 1]].transpose(0, 1).repeat_interleave(g, 0)  # [Hq, Lk, D]
+        vs = vv[ck[s] : ck[s + 1]].transpose(0, 1).repeat_interleave(g, 0)
         lq, lk = qs.shape[1], ks.shape[1]
         mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
         outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(0, 1))

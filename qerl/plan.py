@@ -12,6 +12,7 @@ log-prob buffers, one layer's dequantization buffer, and a fixed CUDA context / 
 reserve. `estimate` is the sum (what `qerl bench step` compares with the measured peak);
 `total` adds 10% headroom for fragmentation and decides whether the run fits.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,8 +27,15 @@ CUDA_RESERVE_GB = 1.5  # context, cuBLAS workspaces, allocator slack
 
 def linear_shapes(a: ModelArgs) -> dict[str, tuple[int, int]]:
     h, i, d = a.hidden_size, a.intermediate_size, a.head_dim
-    return {"q_proj": (a.num_heads * d, h), "k_proj": (a.num_kv_heads * d, h), "v_proj": (a.num_kv_heads * d, h),
-            "o_proj": (h, a.num_heads * d), "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    return {
+        "q_proj": (a.num_heads * d, h),
+        "k_proj": (a.num_kv_heads * d, h),
+        "v_proj": (a.num_kv_heads * d, h),
+        "o_proj": (h, a.num_heads * d),
+        "gate_proj": (i, h),
+        "up_proj": (i, h),
+        "down_proj": (h, i),
+    }
 
 
 @dataclass
@@ -58,8 +66,9 @@ class Plan:
         return "\n".join(rows)
 
 
-def plan_memory(a: ModelArgs, cfg: Config, prompt_len: int = 512, available_gb: float | None = None,
-                quant: str | None = None) -> Plan:
+def plan_memory(
+    a: ModelArgs, cfg: Config, prompt_len: int = 512, available_gb: float | None = None, quant: str | None = None
+) -> Plan:
     fmt = get_format(quant or cfg.model.quant)
     shapes = linear_shapes(a)
     r = cfg.model.lora_rank

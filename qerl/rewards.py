@@ -41,9 +41,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -116,14 +116,12 @@ def _extract_hash(text: str) -> str | None:
 
 # A number not glued to a preceding word or decimal point; thousands separators,
 # decimals, a sign (only when not a binary minus as in "5-3") and simple fractions 3/4.
-_LAST_NUMBER_RE = re.compile(
-    r"(?:(?<![\w.)])-|(?<![\w.]))(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+(?:\.\d+)?)?"
-)
+_LAST_NUMBER_RE = re.compile(r"(?:(?<![\w.)])-|(?<![\w.]))(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+(?:\.\d+)?)?")
 
 
 def _extract_last_number(text: str) -> str | None:
     last = None
-    for last in _LAST_NUMBER_RE.finditer(text):
+    for last in _LAST_NUMBER_RE.finditer(text):  # noqa: B007 (the loop keeps the last match)
         pass
     return last.group(0) if last else None
 
@@ -517,12 +515,9 @@ def compute_rewards(
     ``lengths`` are completion lengths in tokens; ``max_len`` the generation limit."""
     cfg = cfg or RewardConfig()
     if not len(completions) == len(golds) == len(lengths):
-        raise ValueError(
-            f"length mismatch: {len(completions)} completions, {len(golds)} golds, {len(lengths)} lengths"
-        )
+        raise ValueError(f"length mismatch: {len(completions)} completions, {len(golds)} golds, {len(lengths)} lengths")
     correct = [
-        correctness_reward(c, g, order=cfg.answer_order, timeout=cfg.verify_timeout)
-        for c, g in zip(completions, golds)
+        correctness_reward(c, g, order=cfg.answer_order, timeout=cfg.verify_timeout) for c, g in zip(completions, golds)
     ]
     fmt = [format_reward(c) for c in completions]
     overlong = [overlong_penalty(n, max_len, cfg.overlong_buffer) for n in lengths]

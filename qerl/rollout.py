@@ -14,6 +14,7 @@ n samples per prompt share one prefill: the prompt's KV cache is copied n times
 distribution each token was drawn from (after temperature, top-k and top-p); at
 temperature 0 (greedy) they are the plain log-softmax.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,8 +63,13 @@ class Rollout:
         return self.mask.sum(1).tolist()
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] -> (token [B], log-prob [B]) under the distribution actually sampled."""
     logits = logits.float()
     if temperature <= 0:
@@ -95,8 +101,8 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     ids = torch.full((len(prompts), p), pad_id, dtype=torch.long, device=device)
     attn = torch.zeros((len(prompts), p), dtype=torch.long, device=device)
     for i, x in enumerate(prompts):
-        ids[i, p - len(x):] = torch.tensor(x, device=device)
-        attn[i, p - len(x):] = 1
+        ids[i, p - len(x) :] = torch.tensor(x, device=device)
+        attn[i, p - len(x) :] = 1
     return ids, attn
 
 
@@ -221,10 +227,16 @@ class Engine:
         return out_tok, out_lp.masked_fill(~mask, 0.0), mask, finish
 
     @torch.no_grad()
-    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None,
-                 generator: torch.Generator | None = None) -> Rollout:
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
         params = params or SamplingParams()
-        ids = [self.tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else list(p) for p in prompts]
+        ids = [
+            self.tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else list(p) for p in prompts
+        ]
         if generator is None:
             generator = torch.Generator(self.model.device)
             generator.manual_seed(params.seed if params.seed is not None else torch.seed())
@@ -256,7 +268,7 @@ class Engine:
 
     def _hit_stop(self, toks: torch.Tensor, stop) -> torch.Tensor:
         # Decode a short tail only: a stop string spans few tokens.
-        tails = self.tokenizer.batch_decode(toks[:, -self._stop_window(stop):].tolist())
+        tails = self.tokenizer.batch_decode(toks[:, -self._stop_window(stop) :].tolist())
         return torch.tensor([any(s in x for s in stop) for x in tails], device=toks.device)
 
     def _stop_len(self, row: list[int], stop) -> int | None:
@@ -264,7 +276,7 @@ class Engine:
             return None
         w = self._stop_window(stop)
         for j in range(len(row)):
-            if any(s in self.tokenizer.decode(row[max(0, j + 1 - w): j + 1]) for s in stop):
+            if any(s in self.tokenizer.decode(row[max(0, j + 1 - w) : j + 1]) for s in stop):
                 return j + 1
         return None
 

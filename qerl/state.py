@@ -6,6 +6,7 @@ scheduler, RNG states, data position, step). It is written under a temporary nam
 renamed into place, then `checkpoints/latest` is replaced atomically; a crash mid-write
 leaves the previous latest checkpoint intact.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,12 @@ from .lora import load_adapter, save_adapter
 
 
 def rng_state(generator: torch.Generator | None) -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "generator": generator.get_state() if generator is not None else None}
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "generator": generator.get_state() if generator is not None else None,
+    }
 
 
 def set_rng_state(state: dict, generator: torch.Generator | None):
@@ -35,8 +39,17 @@ def set_rng_state(state: dict, generator: torch.Generator | None):
         generator.set_state(state["generator"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, generator, extra: dict,
-                    norm_params: dict[str, torch.Tensor] | None = None, keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    generator,
+    extra: dict,
+    norm_params: dict[str, torch.Tensor] | None = None,
+    keep: int = 2,
+) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -44,9 +57,17 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, gener
     if tmp.exists():
         shutil.rmtree(tmp)
     save_adapter(model, tmp / "adapter")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state(generator), "extra": extra,
-                "norms": {k: v.detach().cpu() for k, v in (norm_params or {}).items()}}, tmp / "state.pt")
+    torch.save(
+        {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(generator),
+            "extra": extra,
+            "norms": {k: v.detach().cpu() for k, v in (norm_params or {}).items()},
+        },
+        tmp / "state.pt",
+    )
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -67,8 +88,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return p if p.exists() else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, generator,
-                    norm_params: dict[str, torch.Tensor] | None = None) -> tuple[int, dict]:
+def load_checkpoint(
+    path: Path, model, optimizer, scheduler, generator, norm_params: dict[str, torch.Tensor] | None = None
+) -> tuple[int, dict]:
     if not (path / "state.pt").exists():
         raise QerlError(f"{path}: not a qerl checkpoint (no state.pt)")
     load_adapter(model, path / "adapter")

@@ -4,6 +4,7 @@ Everything runs in one process on ONE copy of the weights: the engine samples fr
 same `CausalLM` the optimizer updates, so rollouts always use the live adapter and the
 AQN noise written into its norm weights reaches the sampling distribution.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +23,7 @@ from .errors import QerlError
 from .evaluate import EvalSettings, evaluate
 from .logger import RunLogger, plot_run
 from .lora import lora_parameters, quant_linears, save_adapter
-from .noise import aqn_sigma, apply_noise
+from .noise import apply_noise, aqn_sigma
 from .rewards import compute_rewards
 from .rl import LossConfig, dynamic_sampling_keep, fill_batch, group_advantages
 from .rollout import SamplingParams, dequant_cache, make_engine
@@ -61,8 +62,14 @@ class PromptSampler:
 
 
 def _dataset(spec: str, split: str, cfg: Config, limit=None):
-    records, report = load_records(spec, split, question_key=cfg.data.question_key, answer_key=cfg.data.answer_key,
-                                   limit=limit, seed=cfg.train.seed)
+    records, report = load_records(
+        spec,
+        split,
+        question_key=cfg.data.question_key,
+        answer_key=cfg.data.answer_key,
+        limit=limit,
+        seed=cfg.train.seed,
+    )
     return records, report
 
 
@@ -73,8 +80,7 @@ class Trainer:
 
     update_path = "packed"  # `policy_update`'s path; "reference" is the padded oracle
 
-    def __init__(self, cfg: Config, progress: bool = True, *, model=None, tokenizer=None, records=None,
-                 reward_fn=None):
+    def __init__(self, cfg: Config, progress: bool = True, *, model=None, tokenizer=None, records=None, reward_fn=None):
         from .loading import load_model
 
         self.cfg, self.progress = cfg, progress
@@ -93,11 +99,21 @@ class Trainer:
                     print(r.summary())
         else:
             train_recs, self.eval_recs = records
-            self.data_reports = [f"{len(train_recs)} given training records", f"{len(self.eval_recs)} given eval records"]
+            self.data_reports = [
+                f"{len(train_recs)} given training records",
+                f"{len(self.eval_recs)} given eval records",
+            ]
         m = cfg.model
         if model is None:
-            model, tokenizer = load_model(m.name, quant=m.quant, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
-                                          lora_dropout=m.lora_dropout, device=m.device, dtype=m.dtype)
+            model, tokenizer = load_model(
+                m.name,
+                quant=m.quant,
+                lora_rank=m.lora_rank,
+                lora_alpha=m.lora_alpha,
+                lora_dropout=m.lora_dropout,
+                device=m.device,
+                dtype=m.dtype,
+            )
         self.model, self.tok = model, tokenizer
         self.device = self.model.device
         if self.device.type == "cuda":
@@ -105,7 +121,9 @@ class Trainer:
         # auto: on a GPU, checkpoint as few layers as each micro-batch's activations need (see
         # `qerl.modeling.auto_checkpoint_layers`); on a CPU (small models) none
         gc = m.gradient_checkpointing
-        self.model.gradient_checkpointing = {"on": True, "off": False}.get(gc, "auto" if self.device.type == "cuda" else False)
+        self.model.gradient_checkpointing = {"on": True, "off": False}.get(
+            gc, "auto" if self.device.type == "cuda" else False
+        )
         self.engine = make_engine(self.model, self.tok, backend=cfg.rollout.backend)
         self.params = lora_parameters(self.model)
         self.norms = {}
@@ -127,9 +145,13 @@ class Trainer:
             return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_at)
-        self.loss_cfg = LossConfig(eps_low=self.algo.eps_low, eps_high=self.algo.eps_high,
-                                   aggregation=self.algo.aggregation, kl_beta=self.algo.kl_beta,
-                                   max_completion_len=cfg.rollout.max_new_tokens)
+        self.loss_cfg = LossConfig(
+            eps_low=self.algo.eps_low,
+            eps_high=self.algo.eps_high,
+            aggregation=self.algo.aggregation,
+            kl_beta=self.algo.kl_beta,
+            max_completion_len=cfg.rollout.max_new_tokens,
+        )
         self.reward_cfg = cfg.reward
         if self.algo.overlong == "penalty" and self.reward_cfg.overlong == 0:
             self.reward_cfg = dataclasses.replace(self.reward_cfg, overlong=1.0)
@@ -141,23 +163,35 @@ class Trainer:
             ck = latest_checkpoint(self.run_dir)
             if ck is None:
                 raise QerlError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-            self.start_step, extra = load_checkpoint(ck, self.model, self.optimizer, self.scheduler, self.gen, self.norms)
+            self.start_step, extra = load_checkpoint(
+                ck, self.model, self.optimizer, self.scheduler, self.gen, self.norms
+            )
             self.sampler.load(extra["sampler"])
         self.logger = RunLogger(self.run_dir, cfg.to_dict(), wandb=t.wandb, resume=t.resume)
 
     # --- one step ------------------------------------------------------------------------
     def prompt_ids(self, records):
         d = self.cfg.data
-        texts = [build_prompt(self.tok, r.question, system_prompt=d.system_prompt, suffix=d.suffix,
-                              chat_template=d.chat_template) for r in records]
+        texts = [
+            build_prompt(
+                self.tok, r.question, system_prompt=d.system_prompt, suffix=d.suffix, chat_template=d.chat_template
+            )
+            for r in records
+        ]
         return [self.tok(x, add_special_tokens=False).input_ids for x in texts]
 
     def rollout(self, step: int):
         """Sample G completions for each prompt under AQN noise; score them; keep informative groups."""
         r, G = self.cfg.rollout, self.cfg.rollout.group_size
         sigma = aqn_sigma(step, self.cfg.train.max_steps, self.cfg.aqn)
-        params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                max_new_tokens=r.max_new_tokens, n=G, stop=tuple(r.stop))
+        params = SamplingParams(
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens,
+            n=G,
+            stop=tuple(r.stop),
+        )
 
         def sample_round(n_groups):
             recs = self.sampler.take(n_groups)
@@ -167,8 +201,16 @@ class Trainer:
             golds = [rec.answer for rec in recs for _ in range(G)]
             rewards, parts = self.reward_fn(out.texts, golds, out.lengths, r.max_new_tokens, self.reward_cfg)
             rewards = torch.tensor(rewards)
-            groups = [dict(prompt=prompts[i], out=out, rows=range(i * G, (i + 1) * G), rewards=rewards[i * G:(i + 1) * G],
-                           correct=parts["correct"][i * G:(i + 1) * G]) for i in range(len(recs))]
+            groups = [
+                dict(
+                    prompt=prompts[i],
+                    out=out,
+                    rows=range(i * G, (i + 1) * G),
+                    rewards=rewards[i * G : (i + 1) * G],
+                    correct=parts["correct"][i * G : (i + 1) * G],
+                )
+                for i in range(len(recs))
+            ]
             keep = dynamic_sampling_keep(rewards, G) if self.algo.dynamic_sampling else [True] * len(recs)
             return groups, keep
 
@@ -182,8 +224,12 @@ class Trainer:
         t_roll = time.perf_counter() - t0
         G = self.cfg.rollout.group_size
         all_rewards = torch.cat([g["rewards"] for g in groups]) if groups else torch.zeros(0)
-        metrics = {"sigma": sigma, "lr": self.scheduler.get_last_lr()[0], "rollout_s": t_roll,
-                   **{f"sampling_{k}": v for k, v in ds.items()}}
+        metrics = {
+            "sigma": sigma,
+            "lr": self.scheduler.get_last_lr()[0],
+            "rollout_s": t_roll,
+            **{f"sampling_{k}": v for k, v in ds.items()},
+        }
         if groups:
             adv = group_advantages(all_rewards, G, normalize_std=self.algo.normalize_std)
             prompts, comps, masks, logps, finish = [], [], [], [], []
@@ -200,19 +246,36 @@ class Trainer:
             batch = build_batch(prompts, comps, masks, logps, adv, self.engine.pad_id, self.device)
             a = self.algo
             t_upd = time.perf_counter()
-            upd = policy_update(self.model, self.optimizer, self.params + list(self.norms.values()), batch,
-                                self.loss_cfg, temperature=self.cfg.rollout.temperature,
-                                micro_batch_size=self.cfg.optim.micro_batch_size, num_iterations=a.num_iterations,
-                                max_grad_norm=self.cfg.optim.max_grad_norm, is_level=a.is_level, is_mode=a.is_mode,
-                                is_threshold=a.is_threshold, group=G, path=self.update_path)
+            upd = policy_update(
+                self.model,
+                self.optimizer,
+                self.params + list(self.norms.values()),
+                batch,
+                self.loss_cfg,
+                temperature=self.cfg.rollout.temperature,
+                micro_batch_size=self.cfg.optim.micro_batch_size,
+                num_iterations=a.num_iterations,
+                max_grad_norm=self.cfg.optim.max_grad_norm,
+                is_level=a.is_level,
+                is_mode=a.is_mode,
+                is_threshold=a.is_threshold,
+                group=G,
+                path=self.update_path,
+            )
             metrics["update_s"] = time.perf_counter() - t_upd  # policy_update ends on host values: synchronized
             lengths = [float(m.sum()) for g in groups for m in g["out"].mask[list(g["rows"])]]
             correct = [c for g in groups for c in g["correct"]]
             metrics.update(upd)
-            metrics.update({"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()) if len(all_rewards) > 1 else 0.0,
-                            "accuracy": sum(correct) / len(correct), "completion_len": sum(lengths) / len(lengths),
-                            "truncated_frac": sum(f == "length" for f in finish) / len(finish),
-                            "tokens_per_s": sum(lengths) / max(t_roll, 1e-9)})
+            metrics.update(
+                {
+                    "reward_mean": float(all_rewards.mean()),
+                    "reward_std": float(all_rewards.std()) if len(all_rewards) > 1 else 0.0,
+                    "accuracy": sum(correct) / len(correct),
+                    "completion_len": sum(lengths) / len(lengths),
+                    "truncated_frac": sum(f == "length" for f in finish) / len(finish),
+                    "tokens_per_s": sum(lengths) / max(t_roll, 1e-9),
+                }
+            )
         else:
             metrics["skipped_updates"] = 1.0  # dynamic sampling found no informative group
         with warnings.catch_warnings():  # the schedule follows rollout steps, also when an update was skipped
@@ -229,10 +292,20 @@ class Trainer:
 
     def run_eval(self, step: int) -> dict:
         t, d, r = self.cfg.train, self.cfg.data, self.cfg.rollout
-        s = EvalSettings(samples=t.eval_samples, temperature=t.eval_temperature, top_p=r.top_p,
-                         max_new_tokens=r.max_new_tokens, system_prompt=d.system_prompt, suffix=d.suffix,
-                         chat_template=d.chat_template, seed=t.seed + 7, answer_order=self.reward_cfg.answer_order)
-        res = evaluate(self.engine, self.eval_recs, s, self.run_dir / "eval" / f"step-{step}.jsonl", progress=self.progress)
+        s = EvalSettings(
+            samples=t.eval_samples,
+            temperature=t.eval_temperature,
+            top_p=r.top_p,
+            max_new_tokens=r.max_new_tokens,
+            system_prompt=d.system_prompt,
+            suffix=d.suffix,
+            chat_template=d.chat_template,
+            seed=t.seed + 7,
+            answer_order=self.reward_cfg.answer_order,
+        )
+        res = evaluate(
+            self.engine, self.eval_recs, s, self.run_dir / "eval" / f"step-{step}.jsonl", progress=self.progress
+        )
         return {"eval_accuracy": res["pass@1"], f"eval_maj@{t.eval_samples}": res[f"maj@{t.eval_samples}"]}
 
     # --- the loop ------------------------------------------------------------------------
@@ -258,8 +331,17 @@ class Trainer:
                 if bar:
                     bar[0].update(bar[1], advance=1, description=_describe(step + 1, m))
                 if (t.save_every and (step + 1) % t.save_every == 0) or step + 1 in (t.max_steps, last):
-                    save_checkpoint(self.run_dir, step + 1, self.model, self.optimizer, self.scheduler, self.gen,
-                                    {"sampler": self.sampler.state()}, self.norms, keep=t.keep_checkpoints)
+                    save_checkpoint(
+                        self.run_dir,
+                        step + 1,
+                        self.model,
+                        self.optimizer,
+                        self.scheduler,
+                        self.gen,
+                        {"sampler": self.sampler.state()},
+                        self.norms,
+                        keep=t.keep_checkpoints,
+                    )
             if bar:
                 bar[0].stop()
         if last < t.max_steps:
@@ -288,8 +370,13 @@ def use_training_kernels(model) -> None:
 
 def _describe(step, m):
     parts = [f"step {step}"]
-    for k, fmt in (("reward_mean", "reward {:.3f}"), ("accuracy", "acc {:.2f}"), ("entropy", "ent {:.2f}"),
-                   ("sigma", "sigma {:.1e}"), ("step_s", "{:.1f}s/step")):
+    for k, fmt in (
+        ("reward_mean", "reward {:.3f}"),
+        ("accuracy", "acc {:.2f}"),
+        ("entropy", "ent {:.2f}"),
+        ("sigma", "sigma {:.1e}"),
+        ("step_s", "{:.1f}s/step"),
+    ):
         if k in m:
             parts.append(fmt.format(m[k]))
     return " | ".join(parts)
@@ -298,10 +385,18 @@ def _describe(step, m):
 def _progress(enabled, total, done):
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                 TimeRemainingColumn())
+    p = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
+    )
     p.start()
     return p, p.add_task("train", total=total, completed=done)
 
@@ -312,18 +407,28 @@ def write_summary(run_dir: Path, cfg: Config, history: dict, data_reports: list[
     rows = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in rows if "reward_mean" in r]
     ev = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
-    summary = {"steps": len(steps), "eval": ev,
-               "eval_start": ev[0][1] if ev else None, "eval_end": ev[-1][1] if ev else None,
-               "reward_first5": sum(r["reward_mean"] for r in steps[:5]) / max(1, len(steps[:5])) if steps else None,
-               "reward_last5": sum(r["reward_mean"] for r in steps[-5:]) / max(1, len(steps[-5:])) if steps else None,
-               "total_s": sum(r.get("step_s", 0) for r in steps)}
-    md = [f"# qerl run: {run_dir}", "",
-          f"- model: `{cfg.model.name}` ({cfg.model.quant}, LoRA r={cfg.model.lora_rank}), algorithm: {cfg.algo.name}, AQN: {cfg.aqn.enabled}",
-          f"- data: {'; '.join(data_reports)}",
-          f"- steps: {summary['steps']}, training time {summary['total_s']:.0f} s",
-          f"- held-out accuracy (sampled, T={cfg.train.eval_temperature}): " + ", ".join(f"step {s}: {a:.3f}" for s, a in ev),
-          f"- mean reward, first 5 steps: {summary['reward_first5']}, last 5 steps: {summary['reward_last5']}",
-          "", "![curves](curves.png)", ""]
+    summary = {
+        "steps": len(steps),
+        "eval": ev,
+        "eval_start": ev[0][1] if ev else None,
+        "eval_end": ev[-1][1] if ev else None,
+        "reward_first5": sum(r["reward_mean"] for r in steps[:5]) / max(1, len(steps[:5])) if steps else None,
+        "reward_last5": sum(r["reward_mean"] for r in steps[-5:]) / max(1, len(steps[-5:])) if steps else None,
+        "total_s": sum(r.get("step_s", 0) for r in steps),
+    }
+    md = [
+        f"# qerl run: {run_dir}",
+        "",
+        f"- model: `{cfg.model.name}` ({cfg.model.quant}, LoRA r={cfg.model.lora_rank}), algorithm: {cfg.algo.name}, AQN: {cfg.aqn.enabled}",
+        f"- data: {'; '.join(data_reports)}",
+        f"- steps: {summary['steps']}, training time {summary['total_s']:.0f} s",
+        f"- held-out accuracy (sampled, T={cfg.train.eval_temperature}): "
+        + ", ".join(f"step {s}: {a:.3f}" for s, a in ev),
+        f"- mean reward, first 5 steps: {summary['reward_first5']}, last 5 steps: {summary['reward_last5']}",
+        "",
+        "![curves](curves.png)",
+        "",
+    ]
     (run_dir / "summary.md").write_text("\n".join(md))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -14,6 +14,7 @@ The rollout policy carried AQN noise and the training forward does not: the
 importance correction (`is_mode`) reweights by exp(train - rollout) and the mismatch
 is always measured and logged.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,13 +39,27 @@ class Batch:
     advantages: torch.Tensor  # [N]
     prompt_len: int  # P
 
-    def slice(self, idx) -> "Batch":
-        return Batch(self.input_ids[idx], self.attn[idx], self.completion[idx], self.mask[idx],
-                     self.rollout_logp[idx], self.advantages[idx], self.prompt_len)
+    def slice(self, idx) -> Batch:
+        return Batch(
+            self.input_ids[idx],
+            self.attn[idx],
+            self.completion[idx],
+            self.mask[idx],
+            self.rollout_logp[idx],
+            self.advantages[idx],
+            self.prompt_len,
+        )
 
 
-def build_batch(prompts: list[list[int]], completions: list[torch.Tensor], masks: list[torch.Tensor],
-                logps: list[torch.Tensor], advantages: torch.Tensor, pad_id: int, device) -> Batch:
+def build_batch(
+    prompts: list[list[int]],
+    completions: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    logps: list[torch.Tensor],
+    advantages: torch.Tensor,
+    pad_id: int,
+    device,
+) -> Batch:
     """prompts[i] is the prompt of sequence i; completions/masks/logps are 1-D per sequence."""
     n = len(prompts)
     p = max(len(x) for x in prompts)
@@ -56,13 +71,20 @@ def build_batch(prompts: list[list[int]], completions: list[torch.Tensor], masks
     lp = torch.zeros((n, length), dtype=torch.float32)
     for i in range(n):
         pr, c, m = prompts[i], completions[i], masks[i]
-        ids[i, p - len(pr):p] = torch.tensor(pr)
-        attn[i, p - len(pr):p] = 1
+        ids[i, p - len(pr) : p] = torch.tensor(pr)
+        attn[i, p - len(pr) : p] = 1
         k = int(c.shape[0])
-        ids[i, p:p + k], comp[i, :k], mask[i, :k], lp[i, :k] = c, c, m, logps[i]
-        attn[i, p:p + k] = m.long()
-    return Batch(ids.to(device), attn.to(device), comp.to(device), mask.to(device), lp.to(device),
-                 advantages.to(device).float(), p)
+        ids[i, p : p + k], comp[i, :k], mask[i, :k], lp[i, :k] = c, c, m, logps[i]
+        attn[i, p : p + k] = m.long()
+    return Batch(
+        ids.to(device),
+        attn.to(device),
+        comp.to(device),
+        mask.to(device),
+        lp.to(device),
+        advantages.to(device).float(),
+        p,
+    )
 
 
 def sequence_logprobs(model: CausalLM, b: Batch, temperature: float, chunk_tokens: int = 1024, group: int = 1):
@@ -75,12 +97,14 @@ def sequence_logprobs(model: CausalLM, b: Batch, temperature: float, chunk_token
     length = b.completion.shape[1]
     if group <= 1:
         hidden = model(b.input_ids, positions_from_mask(b.attn), causal_mask(b.attn))
-        h = hidden[:, b.prompt_len - 1: b.prompt_len - 1 + length]  # position t predicts completion token t
+        h = hidden[:, b.prompt_len - 1 : b.prompt_len - 1 + length]  # position t predicts completion token t
     else:
         p, n = b.prompt_len, b.input_ids.shape[0]
         prompt_attn = b.attn[::group, :p]  # [N/G, P]
         kv: list = []
-        h_prompt = model(b.input_ids[::group, :p], positions_from_mask(prompt_attn), causal_mask(prompt_attn), capture=kv)
+        h_prompt = model(
+            b.input_ids[::group, :p], positions_from_mask(prompt_attn), causal_mask(prompt_attn), capture=kv
+        )
         prefix = [(k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)) for k, v in kv]
         plen = prompt_attn.sum(1).repeat_interleave(group)  # [N]
         pos = plen[:, None] + torch.arange(length, device=plen.device)  # completion token t sits at plen + t
@@ -89,8 +113,9 @@ def sequence_logprobs(model: CausalLM, b: Batch, temperature: float, chunk_token
         h_comp = model(b.completion, pos, torch.cat([keys_prompt, causal], dim=-1), prefix=prefix)
         # token 0 is predicted by the prompt's last position, token t by completion position t-1
         h = torch.cat([h_prompt[:, -1:].repeat_interleave(group, 0), h_comp[:, :-1]], dim=1)
-    return chunked_logprobs_and_entropy(h, model.lm_head.weight, b.completion, chunk_tokens=chunk_tokens,
-                                        temperature=temperature)
+    return chunked_logprobs_and_entropy(
+        h, model.lm_head.weight, b.completion, chunk_tokens=chunk_tokens, temperature=temperature
+    )
 
 
 def packed_logprobs(model: CausalLM, b: Batch, temperature: float, chunk_tokens: int = 1024, group: int = 1):
@@ -106,7 +131,7 @@ def packed_logprobs(model: CausalLM, b: Batch, temperature: float, chunk_tokens:
         raise ValueError("packed_logprobs needs each row's loss mask to be a prefix of its completion")
     plens = b.attn[::group, :p].sum(1).tolist()
     rows = b.input_ids[::group, :p].tolist()
-    prompts = [r[p - k:] for r, k in zip(rows, plens)]
+    prompts = [r[p - k :] for r, k in zip(rows, plens)]
     comps = [c[:k] for c, k in zip(b.completion.tolist(), lens.tolist())]
     pk = pack(prompts, comps, group, length, b.completion.device)
     logp = torch.zeros(n * length, device=b.completion.device)
@@ -114,8 +139,13 @@ def packed_logprobs(model: CausalLM, b: Batch, temperature: float, chunk_tokens:
     if pk.targets.numel() == 0:
         return logp.view(n, length), ent.view(n, length)
     hidden = model(pk.ids[None], pk.positions[None], pk)[0]  # [T, H]
-    lp, e = chunked_logprobs_and_entropy(hidden[pk.pred_index][None], model.lm_head.weight, pk.targets[None],
-                                         chunk_tokens=chunk_tokens, temperature=temperature)
+    lp, e = chunked_logprobs_and_entropy(
+        hidden[pk.pred_index][None],
+        model.lm_head.weight,
+        pk.targets[None],
+        chunk_tokens=chunk_tokens,
+        temperature=temperature,
+    )
     logp = logp.to(lp.dtype).index_copy(0, pk.out_index, lp[0])
     ent = ent.to(e.dtype).index_copy(0, pk.out_index, e[0])
     return logp.view(n, length), ent.view(n, length)
@@ -124,9 +154,23 @@ def packed_logprobs(model: CausalLM, b: Batch, temperature: float, chunk_tokens:
 LOGPROB_PATHS = {"packed": packed_logprobs, "reference": sequence_logprobs}
 
 
-def policy_update(model: CausalLM, optimizer, params: list[torch.nn.Parameter], batch: Batch, loss_cfg: LossConfig,
-                  *, temperature: float, micro_batch_size: int, num_iterations: int, max_grad_norm: float,
-                  is_level: str, is_mode: str, is_threshold: float, group: int = 1, path: str = "packed") -> dict:
+def policy_update(
+    model: CausalLM,
+    optimizer,
+    params: list[torch.nn.Parameter],
+    batch: Batch,
+    loss_cfg: LossConfig,
+    *,
+    temperature: float,
+    micro_batch_size: int,
+    num_iterations: int,
+    max_grad_norm: float,
+    is_level: str,
+    is_mode: str,
+    is_threshold: float,
+    group: int = 1,
+    path: str = "packed",
+) -> dict:
     """group > 1: rows are contiguous groups sharing a prompt (see `sequence_logprobs`);
     micro-batches then hold whole groups (micro_batch_size rounded down to a multiple of group).
     path: "packed" (`packed_logprobs`, the default) or "reference" (`sequence_logprobs`, the
@@ -155,21 +199,32 @@ def policy_update(model: CausalLM, optimizer, params: list[torch.nn.Parameter], 
             mb = batch.slice(slice(s, s + micro_batch_size))
             logp, ent = logprobs(model, mb, temperature, group=group)
             if it == 0:
-                old_logp[s:s + micro_batch_size] = logp.detach()
-            old = old_logp[s:s + micro_batch_size]
+                old_logp[s : s + micro_batch_size] = logp.detach()
+            old = old_logp[s : s + micro_batch_size]
             isw, is_m = (None, {})
             if is_mode == "none":
-                _, is_m = importance_weights(old, mb.rollout_logp, mb.mask, level=is_level, mode="truncate",
-                                             threshold=is_threshold)
+                _, is_m = importance_weights(
+                    old, mb.rollout_logp, mb.mask, level=is_level, mode="truncate", threshold=is_threshold
+                )
             else:
-                isw, is_m = importance_weights(old, mb.rollout_logp, mb.mask, level=is_level, mode=is_mode,
-                                               threshold=is_threshold)
+                isw, is_m = importance_weights(
+                    old, mb.rollout_logp, mb.mask, level=is_level, mode=is_mode, threshold=is_threshold
+                )
             ref = None
             if loss_cfg.kl_beta > 0:
                 with torch.no_grad(), adapter_disabled(model):
                     ref, _ = logprobs(model, mb, temperature, group=group)
-            loss, m = policy_loss(logp, old, mb.advantages, mb.mask, loss_cfg, ref_logp=ref, is_weights=isw,
-                                  global_tokens=tokens, global_seqs=seqs)
+            loss, m = policy_loss(
+                logp,
+                old,
+                mb.advantages,
+                mb.mask,
+                loss_cfg,
+                ref_logp=ref,
+                is_weights=isw,
+                global_tokens=tokens,
+                global_seqs=seqs,
+            )
             if not torch.isfinite(loss):
                 finite = False
                 break
@@ -180,7 +235,9 @@ def policy_update(model: CausalLM, optimizer, params: list[torch.nn.Parameter], 
                 metrics.setdefault(k, []).append((float(v), w))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if finite else torch.tensor(float("nan"))
         if not finite or not torch.isfinite(grad_norm):
-            warnings.warn(f"non-finite loss or gradient in iteration {it}: update skipped, adapter unchanged")
+            warnings.warn(
+                f"non-finite loss or gradient in iteration {it}: update skipped, adapter unchanged", stacklevel=2
+            )
             optimizer.zero_grad(set_to_none=True)
             skipped += 1
             continue

@@ -1,4 +1,5 @@
 """Small helpers shared by the CLI, the engine and the trainer."""
+
 import os
 
 import torch
@@ -27,8 +28,14 @@ def cpu_has_fast_bf16() -> bool:
 
 def resolve_dtype(name: str | None, device) -> torch.dtype:
     """'auto' (or None): bf16 on CUDA and on CPUs with bf16 matrix units, else fp32."""
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
-             "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if name in (None, "auto"):
         if torch.device(device).type == "cuda" or cpu_has_fast_bf16():
             return torch.bfloat16

@@ -5,6 +5,7 @@ model.safetensors, tokenizer files) so `qerl.load_model` and `transformers` read
 Weights are saved in bf16: qerl's `bf16` format then holds exactly the numbers HF computes with
 in fp32, so the two can be compared tightly.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -40,9 +41,19 @@ VOCAB = 98  # len(char_tokenizer()): every id the model can emit decodes to text
 def tiny_config(arch: str, **overrides):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256,
-                  rms_norm_eps=1e-6, eos_token_id=1, pad_token_id=0, bos_token_id=2)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        eos_token_id=1,
+        pad_token_id=0,
+        bos_token_id=2,
+    )
     if arch == "llama":  # SmolLM2-like: tied embeddings, no bias
         cls, extra = LlamaConfig, dict(tie_word_embeddings=True, rope_theta=10000.0)
     elif arch == "qwen2":  # q/k/v bias, untied lm_head
@@ -91,8 +102,10 @@ def tiny_dirs(tmp_path_factory):
     Weights N(0, 0.05^2): a well-conditioned model, so 4-bit logit errors measure the format
     (~15-20%) rather than the chaos of a random network with large weights."""
     root = tmp_path_factory.mktemp("tiny")
-    return {arch: make_tiny_checkpoint(root / arch, arch, seed=i, std=0.05)
-            for i, arch in enumerate(("llama", "qwen2", "qwen3"))}
+    return {
+        arch: make_tiny_checkpoint(root / arch, arch, seed=i, std=0.05)
+        for i, arch in enumerate(("llama", "qwen2", "qwen3"))
+    }
 
 
 def hf_model(path, dtype=torch.float32):
@@ -118,7 +131,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def qkv_lora(x, a, b, r, sizes):
     """Reference LoRA of fused q|k|v rows: segment i uses its own rank-r block of A and its rows of B."""
     bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-    return torch.cat([x.float() @ a[i * r:(i + 1) * r].T @ b[bounds[i]:bounds[i + 1]].T for i in range(len(sizes))], 1)
+    return torch.cat(
+        [x.float() @ a[i * r : (i + 1) * r].T @ b[bounds[i] : bounds[i + 1]].T for i in range(len(sizes))], 1
+    )
 
 
 @pytest.fixture(scope="session")
@@ -168,14 +183,16 @@ def check_fused_nvfp4(cfg: dict, k: int, rows) -> None:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         ref = x.float() @ deq.T + bias.float() + 0.5 * qkv_lora(x, a, b, r, sizes)
         out = torch.full((m, sum(sizes)), float("nan"), device="cuda", dtype=dtype)
-        y = fused_linear(x, "nvfp4", packed, scale, gs, bias, lora_shrink(x, a), b, r, 0.5, (96, 120), out=out,
-                         config=cfg)
+        y = fused_linear(
+            x, "nvfp4", packed, scale, gs, bias, lora_shrink(x, a), b, r, 0.5, (96, 120), out=out, config=cfg
+        )
         assert not y.isnan().any()
         assert rel_err(y, ref) < 1e-2, (m, rel_err(y, ref))
         out.fill_(float("nan"))  # A instead of h: extra programs of the kernel write h's partials
         hbuf = torch.full((16 * m * 3 * r,), float("nan"), device="cuda")
-        y = fused_linear(x, "nvfp4", packed, scale, gs, bias, None, b, r, 0.5, (96, 120), out=out, config=cfg,
-                         lora_A=a, h_out=hbuf)
+        y = fused_linear(
+            x, "nvfp4", packed, scale, gs, bias, None, b, r, 0.5, (96, 120), out=out, config=cfg, lora_A=a, h_out=hbuf
+        )
         assert not y.isnan().any()
         assert rel_err(y, ref) < 1e-2, (m, rel_err(y, ref))
         out = torch.full((m, 48), float("nan"), device="cuda", dtype=dtype)

@@ -1,5 +1,6 @@
 """`qerl bench step` on a tiny random model (the Trainer's own step), forced ragged lengths,
 and the automatic checkpointing rule."""
+
 import json
 import random
 
@@ -21,11 +22,25 @@ def test_bench_step_runs_the_trainer_step(tmp_path, monkeypatch):
     monkeypatch.setattr(tr.Trainer, "step", lambda self, s: calls.append(s) or real(self, s))
     path = make_tiny_checkpoint(tmp_path / "qwen2", "qwen2", seed=0, std=0.05)
     out = tmp_path / "step.json"
-    rows = run_step_bench(str(path), ("nvfp4", "bf16"), prompts=2, group_size=4, prompt_len=8, gen_len=16,
-                          lengths="uniform:3-9", steps=2, out=str(out), update_paths=("packed", "reference"))
+    rows = run_step_bench(
+        str(path),
+        ("nvfp4", "bf16"),
+        prompts=2,
+        group_size=4,
+        prompt_len=8,
+        gen_len=16,
+        lengths="uniform:3-9",
+        steps=2,
+        out=str(out),
+        update_paths=("packed", "reference"),
+    )
     assert calls == [0, 1, 2] * 4  # a warm-up and two measured steps per (format, path), through Trainer.step
-    assert [(r["quant"], r["update_path"]) for r in rows] == [("nvfp4", "packed"), ("nvfp4", "reference"),
-                                                              ("bf16", "packed"), ("bf16", "reference")]
+    assert [(r["quant"], r["update_path"]) for r in rows] == [
+        ("nvfp4", "packed"),
+        ("nvfp4", "reference"),
+        ("bf16", "packed"),
+        ("bf16", "reference"),
+    ]
     for r in rows:
         assert 3 * 8 <= r["generated_tokens"] <= 9 * 8  # every completion ended at its forced length
         assert r["update_s"] > 0 and r["step_s"] >= r["rollout_s"] + r["update_s"]
@@ -65,8 +80,16 @@ def test_reference_engine_stops_rows_at_their_limits(tmp_path):
 
 
 def test_auto_checkpointing_hand_case():
-    a = ModelArgs("qwen2", vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=10, num_heads=4,
-                  num_kv_heads=2, head_dim=16)
+    a = ModelArgs(
+        "qwen2",
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=10,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+    )
     full, kept = activation_bytes(a)
     assert full == 2 * (4 * 64 + 2 * 64 + 3 * 32 + 3 * 128) and kept == 2 * 64
     reserve = 2 * 2**30 + 12 * 1024 * 1000
@@ -96,10 +119,15 @@ def test_packed_and_reference_update_give_the_same_adapter(tmp_path):
 
     after = {}
     for p in ("packed", "reference"):
-        cfg = load_config(None, {"model": {"name": str(path), "lora_rank": 4, "device": "cpu", "dtype": "float32"},
-                                 "rollout": {"prompts_per_step": 2, "group_size": 3, "max_new_tokens": 8},
-                                 "optim": {"micro_batch_size": 3},
-                                 "train": {"output_dir": str(tmp_path / p), "max_steps": 4}})
+        cfg = load_config(
+            None,
+            {
+                "model": {"name": str(path), "lora_rank": 4, "device": "cpu", "dtype": "float32"},
+                "rollout": {"prompts_per_step": 2, "group_size": 3, "max_new_tokens": 8},
+                "optim": {"micro_batch_size": 3},
+                "train": {"output_dir": str(tmp_path / p), "max_steps": 4},
+            },
+        )
         t = Trainer(cfg, progress=False, reward_fn=reward)
         t.update_path = p
         t.step(0)

@@ -4,6 +4,7 @@ The model is a tiny random Llama (weights N(0, 0.2^2): peaked next-token distrib
 decoding has clear argmax margins) in NVFP4 with a live LoRA adapter whose B is random, and a
 character tokenizer: every token is one character, which makes stop strings easy to place.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -51,7 +52,7 @@ def reference_greedy(model, prompt: list[int], max_new: int, eos: list[int], min
 def fresh_logits(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
     """Logits [L, V] predicting each completion token, from one forward pass over prompt + completion."""
     full = torch.tensor([prompt + completion])
-    return qerl_logits(model, full)[0, len(prompt) - 1:len(prompt) - 1 + len(completion)]
+    return qerl_logits(model, full)[0, len(prompt) - 1 : len(prompt) - 1 + len(completion)]
 
 
 def _rows(r):
@@ -126,8 +127,9 @@ def truncated_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top
 def test_top_k_top_p_logprobs_are_under_the_truncated_distribution(engine, top_k, top_p):
     tok = engine.tokenizer
     temperature = 0.9
-    r = engine.generate(PROMPTS[:2], SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                                    max_new_tokens=12, n=2, seed=4))
+    r = engine.generate(
+        PROMPTS[:2], SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=12, n=2, seed=4)
+    )
     truncated_somewhere = False
     for i, (toks, lps) in enumerate(_rows(r)):
         logits = fresh_logits(engine.model, _ids(tok, PROMPTS[i // 2]), toks)
@@ -181,9 +183,12 @@ def _stop_case(engine, width: int = 2):
     for row in sorted(range(len(PROMPTS)), key=lambda j: -len(full.texts[j])):
         text = full.texts[row]
         for start in range(4, 12):
-            stop = text[start:start + width]
-            if len(stop) == width and text.find(stop) == start and all(
-                    stop not in t for j, t in enumerate(full.texts) if j != row):
+            stop = text[start : start + width]
+            if (
+                len(stop) == width
+                and text.find(stop) == start
+                and all(stop not in t for j, t in enumerate(full.texts) if j != row)
+            ):
                 return full, row, stop, start + width
     raise AssertionError(f"no usable stop string in {full.texts}")
 
@@ -263,9 +268,14 @@ def test_smollm2_greedy_equals_transformers_generate(smollm2_dir):
     for i, p in enumerate(prompts):
         ids = torch.tensor([_ids(tok, p)])
         with torch.no_grad():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
-                              pad_token_id=tok.pad_token_id)
-        assert _rows(r)[i][0] == out[0, ids.shape[1]:].tolist()
+            out = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=20,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        assert _rows(r)[i][0] == out[0, ids.shape[1] :].tolist()
         torch.testing.assert_close(qerl_logits(model, ids), hf(ids).logits.float().detach(), rtol=1e-4, atol=1e-4)
     assert "5" in r.texts[0] and r.finish_reasons == ["stop", "stop"]
 

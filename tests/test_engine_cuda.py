@@ -1,4 +1,5 @@
 """CudaEngine against the reference Engine, token for token at temperature 0, on a small random model."""
+
 import pytest
 import torch
 
@@ -25,8 +26,18 @@ class Tok:
         return [self.decode(r) for r in rows]
 
 
-ARGS = ModelArgs(model_type="qwen2", vocab_size=512, hidden_size=256, intermediate_size=704, num_layers=3,
-                 num_heads=8, num_kv_heads=2, head_dim=32, rope_theta=1e6, attention_bias=True)
+ARGS = ModelArgs(
+    model_type="qwen2",
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=704,
+    num_layers=3,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=32,
+    rope_theta=1e6,
+    attention_bias=True,
+)
 
 
 def _prompts():
@@ -44,8 +55,14 @@ def test_greedy_matches_reference(fmt):
     # an EOS that ends some rows early exercises the compaction into smaller buckets
     eos = int(ref.completion_ids[0, 6])
     ref = Engine(model, Tok(eos)).generate(_prompts(), params)
-    variants = (dict(), dict(use_graphs=False), dict(pdl=True), dict(fuse_shrink=False), dict(pdl=True, fuse_shrink=False),
-                dict(mma=False))
+    variants = (
+        dict(),
+        dict(use_graphs=False),
+        dict(pdl=True),
+        dict(fuse_shrink=False),
+        dict(pdl=True, fuse_shrink=False),
+        dict(mma=False),
+    )
     for opts in variants:  # pdl: programmatic dependent launch; fuse_shrink: h from the split-K decode kernels
         fast = CudaEngine(model, Tok(eos), check_every=4, **opts).generate(_prompts(), params)
         assert torch.equal(fast.completion_ids, ref.completion_ids)

@@ -1,4 +1,5 @@
 """`qerl eval` applies the adapter: it changes the score, and equals the merged model's score."""
+
 import json
 import subprocess
 import sys
@@ -56,13 +57,38 @@ def test_cli_eval_applies_the_adapter_and_equals_the_merged_model(tiny, self_con
     adapter = tmp_path / "adapter"
     model, tok = _adapter(tiny, adapter)
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"question": r.question, "answer": r.answer}) + "\n" for r in self_consistent_records))
+    data.write_text(
+        "".join(json.dumps({"question": r.question, "answer": r.answer}) + "\n" for r in self_consistent_records)
+    )
     outs = {}
     for name, extra in (("base", []), ("adapter", ["--adapter", str(adapter)])):
         out = tmp_path / f"{name}.jsonl"
-        r = subprocess.run([sys.executable, "-m", "qerl.cli", "eval", "--model", str(tiny), "--dataset", str(data),
-                            "--split", "train", "--max-new-tokens", "12", "--temperature", "0", "--device", "cpu",
-                            "--output", str(out), *extra], capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qerl.cli",
+                "eval",
+                "--model",
+                str(tiny),
+                "--dataset",
+                str(data),
+                "--split",
+                "train",
+                "--max-new-tokens",
+                "12",
+                "--temperature",
+                "0",
+                "--device",
+                "cpu",
+                "--output",
+                str(out),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         outs[name] = [json.loads(x) for x in out.read_text().splitlines()]
         summary = json.loads(out.with_suffix(".summary.json").read_text())
@@ -87,8 +113,13 @@ def test_eval_on_gsm8k_rows_writes_every_field(tiny, tmp_path):
     records, report = load_records(str(GSM8K_TEST), "test", limit=3)
     assert len(records) == 3 and "kept 3" in report.summary()
     model, tok = load_model(tiny, quant="nvfp4", lora_rank=0, device="cpu")
-    res = evaluate(Engine(model, tok), records, EvalSettings(samples=2, temperature=1.0, max_new_tokens=8),
-                   tmp_path / "gsm8k.jsonl", progress=False)
+    res = evaluate(
+        Engine(model, tok),
+        records,
+        EvalSettings(samples=2, temperature=1.0, max_new_tokens=8),
+        tmp_path / "gsm8k.jsonl",
+        progress=False,
+    )
     rows = [json.loads(x) for x in (tmp_path / "gsm8k.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and res["n"] == 3 and "maj@2" in res
     for r, rec in zip(rows, records):

@@ -4,6 +4,7 @@ The other side of every check is the real library: compressed-tensors compresses
 decompresses qerl's files, its ModelOpt converter defines the reciprocal global scale, PEFT loads
 the exported adapter and transformers loads the merged model.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,20 +57,26 @@ def _ct_compress(src, out, fmt: str):
 
     model = hf_model(src)  # fp32: the bf16 checkpoint values exactly
     preset, group = {"nvfp4": (NVFP4A16, 16), "mxfp4": (MXFP4A16, 32)}[fmt]
-    qc = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], **preset)},
-                            ignore=["lm_head"])
+    qc = QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], **preset)}, ignore=["lm_head"]
+    )
     apply_quantization_config(model, qc)
     with torch.no_grad():
         for layer in model.model.layers:
-            for fused in ([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], [layer.self_attn.o_proj],
-                          [layer.mlp.gate_proj, layer.mlp.up_proj], [layer.mlp.down_proj]):
+            for fused in (
+                [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+                [layer.self_attn.o_proj],
+                [layer.mlp.gate_proj, layer.mlp.up_proj],
+                [layer.mlp.down_proj],
+            ):
                 gs = None
                 if fmt == "nvfp4":
                     gs = min((generate_gparam(m.weight.amin(), m.weight.amax()) for m in fused), key=float)
                 for m in fused:
                     blocks = m.weight.view(m.weight.shape[0], -1, group)
-                    scale, _ = calculate_qparams(blocks.amin(-1), blocks.amax(-1), m.quantization_scheme.weights,
-                                                 global_scale=gs)
+                    scale, _ = calculate_qparams(
+                        blocks.amin(-1), blocks.amax(-1), m.quantization_scheme.weights, global_scale=gs
+                    )
                     m.weight_scale.copy_(scale)
                     if gs is not None:
                         m.weight_global_scale.copy_(gs)
@@ -99,8 +106,10 @@ def src_dirs(tmp_path_factory):
     """Own tiny checkpoints (the measured bounds below belong to these exact weights): qwen2 has
     q/k/v biases and an untied lm_head, llama ties lm_head to the embeddings."""
     root = tmp_path_factory.mktemp("interop-src")
-    return {arch: make_tiny_checkpoint(root / arch, arch, seed=seed, std=0.05)
-            for seed, arch in enumerate(("llama", "qwen2"))}
+    return {
+        arch: make_tiny_checkpoint(root / arch, arch, seed=seed, std=0.05)
+        for seed, arch in enumerate(("llama", "qwen2"))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -207,19 +216,23 @@ def test_modelopt_nvfp4_loads_to_the_same_weights(written, tmp_path, layout):
     for name, m in quant_linears(model).items():
         held = m.quantized_tensors()
         # Codes and block scales bit for bit; the global scale as compressed-tensors' converter computes it.
-        _assert_same_tensors({k: held[k] for k in ("weight_packed", "weight_scale")},
-                             {k: ref[name].quantized_tensors()[k] for k in ("weight_packed", "weight_scale")})
+        _assert_same_tensors(
+            {k: held[k] for k in ("weight_packed", "weight_scale")},
+            {k: ref[name].quantized_tensors()[k] for k in ("weight_packed", "weight_scale")},
+        )
         assert torch.equal(held["weight_global_scale"], converted[f"{name}.weight_global_scale"].reshape(1))
         # ModelOpt's own dequantization: e2m1 * block_scale * weight_scale_2.
         step = m.weight_scale.float() * mo[f"{name}.weight_scale_2"]  # [N, K/16]
         modelopt_w = e2m1_decode(unpack_nibbles(m.weight_packed)) * step.repeat_interleave(16, 1)
         w = m.dequantized(torch.float32)
-        worst = max(worst, float(((w - modelopt_w).abs() / modelopt_w.abs().clamp(min=1e-30)).max()),
-                    float(((w - ref[name].dequantized(torch.float32)).abs()
-                           / w.abs().clamp(min=1e-30)).max()))
+        worst = max(
+            worst,
+            float(((w - modelopt_w).abs() / modelopt_w.abs().clamp(min=1e-30)).max()),
+            float(((w - ref[name].dequantized(torch.float32)).abs() / w.abs().clamp(min=1e-30)).max()),
+        )
     # 1 / (1 / gs) is gs to within an ulp: measured worst relative difference over the 14 Linears
     # 1.5e-7 (1.27 * 2^-23), against both ModelOpt's formula and the compressed-tensors original.
-    assert worst <= 2 ** -22
+    assert worst <= 2**-22
     # `qerl quantize` converts it to compressed-tensors without touching the bytes.
     out = quantize_checkpoint(str(mo_dir), tmp_path / "converted", "nvfp4", device="cpu")
     got = _read_dir(out)
@@ -294,7 +307,7 @@ def trained(src_dirs, tmp_path_factory):
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for m in quant_linears(model).values():  # seeded: add_lora's init draws from the global RNG
-            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) / m.in_features ** 0.5)
+            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) / m.in_features**0.5)
             m.lora_B.copy_(0.01 * torch.randn(m.lora_B.shape, generator=g))
     adapter = tmp_path_factory.mktemp("adapter") / "adapter"
     save_adapter(model, adapter, base_model=str(src))
@@ -333,8 +346,12 @@ def test_merged_nvfp4_export_loads_in_qerl_and_compressed_tensors(trained, tmp_p
     mods = quant_linears(merged)
     want_w = _merged_fp32(model)
     for i in range(2):  # the fp32 sums quantized with the fused-group rule (one global scale per group)
-        for parent, group in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
-                              ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",))):
+        for parent, group in (
+            ("self_attn", ("q_proj", "k_proj", "v_proj")),
+            ("self_attn", ("o_proj",)),
+            ("mlp", ("gate_proj", "up_proj")),
+            ("mlp", ("down_proj",)),
+        ):
             names = [f"model.layers.{i}.{parent}.{n}" for n in group]
             expected = quantize_group(names, [want_w[n] for n in names], get_format("nvfp4"))
             for n, t in zip(names, expected):
@@ -368,8 +385,9 @@ def test_export_without_merge_serves_adapter_on_the_nvfp4_base(trained, src_dirs
     assert torch.equal(a, model.model.layers[0].self_attn.q_proj.lora_A)
     # ... and onto the NVFP4 base as transformers + compressed-tensors load it, where it gives
     # qerl's logits up to CT's decompression through bf16: measured max |diff| 0.0046, 0.29% relative.
-    hf_base = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32,
-                                                   quantization_config=CompressedTensorsConfig(dequantize=True))
+    hf_base = AutoModelForCausalLM.from_pretrained(
+        base, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
     peft_nvfp4 = PeftModel.from_pretrained(hf_base, ad).eval()
     with torch.no_grad():
         got = peft_nvfp4(IDS).logits.float()
@@ -380,7 +398,9 @@ def test_export_without_merge_serves_adapter_on_the_nvfp4_base(trained, src_dirs
     # A base that already is a compressed-tensors NVFP4 checkpoint is pointed at, not copied.
     again = export_adapter(ad, tmp_path / "pointer", device="cpu")
     assert not (again / "base").exists()
-    assert json.loads((again / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base.resolve())
+    assert json.loads((again / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        base.resolve()
+    )
 
 
 def test_cli_quantize_and_export(trained, src_dirs, tmp_path):

@@ -1,12 +1,13 @@
 """GPU kernels against the plain-PyTorch references (fresh random data, poisoned outputs)."""
+
 import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import qkv_lora
+
 from qerl.bench import CONFIGS
 from qerl.quant import QuantLinear, mxfp4_dequantize, mxfp4_quantize, nvfp4_dequantize, nvfp4_quantize
 
@@ -53,8 +54,9 @@ def _quantized(fmt, n, k, dev="cuda"):
 def _linear(fmt, d, x, out):
     from qerl.kernels.fused_linear import fused_linear
 
-    return fused_linear(x, fmt, d.get("weight_packed", d.get("weight")), d.get("weight_scale"),
-                        d.get("weight_global_scale"), out=out)
+    return fused_linear(
+        x, fmt, d.get("weight_packed", d.get("weight")), d.get("weight_scale"), d.get("weight_global_scale"), out=out
+    )
 
 
 @gpu
@@ -155,8 +157,9 @@ def test_fused_epilogues(dtype, m):
     wg = nvfp4_quantize(torch.randn(2 * 48, k, device="cuda"))
     deq = nvfp4_dequantize(wg, dtype).float()
     out = torch.full((m, 48), float("nan"), device="cuda", dtype=dtype)
-    y = fused_linear(x, "nvfp4", wg["weight_packed"], wg["weight_scale"], wg["weight_global_scale"].repeat(2),
-                     glu=True, out=out)
+    y = fused_linear(
+        x, "nvfp4", wg["weight_packed"], wg["weight_scale"], wg["weight_global_scale"].repeat(2), glu=True, out=out
+    )
     ref = F.silu(x.float() @ deq[:48].T) * (x.float() @ deq[48:].T)
     assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
 
@@ -214,13 +217,15 @@ def test_decode_kernel_configs(fmt, dtype, ci):
         # A instead of h: the split-K decode programs compute the LoRA shrink themselves (one launch fewer)
         out.fill_(float("nan"))
         hbuf = torch.full((32 * m * 3 * r,), float("nan"), device="cuda")
-        y = fused_linear(x, fmt, packed, scale, gs, bias, None, b, r, 0.5, (96, 120), out=out, config=cfg, lora_A=a,
-                         h_out=hbuf)
+        y = fused_linear(
+            x, fmt, packed, scale, gs, bias, None, b, r, 0.5, (96, 120), out=out, config=cfg, lora_A=a, h_out=hbuf
+        )
         assert not y.isnan().any()
         assert rel(y, ref) < tol, (m, rel(y, ref))
         out = torch.full((m, 48), float("nan"), device="cuda", dtype=dtype)
-        y = fused_linear(x, fmt, packed[:96], scale[:96], gs[:1].repeat(2) if gs is not None else None,
-                         glu=True, out=out, config=cfg)
+        y = fused_linear(
+            x, fmt, packed[:96], scale[:96], gs[:1].repeat(2) if gs is not None else None, glu=True, out=out, config=cfg
+        )
         w = deq[:96]
         ref = F.silu(x.float() @ w[:48].T) * (x.float() @ w[48:].T)
         assert not y.isnan().any()
@@ -285,19 +290,26 @@ def test_norm_rope_attention(dtype):
     inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device="cuda").float() / d))
     kc = torch.randn(4, hkv, s, d, device="cuda", dtype=dtype)
     vc = torch.randn(4, hkv, s, d, device="cuda", dtype=dtype)
-    q = rope_cache(qkv, pos, slot, inv, kc, vc, hq, hkv, d, q_out=torch.full((b, hq, d), float("nan"), device="cuda", dtype=dtype))
+    q = rope_cache(
+        qkv, pos, slot, inv, kc, vc, hq, hkv, d, q_out=torch.full((b, hq, d), float("nan"), device="cuda", dtype=dtype)
+    )
     f = pos.float()[:, None] * inv
     emb = torch.cat([f, f], -1)[:, None]
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
     assert rel(q, apply_rope(qkv[:, : hq * d].view(b, hq, d), cos, sin)) < tol
-    assert rel(kc[:b, :, 260], apply_rope(qkv[:, hq * d:(hq + hkv) * d].view(b, hkv, d), cos, sin)) < tol
-    assert torch.equal(vc[:b, :, 260], qkv[:, (hq + hkv) * d:].view(b, hkv, d))
+    assert rel(kc[:b, :, 260], apply_rope(qkv[:, hq * d : (hq + hkv) * d].view(b, hkv, d), cos, sin)) < tol
+    assert torch.equal(vc[:b, :, 260], qkv[:, (hq + hkv) * d :].view(b, hkv, d))
 
     mask = torch.rand(4, s, device="cuda") > 0.3
     mask[:, 260] = True
     nk = torch.tensor([261], device="cuda", dtype=torch.int32)
-    ref = F.scaled_dot_product_attention(q[:, :, None].float(), kc[:b, :, :261].float(), vc[:b, :, :261].float(),
-                                         attn_mask=mask[:b, None, None, :261], enable_gqa=True).reshape(b, -1)
+    ref = F.scaled_dot_product_attention(
+        q[:, :, None].float(),
+        kc[:b, :, :261].float(),
+        vc[:b, :, :261].float(),
+        attn_mask=mask[:b, None, None, :261],
+        enable_gqa=True,
+    ).reshape(b, -1)
     for ns in (1, 5, 16):
         out = torch.full((b, hq * d), float("nan"), device="cuda", dtype=dtype)
         o = decode_attention(q, kc, vc, mask, nk, ns, out=out)
@@ -323,9 +335,9 @@ def test_lora_epilogue_many_splits(dtype, m):
     assert h.shape[0] == 27
     assert rel(h.sum(0), x.float() @ a.T) < 1e-5
     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-    y = fused_linear(x, "nvfp4", d["weight_packed"], d["weight_scale"], d["weight_global_scale"], None, h, b, r, 0.5,
-                     out=out)
+    y = fused_linear(
+        x, "nvfp4", d["weight_packed"], d["weight_scale"], d["weight_global_scale"], None, h, b, r, 0.5, out=out
+    )
     ref = x.float() @ deq.T + 0.5 * (x.float() @ a.T) @ b.T
     assert not y.isnan().any()
     assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
-

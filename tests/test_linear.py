@@ -1,4 +1,5 @@
 """QuantLinear: frozen quantized base + live LoRA, and its memory-saving autograd function."""
+
 from __future__ import annotations
 
 import pytest
@@ -32,8 +33,11 @@ def test_base_forward_is_dequantized_matmul_plus_bias(fmt):
     # buffers only: the packed weight is not a parameter and no full-precision copy is kept
     assert [n for n, _ in layer.named_parameters()] == ["bias"]
     names = {n for n, _ in layer.named_buffers()}
-    assert names == ({"weight"} if fmt == "bf16" else {"weight_packed", "weight_scale"} | (
-        {"weight_global_scale"} if fmt == "nvfp4" else set()))
+    assert names == (
+        {"weight"}
+        if fmt == "bf16"
+        else {"weight_packed", "weight_scale"} | ({"weight_global_scale"} if fmt == "nvfp4" else set())
+    )
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -66,10 +70,10 @@ def test_lora_init_matches_peft_kaiming_uniform():
     layer, _ = _layer("nvfp4", k=1024)
     torch.manual_seed(0)
     layer.add_lora(rank=16)
-    bound = 1 / 1024 ** 0.5
+    bound = 1 / 1024**0.5
     a = layer.lora_A
     assert a.abs().max() <= bound and a.abs().max() > 0.95 * bound
-    assert abs(a.std().item() - bound / 3 ** 0.5) < 0.05 * bound
+    assert abs(a.std().item() - bound / 3**0.5) < 0.05 * bound
     assert layer.lora_scaling == 1.0  # alpha defaults to r
     with pytest.raises(ValueError, match="rank"):
         layer.add_lora(0)
@@ -191,7 +195,7 @@ def test_lora_in_the_output_dtype_matches_the_fp32_adapter_path():
         m.lora_compute_dtype = cdt
         m.zero_grad()
         y = m(x)
-        gx, = torch.autograd.grad((y * w).sum(), x, retain_graph=True)
+        (gx,) = torch.autograd.grad((y * w).sum(), x, retain_graph=True)
         (y * w).sum().backward()
         outs.append((y.detach(), gx, m.lora_A.grad.clone(), m.lora_B.grad.clone()))
     for a, b in zip(*outs):

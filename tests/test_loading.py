@@ -6,6 +6,7 @@ in fp32 and the logits must agree to float rounding. For the 4-bit formats two c
     gate/up quantized with the minimum of their members' NVFP4 global scales) gives qerl's logits;
   - measured: the quantized model's logits stay within a relative error of the bf16 logits.
 """
+
 from __future__ import annotations
 
 import logging
@@ -143,7 +144,7 @@ def test_k_not_divisible_by_block_is_kept_bf16_with_warning(tmp_path, caplog, fm
     for i, msg in enumerate(sorted(warned)):
         assert "\n" not in msg and f"model.layers.{i}.mlp.down_proj" in msg and "K=72" in msg
         assert "unquantized" in msg and str(get_format(fmt).block_size) in msg
-    for i, layer in enumerate(model.model.layers):
+    for layer in model.model.layers:
         assert layer.mlp.down_proj.format.name == "bf16"
         assert layer.mlp.up_proj.format.name == fmt
     ids = _ids()
@@ -185,7 +186,8 @@ def test_unsupported_architecture(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB, n_positions=32)).save_pretrained(
-        tmp_path / "gpt2")
+        tmp_path / "gpt2"
+    )
     with pytest.raises(QerlError) as e:
         load_model(str(tmp_path / "gpt2"), quant="nvfp4")
     msg = _one_line(e)
@@ -193,9 +195,23 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_cli_bad_model_path_exits_2_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "qerl.cli", "eval", "--model", str(tmp_path / "missing"),
-                           "--limit", "1", "--output", str(tmp_path / "out.jsonl")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qerl.cli",
+            "eval",
+            "--model",
+            str(tmp_path / "missing"),
+            "--limit",
+            "1",
+            "--output",
+            str(tmp_path / "out.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert err == [f"qerl: error: model path does not exist: {tmp_path / 'missing'}"], proc.stderr

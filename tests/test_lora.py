@@ -1,4 +1,5 @@
 """LoRA adapters: PEFT's on-disk format, loaded by PEFT itself onto the HF bf16 base."""
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,9 @@ def test_saved_files_follow_peft(adapter):
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
     assert (cfg["r"], cfg["lora_alpha"]) == (RANK, ALPHA)
-    assert sorted(cfg["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                    "down_proj"])
+    assert sorted(cfg["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     state = load_file(str(out / "adapter_model.safetensors"))
     assert len(state) == 2 * 7 * 2  # A and B, 7 Linears, 2 layers
     a = state["base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight"]

@@ -1,4 +1,5 @@
 """merge_lora: the merged model equals base + adapter, and fused groups share one NVFP4 scale."""
+
 import torch
 from conftest import make_tiny_checkpoint, qerl_logits, rel_err
 

@@ -71,8 +71,14 @@ def test_disabled_and_invalid_configs():
 # --- tiny models -----------------------------------------------------------------
 
 _TINY = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
     # Larger than the default 0.02 so that, as in trained models, the attention/MLP
     # outputs (which the noise perturbs) matter next to the token embeddings.
     initializer_range=0.1,

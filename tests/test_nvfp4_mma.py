@@ -1,15 +1,18 @@
 """Version 7 of the NVFP4 decode linear (register-fed tensor cores, Gluon) against the plain-PyTorch reference."""
+
 import pytest
 import torch
-
 from conftest import check_fused_nvfp4, check_fused_options
+
 from qerl.kernels import nvfp4_mma
 from qerl.kernels._triton import disassemble, main_loop, registers
 from qerl.quant import nvfp4_dequantize
 
 gluon = pytest.mark.skipif(not nvfp4_mma.HAS_GLUON, reason="needs Triton with Gluon")
-hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)),
-                            reason="needs a Hopper (sm_90+) GPU")
+hopper = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)),
+    reason="needs a Hopper (sm_90+) GPU",
+)
 
 
 def _run_ptx(asm: str, args: dict[str, int]) -> dict[str, int]:
@@ -66,14 +69,19 @@ def test_in_word_decode_asm_matches_reference_on_cpu():
     (normal, subnormal, zero), output j holds nibble j of the word in its low half and nibble j + 4 in its high
     half, each exactly E2M1(code) * scale * 2**-16 (the reference dequantization before the global scale)."""
     g = torch.Generator().manual_seed(1)
-    words = torch.randint(0, 2**32, (64,), generator=g, dtype=torch.int64).tolist() + [0x88888888, 0x77777777,
-                                                                                        0xF7F7F7F7, 0x12345678]
+    words = torch.randint(0, 2**32, (64,), generator=g, dtype=torch.int64).tolist() + [
+        0x88888888,
+        0x77777777,
+        0xF7F7F7F7,
+        0x12345678,
+    ]
     scales = torch.cat([torch.randint(1, 0x7F, (60,), generator=g), torch.tensor([1, 7, 0x7E, 0, 0x08, 0x40, 3, 0x77])])
     for w, sbyte in zip(words, scales.tolist()):
         packed = torch.tensor([[(w >> (8 * j)) & 0xFF for j in range(4)] * 2], dtype=torch.uint8)  # a 16-value block
         scale = torch.tensor([[sbyte]], dtype=torch.uint8).view(torch.float8_e4m3fn)
-        ref = nvfp4_dequantize(dict(weight_packed=packed, weight_scale=scale, weight_global_scale=torch.ones(1)),
-                               torch.float32)[0]
+        ref = nvfp4_dequantize(
+            dict(weight_packed=packed, weight_scale=scale, weight_global_scale=torch.ones(1)), torch.float32
+        )[0]
         s2 = int(torch.tensor([scale.float().item() * 2.0**110]).to(torch.bfloat16).view(torch.int16).item()) & 0xFFFF
         out = _run_ptx(nvfp4_mma.PAIR_ASM, {"$4": w, "$5": w, "$6": s2 | s2 << 16, "$7": s2 | s2 << 16})
         for j in range(4):
@@ -149,8 +157,9 @@ def test_config_follows_the_measured_tiles():
 @hopper
 @gluon
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", [(4, 1, 1), (1, 1, 3), (1, 2, 2), (2, 2, 5), (2, 1, 3), (4, 2, 2)],
-                         ids=lambda t: "w%d-r%d-s%d" % t)
+@pytest.mark.parametrize(
+    "tile", [(4, 1, 1), (1, 1, 3), (1, 2, 2), (2, 2, 5), (2, 1, 3), (4, 2, 2)], ids=lambda t: "w{}-r{}-s{}".format(*t)
+)
 @pytest.mark.parametrize("k", [768, 1280])
 def test_matches_reference(tile, k):
     """q|k|v segments (own global scales, bias, LoRA from h or from A) and gate|up with SiLU, M = 1..32,

@@ -1,15 +1,17 @@
 """Version 8 of the NVFP4 decode linear (warpgroup MMA, weights decoded into registers, x in shared memory)
 against the plain-PyTorch reference."""
+
 import pytest
 import torch
-
 from conftest import check_fused_nvfp4, check_fused_options
+
 from qerl.kernels import nvfp4_wgmma
 from qerl.kernels._triton import disassemble, main_loop, registers
 
 gluon = pytest.mark.skipif(not nvfp4_wgmma.HAS_GLUON, reason="needs Triton with Gluon")
-hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
-                            reason="needs a Hopper (sm_90) GPU")
+hopper = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9), reason="needs a Hopper (sm_90) GPU"
+)
 
 
 @gluon
@@ -45,8 +47,9 @@ def test_config_follows_the_measured_tiles():
     assert nvfp4_wgmma.wgmma_config(32, 3584, 18944)["num_warps"] == 8
     assert nvfp4_wgmma.wgmma_config(64, 3584, 18944)["SPLIT"] == 5  # down: 56 tiles x 5 = 280
     assert nvfp4_wgmma.wgmma_config(128, 3584, 18944)["SPLIT"] == 9  # down: 56 tiles x 9 = 504
-    assert {nvfp4_wgmma.wgmma_config(128, n, k)["num_warps"] for n, k in ((4608, 3584), (18944, 3584),
-                                                                         (3584, 18944))} == {4}
+    assert {
+        nvfp4_wgmma.wgmma_config(128, n, k)["num_warps"] for n, k in ((4608, 3584), (18944, 3584), (3584, 18944))
+    } == {4}
 
 
 @hopper
@@ -76,12 +79,21 @@ def test_picked_by_default_and_off_switch():
     check_fused_options((12, 64), [dict(), dict(wgmma=False)])
 
 
-@pytest.mark.parametrize("hopper,wgmma,dtype,fmt,k,m,one_pass", [
-    (True, True, torch.bfloat16, "nvfp4", 3584, 64, True), (True, True, torch.bfloat16, "nvfp4", 3584, 128, True),
-    (True, True, torch.bfloat16, "nvfp4", 3584, 129, False), (True, True, torch.bfloat16, "nvfp4", 704, 100, False),
-    (True, True, torch.bfloat16, "mxfp4", 3584, 100, False), (False, True, torch.bfloat16, "nvfp4", 3584, 100, False),
-    (True, True, torch.float32, "nvfp4", 3584, 100, False), (True, False, torch.bfloat16, "nvfp4", 3584, 100, False),
-    (False, True, torch.bfloat16, "mxfp4", 3584, 64, True), (True, True, torch.bfloat16, "bf16", 3584, 8, False)])
+@pytest.mark.parametrize(
+    "hopper,wgmma,dtype,fmt,k,m,one_pass",
+    [
+        (True, True, torch.bfloat16, "nvfp4", 3584, 64, True),
+        (True, True, torch.bfloat16, "nvfp4", 3584, 128, True),
+        (True, True, torch.bfloat16, "nvfp4", 3584, 129, False),
+        (True, True, torch.bfloat16, "nvfp4", 704, 100, False),
+        (True, True, torch.bfloat16, "mxfp4", 3584, 100, False),
+        (False, True, torch.bfloat16, "nvfp4", 3584, 100, False),
+        (True, True, torch.float32, "nvfp4", 3584, 100, False),
+        (True, False, torch.bfloat16, "nvfp4", 3584, 100, False),
+        (False, True, torch.bfloat16, "mxfp4", 3584, 64, True),
+        (True, True, torch.bfloat16, "bf16", 3584, 8, False),
+    ],
+)
 def test_engine_routes_rows_to_the_one_pass_kernels(monkeypatch, hopper, wgmma, dtype, fmt, k, m, one_pass):
     """(CPU) The CUDA engine sends a layer's rows to the one-pass decode kernels up to 64 (NVFP4/MXFP4) and, where
     version 8 runs (on, Hopper, bf16 activations, NVFP4, K % 256 == 0), up to WG_MAX_M; otherwise, and for bf16,

@@ -1,5 +1,6 @@
 """The packed training layout: a hand-checked packing, segment attention against a dense
 masked reference, and the packed update against the padded reference path."""
+
 import pytest
 import torch
 from conftest import make_tiny_checkpoint
@@ -51,7 +52,7 @@ def test_segment_attention_matches_dense_masked_attention(heads, kv_heads):
             allowed[i, j] = sj == si or (sj == prompt_of[si] and si != sj)
     rep = heads // kv_heads
     kd, vd = k.repeat_interleave(rep, 1).transpose(0, 1), v.repeat_interleave(rep, 1).transpose(0, 1)
-    s = (q.transpose(0, 1) @ kd.transpose(1, 2)) / d ** 0.5
+    s = (q.transpose(0, 1) @ kd.transpose(1, 2)) / d**0.5
     ref = (s.masked_fill(~allowed, float("-inf")).softmax(-1) @ vd).transpose(0, 1)
     torch.testing.assert_close(out, ref)
     w = torch.randn(out.shape, generator=g, dtype=torch.float64)
@@ -90,7 +91,11 @@ def test_packed_logprobs_equal_the_padded_reference(tmp_path, arch, ckpt):
     w1, w2 = torch.randn(b.mask.shape, generator=g), torch.randn(b.mask.shape, generator=g)
     model.train()
     out = {}
-    for name, fn, grp in (("ref", sequence_logprobs, 1), ("packed", packed_logprobs, group), ("packed1", packed_logprobs, 1)):
+    for name, fn, grp in (
+        ("ref", sequence_logprobs, 1),
+        ("packed", packed_logprobs, group),
+        ("packed1", packed_logprobs, 1),
+    ):
         model.zero_grad()
         logp, ent = fn(model, b, 0.7, group=grp)
         ((logp * w1 + ent * w2) * b.mask).sum().backward()

@@ -1,4 +1,5 @@
 """The memory planner against the published model sizes (REFERENCE.md section 5)."""
+
 import pytest
 
 from qerl.bench import model_args
@@ -16,9 +17,14 @@ def test_model_sizes_match_published(name, nvfp4_gb, bf16_gb):
 
 
 def test_32b_fits_one_80gb_gpu_only_in_nvfp4():
-    cfg = load_config(None, {"model": {"lora_rank": 32, "gradient_checkpointing": True},
-                             "rollout": {"prompts_per_step": 2, "group_size": 8, "max_new_tokens": 2048},
-                             "optim": {"micro_batch_size": 4}})
+    cfg = load_config(
+        None,
+        {
+            "model": {"lora_rank": 32, "gradient_checkpointing": True},
+            "rollout": {"prompts_per_step": 2, "group_size": 8, "max_new_tokens": 2048},
+            "optim": {"micro_batch_size": 4},
+        },
+    )
     assert plan_memory(model_args("qwen2.5-32b"), cfg, available_gb=80).fits is True
     assert plan_memory(model_args("qwen2.5-32b"), cfg, available_gb=80, quant="bf16").fits is False
 

@@ -7,6 +7,7 @@ independent references:
   2. the compressed-tensors package's own functions (the convention vLLM loads).
 Codes and scales must agree exactly; reconstructions are bounded by measured relative errors.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,7 +55,7 @@ def _e4m3_table() -> list[tuple[float, int]]:
     out = []
     for code in range(0x7F):  # 0x7F is NaN
         e, m = code >> 3, code & 7
-        v = (m / 8) * 2.0 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7)
+        v = (m / 8) * 2.0**-6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7)
         out.append((v, code))
     return out
 
@@ -91,7 +92,7 @@ def ref_nvfp4(w: torch.Tensor, global_scale: float | None = None):
     scales = [[0.0] * (k // 16) for _ in range(n)]
     for r in range(n):
         for b in range(k // 16):
-            blk = w[r, 16 * b:16 * (b + 1)]
+            blk = w[r, 16 * b : 16 * (b + 1)]
             s = ref_e4m3(float(gs * (blk.abs().max() / f32(6.0))))
             s = 0.125 if s == 0 else s
             scales[r][b] = s
@@ -113,7 +114,7 @@ def ref_mxfp4(w: torch.Tensor):
     exps = [[None] * (k // 32) for _ in range(n)]
     for r in range(n):
         for b in range(k // 32):
-            blk = w[r, 32 * b:32 * (b + 1)].tolist()
+            blk = w[r, 32 * b : 32 * (b + 1)].tolist()
             amax = max(abs(x) for x in blk)
             if amax == 0:
                 continue
@@ -130,10 +131,21 @@ def ref_mxfp4(w: torch.Tensor):
 # bitsandbytes csrc/kernels.cu dQuantizeNF4: a decision tree of `x > t` on these fp32 literals
 # (midpoints of adjacent codebook entries), so a value exactly on a threshold takes the lower code.
 BNB_NF4_THRESHOLDS = (
-    -0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
-    -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
-    0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
-    0.5016634166240692, 0.6427869200706482, 0.8614784181118011,
+    -0.8480964004993439,
+    -0.6106329262256622,
+    -0.4599952697753906,
+    -0.33967943489551544,
+    -0.23460740596055984,
+    -0.13791173323988914,
+    -0.045525018125772476,
+    0.03979014977812767,
+    0.1202552504837513,
+    0.2035212516784668,
+    0.2920137718319893,
+    0.3893125355243683,
+    0.5016634166240692,
+    0.6427869200706482,
+    0.8614784181118011,
 )
 BNB_T32 = torch.tensor(BNB_NF4_THRESHOLDS, dtype=torch.float32).tolist()
 
@@ -147,7 +159,7 @@ def ref_nf4_codes(w: torch.Tensor):
     for r in range(n):
         for b in range(k // 64):
             a = absmax[r, b]
-            normed = (w[r, 64 * b:64 * (b + 1)] / (a if a > 0 else f32(1.0))).tolist()
+            normed = (w[r, 64 * b : 64 * (b + 1)] / (a if a > 0 else f32(1.0))).tolist()
             for j, x in enumerate(normed):
                 codes[r][64 * b + j] = sum(x > t for t in BNB_T32)
     return torch.tensor(codes), absmax
@@ -165,7 +177,7 @@ def crafted_nvfp4_weight() -> torch.Tensor:
     """
     g = torch.Generator().manual_seed(0)
     w = torch.randn(8, 64, generator=g) * 0.5
-    w[0, :16] = torch.tensor([6, .25, .75, 1.25, 1.75, 2.5, 3.5, 5, -.25, -.75, -1.25, -1.75, -2.5, -3.5, -5, .5])
+    w[0, :16] = torch.tensor([6, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5, 0.5])
     w[0, 16:32] = 0
     w[0, 32:48] = torch.tensor([6.375, -6.375, 0.2, 0.3] + [1.0] * 12)
     w[0, 48:64] = torch.linspace(-0.06, 0.06, 16)
@@ -174,8 +186,9 @@ def crafted_nvfp4_weight() -> torch.Tensor:
 
 
 def test_e2m1_grid_and_ties_hand_values():
-    x = torch.tensor([0.0, 0.25, 0.2500001, 0.5, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 5.0001, 6.0, 100.0,
-                      -0.1, -0.75, -5.0, -7.0])
+    x = torch.tensor(
+        [0.0, 0.25, 0.2500001, 0.5, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 5.0001, 6.0, 100.0, -0.1, -0.75, -5.0, -7.0]
+    )
     expected = [0, 0, 1, 1, 2, 2, 4, 4, 6, 6, 7, 7, 7, 8, 10, 14, 15]
     assert e2m1_encode(x).tolist() == expected
     assert [ref_e2m1_code(v) for v in x.tolist()] == expected
@@ -192,7 +205,7 @@ def test_nvfp4_crafted_hand_values():
     assert scale[0, 0] == 1.0
     assert scale[0, 1] == 0.125 and codes[0, 16:32].tolist() == [0] * 16  # zero block: tiny positive scale
     assert scale[0, 2] == 1.0 and codes[0, 32:36].tolist() == [7, 15, 0, 1]  # saturation at +-6
-    assert scale[0, 3] == 5 * 2.0 ** -9  # FP8 subnormal
+    assert scale[0, 3] == 5 * 2.0**-9  # FP8 subnormal
     assert scale[1, 0] == 448.0  # the outlier's block uses the whole FP8 range
 
 
@@ -202,8 +215,12 @@ def _nvfp4_cases():
     big[3, 17] = 1e4  # outlier: most block scales underflow into FP8 subnormals or to 0 -> 0.125
     big[5] = 0.0
     tiny = torch.randn(16, 64, generator=g) * 1e-3
-    return {"crafted": crafted_nvfp4_weight(), "outlier": big, "small": tiny,
-            "bf16": torch.randn(16, 64, generator=g).to(torch.bfloat16)}
+    return {
+        "crafted": crafted_nvfp4_weight(),
+        "outlier": big,
+        "small": tiny,
+        "bf16": torch.randn(16, 64, generator=g).to(torch.bfloat16),
+    }
 
 
 @pytest.mark.parametrize("case", ["crafted", "outlier", "small", "bf16"])
@@ -243,8 +260,15 @@ def test_nvfp4_scale_arithmetic_order(ct):
     assert float(((gs * w.abs().max()) / 6).to(torch.float8_e4m3fn).float()) == 0.015625  # the other order
     assert nvfp4_quantize(w, global_scale=gs)["weight_scale"].float().tolist() == [[0.017578125]]
     assert ref_nvfp4(w, float(gs))[1].tolist() == [[0.017578125]]
-    args = ct["QuantizationArgs"](num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True,
-                                  dynamic=False, scale_dtype=torch.float8_e4m3fn)
+    args = ct["QuantizationArgs"](
+        num_bits=4,
+        type="float",
+        strategy="tensor_group",
+        group_size=16,
+        symmetric=True,
+        dynamic=False,
+        scale_dtype=torch.float8_e4m3fn,
+    )
     scale, _ = ct["qparams"](w.amin(-1, keepdim=True), w.amax(-1, keepdim=True), args, global_scale=gs)
     assert scale.float().tolist() == [[0.017578125]]
 
@@ -270,16 +294,29 @@ def ct():
     from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
     from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
-    return dict(pack=pack_fp4_to_uint8, quantize=quantize, dequantize=dequantize, qparams=calculate_qparams,
-                gparam=generate_gparam, QuantizationArgs=QuantizationArgs)
+    return dict(
+        pack=pack_fp4_to_uint8,
+        quantize=quantize,
+        dequantize=dequantize,
+        qparams=calculate_qparams,
+        gparam=generate_gparam,
+        QuantizationArgs=QuantizationArgs,
+    )
 
 
 @pytest.mark.parametrize("case", ["crafted", "outlier", "small", "bf16"])
 def test_nvfp4_matches_compressed_tensors(ct, case):
     w = _nvfp4_cases()[case].float()
     n, k = w.shape
-    args = ct["QuantizationArgs"](num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True,
-                                  dynamic=False, scale_dtype=torch.float8_e4m3fn)
+    args = ct["QuantizationArgs"](
+        num_bits=4,
+        type="float",
+        strategy="tensor_group",
+        group_size=16,
+        symmetric=True,
+        dynamic=False,
+        scale_dtype=torch.float8_e4m3fn,
+    )
     gs = ct["gparam"](w.min(), w.max())
     blocks = w.view(n, k // 16, 16)
     scale, zp = ct["qparams"](blocks.amin(-1), blocks.amax(-1), args, global_scale=gs)
@@ -288,16 +325,18 @@ def test_nvfp4_matches_compressed_tensors(ct, case):
     assert torch.equal(d["weight_global_scale"], gs)
     assert torch.equal(d["weight_scale"].float(), scale.float())
     assert torch.equal(d["weight_packed"], packed)
-    ref = ct["dequantize"](ct["quantize"](w, scale, zp, args, global_scale=gs), scale, zp, args,
-                           dtype=torch.float32, global_scale=gs)
+    ref = ct["dequantize"](
+        ct["quantize"](w, scale, zp, args, global_scale=gs), scale, zp, args, dtype=torch.float32, global_scale=gs
+    )
     torch.testing.assert_close(nvfp4_dequantize(d, torch.float32), ref, rtol=1e-6, atol=0)
 
 
 def test_mxfp4_matches_compressed_tensors(ct):
     w = _mxfp4_weight()
     n, k = w.shape
-    args = ct["QuantizationArgs"](num_bits=4, type="float", strategy="group", group_size=32, symmetric=True,
-                                  scale_dtype=torch.uint8)
+    args = ct["QuantizationArgs"](
+        num_bits=4, type="float", strategy="group", group_size=32, symmetric=True, scale_dtype=torch.uint8
+    )
     blocks = w.view(n, k // 32, 32)
     scale, zp = ct["qparams"](blocks.amin(-1), blocks.amax(-1), args)  # float powers of two
     packed = ct["pack"](ct["quantize"](w, scale, zp, args))
@@ -334,8 +373,9 @@ def _mxfp4_weight() -> torch.Tensor:
     g = torch.Generator().manual_seed(4)
     w = torch.randn(16, 128, generator=g)
     w[0, :32] = 0  # all-zero block
-    w[1, :32] = torch.tensor([4.0, .25, .75, 1.25, 1.75, 2.5, 3.5, 5, -.25, -.75, -1.25, -1.75, -2.5, -3.5, -5, .5]
-                             + [0.0] * 16)  # amax 4 -> scale 2^0: exact ties
+    w[1, :32] = torch.tensor(
+        [4.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5, 0.5] + [0.0] * 16
+    )  # amax 4 -> scale 2^0: exact ties
     w[2, :32] = 0.1
     w[2, 0] = 6.96  # mantissa 1.74 < 1.75: scale 2^0, 6.96 saturates at 6
     w[3, :32] = 0.1
@@ -355,8 +395,24 @@ def test_mxfp4_matches_plain_reference():
             if exps[r][b] is not None:
                 assert d["weight_scale"][r, b].item() == exps[r][b], (r, b)
     # hand values
-    assert d["weight_scale"][1, 0].item() == 127 and codes[1, :16].tolist() == [6, 0, 2, 2, 4, 4, 6, 6, 8, 10, 10,
-                                                                                 12, 12, 14, 14, 1]
+    assert d["weight_scale"][1, 0].item() == 127 and codes[1, :16].tolist() == [
+        6,
+        0,
+        2,
+        2,
+        4,
+        4,
+        6,
+        6,
+        8,
+        10,
+        10,
+        12,
+        12,
+        14,
+        14,
+        1,
+    ]
     assert d["weight_scale"][2, 0].item() == 127 and codes[2, 0].item() == 7
     assert d["weight_scale"][3, 0].item() == 128 and codes[3, 0].item() == 6  # 7.0 / 2 = 3.5 -> 4 (tie to even)
     assert codes[0, :32].tolist() == [0] * 32

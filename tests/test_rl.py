@@ -98,8 +98,9 @@ def test_k3_kl_hand_values():
     assert k3_kl(logp, ref)[0].tolist() == pytest.approx([0.3068528, 0.1931472, 0.0], abs=1e-7)
     # In the loss, with zero advantages only beta * mean KL remains: 0.1 * 0.5 / 3
     cfg = LossConfig(kl_beta=0.1)
-    loss, metrics = policy_loss(logp, logp, torch.zeros(1, dtype=torch.float64), torch.ones(1, 3, dtype=torch.bool),
-                                cfg, ref_logp=ref)
+    loss, metrics = policy_loss(
+        logp, logp, torch.zeros(1, dtype=torch.float64), torch.ones(1, 3, dtype=torch.bool), cfg, ref_logp=ref
+    )
     assert loss.item() == pytest.approx(0.1 * 0.5 / 3, abs=1e-12)
     assert metrics["kl"] == pytest.approx(0.5 / 3)
     with pytest.raises(ValueError, match="ref_logp"):
@@ -126,12 +127,22 @@ def test_micro_batches_sum_to_full_batch_loss_and_grad(aggregation):
     mb_logp = logp0.clone().requires_grad_()
     total, naive = 0.0, []
     for s, e in [(0, 1), (1, 3), (3, 6)]:  # uneven micro-batches
-        part, _ = policy_loss(mb_logp[s:e], old[s:e], adv[s:e], mask[s:e], cfg, ref_logp=ref[s:e],
-                              is_weights=is_w[s:e], global_tokens=int(mask.sum()), global_seqs=b)
+        part, _ = policy_loss(
+            mb_logp[s:e],
+            old[s:e],
+            adv[s:e],
+            mask[s:e],
+            cfg,
+            ref_logp=ref[s:e],
+            is_weights=is_w[s:e],
+            global_tokens=int(mask.sum()),
+            global_seqs=b,
+        )
         part.backward()
         total = total + part.detach()
-        naive.append(policy_loss(logp0[s:e], old[s:e], adv[s:e], mask[s:e], cfg, ref_logp=ref[s:e],
-                                 is_weights=is_w[s:e])[0])
+        naive.append(
+            policy_loss(logp0[s:e], old[s:e], adv[s:e], mask[s:e], cfg, ref_logp=ref[s:e], is_weights=is_w[s:e])[0]
+        )
     assert total.item() == pytest.approx(full.item(), abs=1e-12)
     assert torch.allclose(mb_logp.grad, full_logp.grad, atol=1e-12)
     # Averaging per-micro-batch losses instead is NOT the full-batch loss.
@@ -211,8 +222,9 @@ def test_chunked_saves_no_logits_and_handles_bf16():
     assert sorted(saved) == sorted([(b * l, h), (v, h), (b * l,)])
     assert logp.dtype == ent.dtype == torch.float32
     # Reference: the model's own bf16 lm_head, upcast for the softmax.
-    ref_logp, ref_ent = _reference_logp_entropy(hidden.detach(), weight, torch.zeros(v, dtype=torch.bfloat16),
-                                                targets, 1.0)
+    ref_logp, ref_ent = _reference_logp_entropy(
+        hidden.detach(), weight, torch.zeros(v, dtype=torch.bfloat16), targets, 1.0
+    )
     assert torch.allclose(logp, ref_logp, atol=2e-2) and torch.allclose(ent, ref_ent, atol=2e-2)
     (logp.sum() + ent.sum()).backward()
     assert hidden.grad.dtype == torch.bfloat16 and torch.isfinite(hidden.grad.float()).all()
@@ -264,10 +276,12 @@ def test_dynamic_sampling_keep():
 
 def test_fill_batch_refills_and_truncates():
     asked = []
-    rounds = iter([
-        (["a0", "a1", "a2", "a3"], torch.tensor([True, False, True, False])),  # 2 kept
-        (["b0", "b1", "b2"], [True, True, True]),  # asked for 2, returns 3: one extra dropped
-    ])
+    rounds = iter(
+        [
+            (["a0", "a1", "a2", "a3"], torch.tensor([True, False, True, False])),  # 2 kept
+            (["b0", "b1", "b2"], [True, True, True]),  # asked for 2, returns 3: one extra dropped
+        ]
+    )
 
     def sample_round(n):
         asked.append(n)

@@ -1,4 +1,5 @@
 """The training loop on a tiny random model: one update, resume, NaN guard, config errors."""
+
 import json
 import math
 import subprocess
@@ -23,7 +24,9 @@ def tiny(tmp_path_factory):
 
 def _fixed_batch(model, tok, n=6, length=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, 90, (int(torch.randint(3, 7, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    prompts = [
+        torch.randint(3, 90, (int(torch.randint(3, 7, (1,), generator=g)),), generator=g).tolist() for _ in range(n)
+    ]
     comps = [torch.randint(3, 90, (length,), generator=g) for _ in range(n)]
     masks = [torch.arange(length) < int(torch.randint(2, length + 1, (1,), generator=g)) for _ in range(n)]
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.5, -1.5])[:n]
@@ -44,8 +47,20 @@ def test_one_update_changes_only_lora_and_lowers_the_surrogate(tiny):
     old = batch.rollout_logp.clone()
     loss0, _ = policy_loss(old, old, batch.advantages, batch.mask, cfg)
     opt = torch.optim.AdamW(params, lr=1e-2)
-    m = policy_update(model, opt, params, batch, cfg, temperature=1.0, micro_batch_size=4, num_iterations=1,
-                      max_grad_norm=1.0, is_level="token", is_mode="truncate", is_threshold=2.0)
+    m = policy_update(
+        model,
+        opt,
+        params,
+        batch,
+        cfg,
+        temperature=1.0,
+        micro_batch_size=4,
+        num_iterations=1,
+        max_grad_norm=1.0,
+        is_level="token",
+        is_mode="truncate",
+        is_threshold=2.0,
+    )
     assert m["skipped_updates"] == 0 and m["grad_norm"] > 0
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -66,20 +81,34 @@ def test_nan_loss_skips_the_update_and_keeps_the_adapter(tiny):
     before = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-2)
     with pytest.warns(UserWarning, match="update skipped"):
-        m = policy_update(model, opt, params, batch, LossConfig(), temperature=1.0, micro_batch_size=8,
-                          num_iterations=1, max_grad_norm=1.0, is_level="token", is_mode="truncate", is_threshold=2.0)
+        m = policy_update(
+            model,
+            opt,
+            params,
+            batch,
+            LossConfig(),
+            temperature=1.0,
+            micro_batch_size=8,
+            num_iterations=1,
+            max_grad_norm=1.0,
+            is_level="token",
+            is_mode="truncate",
+            is_threshold=2.0,
+        )
     assert m["skipped_updates"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, params))
 
 
 def _cfg(tiny, out, **extra):
-    over = {"model": {"name": str(tiny), "lora_rank": 4, "device": "cpu"},
-            "data": {"system_prompt": None, "suffix": None, "train_limit": 50},
-            "rollout": {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6},
-            "optim": {"lr": 1e-2, "micro_batch_size": 4},
-            "train": {"max_steps": 3, "output_dir": str(out), "eval_limit": 4, "save_every": 1, "seed": 5},
-            # reward any completion with a digit in it, so the random model gets a signal
-            "reward": {"correct": 0.0, "format": 0.0}}
+    over = {
+        "model": {"name": str(tiny), "lora_rank": 4, "device": "cpu"},
+        "data": {"system_prompt": None, "suffix": None, "train_limit": 50},
+        "rollout": {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6},
+        "optim": {"lr": 1e-2, "micro_batch_size": 4},
+        "train": {"max_steps": 3, "output_dir": str(out), "eval_limit": 4, "save_every": 1, "seed": 5},
+        # reward any completion with a digit in it, so the random model gets a signal
+        "reward": {"correct": 0.0, "format": 0.0},
+    }
     for k, v in extra.items():
         over.setdefault(k, {}).update(v)
     return load_config(None, over)
@@ -118,7 +147,12 @@ def test_resume_continues_exactly(tiny, tmp_path, digit_reward):
     got = {r["step"]: r for r in _rows(tmp_path / "split") if "loss" in r}
     for step in (2, 3):
         for k in KEYS:
-            assert math.isclose(got[step][k], ref[step][k], rel_tol=1e-5, abs_tol=1e-7), (step, k, got[step][k], ref[step][k])
+            assert math.isclose(got[step][k], ref[step][k], rel_tol=1e-5, abs_tol=1e-7), (
+                step,
+                k,
+                got[step][k],
+                ref[step][k],
+            )
     a = dict(full.model.named_parameters())
     for n, p in resumed.model.named_parameters():
         if ".lora_" in n:
@@ -131,7 +165,9 @@ def test_config_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("rollout:\n  tempreature: 0.5\n")
     for args in (["-c", str(bad)], ["--rollout.group_size", "eight"], ["-c", str(tmp_path / "missing.yaml")]):
-        r = subprocess.run([sys.executable, "-m", "qerl.cli", "train", *args], capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "qerl.cli", "train", *args], capture_output=True, text=True, timeout=120
+        )
         assert r.returncode == 2, r.stderr
         lines = [x for x in r.stderr.splitlines() if x.strip()]
         assert len(lines) == 1 and lines[0].startswith("qerl: error:"), r.stderr
@@ -157,8 +193,20 @@ def test_skipping_zero_advantage_sequences_keeps_the_gradient(tiny):
         want = [p.grad.clone() for p in params]
         start = [p.detach().clone() for p in params]
         opt = torch.optim.SGD(params, lr=1.0)
-        m = policy_update(model, opt, params, batch, cfg, temperature=1.0, micro_batch_size=2, num_iterations=1,
-                          max_grad_norm=1e9, is_level="token", is_mode="none", is_threshold=2.0)
+        m = policy_update(
+            model,
+            opt,
+            params,
+            batch,
+            cfg,
+            temperature=1.0,
+            micro_batch_size=2,
+            num_iterations=1,
+            max_grad_norm=1e9,
+            is_level="token",
+            is_mode="none",
+            is_threshold=2.0,
+        )
         assert m["active_seqs"] == 3
         for s0, p, g in zip(start, params, want):
             torch.testing.assert_close(s0 - p.detach(), g, rtol=1e-4, atol=1e-7)
@@ -197,7 +245,9 @@ def test_shared_prompt_forward_equals_per_sequence_forward(tmp_path, arch, ckpt)
     rows = [prompts[i // group] for i in range(group * n_prompts)]
     comps = [torch.randint(3, 90, (length,), generator=g) for _ in rows]
     masks = [torch.arange(length) < k for k in (5, 3, 4, 5, 2, 1)]
-    b = build_batch(rows, comps, masks, [torch.zeros(length)] * len(rows), torch.zeros(len(rows)), tok.pad_token_id, "cpu")
+    b = build_batch(
+        rows, comps, masks, [torch.zeros(length)] * len(rows), torch.zeros(len(rows)), tok.pad_token_id, "cpu"
+    )
     model.train()
     out = {}
     for grp in (1, group):

@@ -1,4 +1,5 @@
 """The trainer on a GPU: CUDA-graph rollouts from the live model, one update, finite metrics."""
+
 import math
 
 import pytest
@@ -12,8 +13,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_gpu_training_steps(arch, tmp_path, monkeypatch):
-    import qerl.trainer as tr
     from test_trainer import _cfg
+
+    import qerl.trainer as tr
 
     def digits(completions, golds, lengths, max_len, cfg):
         r = [float(sum(ch.isdigit() for ch in c)) for c in completions]

@@ -1,5 +1,6 @@
 """The fast training pass on a GPU, each piece against its plain-PyTorch reference on fresh random
 data (never zeros), forward and backward, at the Qwen2.5-7B/14B/32B layer shapes."""
+
 import pytest
 import torch
 from conftest import make_tiny_checkpoint
@@ -53,9 +54,11 @@ def test_compiled_elementwise_matches_eager(model):
         return torch.randn(*shape, device="cuda", generator=g, dtype=dtype)
 
     cos, sin = rnd(t, 1, d), rnd(t, 1, d)
-    cases = [(rms_norm, (rnd(t, hidden), 1 + 0.1 * rnd(hidden, dtype=torch.float32), 1e-6)),
-             (rope_rotate, (rnd(t, heads, d), cos, sin)),
-             (silu_mul, (rnd(t, inter), rnd(t, inter)))]
+    cases = [
+        (rms_norm, (rnd(t, hidden), 1 + 0.1 * rnd(hidden, dtype=torch.float32), 1e-6)),
+        (rope_rotate, (rnd(t, heads, d), cos, sin)),
+        (silu_mul, (rnd(t, inter), rnd(t, inter))),
+    ]
     for fn, inputs in cases:
         leaves = [x.clone().requires_grad_() if isinstance(x, torch.Tensor) else x for x in inputs]
         fast = _elementwise(fn, leaves[0])
@@ -89,8 +92,12 @@ def test_packed_update_matches_the_padded_reference_on_gpu(tmp_path, arch):
         for p in params:
             p.add_(0.05 * torch.randn_like(p))
     b = _ragged_batch(tok, 3)
-    b = type(b)(*(x.cuda() if isinstance(x, torch.Tensor) else x for x in (b.input_ids, b.attn, b.completion, b.mask,
-                                                                        b.rollout_logp, b.advantages, b.prompt_len)))
+    b = type(b)(
+        *(
+            x.cuda() if isinstance(x, torch.Tensor) else x
+            for x in (b.input_ids, b.attn, b.completion, b.mask, b.rollout_logp, b.advantages, b.prompt_len)
+        )
+    )
     w1 = torch.randn(b.mask.shape, device="cuda")
     model.train()
     out = {}

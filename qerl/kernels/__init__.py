@@ -15,6 +15,7 @@ One op per file:
 Nothing here is imported by the CPU path. A kernel asked for where it cannot run
 raises `KernelUnavailable` (no silent fallback to the reference).
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ Asking for a kernel where it cannot run (no Triton, a CPU tensor) raises
 benchmark or a rollout never reports reference-path numbers as kernel numbers.
 `TRITON_INTERPRET=1` runs the kernels on CPU tensors (slowly) for debugging.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,9 @@ def require(*tensors: torch.Tensor, what: str = "qerl GPU kernels"):
         raise KernelUnavailable(f"{what} need Triton (pip install triton); use backend='reference' on this machine")
     for t in tensors:
         if t is not None and t.device.type != "cuda" and not INTERPRET:
-            raise KernelUnavailable(f"{what} need CUDA tensors, got a tensor on {t.device}; "
-                                    f"use backend='reference' on this device")
+            raise KernelUnavailable(
+                f"{what} need CUDA tensors, got a tensor on {t.device}; use backend='reference' on this device"
+            )
 
 
 def next_pow2(n: int) -> int:

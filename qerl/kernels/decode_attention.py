@@ -8,6 +8,7 @@ split over NSPLIT programs per (row, kv head) so that batch 1 fills the GPU
 key mask (left padding) removes pad slots. The second launch merges the splits'
 partial softmax sums.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,11 +22,34 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, nkeys_ptr, o_ptr, ml_ptr, G, sm_scale,
-                           stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_mb,
-                           stride_ob, stride_oh, stride_os, stride_mlb, stride_mlh,
-                           NSPLIT: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                           PREC: tl.constexpr, PDL: tl.constexpr = False):
+    def _attn_split_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        mask_ptr,
+        nkeys_ptr,
+        o_ptr,
+        ml_ptr,
+        G,
+        sm_scale,
+        stride_qb,
+        stride_qh,
+        stride_kb,
+        stride_kh,
+        stride_ks,
+        stride_mb,
+        stride_ob,
+        stride_oh,
+        stride_os,
+        stride_mlb,
+        stride_mlh,
+        NSPLIT: tl.constexpr,
+        GP: tl.constexpr,
+        D: tl.constexpr,
+        BS: tl.constexpr,
+        PREC: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
         pdl_wait(PDL)
         b = tl.program_id(0)
         hk = tl.program_id(1)
@@ -66,9 +90,21 @@ if HAS_TRITON:
         tl.store(mlbase + 1, l_i, mask=gm)
 
     @triton.jit
-    def _attn_merge_kernel(o_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, stride_os, stride_mlb, stride_mlh,
-                           stride_outb, NSPLIT: tl.constexpr, NSP: tl.constexpr, D: tl.constexpr,
-                           PDL: tl.constexpr = False):
+    def _attn_merge_kernel(
+        o_ptr,
+        ml_ptr,
+        out_ptr,
+        stride_ob,
+        stride_oh,
+        stride_os,
+        stride_mlb,
+        stride_mlh,
+        stride_outb,
+        NSPLIT: tl.constexpr,
+        NSP: tl.constexpr,
+        D: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
         pdl_wait(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -80,7 +116,9 @@ if HAS_TRITON:
         mx = tl.max(m, axis=0)
         w = tl.where(m == float("-inf"), 0.0, tl.exp(m - mx))
         d = tl.arange(0, D)
-        o = tl.load(o_ptr + b * stride_ob + h * stride_oh + sp[:, None] * stride_os + d[None, :], mask=spm[:, None], other=0.0)
+        o = tl.load(
+            o_ptr + b * stride_ob + h * stride_oh + sp[:, None] * stride_os + d[None, :], mask=spm[:, None], other=0.0
+        )
         res = tl.sum(o * w[:, None], axis=0) / tl.sum(l * w, axis=0)
         tl.store(out_ptr + b * stride_outb + h * D + d, res.to(out_ptr.dtype.element_ty))
 
@@ -91,9 +129,16 @@ def attention_splits(batch: int, kv_heads: int, max_len: int, sms: int = 132) ->
     return int(max(1, min(want, 64, (max_len + 63) // 64)))
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
-                     n_keys: torch.Tensor, nsplit: int, out: torch.Tensor | None = None,
-                     workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    key_mask: torch.Tensor,
+    n_keys: torch.Tensor,
+    nsplit: int,
+    out: torch.Tensor | None = None,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """q [B, Hq, D]; k/v_cache [>=B, Hkv, S, D]; key_mask [>=B, S] (nonzero = attend); n_keys int [1].
 
     -> out [B, Hq * D] in q.dtype.
@@ -105,16 +150,55 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if out is None:
         out = torch.empty((b, hq * d), dtype=q.dtype, device=q.device)
     if workspace is None:
-        workspace = (torch.empty((b, hq, nsplit, d), dtype=torch.float32, device=q.device),
-                     torch.empty((b, hq, nsplit, 2), dtype=torch.float32, device=q.device))
+        workspace = (
+            torch.empty((b, hq, nsplit, d), dtype=torch.float32, device=q.device),
+            torch.empty((b, hq, nsplit, 2), dtype=torch.float32, device=q.device),
+        )
     o_part, ml = workspace
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     _attn_split_kernel[(b, hkv, nsplit)](
-        q, k_cache, v_cache, key_mask, n_keys, o_part, ml, g, 1.0 / math.sqrt(d),
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), key_mask.stride(0),
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), ml.stride(0), ml.stride(1),
-        NSPLIT=nsplit, GP=max(16, next_pow2(g)), D=d, BS=32, PREC=prec, num_warps=4, **pdl_launch())
-    _attn_merge_kernel[(b, hq)](o_part, ml, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
-                                ml.stride(0), ml.stride(1), out.stride(0), NSPLIT=nsplit, NSP=next_pow2(nsplit),
-                                D=d, num_warps=1, **pdl_launch())
+        q,
+        k_cache,
+        v_cache,
+        key_mask,
+        n_keys,
+        o_part,
+        ml,
+        g,
+        1.0 / math.sqrt(d),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        key_mask.stride(0),
+        o_part.stride(0),
+        o_part.stride(1),
+        o_part.stride(2),
+        ml.stride(0),
+        ml.stride(1),
+        NSPLIT=nsplit,
+        GP=max(16, next_pow2(g)),
+        D=d,
+        BS=32,
+        PREC=prec,
+        num_warps=4,
+        **pdl_launch(),
+    )
+    _attn_merge_kernel[(b, hq)](
+        o_part,
+        ml,
+        out,
+        o_part.stride(0),
+        o_part.stride(1),
+        o_part.stride(2),
+        ml.stride(0),
+        ml.stride(1),
+        out.stride(0),
+        NSPLIT=nsplit,
+        NSP=next_pow2(nsplit),
+        D=d,
+        num_warps=1,
+        **pdl_launch(),
+    )
     return out

@@ -7,6 +7,7 @@ Ops on one CUDA stream run in order, so the next layer's dequantization cannot
 overwrite the buffer before the matmul that reads it has run.
 The dequantized values are bit-identical to `qerl.quant.{nvfp4,mxfp4}_dequantize`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,20 @@ if HAS_TRITON:
     from .fused_linear import _e2m1_scaled, _e4m3_value
 
     @triton.jit
-    def _dequant_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, N, KH, stride_wn, stride_sn, stride_on,
-                        FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr):
+    def _dequant_kernel(
+        w_ptr,
+        s_ptr,
+        gs_ptr,
+        out_ptr,
+        N,
+        KH,
+        stride_wn,
+        stride_sn,
+        stride_on,
+        FMT: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_KH: tl.constexpr,
+    ):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rh = tl.program_id(1) * BLOCK_KH + tl.arange(0, BLOCK_KH)
         m = (rn < N)[:, None] & (rh < KH)[None, :]
@@ -47,8 +60,14 @@ if HAS_TRITON:
 _BUFFERS: dict[tuple, torch.Tensor] = {}
 
 
-def dequantize(fmt: str, packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None,
-               dtype=torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(
+    fmt: str,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    dtype=torch.bfloat16,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """[N, K/2] packed -> [N, K] in dtype (into `out` when given)."""
     require(packed, what=f"the {fmt} dequantize kernel")
     n, kh = packed.shape
@@ -58,9 +77,20 @@ def dequantize(fmt: str, packed: torch.Tensor, scale: torch.Tensor, global_scale
         scale = scale.view(torch.uint8)
     bn, bkh = 32, 64
     _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(kh, bkh))](
-        packed, scale, global_scale if global_scale is not None else scale, out, n, kh,
-        packed.stride(0), scale.stride(0), out.stride(0),
-        FMT=0 if fmt == "nvfp4" else 1, BLOCK_N=bn, BLOCK_KH=bkh, num_warps=4)
+        packed,
+        scale,
+        global_scale if global_scale is not None else scale,
+        out,
+        n,
+        kh,
+        packed.stride(0),
+        scale.stride(0),
+        out.stride(0),
+        FMT=0 if fmt == "nvfp4" else 1,
+        BLOCK_N=bn,
+        BLOCK_KH=bkh,
+        num_warps=4,
+    )
     return out
 
 
@@ -75,8 +105,9 @@ def shared_buffer(n: int, k: int, dtype, device) -> torch.Tensor:
     return buf[: n * k].view(n, k)
 
 
-def fp4_matmul(fmt: str, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-               global_scale: torch.Tensor | None) -> torch.Tensor:
+def fp4_matmul(
+    fmt: str, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None
+) -> torch.Tensor:
     """y = x @ deq(W).T for x [..., K]."""
     require(x, packed, what=f"the {fmt} matmul kernels")
     lead = x.shape[:-1]
@@ -92,8 +123,9 @@ def fp4_matmul(fmt: str, x: torch.Tensor, packed: torch.Tensor, scale: torch.Ten
     return y.reshape(*lead, n)
 
 
-def fp4_matmul_grad(fmt: str, g: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-                    global_scale: torch.Tensor | None) -> torch.Tensor:
+def fp4_matmul_grad(
+    fmt: str, g: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None
+) -> torch.Tensor:
     """dx = g @ deq(W) for g [..., N] (the weight is frozen: no weight gradient)."""
     require(g, packed, what=f"the {fmt} matmul kernels")
     n, kh = packed.shape

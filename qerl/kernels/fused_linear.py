@@ -42,6 +42,7 @@ the matmul, the bias add and the LoRA add each round to the output dtype. The ep
 (16+ rows a program) runs in tf32 for bf16/fp16 outputs (finer than their rounding; 2.3x faster than the fp32
 dot), in fp32 otherwise.
 """
+
 from __future__ import annotations
 
 import torch
@@ -78,12 +79,41 @@ if HAS_TRITON:
             return acc + tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
 
     @triton.jit
-    def _rows(x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, h_ptr, lb_ptr,
-              rm, m_mask, rn, n_mask, K, n1, n2, n_hsplit, lora_scale,
-              stride_xm, stride_wn, stride_sn, stride_hs, stride_hm, stride_lbn,
-              FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, HAS_BIAS: tl.constexpr,
-              LORA_R: tl.constexpr, LORA_RP: tl.constexpr, NSEG: tl.constexpr, HS_P: tl.constexpr):
+    def _rows(
+        x_ptr,
+        w_ptr,
+        s_ptr,
+        gs_ptr,
+        bias_ptr,
+        h_ptr,
+        lb_ptr,
+        rm,
+        m_mask,
+        rn,
+        n_mask,
+        K,
+        n1,
+        n2,
+        n_hsplit,
+        lora_scale,
+        stride_xm,
+        stride_wn,
+        stride_sn,
+        stride_hs,
+        stride_hm,
+        stride_lbn,
+        FMT: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        USE_DOT: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        LORA_R: tl.constexpr,
+        LORA_RP: tl.constexpr,
+        NSEG: tl.constexpr,
+        HS_P: tl.constexpr,
+    ):
         """[BM, BN] fp32 outputs of weight rows rn, rounded like the reference module."""
         out_ty: tl.constexpr = x_ptr.dtype.element_ty
         seg = (rn >= n1).to(tl.int32) + (rn >= n2).to(tl.int32)  # [BN] fused-module index
@@ -95,8 +125,12 @@ if HAS_TRITON:
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 k_mask = rk < K
-                w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-                x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                w = tl.load(
+                    w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0
+                )
+                x = tl.load(
+                    x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0
+                )
                 if USE_DOT:
                     acc = tl.dot(x, tl.trans(w.to(out_ty)), acc, input_precision=DOT_PREC)
                 else:
@@ -135,10 +169,18 @@ if HAS_TRITON:
                 if USE_DOT:  # dequantize in full (rounded to the activation dtype, as the reference), tensor cores
                     w_lo = (_e2m1_scaled(p & 15) * step[:, :, None]).to(out_ty)  # [BN, NB, G]
                     w_hi = (_e2m1_scaled(p >> 4) * step[:, :, None]).to(out_ty)
-                    acc = tl.dot(tl.reshape(x_lo, (BLOCK_M, KH)), tl.trans(tl.reshape(w_lo, (BLOCK_N, KH))), acc,
-                                 input_precision=DOT_PREC)
-                    acc = tl.dot(tl.reshape(x_hi, (BLOCK_M, KH)), tl.trans(tl.reshape(w_hi, (BLOCK_N, KH))), acc,
-                                 input_precision=DOT_PREC)
+                    acc = tl.dot(
+                        tl.reshape(x_lo, (BLOCK_M, KH)),
+                        tl.trans(tl.reshape(w_lo, (BLOCK_N, KH))),
+                        acc,
+                        input_precision=DOT_PREC,
+                    )
+                    acc = tl.dot(
+                        tl.reshape(x_hi, (BLOCK_M, KH)),
+                        tl.trans(tl.reshape(w_hi, (BLOCK_N, KH))),
+                        acc,
+                        input_precision=DOT_PREC,
+                    )
                 else:
                     # Few rows: x times the exact E2M1 values, summed over the block in registers, then
                     # one multiply by the block step: ~6 ALU ops per weight instead of ~20 (the decode
@@ -146,41 +188,158 @@ if HAS_TRITON:
                     # dtype first, so bf16 results differ from the reference by that rounding (~2**-9).
                     v_lo = _e2m1_scaled(p & 15)
                     v_hi = _e2m1_scaled(p >> 4)
-                    part = tl.sum(x_lo.to(tl.float32)[:, None, :, :] * v_lo[None, :, :, :]
-                                  + x_hi.to(tl.float32)[:, None, :, :] * v_hi[None, :, :, :], axis=3)  # [BM, BN, NB]
+                    part = tl.sum(
+                        x_lo.to(tl.float32)[:, None, :, :] * v_lo[None, :, :, :]
+                        + x_hi.to(tl.float32)[:, None, :, :] * v_hi[None, :, :, :],
+                        axis=3,
+                    )  # [BM, BN, NB]
                     acc3 += part * step[None, :, :]
             if not USE_DOT:
                 acc = tl.sum(acc3, axis=2)
-        return _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
-                         stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P,
-                         "ieee")
+        return _epilogue(
+            acc,
+            h_ptr,
+            lb_ptr,
+            bias_ptr,
+            rm,
+            m_mask,
+            rn,
+            n_mask,
+            seg,
+            n_hsplit,
+            lora_scale,
+            stride_hs,
+            stride_hm,
+            stride_lbn,
+            out_ty,
+            BLOCK_M,
+            USE_DOT,
+            HAS_BIAS,
+            LORA_R,
+            LORA_RP,
+            NSEG,
+            HS_P,
+            "ieee",
+        )
 
     @triton.jit
-    def _fused_linear_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, h_ptr, lb_ptr, y_ptr,
-                             M, N, K, n1, n2, n_hsplit, lora_scale,
-                             stride_xm, stride_wn, stride_sn, stride_hs, stride_hm, stride_lbn, stride_ym,
-                             FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             LORA_R: tl.constexpr, LORA_RP: tl.constexpr, NSEG: tl.constexpr, HS_P: tl.constexpr,
-                             GLU: tl.constexpr):
+    def _fused_linear_kernel(
+        x_ptr,
+        w_ptr,
+        s_ptr,
+        gs_ptr,
+        bias_ptr,
+        h_ptr,
+        lb_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        n1,
+        n2,
+        n_hsplit,
+        lora_scale,
+        stride_xm,
+        stride_wn,
+        stride_sn,
+        stride_hs,
+        stride_hm,
+        stride_lbn,
+        stride_ym,
+        FMT: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        USE_DOT: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        LORA_R: tl.constexpr,
+        LORA_RP: tl.constexpr,
+        NSEG: tl.constexpr,
+        HS_P: tl.constexpr,
+        GLU: tl.constexpr,
+    ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = rm < M
         n_mask = rn < N
-        y = _rows(x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, h_ptr, lb_ptr, rm, m_mask, rn, n_mask,
-                  K, n1, n2, n_hsplit, lora_scale, stride_xm, stride_wn, stride_sn, stride_hs, stride_hm, stride_lbn,
-                  FMT, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_PREC, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
+        y = _rows(
+            x_ptr,
+            w_ptr,
+            s_ptr,
+            gs_ptr,
+            bias_ptr,
+            h_ptr,
+            lb_ptr,
+            rm,
+            m_mask,
+            rn,
+            n_mask,
+            K,
+            n1,
+            n2,
+            n_hsplit,
+            lora_scale,
+            stride_xm,
+            stride_wn,
+            stride_sn,
+            stride_hs,
+            stride_hm,
+            stride_lbn,
+            FMT,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            USE_DOT,
+            DOT_PREC,
+            HAS_BIAS,
+            LORA_R,
+            LORA_RP,
+            NSEG,
+            HS_P,
+        )
         out_ty = y_ptr.dtype.element_ty
         if GLU:
-            u = _rows(x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, h_ptr, lb_ptr, rm, m_mask, rn + N, n_mask,
-                      K, n1, n2, n_hsplit, lora_scale, stride_xm, stride_wn, stride_sn, stride_hs, stride_hm, stride_lbn,
-                      FMT, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_PREC, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P)
+            u = _rows(
+                x_ptr,
+                w_ptr,
+                s_ptr,
+                gs_ptr,
+                bias_ptr,
+                h_ptr,
+                lb_ptr,
+                rm,
+                m_mask,
+                rn + N,
+                n_mask,
+                K,
+                n1,
+                n2,
+                n_hsplit,
+                lora_scale,
+                stride_xm,
+                stride_wn,
+                stride_sn,
+                stride_hs,
+                stride_hm,
+                stride_lbn,
+                FMT,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                USE_DOT,
+                DOT_PREC,
+                HAS_BIAS,
+                LORA_R,
+                LORA_RP,
+                NSEG,
+                HS_P,
+            )
             g = y * tl.sigmoid(y)
             y = g.to(out_ty).to(tl.float32) * u
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(out_ty), mask=m_mask[:, None] & n_mask[None, :])
-
 
     # ---- int32 words of packed E2M1 codes (8 a word) ----------------------------------------------------
     # Word w of a row holds columns 8w..8w+7, nibble i (bits 4i..4i+3) = column 8w+i. One inline-asm
@@ -191,7 +350,8 @@ if HAS_TRITON:
     def _decode_word(q, USE_ASM: tl.constexpr):
         """int32 words [..] -> 8 fp32 tensors: E2M1 value * 2**-14 of nibbles 0..7 (exact)."""
         if USE_ASM:
-            return tl.inline_asm_elementwise("""
+            return tl.inline_asm_elementwise(
+                """
     {
     .reg .b32 t, s, p;
     .reg .b16 l, h;
@@ -204,12 +364,24 @@ if HAS_TRITON:
     shr.b32 t, $8, 3;  and.b32 t, t, 0x0E000E00; and.b32 s, $8, 0x80008000; or.b32 p, t, s;
     mov.b32 {l, h}, p; cvt.f32.f16 $3, l; cvt.f32.f16 $7, h;
     }
-    """, "=r,=r,=r,=r,=r,=r,=r,=r,r", [q],
-                                             dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    """,
+                "=r,=r,=r,=r,=r,=r,=r,=r,r",
+                [q],
+                dtype=(tl.float32,) * 8,
+                is_pure=True,
+                pack=1,
+            )
         else:
-            return (_e2m1_scaled(q & 15), _e2m1_scaled((q >> 4) & 15), _e2m1_scaled((q >> 8) & 15),
-                    _e2m1_scaled((q >> 12) & 15), _e2m1_scaled((q >> 16) & 15), _e2m1_scaled((q >> 20) & 15),
-                    _e2m1_scaled((q >> 24) & 15), _e2m1_scaled((q >> 28) & 15))
+            return (
+                _e2m1_scaled(q & 15),
+                _e2m1_scaled((q >> 4) & 15),
+                _e2m1_scaled((q >> 8) & 15),
+                _e2m1_scaled((q >> 12) & 15),
+                _e2m1_scaled((q >> 16) & 15),
+                _e2m1_scaled((q >> 20) & 15),
+                _e2m1_scaled((q >> 24) & 15),
+                _e2m1_scaled((q >> 28) & 15),
+            )
 
     @triton.jit
     def _block_scale(sb, FMT: tl.constexpr):
@@ -274,9 +446,29 @@ if HAS_TRITON:
         return tl.sum(tl.reshape(w * x[None, :], (w.shape[0], NBS, G)), axis=2) * sv
 
     @triton.jit
-    def _gemv_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww,
-                   stride_sn, FMT: tl.constexpr, MR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BKW: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr):
+    def _gemv_rows(
+        x_ptr,
+        w_ptr,
+        s_ptr,
+        gs_ptr,
+        rn,
+        n_mask,
+        seg,
+        k_lo,
+        k_per_split,
+        KW,
+        stride_xm,
+        stride_ww,
+        stride_sn,
+        FMT: tl.constexpr,
+        MR: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BKW: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        USE_ASM: tl.constexpr,
+        PREFETCH: tl.constexpr,
+    ):
         """[BLOCK_M, BLOCK_N] fp32 partial sums over words [k_lo, k_lo + k_per_split) of rows rn (global scale applied)."""
         GW: tl.constexpr = 2 if FMT == 0 else 4  # words per scale block
         NBS: tl.constexpr = BKW // GW  # scale blocks per step
@@ -306,8 +498,9 @@ if HAS_TRITON:
             k_ok = rk < KW * 8
             if PREFETCH:  # this step's words were loaded one step ahead
                 q = qn
-                qn = tl.load(wrow + (rw + BKW)[None, :], mask=((rw + BKW < KW) & (kk + BKW < k_per_split))[None, :],
-                             other=0)
+                qn = tl.load(
+                    wrow + (rw + BKW)[None, :], mask=((rw + BKW < KW) & (kk + BKW < k_per_split))[None, :], other=0
+                )
             elif EVEN_K:
                 q = tl.load(wrow + rw[None, :])
             else:
@@ -351,7 +544,8 @@ if HAS_TRITON:
         """int32 words [..] -> 8 tensors (nibbles 0..7) of v * scale * 2**-16.
         c: int32 bf16x2 pair of scale * 2**110 (asm); cf: fp32 scale * 2**-2 (plain path)."""
         if USE_ASM and W_BF16:
-            return tl.inline_asm_elementwise("""
+            return tl.inline_asm_elementwise(
+                """
     {
     .reg .b32 t, s, p;
     shl.b32 t, $8, 6;  shl.b32 s, $8, 12; and.b32 t, t, 0x01C001C0; and.b32 s, s, 0x80008000; or.b32 p, t, s;
@@ -363,18 +557,53 @@ if HAS_TRITON:
     shr.b32 t, $8, 6;  and.b32 t, t, 0x01C001C0; and.b32 s, $8, 0x80008000; or.b32 p, t, s;
     mul.rn.bf16x2 p, p, $9; mov.b32 {$3, $7}, p;
     }
-    """, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [q, c], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    """,
+                "=h,=h,=h,=h,=h,=h,=h,=h,r,r",
+                [q, c],
+                dtype=(tl.bfloat16,) * 8,
+                is_pure=True,
+                pack=1,
+            )
         else:  # the plain decode (v * 2**-14 in fp32) times scale * 2**-2
             wt: tl.constexpr = tl.bfloat16 if W_BF16 else tl.float32
             v0, v1, v2, v3, v4, v5, v6, v7 = _decode_word(q, False)
-            return ((v0 * cf).to(wt), (v1 * cf).to(wt), (v2 * cf).to(wt), (v3 * cf).to(wt),
-                    (v4 * cf).to(wt), (v5 * cf).to(wt), (v6 * cf).to(wt), (v7 * cf).to(wt))
+            return (
+                (v0 * cf).to(wt),
+                (v1 * cf).to(wt),
+                (v2 * cf).to(wt),
+                (v3 * cf).to(wt),
+                (v4 * cf).to(wt),
+                (v5 * cf).to(wt),
+                (v6 * cf).to(wt),
+                (v7 * cf).to(wt),
+            )
 
     @triton.jit
-    def _tc_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW,
-                 stride_xm, stride_ww, stride_sn, FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BKW: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, W_BF16: tl.constexpr,
-                 SWAP_AB: tl.constexpr):
+    def _tc_rows(
+        x_ptr,
+        w_ptr,
+        s_ptr,
+        gs_ptr,
+        rm,
+        m_mask,
+        rn,
+        n_mask,
+        seg,
+        k_lo,
+        k_per_split,
+        KW,
+        stride_xm,
+        stride_ww,
+        stride_sn,
+        FMT: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BKW: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        USE_ASM: tl.constexpr,
+        W_BF16: tl.constexpr,
+        SWAP_AB: tl.constexpr,
+    ):
         """[BLOCK_M, BLOCK_N] fp32 partial sums over words [k_lo, k_lo + k_per_split) of rows rn (global scale applied)."""
         GW: tl.constexpr = 2 if FMT == 0 else 4  # words per scale block
         BK: tl.constexpr = BKW * 8
@@ -398,7 +627,9 @@ if HAS_TRITON:
                 q = tl.load(wrow + rw[None, :], mask=km[None, :], other=0)
                 sb = tl.load(srow + (rw // GW)[None, :], mask=km[None, :], other=0).to(tl.int32)
             sv = _block_scale(sb, FMT)
-            cb = (sv * 1.2980742146337069e33).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF  # * 2**110
+            cb = (sv * 1.2980742146337069e33).to(tl.bfloat16).to(tl.int16, bitcast=True).to(
+                tl.int32
+            ) & 0xFFFF  # * 2**110
             v0, v1, v2, v3, v4, v5, v6, v7 = _decode_word_tc(q, cb | (cb << 16), sv * 0.25, USE_ASM, W_BF16)
             w = _natural_k(v0, v1, v2, v3, v4, v5, v6, v7, BLOCK_N, BK)
             if SWAP_AB:  # weights as the MMA's A operand (wgmma for 64-row tiles: the tile is staged in smem)
@@ -423,22 +654,112 @@ if HAS_TRITON:
         return y
 
     @triton.jit
-    def _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww,
-              stride_sn, FMT: tl.constexpr, MR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BKW: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, TC: tl.constexpr,
-              W_BF16: tl.constexpr, SWAP_AB: tl.constexpr, PREFETCH: tl.constexpr):
+    def _part(
+        x_ptr,
+        w_ptr,
+        s_ptr,
+        gs_ptr,
+        rm,
+        m_mask,
+        rn,
+        n_mask,
+        seg,
+        k_lo,
+        k_per_split,
+        KW,
+        stride_xm,
+        stride_ww,
+        stride_sn,
+        FMT: tl.constexpr,
+        MR: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BKW: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        USE_ASM: tl.constexpr,
+        TC: tl.constexpr,
+        W_BF16: tl.constexpr,
+        SWAP_AB: tl.constexpr,
+        PREFETCH: tl.constexpr,
+    ):
         if TC:
-            return _tc_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW,
-                            stride_xm, stride_ww, stride_sn, FMT, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, W_BF16, SWAP_AB)
+            return _tc_rows(
+                x_ptr,
+                w_ptr,
+                s_ptr,
+                gs_ptr,
+                rm,
+                m_mask,
+                rn,
+                n_mask,
+                seg,
+                k_lo,
+                k_per_split,
+                KW,
+                stride_xm,
+                stride_ww,
+                stride_sn,
+                FMT,
+                BLOCK_M,
+                BLOCK_N,
+                BKW,
+                EVEN_K,
+                USE_ASM,
+                W_BF16,
+                SWAP_AB,
+            )
         else:
-            return _gemv_rows(x_ptr, w_ptr, s_ptr, gs_ptr, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww,
-                              stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, PREFETCH)
+            return _gemv_rows(
+                x_ptr,
+                w_ptr,
+                s_ptr,
+                gs_ptr,
+                rn,
+                n_mask,
+                seg,
+                k_lo,
+                k_per_split,
+                KW,
+                stride_xm,
+                stride_ww,
+                stride_sn,
+                FMT,
+                MR,
+                BLOCK_M,
+                BLOCK_N,
+                BKW,
+                EVEN_K,
+                USE_ASM,
+                PREFETCH,
+            )
 
     @triton.jit
-    def _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
-                  stride_hs, stride_hm, stride_lbn, out_ty: tl.constexpr, BLOCK_M: tl.constexpr,
-                  USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr,
-                  NSEG: tl.constexpr, HS_P: tl.constexpr, LORA_PREC: tl.constexpr, SEG_SKIP: tl.constexpr = False):
+    def _epilogue(
+        acc,
+        h_ptr,
+        lb_ptr,
+        bias_ptr,
+        rm,
+        m_mask,
+        rn,
+        n_mask,
+        seg,
+        n_hsplit,
+        lora_scale,
+        stride_hs,
+        stride_hm,
+        stride_lbn,
+        out_ty: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        USE_DOT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        LORA_R: tl.constexpr,
+        LORA_RP: tl.constexpr,
+        NSEG: tl.constexpr,
+        HS_P: tl.constexpr,
+        LORA_PREC: tl.constexpr,
+        SEG_SKIP: tl.constexpr = False,
+    ):
         """Round like the reference module: matmul, + bias, + LoRA, each rounded to the output dtype; the LoRA
         update's tl.dot (USE_DOT) in LORA_PREC; SEG_SKIP: no LoRA product for a fused module none of the tile's
         rows belongs to (the same sums: that product only adds zeros)."""
@@ -449,22 +770,49 @@ if HAS_TRITON:
         if LORA_R > 0:
             rr = tl.arange(0, LORA_RP)
             r_mask = rr < LORA_R
-            bl = tl.load(lb_ptr + rn[:, None] * stride_lbn + rr[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            bl = tl.load(
+                lb_ptr + rn[:, None] * stride_lbn + rr[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0
+            )
             lora = tl.zeros(acc.shape, dtype=tl.float32)
             rsp = tl.arange(0, HS_P)  # all split-K partials of h in one load, summed in registers
             hmask = (rsp < n_hsplit)[:, None, None] & m_mask[None, :, None] & r_mask[None, None, :]
             for s in tl.static_range(NSEG):
                 if not SEG_SKIP or tl.max(((seg == s) & n_mask).to(tl.int32), axis=0) > 0:
-                    hs = tl.sum(tl.load(h_ptr + rsp[:, None, None] * stride_hs + rm[None, :, None] * stride_hm
-                                        + (s * LORA_R + rr)[None, None, :], mask=hmask, other=0.0), axis=0)
+                    hs = tl.sum(
+                        tl.load(
+                            h_ptr
+                            + rsp[:, None, None] * stride_hs
+                            + rm[None, :, None] * stride_hm
+                            + (s * LORA_R + rr)[None, None, :],
+                            mask=hmask,
+                            other=0.0,
+                        ),
+                        axis=0,
+                    )
                     bs = tl.where((seg == s)[:, None], bl, 0.0)
                     lora = _mac(lora, hs, bs, USE_DOT and LORA_RP >= 16, LORA_PREC)
             y = (y + (lora * lora_scale).to(out_ty).to(tl.float32)).to(out_ty).to(tl.float32)
         return y
 
     @triton.jit
-    def _shrink_part(x_ptr, a_ptr, h_ptr, rm, m_mask, r0, s, k_lo, k_hi, stride_xm, stride_ar, stride_hs, stride_hm,
-                     R: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr):
+    def _shrink_part(
+        x_ptr,
+        a_ptr,
+        h_ptr,
+        rm,
+        m_mask,
+        r0,
+        s,
+        k_lo,
+        k_hi,
+        stride_xm,
+        stride_ar,
+        stride_hs,
+        stride_hm,
+        R: tl.constexpr,
+        BK: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):
         """The LoRA shrink's split-K partial h[s, :, r] = x[:, k_lo:k_hi] @ A[r, k_lo:k_hi] for rows
         r = r0, r0 + grid width, ... < R: what `lora_shrink` writes, from the programs of split s."""
         for r in range(r0, R, tl.num_programs(0)):
@@ -473,22 +821,64 @@ if HAS_TRITON:
                 rk = k0 + tl.arange(0, BK)
                 km = rk < k_hi
                 a = tl.load(a_ptr + r * stride_ar + rk, mask=km, other=0.0).to(tl.float32)
-                xv = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & km[None, :],
-                             other=0.0).to(tl.float32)
+                xv = tl.load(
+                    x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & km[None, :], other=0.0
+                ).to(tl.float32)
                 acc += xv * a[None, :]
             tl.store(h_ptr + s * stride_hs + rm * stride_hm + r, tl.sum(acc, axis=1), mask=m_mask)
 
     @triton.jit
-    def _decode_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, h_ptr, lb_ptr, y_ptr, ws_ptr, a_ptr,
-                       M, N, KW, k_per_split, n1, n2, n_hsplit, lora_scale,
-                       stride_xm, stride_ww, stride_sn, stride_hs, stride_hm, stride_lbn, stride_ym, stride_wss,
-                       stride_ar,
-                       FMT: tl.constexpr, MR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BKW: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
-                       SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr,
-                       NSEG: tl.constexpr, HS_P: tl.constexpr, GLU: tl.constexpr, TC: tl.constexpr,
-                       W_BF16: tl.constexpr, EPI_DOT: tl.constexpr, SWAP_AB: tl.constexpr, PREFETCH: tl.constexpr,
-                       SHRINK_R: tl.constexpr = 0, SHRINK_BK: tl.constexpr = 256, PDL: tl.constexpr = False):
+    def _decode_kernel(
+        x_ptr,
+        w_ptr,
+        s_ptr,
+        gs_ptr,
+        bias_ptr,
+        h_ptr,
+        lb_ptr,
+        y_ptr,
+        ws_ptr,
+        a_ptr,
+        M,
+        N,
+        KW,
+        k_per_split,
+        n1,
+        n2,
+        n_hsplit,
+        lora_scale,
+        stride_xm,
+        stride_ww,
+        stride_sn,
+        stride_hs,
+        stride_hm,
+        stride_lbn,
+        stride_ym,
+        stride_wss,
+        stride_ar,
+        FMT: tl.constexpr,
+        MR: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BKW: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        USE_ASM: tl.constexpr,
+        SPLIT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        LORA_R: tl.constexpr,
+        LORA_RP: tl.constexpr,
+        NSEG: tl.constexpr,
+        HS_P: tl.constexpr,
+        GLU: tl.constexpr,
+        TC: tl.constexpr,
+        W_BF16: tl.constexpr,
+        EPI_DOT: tl.constexpr,
+        SWAP_AB: tl.constexpr,
+        PREFETCH: tl.constexpr,
+        SHRINK_R: tl.constexpr = 0,
+        SHRINK_BK: tl.constexpr = 256,
+        PDL: tl.constexpr = False,
+    ):
         """All M rows in one tile (TC: tensor cores, else <= GEMV_MAX_M rows on CUDA cores). SPLIT > 1: fp32
         partials [SPLIT, M, N_rows] to ws (epilogue: _pre_kernel, a second launch; summing them in the last
         program of each tile instead was measured slower, benchmarks/RESULTS.md).
@@ -504,45 +894,208 @@ if HAS_TRITON:
         n_mask = rn < N
         k_lo = pid_s * k_per_split
         seg = (rn >= n1).to(tl.int32) + (rn >= n2).to(tl.int32)
-        y = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn, n_mask, seg, k_lo, k_per_split, KW, stride_xm, stride_ww,
-                  stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, TC, W_BF16, SWAP_AB, PREFETCH)
+        y = _part(
+            x_ptr,
+            w_ptr,
+            s_ptr,
+            gs_ptr,
+            rm,
+            m_mask,
+            rn,
+            n_mask,
+            seg,
+            k_lo,
+            k_per_split,
+            KW,
+            stride_xm,
+            stride_ww,
+            stride_sn,
+            FMT,
+            MR,
+            BLOCK_M,
+            BLOCK_N,
+            BKW,
+            EVEN_K,
+            USE_ASM,
+            TC,
+            W_BF16,
+            SWAP_AB,
+            PREFETCH,
+        )
         if SPLIT > 1:
             wsp = ws_ptr + pid_s * stride_wss + rm[:, None] * stride_ym + rn[None, :]
             tl.store(wsp, y, mask=m_mask[:, None] & n_mask[None, :])
             if GLU:
                 segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
-                u = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn + N, n_mask, segu, k_lo, k_per_split, KW, stride_xm,
-                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, TC, W_BF16, SWAP_AB,
-                          PREFETCH)
+                u = _part(
+                    x_ptr,
+                    w_ptr,
+                    s_ptr,
+                    gs_ptr,
+                    rm,
+                    m_mask,
+                    rn + N,
+                    n_mask,
+                    segu,
+                    k_lo,
+                    k_per_split,
+                    KW,
+                    stride_xm,
+                    stride_ww,
+                    stride_sn,
+                    FMT,
+                    MR,
+                    BLOCK_M,
+                    BLOCK_N,
+                    BKW,
+                    EVEN_K,
+                    USE_ASM,
+                    TC,
+                    W_BF16,
+                    SWAP_AB,
+                    PREFETCH,
+                )
                 tl.store(wsp + N, u, mask=m_mask[:, None] & n_mask[None, :])
             if SHRINK_R > 0:
-                _shrink_part(x_ptr, a_ptr, h_ptr, rm, m_mask, pid_n, pid_s, k_lo * 8,
-                             tl.minimum(k_lo + k_per_split, KW) * 8, stride_xm, stride_ar, stride_hs, stride_hm,
-                             SHRINK_R, SHRINK_BK, BLOCK_M)
+                _shrink_part(
+                    x_ptr,
+                    a_ptr,
+                    h_ptr,
+                    rm,
+                    m_mask,
+                    pid_n,
+                    pid_s,
+                    k_lo * 8,
+                    tl.minimum(k_lo + k_per_split, KW) * 8,
+                    stride_xm,
+                    stride_ar,
+                    stride_hs,
+                    stride_hm,
+                    SHRINK_R,
+                    SHRINK_BK,
+                    BLOCK_M,
+                )
         else:
             out_ty: tl.constexpr = y_ptr.dtype.element_ty
-            y = _epilogue(y, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
-                          stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, EPI_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P,
-                          "ieee")
+            y = _epilogue(
+                y,
+                h_ptr,
+                lb_ptr,
+                bias_ptr,
+                rm,
+                m_mask,
+                rn,
+                n_mask,
+                seg,
+                n_hsplit,
+                lora_scale,
+                stride_hs,
+                stride_hm,
+                stride_lbn,
+                out_ty,
+                BLOCK_M,
+                EPI_DOT,
+                HAS_BIAS,
+                LORA_R,
+                LORA_RP,
+                NSEG,
+                HS_P,
+                "ieee",
+            )
             if GLU:
                 segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
-                u = _part(x_ptr, w_ptr, s_ptr, gs_ptr, rm, m_mask, rn + N, n_mask, segu, k_lo, k_per_split, KW, stride_xm,
-                          stride_ww, stride_sn, FMT, MR, BLOCK_M, BLOCK_N, BKW, EVEN_K, USE_ASM, TC, W_BF16, SWAP_AB,
-                          PREFETCH)
-                u = _epilogue(u, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn + N, n_mask, segu, n_hsplit, lora_scale,
-                              stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, EPI_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P,
-                              "ieee")
+                u = _part(
+                    x_ptr,
+                    w_ptr,
+                    s_ptr,
+                    gs_ptr,
+                    rm,
+                    m_mask,
+                    rn + N,
+                    n_mask,
+                    segu,
+                    k_lo,
+                    k_per_split,
+                    KW,
+                    stride_xm,
+                    stride_ww,
+                    stride_sn,
+                    FMT,
+                    MR,
+                    BLOCK_M,
+                    BLOCK_N,
+                    BKW,
+                    EVEN_K,
+                    USE_ASM,
+                    TC,
+                    W_BF16,
+                    SWAP_AB,
+                    PREFETCH,
+                )
+                u = _epilogue(
+                    u,
+                    h_ptr,
+                    lb_ptr,
+                    bias_ptr,
+                    rm,
+                    m_mask,
+                    rn + N,
+                    n_mask,
+                    segu,
+                    n_hsplit,
+                    lora_scale,
+                    stride_hs,
+                    stride_hm,
+                    stride_lbn,
+                    out_ty,
+                    BLOCK_M,
+                    EPI_DOT,
+                    HAS_BIAS,
+                    LORA_R,
+                    LORA_RP,
+                    NSEG,
+                    HS_P,
+                    "ieee",
+                )
                 g = y * tl.sigmoid(y)
                 y = g.to(out_ty).to(tl.float32) * u
-            tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(out_ty), mask=m_mask[:, None] & n_mask[None, :])
+            tl.store(
+                y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(out_ty), mask=m_mask[:, None] & n_mask[None, :]
+            )
 
     @triton.jit
-    def _pre_kernel(p_ptr, bias_ptr, h_ptr, lb_ptr, y_ptr, M, N, n1, n2, n_hsplit, lora_scale,
-                    stride_ps, stride_pm, stride_hs, stride_hm, stride_lbn, stride_ym,
-                    S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr, NSEG: tl.constexpr,
-                    HS_P: tl.constexpr, GLU: tl.constexpr, PDL: tl.constexpr = False,
-                    LORA_PREC: tl.constexpr = "ieee", SEG_SKIP: tl.constexpr = False):
+    def _pre_kernel(
+        p_ptr,
+        bias_ptr,
+        h_ptr,
+        lb_ptr,
+        y_ptr,
+        M,
+        N,
+        n1,
+        n2,
+        n_hsplit,
+        lora_scale,
+        stride_ps,
+        stride_pm,
+        stride_hs,
+        stride_hm,
+        stride_lbn,
+        stride_ym,
+        S: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        USE_DOT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        LORA_R: tl.constexpr,
+        LORA_RP: tl.constexpr,
+        NSEG: tl.constexpr,
+        HS_P: tl.constexpr,
+        GLU: tl.constexpr,
+        PDL: tl.constexpr = False,
+        LORA_PREC: tl.constexpr = "ieee",
+        SEG_SKIP: tl.constexpr = False,
+    ):
         """Epilogue over a precomputed product: the sum of S partials p[s, M, N_rows] (a cuBLAS output when
         S = 1, rounded to its dtype like the reference matmul), + bias, + LoRA, (+ SiLU gate)."""
         pdl_wait(PDL)
@@ -557,17 +1110,63 @@ if HAS_TRITON:
         for s in tl.static_range(S):
             acc += tl.load(pp + s * stride_ps, mask=msk, other=0.0).to(tl.float32)
         seg = (rn >= n1).to(tl.int32) + (rn >= n2).to(tl.int32)
-        y = _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn, n_mask, seg, n_hsplit, lora_scale,
-                      stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P,
-                      LORA_PREC, SEG_SKIP)
+        y = _epilogue(
+            acc,
+            h_ptr,
+            lb_ptr,
+            bias_ptr,
+            rm,
+            m_mask,
+            rn,
+            n_mask,
+            seg,
+            n_hsplit,
+            lora_scale,
+            stride_hs,
+            stride_hm,
+            stride_lbn,
+            out_ty,
+            BLOCK_M,
+            USE_DOT,
+            HAS_BIAS,
+            LORA_R,
+            LORA_RP,
+            NSEG,
+            HS_P,
+            LORA_PREC,
+            SEG_SKIP,
+        )
         if GLU:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(S):
                 acc += tl.load(pp + N + s * stride_ps, mask=msk, other=0.0).to(tl.float32)
             segu = (rn + N >= n1).to(tl.int32) + (rn + N >= n2).to(tl.int32)
-            u = _epilogue(acc, h_ptr, lb_ptr, bias_ptr, rm, m_mask, rn + N, n_mask, segu, n_hsplit, lora_scale,
-                          stride_hs, stride_hm, stride_lbn, out_ty, BLOCK_M, USE_DOT, HAS_BIAS, LORA_R, LORA_RP, NSEG, HS_P,
-                          LORA_PREC, SEG_SKIP)
+            u = _epilogue(
+                acc,
+                h_ptr,
+                lb_ptr,
+                bias_ptr,
+                rm,
+                m_mask,
+                rn + N,
+                n_mask,
+                segu,
+                n_hsplit,
+                lora_scale,
+                stride_hs,
+                stride_hm,
+                stride_lbn,
+                out_ty,
+                BLOCK_M,
+                USE_DOT,
+                HAS_BIAS,
+                LORA_R,
+                LORA_RP,
+                NSEG,
+                HS_P,
+                LORA_PREC,
+                SEG_SKIP,
+            )
             g = y * tl.sigmoid(y)
             y = g.to(out_ty).to(tl.float32) * u
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(out_ty), mask=msk)
@@ -596,8 +1195,7 @@ def pick_config(m: int, n: int, k: int, fmt: str, mma: bool = False, wgmma: bool
         bm = next_pow2(m)
         return dict(BLOCK_M=bm, BLOCK_N=8, BLOCK_K=128 if bm <= 2 else 64, USE_DOT=False, num_warps=4)
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-    return dict(BLOCK_M=bm, BLOCK_N=64 if n >= 8192 else 32, BLOCK_K=256, USE_DOT=True,
-                num_warps=8 if n >= 8192 else 4)
+    return dict(BLOCK_M=bm, BLOCK_N=64 if n >= 8192 else 32, BLOCK_K=256, USE_DOT=True, num_warps=8 if n >= 8192 else 4)
 
 
 TARGET_PROGRAMS = 264  # version 5 splits K until the grid has about this many programs (2 per SM on H100/H200)
@@ -620,32 +1218,59 @@ def _fit_split(split: int, k: int, bkw: int) -> int:
     return split
 
 
-def gemv_config(m: int, n: int, k: int, block_n: int | None = None, bkw: int = 32, num_warps: int | None = None,
-                prefetch: bool | None = None) -> dict:
+def gemv_config(
+    m: int,
+    n: int,
+    k: int,
+    block_n: int | None = None,
+    bkw: int = 32,
+    num_warps: int | None = None,
+    prefetch: bool | None = None,
+) -> dict:
     """Version 6 tiles for m <= GEMV_MAX_M rows of an [n, k] weight (tile fields given override the table)."""
     cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
     bn, nw, pf, warps = GEMV_TILES[cls][1 if m == 1 else (2 if m == 2 else 4)]
     bn, nw = block_n or bn, num_warps or nw
     pf = pf if prefetch is None else prefetch
     split = _fit_split(max(1, min(16, round(warps / (-(-n // bn) * nw)))), k, bkw)
-    return dict(WORDS=True, BLOCK_N=bn, BKW=bkw, SPLIT=split, PREFETCH=pf, USE_ASM=True, num_warps=nw,
-                num_stages=1)
+    return dict(WORDS=True, BLOCK_N=bn, BKW=bkw, SPLIT=split, PREFETCH=pf, USE_ASM=True, num_warps=nw, num_stages=1)
 
 
-def tc_config(m: int, n: int, k: int, block_n: int = 64, bkw: int = 8, num_warps: int = 4,
-              num_stages: int = 3) -> dict:
+def tc_config(m: int, n: int, k: int, block_n: int = 64, bkw: int = 8, num_warps: int = 4, num_stages: int = 3) -> dict:
     """Version 5: split K until the grid has about TARGET_PROGRAMS programs (at most 8 splits)."""
     split = _fit_split(max(1, min(8, TARGET_PROGRAMS // -(-n // block_n))), k, bkw)
-    return dict(WORDS=True, TC=True, BLOCK_N=block_n, BKW=bkw, SPLIT=split, USE_ASM=True, num_warps=num_warps,
-                num_stages=num_stages)
+    return dict(
+        WORDS=True,
+        TC=True,
+        BLOCK_N=block_n,
+        BKW=bkw,
+        SPLIT=split,
+        USE_ASM=True,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
 
 
-def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Tensor | None = None,
-                 global_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                 lora_h: torch.Tensor | None = None, lora_B: torch.Tensor | None = None, lora_rank: int = 0,
-                 lora_scale: float = 1.0, segments: tuple[int, int] | None = None, glu: bool = False,
-                 out: torch.Tensor | None = None, config: dict | None = None, lora_A: torch.Tensor | None = None,
-                 h_out: torch.Tensor | None = None, mma: bool = True, wgmma: bool = True) -> torch.Tensor:
+def fused_linear(
+    x: torch.Tensor,
+    fmt: str,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    global_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    lora_h: torch.Tensor | None = None,
+    lora_B: torch.Tensor | None = None,
+    lora_rank: int = 0,
+    lora_scale: float = 1.0,
+    segments: tuple[int, int] | None = None,
+    glu: bool = False,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+    lora_A: torch.Tensor | None = None,
+    h_out: torch.Tensor | None = None,
+    mma: bool = True,
+    wgmma: bool = True,
+) -> torch.Tensor:
     """x [M, K] -> y [M, N] (or [M, N/2] with glu) in x.dtype.
 
     weight: nvfp4/mxfp4 packed uint8 [N, K/2] (+ scale [N, K/16] e4m3 or [N, K/32] e8m0,
@@ -673,11 +1298,37 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     n = n_rows // 2 if glu else n_rows
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    cfg = dict(config or pick_config(m, n, k, fmt, mma=mma and mma_supported(x, fmt, k),
-                                     wgmma=wgmma and wgmma_supported(x.device, x.dtype, fmt, k)))
+    cfg = dict(
+        config
+        or pick_config(
+            m,
+            n,
+            k,
+            fmt,
+            mma=mma and mma_supported(x, fmt, k),
+            wgmma=wgmma and wgmma_supported(x.device, x.dtype, fmt, k),
+        )
+    )
     if cfg.pop("WORDS", False):
-        return _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
-                              segments, glu, out, n, cfg, lora_A, h_out)
+        return _decode_linear(
+            x,
+            fmt,
+            weight,
+            scale,
+            global_scale,
+            bias,
+            lora_h,
+            lora_B,
+            lora_rank,
+            lora_scale,
+            segments,
+            glu,
+            out,
+            n,
+            cfg,
+            lora_A,
+            h_out,
+        )
     if lora_A is not None and lora_h is None:
         lora_h = lora_shrink(x, lora_A, out=h_out)
     if x.dtype == torch.float32 and cfg["USE_DOT"]:
@@ -691,13 +1342,38 @@ def fused_linear(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.T
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]))
     num_warps = cfg.pop("num_warps", 4)
     _fused_linear_kernel[grid](
-        x, weight, scale if scale is not None else dummy, global_scale if global_scale is not None else dummy,
-        bias if bias is not None else dummy, lora_h if lora else dummy, lora_B if lora else dummy, out,
-        m, n, k, n1, n2, lora_h.shape[0] if lora else 0, float(lora_scale),
-        x.stride(0), weight.stride(0), scale.stride(0) if scale is not None else 0,
-        lora_h.stride(0) if lora else 0, lora_h.stride(1) if lora else 0, lora_B.stride(0) if lora else 0, out.stride(0),
-        FMT=FMT_CODES[fmt], HAS_BIAS=bias is not None, LORA_R=lora, LORA_RP=lora_rp,
-        NSEG=nseg, HS_P=_hs_p(lora_h, lora), GLU=glu, num_warps=num_warps, **cfg)
+        x,
+        weight,
+        scale if scale is not None else dummy,
+        global_scale if global_scale is not None else dummy,
+        bias if bias is not None else dummy,
+        lora_h if lora else dummy,
+        lora_B if lora else dummy,
+        out,
+        m,
+        n,
+        k,
+        n1,
+        n2,
+        lora_h.shape[0] if lora else 0,
+        float(lora_scale),
+        x.stride(0),
+        weight.stride(0),
+        scale.stride(0) if scale is not None else 0,
+        lora_h.stride(0) if lora else 0,
+        lora_h.stride(1) if lora else 0,
+        lora_B.stride(0) if lora else 0,
+        out.stride(0),
+        FMT=FMT_CODES[fmt],
+        HAS_BIAS=bias is not None,
+        LORA_R=lora,
+        LORA_RP=lora_rp,
+        NSEG=nseg,
+        HS_P=_hs_p(lora_h, lora),
+        GLU=glu,
+        num_warps=num_warps,
+        **cfg,
+    )
     return out
 
 
@@ -741,12 +1417,27 @@ def _decode_tiling(fmt: str, m: int, k: int, cfg: dict, w_bf16: bool) -> tuple[i
     bm = max(16, next_pow2(m)) if tc else next_pow2(m)
     # MR (rows unrolled by version 6) is unused by version 5: one compiled kernel per row tile, not per row count.
     # The in-kernel LoRA epilogue uses tl.dot from 32 rows (measured: slower than the FMA form at 16).
-    return split, kps, dict(
-        FMT=FMT_CODES[fmt], MR=0 if tc else m, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], EPI_DOT=tc and bm >= 32,
-        BKW=bkw, EVEN_K=kw % bkw == 0 and split * kps == kw, TC=tc, W_BF16=w_bf16,
-        SWAP_AB=bool(cfg.get("SWAP_AB", True)) or bm > 16,  # Triton 3.6 fails to compile the other above 16
-        PREFETCH=bool(cfg.get("PREFETCH", False)), USE_ASM=bool(cfg.get("USE_ASM", True)), SPLIT=split,
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
+    return (
+        split,
+        kps,
+        dict(
+            FMT=FMT_CODES[fmt],
+            MR=0 if tc else m,
+            BLOCK_M=bm,
+            BLOCK_N=cfg["BLOCK_N"],
+            EPI_DOT=tc and bm >= 32,
+            BKW=bkw,
+            EVEN_K=kw % bkw == 0 and split * kps == kw,
+            TC=tc,
+            W_BF16=w_bf16,
+            SWAP_AB=bool(cfg.get("SWAP_AB", True)) or bm > 16,  # Triton 3.6 fails to compile the other above 16
+            PREFETCH=bool(cfg.get("PREFETCH", False)),
+            USE_ASM=bool(cfg.get("USE_ASM", True)),
+            SPLIT=split,
+            num_warps=cfg.get("num_warps", 4),
+            num_stages=cfg.get("num_stages", 1),
+        ),
+    )
 
 
 def shrink_block_k(block_m: int) -> int:
@@ -754,8 +1445,25 @@ def shrink_block_k(block_m: int) -> int:
     return min(256, max(32, 4096 // block_m))
 
 
-def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
-                   segments, glu, out, n, cfg, lora_A=None, h_out=None):
+def _decode_linear(
+    x,
+    fmt,
+    weight,
+    scale,
+    global_scale,
+    bias,
+    lora_h,
+    lora_B,
+    lora_rank,
+    lora_scale,
+    segments,
+    glu,
+    out,
+    n,
+    cfg,
+    lora_A=None,
+    h_out=None,
+):
     """Versions 6 (<= GEMV_MAX_M rows, CUDA cores) and 5 (TC: <= 64 rows, tensor cores): packed weights read as
     int32 words; split-K partials + epilogue launch."""
     m, k = x.shape
@@ -763,8 +1471,25 @@ def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lo
     if k % 8 or weight.stride(0) % 4 or weight.data_ptr() % 4:
         raise ValueError("the decode kernel needs K % 8 == 0 and 4-byte aligned weight rows")
     if cfg.get("MMA", False):
-        return _mma_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
-                           segments, glu, out, n, cfg, lora_A, h_out)
+        return _mma_linear(
+            x,
+            fmt,
+            weight,
+            scale,
+            global_scale,
+            bias,
+            lora_h,
+            lora_B,
+            lora_rank,
+            lora_scale,
+            segments,
+            glu,
+            out,
+            n,
+            cfg,
+            lora_A,
+            h_out,
+        )
     max_m = TC_MAX_M if cfg.get("TC", False) else GEMV_MAX_M
     if m > max_m:
         raise ValueError(f"the decode kernel takes at most {max_m} rows")
@@ -785,14 +1510,46 @@ def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lo
     dummy = weight
     gs = global_scale if global_scale is not None else dummy
     grid = (triton.cdiv(n, tile["BLOCK_N"]), split)
-    common = dict(tile, HAS_BIAS=bias is not None, LORA_R=lora, LORA_RP=lora_rp, NSEG=nseg, HS_P=_hs_p(lora_h, lora),
-                  GLU=glu, **pdl_launch())
+    common = dict(
+        tile,
+        HAS_BIAS=bias is not None,
+        LORA_R=lora,
+        LORA_RP=lora_rp,
+        NSEG=nseg,
+        HS_P=_hs_p(lora_h, lora),
+        GLU=glu,
+        **pdl_launch(),
+    )
     hargs = (lora_h.stride(0) if lora else 0, lora_h.stride(1) if lora else 0, lora_B.stride(0) if lora else 0)
     if split == 1:
-        _decode_kernel[grid](x, w32, scale, gs, bias if bias is not None else dummy, lora_h if lora else dummy,
-                             lora_B if lora else dummy, out, dummy, dummy, m, n, kw, kps, n1, n2,
-                             lora_h.shape[0] if lora else 0, float(lora_scale), x.stride(0), w32.stride(0),
-                             scale.stride(0), *hargs, out.stride(0), 0, 0, **common)
+        _decode_kernel[grid](
+            x,
+            w32,
+            scale,
+            gs,
+            bias if bias is not None else dummy,
+            lora_h if lora else dummy,
+            lora_B if lora else dummy,
+            out,
+            dummy,
+            dummy,
+            m,
+            n,
+            kw,
+            kps,
+            n1,
+            n2,
+            lora_h.shape[0] if lora else 0,
+            float(lora_scale),
+            x.stride(0),
+            w32.stride(0),
+            scale.stride(0),
+            *hargs,
+            out.stride(0),
+            0,
+            0,
+            **common,
+        )
         return out
     ws = _workspace(split * m * n_rows, x.device).view(split, m, n_rows)
     if fuse_shrink:  # h_ptr is the shrink's output here (no epilogue in this launch)
@@ -800,14 +1557,59 @@ def _decode_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lo
         h_arg, a_arg, shs, shm, sar = lora_h, lora_A, lora_h.stride(0), lora_h.stride(1), lora_A.stride(0)
     else:
         shrink, (h_arg, a_arg, shs, shm, sar) = {}, (dummy, dummy, 0, 0, 0)
-    _decode_kernel[grid](x, w32, scale, gs, dummy, h_arg, dummy, ws, ws, a_arg, m, n, kw, kps, n1, n2, 0, 1.0,
-                         x.stride(0), w32.stride(0), scale.stride(0), shs, shm, 0, ws.stride(1), ws.stride(0), sar,
-                         **common, **shrink)
+    _decode_kernel[grid](
+        x,
+        w32,
+        scale,
+        gs,
+        dummy,
+        h_arg,
+        dummy,
+        ws,
+        ws,
+        a_arg,
+        m,
+        n,
+        kw,
+        kps,
+        n1,
+        n2,
+        0,
+        1.0,
+        x.stride(0),
+        w32.stride(0),
+        scale.stride(0),
+        shs,
+        shm,
+        0,
+        ws.stride(1),
+        ws.stride(0),
+        sar,
+        **common,
+        **shrink,
+    )
     return linear_epilogue(ws, bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out)
 
 
-def _mma_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_rank, lora_scale,
-                segments, glu, out, n, cfg, lora_A=None, h_out=None):
+def _mma_linear(
+    x,
+    fmt,
+    weight,
+    scale,
+    global_scale,
+    bias,
+    lora_h,
+    lora_B,
+    lora_rank,
+    lora_scale,
+    segments,
+    glu,
+    out,
+    n,
+    cfg,
+    lora_A=None,
+    h_out=None,
+):
     """Versions 7 and 8 (cfg["WGMMA"]): fp32 partials from the register-fed tensor-core kernel, then the
     epilogue launch."""
     wg = cfg.get("WGMMA", False)
@@ -823,13 +1625,24 @@ def _mma_linear(x, fmt, weight, scale, global_scale, bias, lora_h, lora_B, lora_
     n1, n2, _ = _segments(segments, n, n_rows, glu)
     w32 = weight.view(torch.int32) if weight.dtype == torch.uint8 else weight
     ws = _workspace(cfg["SPLIT"] * m * n_rows, x.device).view(cfg["SPLIT"], m, n_rows)
-    (wgmma_partials if wg else mma_partials)(x, w32, scale.view(torch.uint8), global_scale, n1, n2, cfg, ws,
-                                             lora_A if fuse_shrink else None, lora_h if fuse_shrink else None)
+    (wgmma_partials if wg else mma_partials)(
+        x,
+        w32,
+        scale.view(torch.uint8),
+        global_scale,
+        n1,
+        n2,
+        cfg,
+        ws,
+        lora_A if fuse_shrink else None,
+        lora_h if fuse_shrink else None,
+    )
     return linear_epilogue(ws, bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out)
 
 
-def epilogue_tile(m: int, nseg: int, glu: bool, block_m: int | None = None, block_n: int | None = None,
-                  num_warps: int | None = None) -> tuple[int, int, int]:
+def epilogue_tile(
+    m: int, nseg: int, glu: bool, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None
+) -> tuple[int, int, int]:
     """(rows, output columns, warps) a program of the epilogue launch for m rows of a product of nseg fused
     modules. Up to 4 rows: all rows, 64 columns, the LoRA update by FMAs. From 5 rows, 16-row blocks (rows past
     m masked) and the tf32 dot: 32 columns for fused modules (q|k|v, gate|up), 64 for one module (o, down),
@@ -848,12 +1661,23 @@ def epilogue_tile(m: int, nseg: int, glu: bool, block_m: int | None = None, bloc
     return block_m or bm, block_n or bn, num_warps or 4
 
 
-def linear_epilogue(p: torch.Tensor, bias: torch.Tensor | None = None, lora_h: torch.Tensor | None = None,
-                    lora_B: torch.Tensor | None = None, lora_rank: int = 0, lora_scale: float = 1.0,
-                    segments: tuple[int, int] | None = None, glu: bool = False,
-                    out: torch.Tensor | None = None, block_n: int | None = None, block_m: int | None = None,
-                    num_warps: int | None = None, lora_dot: bool | None = None, lora_prec: str | None = None,
-                    seg_skip: bool = True) -> torch.Tensor:
+def linear_epilogue(
+    p: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    lora_h: torch.Tensor | None = None,
+    lora_B: torch.Tensor | None = None,
+    lora_rank: int = 0,
+    lora_scale: float = 1.0,
+    segments: tuple[int, int] | None = None,
+    glu: bool = False,
+    out: torch.Tensor | None = None,
+    block_n: int | None = None,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+    lora_dot: bool | None = None,
+    lora_prec: str | None = None,
+    seg_skip: bool = True,
+) -> torch.Tensor:
     """The fused epilogue over a precomputed product p: [M, N_rows] (a cuBLAS output in the activation
     dtype) or [S, M, N_rows] fp32 split-K partials (summed). Same arguments as `fused_linear`; block_m,
     block_n, num_warps: rows and output columns a program, and its warps (default: `epilogue_tile`);
@@ -877,11 +1701,36 @@ def linear_epilogue(p: torch.Tensor, bias: torch.Tensor | None = None, lora_h: t
     bm, bn, num_warps = epilogue_tile(m, nseg, glu, block_m, block_n, num_warps)
     dummy = p3
     _pre_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
-        p3, bias if bias is not None else dummy, lora_h if lora else dummy, lora_B if lora else dummy, out,
-        m, n, n1, n2, lora_h.shape[0] if lora else 0, float(lora_scale), p3.stride(0), p3.stride(1),
-        lora_h.stride(0) if lora else 0, lora_h.stride(1) if lora else 0, lora_B.stride(0) if lora else 0,
-        out.stride(0), S=s_, BLOCK_M=bm, BLOCK_N=bn, USE_DOT=bm >= 16 if lora_dot is None else lora_dot,
-        HAS_BIAS=bias is not None, LORA_R=lora, LORA_RP=lora_rp, NSEG=nseg, HS_P=_hs_p(lora_h, lora), GLU=glu,
-        LORA_PREC=lora_prec or ("ieee" if out.dtype == torch.float32 else "tf32"), SEG_SKIP=seg_skip,
-        num_warps=num_warps, **pdl_launch())
+        p3,
+        bias if bias is not None else dummy,
+        lora_h if lora else dummy,
+        lora_B if lora else dummy,
+        out,
+        m,
+        n,
+        n1,
+        n2,
+        lora_h.shape[0] if lora else 0,
+        float(lora_scale),
+        p3.stride(0),
+        p3.stride(1),
+        lora_h.stride(0) if lora else 0,
+        lora_h.stride(1) if lora else 0,
+        lora_B.stride(0) if lora else 0,
+        out.stride(0),
+        S=s_,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        USE_DOT=bm >= 16 if lora_dot is None else lora_dot,
+        HAS_BIAS=bias is not None,
+        LORA_R=lora,
+        LORA_RP=lora_rp,
+        NSEG=nseg,
+        HS_P=_hs_p(lora_h, lora),
+        GLU=glu,
+        LORA_PREC=lora_prec or ("ieee" if out.dtype == torch.float32 else "tf32"),
+        SEG_SKIP=seg_skip,
+        num_warps=num_warps,
+        **pdl_launch(),
+    )
     return out

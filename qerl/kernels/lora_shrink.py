@@ -5,6 +5,7 @@ epilogue) sums over S while it loads h, so the shrink needs no second pass, no z
 buffer and no atomics, and stays deterministic. A is the concatenation of the fused
 modules' A matrices ([R_total, K], fp32 as trained), so q/k/v share one launch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,10 +17,24 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _lora_shrink_kernel(x_ptr, a_ptr, h_ptr, M, K, R, chunk,
-                            stride_xm, stride_ar, stride_hs, stride_hm,
-                            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-                            PDL: tl.constexpr = False):
+    def _lora_shrink_kernel(
+        x_ptr,
+        a_ptr,
+        h_ptr,
+        M,
+        K,
+        R,
+        chunk,
+        stride_xm,
+        stride_ar,
+        stride_hs,
+        stride_hm,
+        BLOCK_M: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        USE_DOT: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
         pdl_wait(PDL)
         pid_s = tl.program_id(0)
         pid_r = tl.program_id(1)
@@ -33,14 +48,21 @@ if HAS_TRITON:
         for kk in range(0, chunk, BLOCK_K):
             rk = k_lo + kk + tl.arange(0, BLOCK_K)
             k_mask = (rk < K) & (rk < k_lo + chunk)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            x = tl.load(
+                x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0
+            ).to(tl.float32)
+            a = tl.load(
+                a_ptr + rr[:, None] * stride_ar + rk[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0
+            ).to(tl.float32)
             if USE_DOT:
                 acc = tl.dot(x, tl.trans(a), acc, input_precision="ieee")
             else:
                 acc += tl.sum(x[:, None, :] * a[None, :, :], axis=2)
-        tl.store(h_ptr + pid_s * stride_hs + rm[:, None] * stride_hm + rr[None, :], acc,
-                 mask=m_mask[:, None] & r_mask[None, :])
+        tl.store(
+            h_ptr + pid_s * stride_hs + rm[:, None] * stride_hm + rr[None, :],
+            acc,
+            mask=m_mask[:, None] & r_mask[None, :],
+        )
 
 
 MAX_SPLITS = 32  # the consumer loads all partials of a row in one [next_pow2(S), R] tile
@@ -67,8 +89,13 @@ def partials_view(buf: torch.Tensor | None, s: int, m: int, r: int, device) -> t
     return buf.view(-1)[: s * m * r].view(s, m, r)
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor | None = None, chunk: int | None = None,
-                block_m: int | None = None) -> torch.Tensor:
+def lora_shrink(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    out: torch.Tensor | None = None,
+    chunk: int | None = None,
+    block_m: int | None = None,
+) -> torch.Tensor:
     """x [M, K] (any float dtype), a [R, K] -> partials [S, M, R] fp32 with S = shrink_splits(K, chunk),
     written to the first S * M * R values of `out` (any fp32 buffer at least that large) if given.
 
@@ -91,6 +118,23 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor | None = Non
     bk = min(64, next_pow2(chunk)) if use_dot else min(256, next_pow2(chunk))
     br = 16
     grid = (s, triton.cdiv(r, br), triton.cdiv(m, bm))
-    _lora_shrink_kernel[grid](x, a, out, m, k, r, chunk, x.stride(0), a.stride(0), out.stride(0), out.stride(1),
-                              BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, USE_DOT=use_dot, num_warps=4, **pdl_launch())
+    _lora_shrink_kernel[grid](
+        x,
+        a,
+        out,
+        m,
+        k,
+        r,
+        chunk,
+        x.stride(0),
+        a.stride(0),
+        out.stride(0),
+        out.stride(1),
+        BLOCK_M=bm,
+        BLOCK_R=br,
+        BLOCK_K=bk,
+        USE_DOT=use_dot,
+        num_warps=4,
+        **pdl_launch(),
+    )
     return out

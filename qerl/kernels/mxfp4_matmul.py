@@ -5,6 +5,7 @@ implementation) with autograd for x only: the weight is frozen, and the backward
 re-dequantizes into the shared buffer (`dequant.py`) instead of saving anything.
 Reference: `qerl.quant.mxfp4.mxfp4_dequantize` + `F.linear`.
 """
+
 import torch
 
 from .dequant import fp4_matmul, fp4_matmul_grad

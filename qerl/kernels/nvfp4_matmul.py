@@ -5,13 +5,16 @@ implementation) with autograd for x only: the weight is frozen, and the backward
 re-dequantizes into the shared buffer (`dequant.py`) instead of saving anything.
 Reference: `qerl.quant.nvfp4.nvfp4_dequantize` + `F.linear`.
 """
+
 import torch
 
 from .dequant import fp4_matmul, fp4_matmul_grad
 
 
 @torch.library.custom_op("qerl::nvfp4_matmul", mutates_args=())
-def nvfp4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+def nvfp4_matmul(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor
+) -> torch.Tensor:
     return fp4_matmul("nvfp4", x, packed, scale, global_scale)
 
 
@@ -21,7 +24,9 @@ def _(x, packed, scale, global_scale):
 
 
 @torch.library.custom_op("qerl::nvfp4_matmul_grad", mutates_args=())
-def nvfp4_matmul_grad(g: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+def nvfp4_matmul_grad(
+    g: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor
+) -> torch.Tensor:
     return fp4_matmul_grad("nvfp4", g, packed, scale, global_scale)
 
 

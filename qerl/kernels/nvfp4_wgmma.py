@@ -20,6 +20,7 @@ Partial sums go to the fp32 workspace [split, M, N]; `fused_linear.linear_epilog
 version 7, whose LoRA shrink programs (`_shrink_row`) this kernel runs too.
 Plain-PyTorch reference: `qerl.quant.nvfp4.nvfp4_dequantize` + matmul (tests/test_nvfp4_wgmma.py).
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,8 +35,7 @@ if HAS_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-    from .nvfp4_mma import (_pair_planes, _shrink_layout, _shrink_row, _split_range, _store_partials,
-                            _word_scales)
+    from .nvfp4_mma import _pair_planes, _shrink_layout, _shrink_row, _split_range, _store_partials, _word_scales
 
     _BKW: gl.constexpr = gl.constexpr(32)
 
@@ -53,7 +53,7 @@ def _hopper(device: torch.device) -> bool:
     return HAS_GLUON and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layouts(nw: int, bm: int):
     """(accumulator, A operand, words as loaded, words as A's registers, the [BN, BKW/2, 2] scale-broadcast
     layout, scale bytes, x as loaded, x in shared memory) for BN = 16 * nw weight rows and bm rows of x.
@@ -67,10 +67,21 @@ def _layouts(nw: int, bm: int):
     # pair h: row + 8 (A's (8,0)), w0 (k 8), w1 (k 16), w4 (k 32)
     ld_reg = [(0, 1), (0, 2), (8, 0), (0, 16)]
     w_reg = [(8, 0), (0, 1), (0, 2), (0, 16)]
-    lin = lambda regs, shape: gl.DistributedLinearLayout([list(b) for b in regs], [list(b) for b in lanes],  # noqa: E731
-                                                         [list(b) for b in warps], [], shape)
+
+    def lin(regs, shape):
+        return gl.DistributedLinearLayout(
+            [list(b) for b in regs],
+            [list(b) for b in lanes],
+            [list(b) for b in warps],
+            [],
+            shape,
+        )
+
     ld_l, w_l = lin(ld_reg, [16 * nw, BKW]), lin(w_reg, [16 * nw, BKW])
-    split_w = lambda bs: [[n, w // 2, w % 2] for n, w in bs]  # noqa: E731
+
+    def split_w(bs):
+        return [[n, w // 2, w % 2] for n, w in bs]
+
     l3 = gl.DistributedLinearLayout(split_w(ld_reg), split_w(lanes), split_w(warps), [], [16 * nw, BKW // 2, 2])
     s_l = gl.SliceLayout(2, l3)
     x_l = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[1, 32], warps_per_cta=[nw, 1], order=[1, 0])
@@ -95,29 +106,124 @@ if HAS_GLUON:
         return gl.reshape(gl.permute(t, [0, 7, 8, 1, 4, 5, 2, 3, 6]), [BM, 256])
 
     @gluon.jit
-    def _wg_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, a_ptr, h_ptr, M, N, KW, k_per_split, n1, n2, R_SH,
-                   stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm, stride_ar, stride_hs, stride_hm,
-                   BM: gl.constexpr, BN: gl.constexpr, C_L: gl.constexpr, A_L: gl.constexpr,
-                   LD_L: gl.constexpr, W_L: gl.constexpr, L3: gl.constexpr, S_L: gl.constexpr,
-                   X_L: gl.constexpr, XS_L: gl.constexpr, SH_L: gl.constexpr, SHRINK: gl.constexpr = False,
-                   PDL: gl.constexpr = False):
+    def _wg_kernel(
+        x_ptr,
+        w_ptr,
+        s_ptr,
+        gs_ptr,
+        ws_ptr,
+        a_ptr,
+        h_ptr,
+        M,
+        N,
+        KW,
+        k_per_split,
+        n1,
+        n2,
+        R_SH,
+        stride_xm,
+        stride_ww,
+        stride_sn,
+        stride_wss,
+        stride_wsm,
+        stride_ar,
+        stride_hs,
+        stride_hm,
+        BM: gl.constexpr,
+        BN: gl.constexpr,
+        C_L: gl.constexpr,
+        A_L: gl.constexpr,
+        LD_L: gl.constexpr,
+        W_L: gl.constexpr,
+        L3: gl.constexpr,
+        S_L: gl.constexpr,
+        X_L: gl.constexpr,
+        XS_L: gl.constexpr,
+        SH_L: gl.constexpr,
+        SHRINK: gl.constexpr = False,
+        PDL: gl.constexpr = False,
+    ):
         """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32); with
         SHRINK the first R_SH programs of each split write the LoRA shrink's partials instead; PDL: launched as
         a programmatic dependent (as version 7)."""
         pid, k_lo, k_hi = _split_range(KW, k_per_split, PDL)
         if SHRINK and pid < R_SH:  # (SHRINK False: no branch, every program a tile program)
-            _shrink_row(x_ptr, a_ptr, h_ptr, pid, M, k_lo * 8, k_hi * 8, stride_xm, stride_ar,
-                        gl.program_id(1) * stride_hs, stride_hm, BM, SH_L)
+            _shrink_row(
+                x_ptr,
+                a_ptr,
+                h_ptr,
+                pid,
+                M,
+                k_lo * 8,
+                k_hi * 8,
+                stride_xm,
+                stride_ar,
+                gl.program_id(1) * stride_hs,
+                stride_hm,
+                BM,
+                SH_L,
+            )
         else:
-            _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid - R_SH if SHRINK else pid, k_lo, k_hi, M, N, n1, n2,
-                     stride_xm, stride_ww, stride_sn, stride_wss, stride_wsm, BM, BN, C_L, A_L, LD_L, W_L, L3, S_L,
-                     X_L, XS_L)
+            _wg_tile(
+                x_ptr,
+                w_ptr,
+                s_ptr,
+                gs_ptr,
+                ws_ptr,
+                pid - R_SH if SHRINK else pid,
+                k_lo,
+                k_hi,
+                M,
+                N,
+                n1,
+                n2,
+                stride_xm,
+                stride_ww,
+                stride_sn,
+                stride_wss,
+                stride_wsm,
+                BM,
+                BN,
+                C_L,
+                A_L,
+                LD_L,
+                W_L,
+                L3,
+                S_L,
+                X_L,
+                XS_L,
+            )
 
     @gluon.jit
-    def _wg_tile(x_ptr, w_ptr, s_ptr, gs_ptr, ws_ptr, pid_n, k_lo, k_hi, M, N, n1, n2, stride_xm,
-                 stride_ww, stride_sn, stride_wss, stride_wsm, BM: gl.constexpr, BN: gl.constexpr,
-                 C_L: gl.constexpr, A_L: gl.constexpr, LD_L: gl.constexpr, W_L: gl.constexpr, L3: gl.constexpr,
-                 S_L: gl.constexpr, X_L: gl.constexpr, XS_L: gl.constexpr):
+    def _wg_tile(
+        x_ptr,
+        w_ptr,
+        s_ptr,
+        gs_ptr,
+        ws_ptr,
+        pid_n,
+        k_lo,
+        k_hi,
+        M,
+        N,
+        n1,
+        n2,
+        stride_xm,
+        stride_ww,
+        stride_sn,
+        stride_wss,
+        stride_wsm,
+        BM: gl.constexpr,
+        BN: gl.constexpr,
+        C_L: gl.constexpr,
+        A_L: gl.constexpr,
+        LD_L: gl.constexpr,
+        W_L: gl.constexpr,
+        L3: gl.constexpr,
+        S_L: gl.constexpr,
+        X_L: gl.constexpr,
+        XS_L: gl.constexpr,
+    ):
         """One [BN weight rows, BM rows of x] tile: per step x goes to shared memory (4 planes, all warps), the
         words are decoded into A's registers, 4 wgmmas (one a plane) read x there. (A second x buffer, the
         wgmmas of a step left running into the next one, was measured: rarely faster, and racy with 2
@@ -186,19 +292,42 @@ def wgmma_constexprs(m: int, cfg: dict, shrink: bool, pdl: bool = False) -> dict
     nw = cfg["num_warps"]
     bm = max(16, 1 << (m - 1).bit_length())
     acc, a_op, ld_l, w_l, l3, s_l, x_l, xs_l = _layouts(nw, bm)
-    return dict(BM=bm, BN=16 * nw, C_L=acc, A_L=a_op, LD_L=ld_l, W_L=w_l, L3=l3, S_L=s_l, X_L=x_l, XS_L=xs_l,
-                SH_L=_shrink_layout(nw), SHRINK=shrink, PDL=pdl)
+    return dict(
+        BM=bm,
+        BN=16 * nw,
+        C_L=acc,
+        A_L=a_op,
+        LD_L=ld_l,
+        W_L=w_l,
+        L3=l3,
+        S_L=s_l,
+        X_L=x_l,
+        XS_L=xs_l,
+        SH_L=_shrink_layout(nw),
+        SHRINK=shrink,
+        PDL=pdl,
+    )
 
 
-def wgmma_partials(x: torch.Tensor, w32: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
-                   n1: int, n2: int, cfg: dict, ws: torch.Tensor, lora_A: torch.Tensor | None = None,
-                   h: torch.Tensor | None = None) -> torch.Tensor:
+def wgmma_partials(
+    x: torch.Tensor,
+    w32: torch.Tensor,
+    scale: torch.Tensor,
+    global_scale: torch.Tensor,
+    n1: int,
+    n2: int,
+    cfg: dict,
+    ws: torch.Tensor,
+    lora_A: torch.Tensor | None = None,
+    h: torch.Tensor | None = None,
+) -> torch.Tensor:
     """As `nvfp4_mma.mma_partials` (same arguments and outputs), by version 8: up to WG_MAX_M rows."""
     r_sh, args = partials_args(x, w32, scale, global_scale, n1, n2, ws, lora_A, h, WG_MAX_M, BKW, 8)
     pdl = pdl_launch()["PDL"]
     const = wgmma_constexprs(x.shape[0], cfg, shrink=r_sh > 0, pdl=pdl)
-    _wg_kernel[(-(-w32.shape[0] // const["BN"]) + r_sh, ws.shape[0])](*args, num_warps=cfg["num_warps"],
-                                                                     launch_pdl=pdl, **const)
+    _wg_kernel[(-(-w32.shape[0] // const["BN"]) + r_sh, ws.shape[0])](
+        *args, num_warps=cfg["num_warps"], launch_pdl=pdl, **const
+    )
     return ws
 
 

@@ -6,6 +6,7 @@
 matches `qerl.modeling.RMSNorm` (fp32 weight and arithmetic) up to the order of the
 sum of squares.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,20 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, H, eps, stride_x, stride_d, stride_y,
-                            HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    def _add_rmsnorm_kernel(
+        x_ptr,
+        d_ptr,
+        w_ptr,
+        y_ptr,
+        H,
+        eps,
+        stride_x,
+        stride_d,
+        stride_y,
+        HAS_DELTA: tl.constexpr,
+        BLOCK: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
         pdl_wait(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
@@ -35,16 +48,32 @@ if HAS_TRITON:
         tl.store(y_ptr + row * stride_y + cols, (w * h).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+def add_rmsnorm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    delta: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x [M, H] (updated in place when delta is given) -> normed [M, H]."""
     require(x, weight, what="the RMSNorm kernel")
     m, h = x.shape
     if out is None:
         out = torch.empty_like(x)
     block = next_pow2(h)
-    _add_rmsnorm_kernel[(m,)](x, delta if delta is not None else x, weight, out, h, float(eps),
-                              x.stride(0), delta.stride(0) if delta is not None else 0, out.stride(0),
-                              HAS_DELTA=delta is not None, BLOCK=block, num_warps=8 if block >= 4096 else 4,
-                              **pdl_launch())
+    _add_rmsnorm_kernel[(m,)](
+        x,
+        delta if delta is not None else x,
+        weight,
+        out,
+        h,
+        float(eps),
+        x.stride(0),
+        delta.stride(0) if delta is not None else 0,
+        out.stride(0),
+        HAS_DELTA=delta is not None,
+        BLOCK=block,
+        num_warps=8 if block >= 4096 else 4,
+        **pdl_launch(),
+    )
     return out

@@ -6,6 +6,7 @@ captured in a CUDA graph and replayed at every position). Rotary positions are p
 row (left padding). Roundings follow `qerl.modeling.apply_rope` in the activation
 dtype: cos/sin rounded to the dtype, each product rounded, then the sum.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,9 +18,25 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rope_cache_kernel(qkv_ptr, pos_ptr, slot_ptr, inv_ptr, q_ptr, k_ptr, v_ptr,
-                           HQ, HKV, stride_qkv, stride_qb, stride_qh,
-                           stride_kb, stride_kh, stride_ks, D: tl.constexpr, PDL: tl.constexpr = False):
+    def _rope_cache_kernel(
+        qkv_ptr,
+        pos_ptr,
+        slot_ptr,
+        inv_ptr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        HQ,
+        HKV,
+        stride_qkv,
+        stride_qb,
+        stride_qh,
+        stride_kb,
+        stride_kh,
+        stride_ks,
+        D: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
         pdl_wait(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)  # 0..HQ-1: a q head; HQ..HQ+HKV-1: a kv head
@@ -50,9 +67,18 @@ if HAS_TRITON:
             tl.store(v_ptr + off + HALF + i, tl.load(vsrc + HALF + i))
 
 
-def rope_cache(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, inv_freq: torch.Tensor,
-               k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
-               q_out: torch.Tensor | None = None) -> torch.Tensor:
+def rope_cache(
+    qkv: torch.Tensor,
+    pos: torch.Tensor,
+    slot: torch.Tensor,
+    inv_freq: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """qkv [B, (Hq+2Hkv)*D]; k_cache/v_cache [B_cap, Hkv, S, D] (one layer); -> q [B, Hq, D]."""
     require(qkv, what="the rope/cache kernel")
     b = qkv.shape[0]
@@ -61,7 +87,23 @@ def rope_cache(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, inv_fre
     if k_cache.stride(3) != 1 or qkv.stride(1) != 1:
         raise ValueError("rope_cache: head_dim must be the contiguous dimension")
     _rope_cache_kernel[(b, num_heads + num_kv_heads)](
-        qkv, pos, slot, inv_freq, q_out, k_cache, v_cache, num_heads, num_kv_heads,
-        qkv.stride(0), q_out.stride(0), q_out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        D=head_dim, num_warps=1, **pdl_launch())
+        qkv,
+        pos,
+        slot,
+        inv_freq,
+        q_out,
+        k_cache,
+        v_cache,
+        num_heads,
+        num_kv_heads,
+        qkv.stride(0),
+        q_out.stride(0),
+        q_out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        D=head_dim,
+        num_warps=1,
+        **pdl_launch(),
+    )
     return q_out

@@ -8,6 +8,7 @@ The rounding thresholds are round-to-nearest-even on the E2M1 grid, written out
 as compressed-tensors writes them; do not "simplify" them into an argmin, which
 breaks the ties (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4).
 """
+
 import torch
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)

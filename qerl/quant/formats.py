@@ -4,8 +4,9 @@ Every format maps a [N, K] weight to a dict of named tensors (the names used in
 checkpoints) and back. bf16 is the unquantized LoRA baseline: its dict holds the
 weight itself.
 """
+
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -11,6 +11,7 @@ saves no activation for the frozen base and re-dequantizes in backward, so train
 memory stays at the packed size. Fast GPU kernels plug in behind the same module
 through `backend` (see `qerl.kernels`); the reference path works everywhere.
 """
+
 import math
 import warnings
 
@@ -36,12 +37,21 @@ class _DequantMatmul(torch.autograd.Function):
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, fmt: str = "nvfp4", bias: bool = False,
-                 device=None, dtype=torch.bfloat16):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fmt: str = "nvfp4",
+        bias: bool = False,
+        device=None,
+        dtype=torch.bfloat16,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.format = get_format(fmt)
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+        )
         self.lora_rank = 0
         self.lora_scaling = 0.0
         self.lora_A: nn.Parameter | None = None
@@ -63,11 +73,22 @@ class QuantLinear(nn.Module):
 
     # --- weights -----------------------------------------------------------
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, fmt: str = "nvfp4", bias: torch.Tensor | None = None,
-                    global_scale: torch.Tensor | None = None) -> "QuantLinear":
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        fmt: str = "nvfp4",
+        bias: torch.Tensor | None = None,
+        global_scale: torch.Tensor | None = None,
+    ) -> "QuantLinear":
         out_f, in_f = weight.shape
-        m = cls(in_f, out_f, fmt, bias=bias is not None, device=weight.device,
-                dtype=bias.dtype if bias is not None else torch.bfloat16)
+        m = cls(
+            in_f,
+            out_f,
+            fmt,
+            bias=bias is not None,
+            device=weight.device,
+            dtype=bias.dtype if bias is not None else torch.bfloat16,
+        )
         m.set_weight(weight, global_scale=global_scale)
         if bias is not None:
             m.bias.data.copy_(bias.detach())
@@ -105,7 +126,9 @@ class QuantLinear(nn.Module):
         """A: Kaiming-uniform (as PEFT), B: zeros, so a fresh adapter changes nothing."""
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
-        device = self.quantized_tensors()["weight_packed" if "weight_packed" in self.quantized_tensors() else "weight"].device
+        device = self.quantized_tensors()[
+            "weight_packed" if "weight_packed" in self.quantized_tensors() else "weight"
+        ].device
         self.lora_rank = rank
         self.lora_scaling = (alpha if alpha is not None else rank) / rank
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
@@ -157,8 +180,10 @@ class QuantLinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, format={self.format.name}, "
-                f"bias={self.bias is not None}, lora_rank={self.lora_rank}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, format={self.format.name}, "
+            f"bias={self.bias is not None}, lora_rank={self.lora_rank}"
+        )
 
 
 def warn_unquantized(name: str, k: int, block: int, fmt: str):

@@ -7,6 +7,7 @@ offset by floor(log2(6)) = 2 so the block's largest values land in E2M1's range.
 Values that still exceed 6 after scaling saturate, which is part of the format.
 Scales are stored biased by 127 in uint8: scale = 2 ** (e - 127).
 """
+
 import torch
 
 from .e2m1 import decode_packed, e2m1_encode, e2m1_lut, pack_nibbles

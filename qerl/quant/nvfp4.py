@@ -9,6 +9,7 @@ decides the last bit of the FP8 scales:
     code         = rne_e2m1(W / (float(block_scale) / global_scale))
     W'           = e2m1(code) * (float(block_scale) / global_scale)
 """
+
 import torch
 
 from .e2m1 import E2M1_MAX, decode_packed, e2m1_encode, e2m1_lut, pack_nibbles

@@ -1,4 +1,5 @@
 """RL pieces the trainer composes: advantages, the policy loss, rollout-side corrections."""
+
 from .advantages import group_advantages
 from .losses import LossConfig, chunked_logprobs_and_entropy, k3_kl, policy_loss
 from .sampling import dynamic_sampling_keep, fill_batch, importance_weights, overlong_mask

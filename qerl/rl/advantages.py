@@ -13,6 +13,7 @@ GRPO estimator use (`torch.std` default). The paper writes "std" without saying
 which; for G = 8 the two differ by a factor sqrt(8/7) ~ 1.07 on every advantage,
 which a tuned learning rate absorbs but which matters when comparing runs.
 """
+
 import torch
 
 

@@ -19,6 +19,7 @@ Departures from the papers / released code:
   positions are zeroed with `torch.where` BEFORE `exp`, so garbage (even NaN)
   log-probs under the mask reach neither the loss nor its gradient.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -144,12 +145,12 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         logp = torch.empty(n, dtype=cdt, device=hidden.device)  # [N]
         entropy = torch.empty(n, dtype=cdt, device=hidden.device)  # [N]
         for s in range(0, n, chunk_tokens):
-            z = _scaled_logits(hidden[s:s + chunk_tokens].to(mdt), w, bias, temperature, cdt)  # [c, V]
+            z = _scaled_logits(hidden[s : s + chunk_tokens].to(mdt), w, bias, temperature, cdt)  # [c, V]
             lse = torch.logsumexp(z, dim=-1)  # [c]
-            t = targets[s:s + chunk_tokens]  # [c]
-            logp[s:s + chunk_tokens] = z.gather(1, t.unsqueeze(1)).squeeze(1) - lse
+            t = targets[s : s + chunk_tokens]  # [c]
+            logp[s : s + chunk_tokens] = z.gather(1, t.unsqueeze(1)).squeeze(1) - lse
             p = torch.softmax(z, dim=-1)  # [c, V]
-            entropy[s:s + chunk_tokens] = lse - _rowdot(p, z)
+            entropy[s : s + chunk_tokens] = lse - _rowdot(p, z)
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk_tokens, ctx.temperature = chunk_tokens, temperature
         return logp, entropy
@@ -167,18 +168,18 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None  # [V, H]
         grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None  # [V]
         for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s:s + chunk].to(mdt)  # [c, H]
-            g1 = grad_logp[s:s + chunk].to(cdt).unsqueeze(1)  # [c, 1]
-            g2 = grad_entropy[s:s + chunk].to(cdt).unsqueeze(1)  # [c, 1]
+            h = hidden[s : s + chunk].to(mdt)  # [c, H]
+            g1 = grad_logp[s : s + chunk].to(cdt).unsqueeze(1)  # [c, 1]
+            g2 = grad_entropy[s : s + chunk].to(cdt).unsqueeze(1)  # [c, 1]
             z = _scaled_logits(h, w, bias, temp, cdt)  # [c, V]
             p = torch.softmax(z, dim=-1)  # [c, V]
             # dz = g1 * (onehot - p) - g2 * p * (z - E_p[z]), built in place in z.
             z.sub_(_rowdot(p, z).unsqueeze(1)).mul_(p).mul_(-g2)
             z.sub_(p.mul_(g1))
-            z.scatter_add_(1, targets[s:s + chunk].unsqueeze(1), g1)
+            z.scatter_add_(1, targets[s : s + chunk].unsqueeze(1), g1)
             dlogits = z.div_(temp)  # [c, V], gradient w.r.t. the unscaled logits
             if need_h:
-                grad_h[s:s + chunk] = (dlogits.to(mdt) @ w).to(hidden.dtype)
+                grad_h[s : s + chunk] = (dlogits.to(mdt) @ w).to(hidden.dtype)
             if need_w:
                 grad_w.add_(dlogits.T.to(mdt) @ h)
             if need_b:
@@ -187,7 +188,9 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
             grad_h,
             grad_w.to(weight.dtype) if need_w else None,
             grad_b.to(bias.dtype) if need_b else None,
-            None, None, None,
+            None,
+            None,
+            None,
         )
 
 

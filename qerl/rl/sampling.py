@@ -13,6 +13,7 @@ zero gradient) and samples again until the batch is full. `fill_batch` returns a
 partial batch when `max_rounds` is exhausted instead of raising (verl's recipe
 raises): the trainer sees `stats["filled"] == 0` and decides.
 """
+
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
