@@ -13,11 +13,12 @@ import json
 
 import torch
 
-from qerl.bench import fused_layer_shapes, graph_time_us
+from qerl.bench import graph_time_us
 from qerl.kernels.fused_linear import linear_epilogue
 from qerl.kernels.lora_shrink import lora_shrink, shrink_chunk
 from qerl.kernels.nvfp4_mma import mma_config
 from qerl.kernels.nvfp4_wgmma import wgmma_config
+from qerl.modeling import ModelArgs
 
 
 def main():
@@ -36,7 +37,7 @@ def main():
         return sweep_v8(a)
     torch.manual_seed(0)
     results = []
-    for name, (n_rows, k, glu) in fused_layer_shapes(a.model).items():
+    for name, (n_rows, k, glu) in ModelArgs.from_name(a.model).fused_linear_shapes().items():
         nmod = 3 if name == "qkv" else (2 if glu else 1)
         n = n_rows // 2 if glu else n_rows
         seg = (n_rows * 7 // 9, n_rows * 8 // 9) if name == "qkv" else None
@@ -101,7 +102,7 @@ def _exact(p, bias, h, B, seg, glu):
 def sweep_v8(a):
     """The epilogue launch after version 8 (h partials: one a split), tiles (rows, columns, warps) a program."""
     results = []
-    for name, (n_rows, k, glu) in fused_layer_shapes(a.model).items():
+    for name, (n_rows, k, glu) in ModelArgs.from_name(a.model).fused_linear_shapes().items():
         nmod = 3 if name == "qkv" else (2 if glu else 1)
         n = n_rows // 2 if glu else n_rows
         seg = (n_rows * 7 // 9, n_rows * 8 // 9) if name == "qkv" else None

@@ -15,8 +15,9 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from qerl.bench import NullTokenizer, build_random_model, model_args
+from qerl.bench import NullTokenizer, build_random_model
 from qerl.engine_cuda import CudaEngine
+from qerl.modeling import ModelArgs
 
 
 def kernel_family(name: str) -> str:
@@ -92,7 +93,7 @@ def main():
         help="LoRA shrink inside the split-K decode kernels (engine default: on)",
     )
     a = ap.parse_args()
-    args = model_args(a.model)
+    args = ModelArgs.from_name(a.model)
     res = []
     for q in a.quant.split(","):
         model = build_random_model(args, q, 16)

@@ -26,10 +26,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from qerl.bench import fused_layer_shapes
 from qerl.kernels import fused_linear as fl
 from qerl.kernels import nvfp4_mma, nvfp4_wgmma
 from qerl.kernels._triton import disassemble, main_loop
+from qerl.modeling import ModelArgs
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -143,7 +143,7 @@ def main():
     ap.add_argument("--mma", action="store_true", help="version 7 (Gluon, register-fed MMA) for the rows it takes")
     ap.add_argument("--wgmma", action="store_true", help="version 8 (Gluon, warpgroup MMA) for the rows it takes")
     a = ap.parse_args()
-    shapes = fused_layer_shapes(a.model)
+    shapes = ModelArgs.from_name(a.model).fused_linear_shapes()
     for name in a.shapes.split(","):
         n_rows, k, glu = shapes[name]
         n = n_rows // 2 if glu else n_rows  # output rows, as fused_linear counts them

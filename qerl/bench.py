@@ -29,20 +29,6 @@ import torch
 
 from .modeling import ModelArgs
 
-CONFIGS = {  # REFERENCE.md section 7
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4),
-    "qwen2.5-14b": dict(hidden_size=5120, intermediate_size=13824, num_layers=48, num_heads=40, num_kv_heads=8),
-    "qwen2.5-32b": dict(hidden_size=5120, intermediate_size=27648, num_layers=64, num_heads=40, num_kv_heads=8),
-}
-
-
-def fused_layer_shapes(name: str) -> dict[str, tuple[int, int, bool]]:
-    """The decode engine's four fused linears of a CONFIGS model: name -> (packed weight rows, K, GLU)."""
-    c = CONFIGS[name.lower()]
-    h, i = c["hidden_size"], c["intermediate_size"]
-    kvd = c["num_kv_heads"] * h // c["num_heads"]
-    return {"qkv": (h + 2 * kvd, h, False), "o": (h, h, False), "gate|up": (2 * i, h, True), "down": (h, i, False)}
-
 
 def graph_time_us(fn) -> float:
     """Median time of `fn` in microseconds over CUDA-graph replays (about 30 ms of them): the kernel
@@ -53,7 +39,7 @@ def graph_time_us(fn) -> float:
 
 
 def random_nvfp4_layers(name: str, only: str | None = None, device: str = "cuda"):
-    """Kernel benchmarks' inputs: for each of `fused_layer_shapes(name)` (or the comma-separated `only`), random
+    """Kernel benchmarks' inputs: for each of `ModelArgs.from_name(name).fused_linear_shapes()` (or the comma-separated `only`), random
     weights (std 0.02) quantized to NVFP4, one layer at a time. Yields namespaces with name, n (packed rows),
     k, glu, q (the quantized tensors), wb (the bf16 weight), gs (global scale per segment) and nbytes
     (packed weight + scale bytes)."""
@@ -61,7 +47,7 @@ def random_nvfp4_layers(name: str, only: str | None = None, device: str = "cuda"
 
     from .quant import nvfp4_quantize
 
-    for layer, (n, k, glu) in fused_layer_shapes(name).items():
+    for layer, (n, k, glu) in ModelArgs.from_name(name).fused_linear_shapes().items():
         if only and layer not in only.split(","):
             continue
         w = torch.randn(n, k, device=device) * 0.02
@@ -78,25 +64,6 @@ def random_nvfp4_layers(name: str, only: str | None = None, device: str = "cuda"
             gs=q["weight_global_scale"].reshape(1).repeat(2 if glu else 1),
             nbytes=q["weight_packed"].numel() + q["weight_scale"].numel(),
         )
-
-
-def model_args(name_or_path: str) -> ModelArgs:
-    key = name_or_path.lower()
-    if key in CONFIGS:
-        c = CONFIGS[key]
-        return ModelArgs(
-            model_type="qwen2",
-            vocab_size=152064,
-            head_dim=c["hidden_size"] // c["num_heads"],
-            rms_norm_eps=1e-6,
-            rope_theta=1e6,
-            attention_bias=True,
-            **c,
-        )
-    from transformers import AutoConfig
-
-    p = Path(name_or_path)
-    return ModelArgs.from_hf(AutoConfig.from_pretrained(p.parent if p.name == "config.json" else p))
 
 
 class RandomSource:
@@ -361,7 +328,7 @@ def run_rollout_bench(
         from .kernels import KernelUnavailable
 
         raise KernelUnavailable("qerl bench rollout needs a CUDA GPU")
-    args = model_args(model_config)
+    args = ModelArgs.from_name(model_config)
     bw = copy_bandwidth()
     dev = torch.cuda.get_device_name()
     print(

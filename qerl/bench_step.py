@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from .bench import NullTokenizer, build_random_model, model_args
+from .bench import NullTokenizer, build_random_model
 from .config import Config, load_config
 from .data import Record
+from .modeling import ModelArgs
 from .plan import linear_shapes, plan_memory
 
 
@@ -273,7 +274,7 @@ def run_step_bench(
     parse_lengths(lengths, gen_len)  # a bad spec fails before any model is built
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    args = model_args(model_config)
+    args = ModelArgs.from_name(model_config)
     peak = matmul_peak(dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(

@@ -193,14 +193,14 @@ def plan(
     """Estimate GPU memory for a training run, component by component, before starting it."""
     import torch
 
-    from .bench import model_args
     from .config import load_config
+    from .modeling import ModelArgs
     from .plan import plan_memory
 
     cfg = load_config(config, ctx.args)
     if gpu_mem is None and torch.cuda.is_available():
         gpu_mem = torch.cuda.get_device_properties(0).total_memory / 1e9
-    args = model_args(model_config or _model_dir(cfg.model.name))
+    args = ModelArgs.from_name(model_config or _model_dir(cfg.model.name))
     p = plan_memory(args, cfg, prompt_len=prompt_len, available_gb=gpu_mem)
     print(
         f"memory plan: {model_config or cfg.model.name}, {cfg.model.quant} + LoRA r={cfg.model.lora_rank}, "

@@ -49,9 +49,9 @@ from .checkpoint import (
     write_config,
 )
 from .errors import QerlError
-from .loading import _PARENT, FUSED_GROUPS, SafetensorsSource, default_device, load_model, model_dir
+from .loading import SafetensorsSource, default_device, load_model, model_dir
 from .lora import PEFT_PREFIX, load_adapter, quant_linears
-from .modeling import CausalLM, ModelArgs
+from .modeling import FUSED_GROUPS, CausalLM, ModelArgs, linear_path
 from .quant import get_format
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _groups(args: ModelArgs):
     """Module paths of each fused group of decoder Linears, layer by layer."""
     for i in range(args.num_layers):
         for group in FUSED_GROUPS:
-            yield [f"model.layers.{i}.{_PARENT[n]}.{n}" for n in group]
+            yield [linear_path(i, n) for n in group]
 
 
 def _linear_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:

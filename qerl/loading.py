@@ -36,23 +36,13 @@ from torch import nn
 from .checkpoint import detect_quantized, quantize_group, read_quantized
 from .errors import QerlError
 from .lora import add_lora
-from .modeling import LINEAR_NAMES, CausalLM, ModelArgs
+from .modeling import FUSED_GROUPS, LINEAR_NAMES, CausalLM, ModelArgs, linear_path
 from .quant import QuantLinear, get_format
 from .utils import configure_cpu_threads, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
-_PARENT = {
-    "q_proj": "self_attn",
-    "k_proj": "self_attn",
-    "v_proj": "self_attn",
-    "o_proj": "self_attn",
-    "gate_proj": "mlp",
-    "up_proj": "mlp",
-    "down_proj": "mlp",
-}
 
 
 # --- where the tensors come from -------------------------------------------------
@@ -205,7 +195,7 @@ def build_quantized(args: ModelArgs, source, quant: str, device, dtype, targets=
     with torch.device("meta"):
         model = CausalLM(args)
     keys = set(source.keys())
-    target_weights = {f"model.layers.{i}.{_PARENT[n]}.{n}" for i in range(args.num_layers) for n in targets}
+    target_weights = {linear_path(i, n) for i in range(args.num_layers) for n in targets}
 
     missing = []
     for name, p in list(model.named_parameters()):
@@ -232,7 +222,7 @@ def build_quantized(args: ModelArgs, source, quant: str, device, dtype, targets=
             names = [n for n in group if n in targets]
             if not names:
                 continue
-            paths = [f"model.layers.{i}.{_PARENT[n]}.{n}" for n in names]
+            paths = [linear_path(i, n) for n in names]
             shapes = [tuple(model.get_submodule(p).weight.shape) for p in paths]  # [N, K]
             # A quantized checkpoint's tensors as stored (None where it keeps a Linear in full precision).
             stored = [source.quantized(p, s) for p, s in zip(paths, shapes)]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import QerlError
+from .modeling import FUSED_GROUPS
 from .quant import QuantLinear
 
 PEFT_PREFIX = "base_model.model."
@@ -150,7 +151,6 @@ def merge_lora(model: nn.Module, quant: str | None = None):
     gate/up) are re-quantized together so they share one NVFP4 global scale, as vLLM needs.
     """
     from .checkpoint import quantize_group
-    from .loading import FUSED_GROUPS
     from .quant import get_format
 
     group_of = {leaf: g for g in FUSED_GROUPS for leaf in g}

@@ -23,6 +23,47 @@ from .packing import Packed, packed_attention
 
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Projections that read the same input: quantized on load as one group (one shared NVFP4 global scale, as
+# vLLM fuses them) and run by the decode engine as one launch each.
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+_LINEAR_PARENT = dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj"), "self_attn") | dict.fromkeys(
+    ("gate_proj", "up_proj", "down_proj"), "mlp"
+)
+
+
+def linear_path(layer: int, name: str) -> str:
+    """The module path of projection `name` of decoder layer `layer` (HF names: model.layers.3.mlp.up_proj)."""
+    return f"model.layers.{layer}.{_LINEAR_PARENT[name]}.{name}"
+
+
+# Published shapes of the models the planner and the random-weight benchmarks know by name (docs/formats.md,
+# "Model shapes"), with the hub id each name stands for.
+KNOWN_MODELS = {
+    "qwen2.5-7b": dict(
+        hub="Qwen/Qwen2.5-7B-Instruct",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+    ),
+    "qwen2.5-14b": dict(
+        hub="Qwen/Qwen2.5-14B-Instruct",
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_layers=48,
+        num_heads=40,
+        num_kv_heads=8,
+    ),
+    "qwen2.5-32b": dict(
+        hub="Qwen/Qwen2.5-32B-Instruct",
+        hidden_size=5120,
+        intermediate_size=27648,
+        num_layers=64,
+        num_heads=40,
+        num_kv_heads=8,
+    ),
+}
 
 
 @dataclass
@@ -41,6 +82,40 @@ class ModelArgs:
     attention_bias: bool = False
     qk_norm: bool = False
     tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_name(cls, name_or_path: str) -> ModelArgs:
+        """A `KNOWN_MODELS` name or hub id (no download), else a HF config (directory, config.json or hub id)."""
+        key = name_or_path.lower()
+        for name, c in KNOWN_MODELS.items():
+            if key in (name, c["hub"].lower()):
+                shape = {k: v for k, v in c.items() if k != "hub"}
+                return cls(
+                    model_type="qwen2",
+                    vocab_size=152064,
+                    head_dim=c["hidden_size"] // c["num_heads"],
+                    rms_norm_eps=1e-6,
+                    rope_theta=1e6,
+                    attention_bias=True,
+                    **shape,
+                )
+        from pathlib import Path
+
+        from transformers import AutoConfig
+
+        p = Path(name_or_path)
+        return cls.from_hf(AutoConfig.from_pretrained(p.parent if p.name == "config.json" else p))
+
+    def fused_linear_shapes(self) -> dict[str, tuple[int, int, bool]]:
+        """The decode engine's four fused linears of one layer: name -> (weight rows, K, gate|up)."""
+        h, i, kvd = self.hidden_size, self.intermediate_size, self.num_kv_heads * self.head_dim
+        qd = self.num_heads * self.head_dim
+        return {
+            "qkv": (qd + 2 * kvd, h, False),
+            "o": (h, qd, False),
+            "gate|up": (2 * i, h, True),
+            "down": (h, i, False),
+        }
 
     @classmethod
     def from_hf(cls, config) -> ModelArgs:

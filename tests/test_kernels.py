@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import qkv_lora
 
-from qerl.bench import CONFIGS
+from qerl.modeling import KNOWN_MODELS, ModelArgs
 from qerl.quant import QuantLinear, mxfp4_dequantize, mxfp4_quantize, nvfp4_dequantize, nvfp4_quantize
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -77,15 +77,15 @@ def test_fused_linear_odd_shapes(fmt, dtype, m):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("model", sorted(CONFIGS))
+@pytest.mark.parametrize("model", sorted(KNOWN_MODELS))
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_real_layer_shapes(model, fmt):
     """Every Linear shape of Qwen2.5-7B/14B/32B, decode (M=1, 8, 64) and dequantize+cuBLAS (M=200)."""
     from qerl.kernels import mxfp4_matmul, nvfp4_matmul  # noqa: F401  (register the ops)
     from qerl.kernels.dequant import dequantize
 
-    c = CONFIGS[model]
-    h, i, kvd = c["hidden_size"], c["intermediate_size"], c["num_kv_heads"] * c["hidden_size"] // c["num_heads"]
+    c = ModelArgs.from_name(model)
+    h, i, kvd = c.hidden_size, c.intermediate_size, c.num_kv_heads * c.head_dim
     for n, k in {(h, h), (kvd, h), (i, h), (h, i)}:
         d, w = _quantized(fmt, n, k)
         deq = torch.full((n, k), float("nan"), device="cuda", dtype=torch.bfloat16)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from qerl.bench import model_args
 from qerl.config import load_config
+from qerl.modeling import ModelArgs
 from qerl.plan import GB, plan_memory
 
 
@@ -11,7 +11,7 @@ from qerl.plan import GB, plan_memory
 def test_model_sizes_match_published(name, nvfp4_gb, bf16_gb):
     cfg = load_config(None, {"model": {"lora_rank": 16}})
     for quant, want in (("nvfp4", nvfp4_gb), ("bf16", bf16_gb)):
-        c = plan_memory(model_args(name), cfg, quant=quant).components
+        c = plan_memory(ModelArgs.from_name(name), cfg, quant=quant).components
         size = (c[f"weights ({quant}, decoder Linears)"] + c["embeddings + lm_head (bf16)"]) / GB
         assert size == pytest.approx(want, rel=0.03), (quant, size)
 
@@ -25,8 +25,8 @@ def test_32b_fits_one_80gb_gpu_only_in_nvfp4():
             "optim": {"micro_batch_size": 4},
         },
     )
-    assert plan_memory(model_args("qwen2.5-32b"), cfg, available_gb=80).fits is True
-    assert plan_memory(model_args("qwen2.5-32b"), cfg, available_gb=80, quant="bf16").fits is False
+    assert plan_memory(ModelArgs.from_name("qwen2.5-32b"), cfg, available_gb=80).fits is True
+    assert plan_memory(ModelArgs.from_name("qwen2.5-32b"), cfg, available_gb=80, quant="bf16").fits is False
 
 
 def test_bench_rejects_unknown_engine_option_before_any_work():
