@@ -27,7 +27,7 @@ Writing. `quantize_group` is the one per-group quantization rule, shared with th
 members of a fused group (q/k/v, gate/up) share the minimum of their global scales, as
 llm-compressor does, because vLLM fuses them into one GEMM with one tensor scale.
 `ShardedWriter` streams tensors into safetensors shards plus the index, and
-`ct_quantization_config` is the config.json entry of REFERENCE.md section 1 (weight-only
+`ct_quantization_config` is the config.json entry of `docs/formats.md` section 1 (weight-only
 "NVFP4A16" / "MXFP4A16").
 """
 

@@ -1,6 +1,6 @@
 """`qerl quantize` and `qerl export`: checkpoints that vLLM, PEFT and transformers load.
 
-`quantize_checkpoint(model, out, fmt)` writes a compressed-tensors checkpoint (REFERENCE.md
+`quantize_checkpoint(model, out, fmt)` writes a compressed-tensors checkpoint (`docs/formats.md`,
 section 1): per decoder Linear `weight_packed` / `weight_scale` (/ `weight_global_scale` for
 NVFP4), every other tensor copied as it was (same name, same dtype), `quantization_config` in
 config.json, tokenizer and generation config copied. It streams: one fused group is read and

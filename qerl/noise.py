@@ -1,6 +1,6 @@
 """Adaptive Quantization Noise (AQN): scheduled Gaussian noise in the RMSNorm scales.
 
-QeRL (arXiv 2510.11696, section 3 of REFERENCE.md) adds Z ~ N(0, sigma^2 I) to the
+QeRL (arXiv 2510.11696; `docs/formats.md` section 3) adds Z ~ N(0, sigma^2 I) to the
 weight of every decoder layer's `input_layernorm` and `post_attention_layernorm`
 while rollouts are sampled. Because RMSNorm scales channel-wise, this equals a
 row-wise multiplicative noise (1 + Z / w) on the Linear weights that the norm feeds

@@ -1,4 +1,4 @@
-"""The memory planner against the published model sizes (REFERENCE.md section 5)."""
+"""The memory planner against the published model sizes (`docs/formats.md` section 4)."""
 
 import pytest
 

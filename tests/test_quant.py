@@ -2,7 +2,7 @@
 
 qerl's vectorized quantizers (threshold bucketing, fp32 bit tricks) are checked against two
 independent references:
-  1. plain per-element loops written here from the rules in REFERENCE.md sections 1-2
+  1. plain per-element loops written here from the rules in `docs/formats.md` sections 1-2
      (nearest grid value by distance with explicit tie-to-even, FP8 by nearest table entry);
   2. the compressed-tensors package's own functions (the convention vLLM loads).
 Codes and scales must agree exactly; reconstructions are bounded by measured relative errors.

@@ -1,7 +1,7 @@
 """NVFP4: E2M1 elements, one FP8 E4M3 scale per 16 values along K, one FP32 scale per tensor.
 
 Follows the compressed-tensors convention (what vLLM loads) bit for bit; see
-REFERENCE.md section 1. All arithmetic is fp32 and in this order, because the order
+`docs/formats.md` section 1. All arithmetic is fp32 and in this order, because the order
 decides the last bit of the FP8 scales:
 
     global_scale = 448 * 6 / amax(|W|)
