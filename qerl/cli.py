@@ -26,11 +26,10 @@ def bench_rollout(
     hf: bool = typer.Option(True, help="also time transformers generate (bf16)"),
     hf_gen_len: int = typer.Option(64, help="tokens for the (slow) transformers rows"),
     temperature: float = typer.Option(0.0, help="0: greedy; > 0: sampled, as in training rollouts"),
-    variants: str = typer.Option(
+    without: str = typer.Option(
         "",
-        help="also time qerl with engine options switched on (name) "
-        "or off (no_name), '+' to combine, e.g. 'pdl,no_mma,pdl+no_wgmma' "
-        "(same run); options: pdl, fuse_shrink, mma, wgmma",
+        help="also time qerl without these linear kernels (same run), '+' to combine, "
+        "e.g. 'wgmma,mma_sync+wgmma'; kernels: mma_sync, wgmma, gemv, tc",
     ),
     out: str = typer.Option(None, help="write the numbers as JSON here"),
 ):
@@ -48,7 +47,7 @@ def bench_rollout(
         hf_gen_len,
         out,
         temperature,
-        tuple(v.strip() for v in variants.split(",") if v.strip()),
+        without,
     )
 
 
