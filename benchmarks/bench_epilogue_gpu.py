@@ -2,9 +2,9 @@
 the shrink's K chunk (the number of h partials the epilogue sums) and the epilogue's column tile.
 
 Per shape and rows: medians of CUDA-graph replays of `lora_shrink` + `linear_epilogue` over fp32 partials
-laid out as version 7 writes them (its default split), rank 16 per module, bias where Qwen2.5 has one.
-Usage: python benchmarks/bench_epilogue_gpu.py [--model qwen2.5-7b] [--rows 8,16] [--v8] [--out results.json]
-(--v8: the epilogue after version 8, 9..128 rows, its tile swept)
+laid out as `nvfp4_mma_sync` writes them (its default split), rank 16 per module, bias where Qwen2.5 has one.
+Usage: python benchmarks/bench_epilogue_gpu.py [--model qwen2.5-7b] [--rows 8,16] [--wgmma] [--out results.json]
+(--wgmma: the epilogue after `nvfp4_wgmma`, 9..128 rows, its tile swept)
 """
 
 import argparse
@@ -14,9 +14,9 @@ import json
 import torch
 
 from qerl.bench import graph_time_us
-from qerl.kernels.fused_linear import linear_epilogue
+from qerl.kernels.linear_epilogue import linear_epilogue
 from qerl.kernels.lora_shrink import lora_shrink, shrink_chunk
-from qerl.kernels.nvfp4_mma import mma_config
+from qerl.kernels.nvfp4_mma_sync import mma_config
 from qerl.kernels.nvfp4_wgmma import wgmma_config
 from qerl.modeling import ModelArgs
 
@@ -26,15 +26,15 @@ def main():
     ap.add_argument("--model", default="qwen2.5-7b")
     ap.add_argument("--rows", default="8,16")
     ap.add_argument(
-        "--v8",
+        "--wgmma",
         action="store_true",
-        help="rows served by version 8 (9..128): its splits, h from its "
+        help="rows served by nvfp4_wgmma (9..128): its splits, h from its "
         "shrink programs (one partial a split); sweep the epilogue's rows x columns a program and warps",
     )
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    if a.v8:
-        return sweep_v8(a)
+    if a.wgmma:
+        return sweep_wgmma(a)
     torch.manual_seed(0)
     results = []
     for name, (n_rows, k, glu) in ModelArgs.from_name(a.model).fused_linear_shapes().items():
@@ -99,8 +99,8 @@ def _exact(p, bias, h, B, seg, glu):
     return torch.nn.functional.silu(y[:, : n_rows // 2]) * y[:, n_rows // 2 :] if glu else y
 
 
-def sweep_v8(a):
-    """The epilogue launch after version 8 (h partials: one a split), tiles (rows, columns, warps) a program."""
+def sweep_wgmma(a):
+    """The epilogue launch after `nvfp4_wgmma` (h partials: one a split), tiles (rows, columns, warps) a program."""
     results = []
     for name, (n_rows, k, glu) in ModelArgs.from_name(a.model).fused_linear_shapes().items():
         nmod = 3 if name == "qkv" else (2 if glu else 1)

@@ -3,7 +3,6 @@ eager launches, same kernels as the graph) next to the CUDA-graph replay time of
 
 Random Qwen2.5 weights (no download), LoRA rank 16 live, KV cache filled to `--ctx` keys.
 Usage: python benchmarks/profile_decode_gpu.py [--model qwen2.5-7b] [--quant nvfp4,bf16] [--batch 1,8,64]
-       [--pdl] [--no-fuse-shrink]   (the engine's defaults unless given)
 """
 
 import argparse
@@ -16,8 +15,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from qerl.bench import NullTokenizer, build_random_model
-from qerl.engine_cuda import CudaEngine
 from qerl.modeling import ModelArgs
+from qerl.rollout.cuda import CudaEngine
 
 
 def kernel_family(name: str) -> str:
@@ -80,24 +79,12 @@ def main():
     ap.add_argument("--batch", default="1,8,64")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--out", default=None)
-    ap.add_argument(
-        "--pdl",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="programmatic dependent launch of the step's kernels (engine default: off)",
-    )
-    ap.add_argument(
-        "--fuse-shrink",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="LoRA shrink inside the split-K decode kernels (engine default: on)",
-    )
     a = ap.parse_args()
     args = ModelArgs.from_name(a.model)
     res = []
     for q in a.quant.split(","):
         model = build_random_model(args, q, 16)
-        eng = CudaEngine(model, NullTokenizer(), eos_ids=[], pdl=a.pdl, fuse_shrink=a.fuse_shrink)
+        eng = CudaEngine(model, NullTokenizer(), eos_ids=[])
         for b in map(int, a.batch.split(",")):
             r = profile_step(eng, b, a.ctx)
             r["quant"] = q

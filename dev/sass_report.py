@@ -1,17 +1,13 @@
 """Offline look at the compiled decode kernels: no GPU needed, only `pip install triton`.
 
-Compiles `qerl.kernels.fused_linear._decode_kernel` for sm_90 (Hopper) with the engine's
-default tiles (or the ones given) on Qwen2.5 layer shapes, then reports what ptxas and the
-disassembler say: registers per thread, spill bytes, whether wgmma is serialized, shared
-memory, and the main loop's instruction count and mix, also per weight
-(loop instructions x threads / weights per step). Cheap evidence between GPU sessions:
-it shows register spills, shared-memory round trips and barriers that timings alone hide.
-It is not a timing: compare candidates here, measure them on the GPU.
+Compiles the kernel `qerl.kernels.choice.choose_linear_kernel` picks for each row count on an H100/H200 (or the
+one named) for sm_90, with its default tile (or the one given), on a model's layer shapes, then reports what
+ptxas and the disassembler say: registers per thread, spill bytes, whether wgmma is serialized, shared memory,
+and the main loop's instruction count and mix, also per weight (loop instructions x threads / weights per
+step). It is not a timing: compare candidates here, measure them on the GPU.
 
-Usage: python benchmarks/sass_decode.py [--model qwen2.5-7b] [--rows 1,8,64] [--shapes "gate|up,down"]
-       [--config '{"BLOCK_N": 64, "BKW": 8, "num_warps": 8, "SHRINK": true, "PDL": true}'] [--mma] [--wgmma]
-(--mma: version 7, `qerl.kernels.nvfp4_mma`, at 1..32 rows; --wgmma: version 8, `qerl.kernels.nvfp4_wgmma`,
-at 9..128 rows; their loops are counted per weight the same way)
+Usage: python -m dev.sass_report [--model qwen2.5-7b] [--rows 1,8,64] [--shapes "gate|up,down"]
+       [--kernel mma_sync|wgmma|gemv|tc] [--config '{"BLOCK_N": 64, "BKW": 8, "num_warps": 8, "SHRINK": true}']
 """
 
 import argparse
@@ -22,96 +18,43 @@ import re
 import subprocess
 import tempfile
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-from qerl.kernels import fused_linear as fl
-from qerl.kernels import nvfp4_mma, nvfp4_wgmma
-from qerl.kernels._triton import disassemble, main_loop
+from dev.sass import BIN, compile_decode, compile_mma_sync, compile_wgmma, disassemble, main_loop
+from qerl.kernels import fp4_decode, nvfp4_mma_sync, nvfp4_wgmma
+from qerl.kernels.choice import LinearKernel
 from qerl.modeling import ModelArgs
 
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+CONFIGS = {
+    LinearKernel.MMA_SYNC: nvfp4_mma_sync.mma_config,
+    LinearKernel.WGMMA: nvfp4_wgmma.wgmma_config,
+    LinearKernel.GEMV: fp4_decode.gemv_config,
+    LinearKernel.TC: fp4_decode.tc_config,
+}
 
 
-def compile_decode(m: int, n: int, k: int, cfg: dict, glu: bool = False, lora: int = 16):
-    """Compile the decode kernel as `fused_linear` would launch it (bf16 activations, NVFP4, LoRA rank 16)."""
-    fn = fl._decode_kernel
-    kw = k // 8
-    split, kps, const = fl._decode_tiling("nvfp4", m, k, cfg, w_bf16=True)
-    options = dict(
-        num_warps=const.pop("num_warps"), num_stages=const.pop("num_stages"), launch_pdl=bool(cfg.get("PDL", False))
-    )
-    const.update(
-        HAS_BIAS=False,
-        LORA_R=lora if split == 1 else 0,
-        LORA_RP=16,
-        NSEG=1,
-        HS_P=16 if split == 1 else 1,
-        GLU=glu,
-        PDL=bool(cfg.get("PDL", False)),
-        SHRINK_R=48 if cfg.get("SHRINK") and split > 1 else 0,
-        SHRINK_BK=fl.shrink_block_k(const["BLOCK_M"]),
-    )
-    ptrs = dict(
-        x_ptr="*bf16",
-        w_ptr="*i32",
-        s_ptr="*u8",
-        gs_ptr="*fp32",
-        bias_ptr="*u8",
-        h_ptr="*fp32",
-        lb_ptr="*fp32",
-        y_ptr="*bf16" if split == 1 else "*fp32",
-        ws_ptr="*fp32",
-        a_ptr="*fp32",
-    )
-    ints = dict(
-        M=m,
-        N=n,
-        KW=kw,
-        k_per_split=kps,
-        n1=n if glu else 1 << 30,
-        n2=1 << 30,
-        n_hsplit=14,
-        lora_scale=1.0,
-        stride_xm=k,
-        stride_ww=kw,
-        stride_sn=k // 16,
-        stride_hs=m * 16,
-        stride_hm=16,
-        stride_lbn=16,
-        stride_ym=n * (2 if glu else 1),
-        stride_wss=m * n * 2,
-        stride_ar=k,
-    )
-    sig, attrs, constexprs = {}, {}, {}
-    for i, a in enumerate(fn.arg_names):  # the launcher's specialization: 16-aligned pointers and ints, ints == 1
-        if a in const:
-            sig[a], constexprs[a] = "constexpr", const[a]
-        elif a in ptrs:
-            sig[a], attrs[(i,)] = ptrs[a], [["tt.divisibility", 16]]
-        elif isinstance(ints[a], float):
-            sig[a] = "fp32"
-        elif ints[a] == 1:
-            sig[a], constexprs[a] = "constexpr", 1
-        else:
-            sig[a] = "i32"
-            if ints[a] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=options)
+def hopper_choice(m: int) -> LinearKernel:
+    """What `choose_linear_kernel` picks for m rows of bf16 x and an NVFP4 weight on an H100/H200."""
+    from qerl.kernels.choice import GEMV_MAX_ROWS, MMA_SYNC_MAX_ROWS, TC_MAX_ROWS, WGMMA_MAX_ROWS
+
+    if m <= MMA_SYNC_MAX_ROWS:
+        return LinearKernel.MMA_SYNC
+    if m <= WGMMA_MAX_ROWS:
+        return LinearKernel.WGMMA
+    return LinearKernel.GEMV if m <= GEMV_MAX_ROWS else LinearKernel.TC if m <= TC_MAX_ROWS else LinearKernel.CUBLAS
 
 
 def loop_mix(sass: str):
-    """(instruction count, opcode histogram) of the main loop (`qerl.kernels._triton.main_loop`)."""
+    """(instruction count, opcode histogram) of the main loop (`dev.sass.main_loop`)."""
     ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in main_loop(sass)]
     return len(ops), collections.Counter(ops)
 
 
-def inspect(m: int, n: int, k: int, cfg: dict, glu: bool = False) -> dict:
-    if cfg.get("WGMMA"):
-        ck = nvfp4_wgmma.compile_sm90(m, cfg)
+def inspect(kernel: LinearKernel, m: int, n: int, k: int, cfg: dict, glu: bool = False) -> dict:
+    if kernel is LinearKernel.WGMMA:
+        ck = compile_wgmma(m, cfg)
+    elif kernel is LinearKernel.MMA_SYNC:
+        ck = compile_mma_sync(m, cfg)
     else:
-        ck = nvfp4_mma.compile_sm90(m, cfg) if cfg.get("MMA") else compile_decode(m, n, k, cfg, glu)
+        ck = compile_decode(m, n, k, cfg, glu)
     with tempfile.TemporaryDirectory() as d:
         ptx = os.path.join(d, "k.ptx")
         with open(ptx, "w") as f:
@@ -140,20 +83,22 @@ def main():
     ap.add_argument("--rows", default="1,8,64")
     ap.add_argument("--shapes", default="qkv,o,gate|up,down")
     ap.add_argument("--config", default=None, help="JSON tile overrides for every row count")
-    ap.add_argument("--mma", action="store_true", help="version 7 (Gluon, register-fed MMA) for the rows it takes")
-    ap.add_argument("--wgmma", action="store_true", help="version 8 (Gluon, warpgroup MMA) for the rows it takes")
+    ap.add_argument("--kernel", default=None, help="mma_sync, wgmma, gemv or tc (default: the H100/H200 choice)")
     a = ap.parse_args()
     shapes = ModelArgs.from_name(a.model).fused_linear_shapes()
     for name in a.shapes.split(","):
         n_rows, k, glu = shapes[name]
         n = n_rows // 2 if glu else n_rows  # output rows, as fused_linear counts them
         for m in map(int, a.rows.split(",")):
-            cfg = fl.pick_config(m, n, k, "nvfp4", mma=a.mma, wgmma=a.wgmma)
+            kernel = LinearKernel(a.kernel) if a.kernel else hopper_choice(m)
+            if kernel is LinearKernel.CUBLAS:
+                print(f"{name:8s} M={m:<3d} cublas: no qerl kernel")
+                continue
+            cfg = CONFIGS[kernel](m, n, k)
             cfg.update(json.loads(a.config) if a.config else {})
-            r = inspect(m, n, k, cfg, glu)
-            ver = "v8" if cfg.get("WGMMA") else "v7" if cfg.get("MMA") else ("v5" if cfg.get("TC") else "v6")
+            r = inspect(kernel, m, n, k, cfg, glu)
             print(
-                f"{name:8s} M={m:<3d} {ver} BN{cfg['BLOCK_N']} BKW{cfg['BKW']} "
+                f"{name:8s} M={m:<3d} {kernel.value} BN{cfg['BLOCK_N']} BKW{cfg['BKW']} "
                 f"w{cfg.get('num_warps', 4)} st{cfg.get('num_stages', 1)} split{cfg.get('SPLIT', 1)}: "
                 f"{r['regs']} regs, {r['spill_bytes']} B spilled, wgmma serialized {r['wgmma_serialized']}, "
                 f"smem {r['smem']} B, loop {r['loop_instrs']} instrs = {r['instrs_per_weight']} per weight "

@@ -185,19 +185,25 @@ def decode_bytes(model, rows: int, mean_ctx: float) -> float:
     return float(total)
 
 
-ENGINE_OPTIONS = (
-    "pdl",
-    "fuse_shrink",
-    "mma",
-    "wgmma",
-)  # CudaEngine switches `--variants` may turn on ("pdl") or off ("no_fuse_shrink")
+def parse_without(spec: str) -> list[frozenset]:
+    """'wgmma,mma_sync+wgmma' -> [{WGMMA}, {MMA_SYNC, WGMMA}]: kernel sets a `--without` row leaves out."""
+    from .kernels.choice import LinearKernel
+
+    names = {k.value: k for k in LinearKernel if k is not LinearKernel.CUBLAS}
+    out = []
+    for v in (v.strip() for v in spec.split(",") if v.strip()):
+        bad = [o for o in v.split("+") if o not in names]
+        if bad:
+            raise ValueError(f"unknown kernel {bad[0]!r} in --without {v!r}; known: {', '.join(names)}")
+        out.append(frozenset(names[o] for o in v.split("+")))
+    return out
 
 
 def bench_qerl(
     model, batch: int, prompt_len: int, gen_len: int, seed: int = 0, temperature: float = 0.0, **engine_opts
 ) -> dict:
-    from .engine_cuda import CudaEngine
     from .rollout import SamplingParams
+    from .rollout.cuda import CudaEngine
 
     eng = CudaEngine(model, NullTokenizer(), eos_ids=[], **engine_opts)
     g = torch.Generator("cpu")
@@ -316,14 +322,14 @@ def run_rollout_bench(
     hf_gen_len: int = 64,
     out: str | None = None,
     temperature: float = 0.0,
-    variants: tuple[str, ...] = (),
+    without: str = "",
 ) -> list[dict]:
-    """variants: also time each qerl row with these `CudaEngine` options switched on ("pdl") or off
-    ("no_fuse_shrink"), in the same run; several joined by '+'; rows 'qerl <fmt> +<variant>'."""
-    for v in variants:
-        bad = [o for o in v.split("+") if o.removeprefix("no_") not in ENGINE_OPTIONS]
-        if bad:
-            raise ValueError(f"unknown engine option {bad[0]!r} in variant {v!r}; known: {', '.join(ENGINE_OPTIONS)}")
+    """without: also time each qerl row without these linear kernels, in the same run ('wgmma,mma_sync+wgmma':
+    two more rows, 'qerl <fmt> -wgmma' and 'qerl <fmt> -mma_sync-wgmma'; `qerl.kernels.choice` picks among
+    the rest)."""
+    from .kernels.choice import ALL_KERNELS
+
+    variants = parse_without(without)
     if not torch.cuda.is_available():
         from .kernels import KernelUnavailable
 
@@ -346,10 +352,10 @@ def run_rollout_bench(
             flush=True,
         )
         for b in batches:
-            for v in ("",) + tuple(variants):
-                opts = {o.removeprefix("no_"): not o.startswith("no_") for o in v.split("+") if o}
-                r = bench_qerl(model, b, prompt_len, gen_len, temperature=temperature, **opts)
-                r.update(system=f"qerl {q}" + (f" +{v}" if v else ""), batch=b, gen_len=gen_len)
+            for v in [frozenset()] + variants:
+                r = bench_qerl(model, b, prompt_len, gen_len, temperature=temperature, kernels=ALL_KERNELS - v)
+                name = "".join(f"-{k.value}" for k in sorted(v, key=lambda k: k.value))
+                r.update(system=f"qerl {q}" + (f" {name}" if name else ""), batch=b, gen_len=gen_len)
                 rows.append(r)
                 print(_fmt(r, bw), flush=True)
         del model

@@ -1,14 +1,15 @@
-"""Version 7 of the NVFP4 decode linear (register-fed tensor cores, Gluon) against the plain-PyTorch reference."""
+"""`nvfp4_mma_sync` (NVFP4 decode linear on register-fed tensor cores, Gluon) against the plain-PyTorch reference."""
 
 import pytest
 import torch
 from conftest import check_fused_nvfp4, check_fused_options
 
-from qerl.kernels import nvfp4_mma
-from qerl.kernels._triton import disassemble, main_loop, registers
+from qerl.kernels import nvfp4_mma_sync
+from qerl.kernels.choice import LinearKernel, choose_linear_kernel
+from qerl.kernels.common import HAS_GLUON, PAIR_ASM
 from qerl.quant import nvfp4_dequantize
 
-gluon = pytest.mark.skipif(not nvfp4_mma.HAS_GLUON, reason="needs Triton with Gluon")
+gluon = pytest.mark.skipif(not HAS_GLUON, reason="needs Triton with Gluon")
 hopper = pytest.mark.skipif(
     not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)),
     reason="needs a Hopper (sm_90+) GPU",
@@ -83,7 +84,7 @@ def test_in_word_decode_asm_matches_reference_on_cpu():
             dict(weight_packed=packed, weight_scale=scale, weight_global_scale=torch.ones(1)), torch.float32
         )[0]
         s2 = int(torch.tensor([scale.float().item() * 2.0**110]).to(torch.bfloat16).view(torch.int16).item()) & 0xFFFF
-        out = _run_ptx(nvfp4_mma.PAIR_ASM, {"$4": w, "$5": w, "$6": s2 | s2 << 16, "$7": s2 | s2 << 16})
+        out = _run_ptx(PAIR_ASM, {"$4": w, "$5": w, "$6": s2 | s2 << 16, "$7": s2 | s2 << 16})
         for j in range(4):
             for half in (0, 1):
                 got = _bf16_value((out[f"${j}"] >> (16 * half)) & 0xFFFF)
@@ -96,7 +97,9 @@ def test_compiles_for_hopper_without_shared_memory(m, nw, r):
     """Offline (no GPU): every conversion to an MMA operand layout is asserted trivial at compile time, and
     the compiled kernel uses no shared memory and spills nothing."""
     cfg = dict(num_warps=nw, RPW=r, BKW=32)
-    ck = nvfp4_mma.compile_sm90(m, cfg, shrink=m == 8)  # 8 rows: with the LoRA shrink's extra programs
+    from dev.sass import compile_mma_sync, disassemble
+
+    ck = compile_mma_sync(m, cfg, shrink=m == 8)  # 8 rows: with the LoRA shrink's extra programs
     assert ck.metadata.shared == 0
     assert "local_alloc" not in ck.asm["ttgir"] and "mma.sync" in ck.asm["ptx"]
     sass = disassemble(ck)  # spills show up as local-memory stores in the machine code
@@ -104,35 +107,13 @@ def test_compiles_for_hopper_without_shared_memory(m, nw, r):
 
 
 @gluon
-@pytest.mark.parametrize("version", [7, 8])
-def test_pdl_compiles_for_hopper(version):
-    """Offline (no GPU): launched as a programmatic dependent, the kernel waits for the previous one
-    (griddepcontrol.wait: ACQBULK) before its first global load and then releases the next (PREEXIT); without
-    PDL neither instruction is there."""
-    from qerl.kernels import nvfp4_wgmma
-
-    def build(pdl):
-        if version == 7:
-            cfg = nvfp4_mma.mma_config(1, 37888, 3584)
-            const, fn = nvfp4_mma.mma_constexprs(1, cfg, True, pdl=pdl), nvfp4_mma._mma_kernel
-        else:
-            cfg = nvfp4_wgmma.wgmma_config(16, 37888, 3584)
-            const, fn = nvfp4_wgmma.wgmma_constexprs(16, cfg, True, pdl=pdl), nvfp4_wgmma._wg_kernel
-        sass = disassemble(nvfp4_mma.compile_partials_kernel(fn, const, cfg["num_warps"]))
-        return [i.split("*/")[-1].strip() for i in sass.splitlines() if "*/" in i]
-
-    ops, plain = build(True), build(False)
-    first = lambda key, seq: next(i for i, o in enumerate(seq) if o.split()[0].startswith(key))  # noqa: E731
-    assert first("ACQBULK", ops) < first("PREEXIT", ops) < first("LDG", ops)
-    assert not any(o.startswith(("ACQBULK", "PREEXIT")) for o in plain)
-
-
-@gluon
 def test_decode_loop_length():
     """Offline (no GPU), 8 rows, 4 warps x 2 row tiles: the main loop (sm_90 machine code) stays at the in-word
     decode's 759 instructions (2.96 a weight; 855 with the word-pair decode it replaced), 16-byte loads of the
     words (8 a step) and no more than 143 registers: a regression here costs every decode step."""
-    ck = nvfp4_mma.compile_sm90(8, dict(num_warps=4, RPW=2, BKW=32), shrink=False)
+    from dev.sass import compile_mma_sync, disassemble, main_loop, registers
+
+    ck = compile_mma_sync(8, dict(num_warps=4, RPW=2, BKW=32), shrink=False)
     loop = main_loop(disassemble(ck))
     assert len(loop) <= 770, len(loop)
     assert sum("LDG.E.128" in i for i in loop) >= 8 and registers(ck) <= 143
@@ -140,18 +121,18 @@ def test_decode_loop_length():
 
 def test_config_follows_the_measured_tiles():
     """The H200 sweeps' best tiles for Qwen2.5-7B; splits keep two steps of K each."""
-    qkv, o = nvfp4_mma.mma_config(8, 4608, 3584), nvfp4_mma.mma_config(8, 3584, 3584)
+    qkv, o = nvfp4_mma_sync.mma_config(8, 4608, 3584), nvfp4_mma_sync.mma_config(8, 3584, 3584)
     assert (o["num_warps"], o["BLOCK_N"], o["SPLIT"]) == (4, 128, 7)  # 14 steps: 7 splits of 2 (the sweep: 14)
     assert qkv["MMA"] and qkv["BLOCK_N"] == 128 and qkv["SPLIT"] == 7
-    assert nvfp4_mma.mma_config(8, 18944, 3584)["SPLIT"] == 4  # gate|up: 148 tiles of 128 rows, 4 splits
-    assert nvfp4_mma.mma_config(16, 18944, 3584)["SPLIT"] == 4
-    gu1 = nvfp4_mma.mma_config(1, 18944, 3584)
+    assert nvfp4_mma_sync.mma_config(8, 18944, 3584)["SPLIT"] == 4  # gate|up: 148 tiles of 128 rows, 4 splits
+    assert nvfp4_mma_sync.mma_config(16, 18944, 3584)["SPLIT"] == 4
+    gu1 = nvfp4_mma_sync.mma_config(1, 18944, 3584)
     assert (gu1["BLOCK_N"], gu1["SPLIT"]) == (64, 4)
-    down = nvfp4_mma.mma_config(8, 3584, 18944)
+    down = nvfp4_mma_sync.mma_config(8, 3584, 18944)
     assert (down["num_warps"], down["BLOCK_N"], down["SPLIT"]) == (4, 64, 8)
-    assert nvfp4_mma.mma_config(1, 3584, 18944)["BLOCK_N"] == 32
-    assert nvfp4_mma.mma_config(32, 3584, 18944)["BLOCK_N"] == 32  # one tile a warp above 16 rows (registers)
-    assert nvfp4_mma.mma_config(8, 64, 512)["SPLIT"] == 1  # 2 steps of 32 words: no room to split
+    assert nvfp4_mma_sync.mma_config(1, 3584, 18944)["BLOCK_N"] == 32
+    assert nvfp4_mma_sync.mma_config(32, 3584, 18944)["BLOCK_N"] == 32  # one tile a warp above 16 rows (registers)
+    assert nvfp4_mma_sync.mma_config(8, 64, 512)["SPLIT"] == 1  # 2 steps of 32 words: no room to split
 
 
 @hopper
@@ -165,34 +146,18 @@ def test_matches_reference(tile, k):
     """q|k|v segments (own global scales, bias, LoRA from h or from A) and gate|up with SiLU, M = 1..32,
     N not a multiple of the tile, more splits than steps (empty splits write zeros), poisoned outputs."""
     nw, r_, split = tile
-    cfg = dict(WORDS=True, MMA=True, BLOCK_N=16 * nw * r_, BKW=32, RPW=r_, SPLIT=split, num_warps=nw)
+    cfg = dict(MMA=True, BLOCK_N=16 * nw * r_, BKW=32, RPW=r_, SPLIT=split, num_warps=nw)
     check_fused_nvfp4(cfg, k, (1, 3, 5, 8, 13, 16, 17, 32))
 
 
 @hopper
 @gluon
 @pytest.mark.gpu
-def test_pdl_matches_reference():
-    """Launched as programmatic dependents (`programmatic_launch`), versions 7 and 8 and the epilogue give the
-    reference results (cases as above, 1..64 rows, 3 splits, shrink programs)."""
-    from qerl.kernels._triton import programmatic_launch
-
-    v7 = dict(WORDS=True, MMA=True, BLOCK_N=64, BKW=32, RPW=1, SPLIT=3, num_warps=4)
-    v8 = dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=64, BKW=32, SPLIT=3, num_warps=4)
-    with programmatic_launch(True):
-        check_fused_nvfp4(v7, 1280, (1, 5, 8, 17, 32))
-        check_fused_nvfp4(v8, 1280, (9, 33, 64))
-
-
-@hopper
-@gluon
-@pytest.mark.gpu
-def test_picked_by_default_and_off_switch():
-    """fused_linear picks version 7 for 1..32 bf16 rows on Hopper, versions 5/6 with mma=False; both agree with
-    the reference."""
-    from qerl.kernels.fused_linear import pick_config
-
-    assert pick_config(1, 4608, 3584, "nvfp4", mma=True)["MMA"]
-    assert not pick_config(8, 4608, 3584, "nvfp4", mma=False).get("MMA")
-    assert not pick_config(40, 4608, 3584, "nvfp4", mma=True).get("MMA")
-    check_fused_options((1, 8), [dict(), dict(mma=False)])
+def test_chosen_by_default_and_agrees_with_the_portable_kernels():
+    """On Hopper, bf16 rows 1..8 of an NVFP4 weight go to `mma_sync` (the choice), 9+ to `wgmma`; the portable
+    kernels give the same results on the same rows."""
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    assert choose_linear_kernel(1, "nvfp4", 3584, dev, bf) is LinearKernel.MMA_SYNC
+    assert choose_linear_kernel(8, "nvfp4", 3584, dev, bf) is LinearKernel.MMA_SYNC
+    assert choose_linear_kernel(9, "nvfp4", 3584, dev, bf) is LinearKernel.WGMMA
+    check_fused_options((1, 8), [dict(), dict(kernel=LinearKernel.GEMV), dict(kernel=LinearKernel.TC)])

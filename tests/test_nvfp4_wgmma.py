@@ -1,14 +1,15 @@
-"""Version 8 of the NVFP4 decode linear (warpgroup MMA, weights decoded into registers, x in shared memory)
+"""`nvfp4_wgmma` (NVFP4 decode linear on warpgroup MMA, weights decoded into registers, x in shared memory)
 against the plain-PyTorch reference."""
 
 import pytest
 import torch
 from conftest import check_fused_nvfp4, check_fused_options
 
-from qerl.kernels import nvfp4_wgmma
-from qerl.kernels._triton import disassemble, main_loop, registers
+from qerl.kernels import choice, nvfp4_wgmma
+from qerl.kernels.choice import LinearKernel, choose_linear_kernel
+from qerl.kernels.common import HAS_GLUON
 
-gluon = pytest.mark.skipif(not nvfp4_wgmma.HAS_GLUON, reason="needs Triton with Gluon")
+gluon = pytest.mark.skipif(not HAS_GLUON, reason="needs Triton with Gluon")
 hopper = pytest.mark.skipif(
     not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9), reason="needs a Hopper (sm_90) GPU"
 )
@@ -22,11 +23,13 @@ def test_compiles_for_hopper(m, nw):
     weights stay in registers), and nothing spills; x's staging buffer is 4 planes of [BM, 64] bf16, written
     by one store: two barriers a step (x written; x read). (The loop is looked at without the LoRA shrink
     programs: at 128 rows a thread's shrink step is the longer loop.)"""
-    ck = nvfp4_wgmma.compile_sm90(m, dict(num_warps=nw), shrink=True)
+    from dev.sass import compile_wgmma, disassemble, main_loop, registers
+
+    ck = compile_wgmma(m, dict(num_warps=nw), shrink=True)
     bm = max(16, 1 << (m - 1).bit_length())
     assert ck.metadata.shared == 4 * bm * 64 * 2
     assert "STL" not in disassemble(ck)
-    sass = disassemble(nvfp4_wgmma.compile_sm90(m, dict(num_warps=nw), shrink=False))
+    sass = disassemble(compile_wgmma(m, dict(num_warps=nw), shrink=False))
     loop = "\n".join(main_loop(sass))
     assert loop.count("HGMMA") == 16  # 4 planes x 4 steps of k16
     assert loop.count("BAR.SYNC") == 2
@@ -61,48 +64,49 @@ def test_matches_reference(nw, split, k):
     """q|k|v segments with bias and LoRA (from h or from the kernel's shrink programs) and gate|up with SiLU
     for 9..128 rows (x's rows padded to 16, 32, 64, 128; past 64 with 4 and 8 warps), more splits than steps,
     poisoned outputs."""
-    cfg = dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=16 * nw, BKW=32, SPLIT=split, num_warps=nw)
+    cfg = dict(MMA=True, WGMMA=True, BLOCK_N=16 * nw, BKW=32, SPLIT=split, num_warps=nw)
     check_fused_nvfp4(cfg, k, (9, 16, 17, 31, 32, 33, 50, 64) + ((100, 128) if nw == 8 or split == 5 else ()))
 
 
 @hopper
 @gluon
 @pytest.mark.gpu
-def test_picked_by_default_and_off_switch():
-    """fused_linear picks version 8 for 9..128 bf16 rows on Hopper, not with wgmma=False; both agree with
-    the reference."""
-    from qerl.kernels.fused_linear import pick_config
+def test_chosen_by_default_and_agrees_with_tc_and_cublas():
+    """On Hopper, bf16 rows 9..128 of an NVFP4 weight go to `wgmma`; `tc` (to 64 rows) and cuBLAS agree."""
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    assert choose_linear_kernel(16, "nvfp4", 3584, dev, bf) is LinearKernel.WGMMA
+    assert choose_linear_kernel(128, "nvfp4", 3584, dev, bf) is LinearKernel.WGMMA
+    assert choose_linear_kernel(129, "nvfp4", 3584, dev, bf) is LinearKernel.CUBLAS
+    check_fused_options((12, 64), [dict(), dict(kernel=LinearKernel.TC), dict(kernel=LinearKernel.CUBLAS)])
 
-    assert pick_config(16, 4608, 3584, "nvfp4", mma=True, wgmma=True)["WGMMA"]
-    assert not pick_config(8, 4608, 3584, "nvfp4", mma=True, wgmma=True).get("WGMMA")
-    assert not pick_config(16, 4608, 3584, "nvfp4", mma=True, wgmma=False).get("WGMMA")
-    check_fused_options((12, 64), [dict(), dict(wgmma=False)])
+
+M, W, G, T, C = (LinearKernel.MMA_SYNC, LinearKernel.WGMMA, LinearKernel.GEMV, LinearKernel.TC, LinearKernel.CUBLAS)
 
 
 @pytest.mark.parametrize(
-    "hopper,wgmma,dtype,fmt,k,m,one_pass",
+    "sm,dtype,fmt,k,decode,expect",
     [
-        (True, True, torch.bfloat16, "nvfp4", 3584, 64, True),
-        (True, True, torch.bfloat16, "nvfp4", 3584, 128, True),
-        (True, True, torch.bfloat16, "nvfp4", 3584, 129, False),
-        (True, True, torch.bfloat16, "nvfp4", 704, 100, False),
-        (True, True, torch.bfloat16, "mxfp4", 3584, 100, False),
-        (False, True, torch.bfloat16, "nvfp4", 3584, 100, False),
-        (True, True, torch.float32, "nvfp4", 3584, 100, False),
-        (True, False, torch.bfloat16, "nvfp4", 3584, 100, False),
-        (False, True, torch.bfloat16, "mxfp4", 3584, 64, True),
-        (True, True, torch.bfloat16, "bf16", 3584, 8, False),
+        (90, torch.bfloat16, "nvfp4", 3584, True, {1: M, 8: M, 9: W, 64: W, 128: W, 129: C}),
+        (90, torch.bfloat16, "nvfp4", 3584, False, {1: M, 8: M, 9: C, 64: C}),  # prefill / training forwards
+        (90, torch.bfloat16, "nvfp4", 704, True, {1: G, 4: G, 5: T, 64: T, 65: C}),  # K % 256 != 0
+        (90, torch.bfloat16, "mxfp4", 3584, True, {1: G, 5: T, 64: T, 100: C}),
+        (90, torch.float32, "nvfp4", 3584, True, {1: G, 5: T, 100: C}),
+        (100, torch.bfloat16, "nvfp4", 3584, True, {1: M, 32: M, 33: T, 64: T, 65: C}),  # mma.sync, no wgmma
+        (80, torch.bfloat16, "nvfp4", 3584, True, {1: G, 5: T, 65: C}),
+        (90, torch.bfloat16, "bf16", 3584, True, {1: C, 64: C}),
     ],
 )
-def test_engine_routes_rows_to_the_one_pass_kernels(monkeypatch, hopper, wgmma, dtype, fmt, k, m, one_pass):
-    """(CPU) The CUDA engine sends a layer's rows to the one-pass decode kernels up to 64 (NVFP4/MXFP4) and, where
-    version 8 runs (on, Hopper, bf16 activations, NVFP4, K % 256 == 0), up to WG_MAX_M; otherwise, and for bf16,
-    to cuBLAS."""
-    from types import SimpleNamespace
-
-    from qerl.engine_cuda import CudaEngine
-
-    monkeypatch.setattr(nvfp4_wgmma, "_hopper", lambda device: hopper)  # no GPU here: only the routing rule
-    eng = CudaEngine.__new__(CudaEngine)
-    eng.wgmma, eng.model = wgmma, SimpleNamespace(device=torch.device("cpu"), dtype=dtype)
-    assert eng._one_pass(SimpleNamespace(fmt=fmt, in_features=k), m) is one_pass
+def test_kernel_choice_by_rows(monkeypatch, sm, dtype, fmt, k, decode, expect):
+    """(CPU) `choose_linear_kernel` for each row count on a modelled GPU of compute capability sm."""
+    monkeypatch.setattr(
+        choice, "mma_supported", lambda d, t, f, kk: sm >= 90 and t == torch.bfloat16 and f == "nvfp4" and kk % 256 == 0
+    )
+    monkeypatch.setattr(
+        choice,
+        "wgmma_supported",
+        lambda d, t, f, kk: sm == 90 and t == torch.bfloat16 and f == "nvfp4" and kk % 256 == 0,
+    )
+    got = {m: choose_linear_kernel(m, fmt, k, torch.device("cpu"), dtype, decode=decode) for m in expect}
+    assert got == expect
+    narrowed = choose_linear_kernel(8, fmt, k, torch.device("cpu"), dtype, allow={G, T, C})
+    assert narrowed in (T, C)

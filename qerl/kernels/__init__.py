@@ -1,19 +1,20 @@
-"""GPU kernels (Triton) beside the plain-PyTorch references they must match.
+"""GPU kernels (Triton and Gluon) beside the plain-PyTorch references they must match (`qerl.quant`).
 
-One op per file:
-- `nvfp4_matmul.py`, `mxfp4_matmul.py`: `torch.ops.qerl.{nvfp4,mxfp4}_matmul` (+ `_grad`),
-  what `QuantLinear(backend="triton")` calls. Few rows: `fused_linear`; many rows:
-  `dequant` into one shared bf16 buffer + cuBLAS.
-- `fused_linear.py`: the one-pass W4A16 / bf16 linear for decode (CUDA cores at 1-4 rows,
-  tensor cores up to 64), with bias, LoRA and gate/up (SiLU) epilogues fused; on Hopper its NVFP4
-  rows go to `nvfp4_mma.py` (`mma.sync` fed from registers, 1-32 rows, used up to 8) and
-  `nvfp4_wgmma.py` (warpgroup MMA, x in shared memory, 9-128 rows).
-- `lora_shrink.py`: x @ A.T (split-K partials) for the fused LoRA epilogue.
-- `rmsnorm.py`, `rope_cache.py`, `decode_attention.py`: the rest of the decode step
-  (`qerl.engine_cuda`).
+One op per file; which one runs is chosen in one place (`choice.choose_linear_kernel`):
+- `fused_linear.py`: the linear's front door (decode step: bias, LoRA and SiLU gate fused; `fp4_matmul` for
+  prefill and training), dispatching to
+  - `nvfp4_mma_sync.py` (NVFP4, Hopper, register-fed `mma.sync`, 1-8 rows),
+  - `nvfp4_wgmma.py` (NVFP4, Hopper, warpgroup MMA, 9-128 rows),
+  - `fp4_decode.py` (NVFP4/MXFP4 elsewhere: `gemv` CUDA-core and `tc` tensor-core tiles, 1-64 rows),
+  - `dequant.py` + cuBLAS (bf16 weights and more rows), then `linear_epilogue.py` (bias, LoRA, gate).
+- `lora_shrink.py`: x @ A.T as split-K partials for the LoRA epilogue.
+- `rmsnorm.py`, `rope_cache.py`, `decode_attention.py`: the rest of the decode step (`qerl.rollout.cuda`).
+- `nvfp4_matmul.py`, `mxfp4_matmul.py`: the custom ops `QuantLinear(backend="triton")` calls.
+- `common.py`: what several kernels share (availability, launch helpers, device functions).
 
-Nothing here is imported by the CPU path. A kernel asked for where it cannot run
-raises `KernelUnavailable` (no silent fallback to the reference).
+Nothing here is imported by the CPU path. A kernel asked for where it cannot run raises
+`KernelUnavailable` (no silent fallback to the reference). Developer tooling (machine code, offline sm_90
+compiles) is in `dev/sass.py`, outside the package.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, KernelUnavailable, require
+from .common import HAS_TRITON, KernelUnavailable, require
 
 __all__ = ["HAS_TRITON", "KernelUnavailable", "quant_matmul", "available"]
 

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ._triton import HAS_TRITON, next_pow2, pdl_launch, pdl_wait, require
+from .common import HAS_TRITON, next_pow2, require
 
 if HAS_TRITON:
     import triton
@@ -48,9 +48,7 @@ if HAS_TRITON:
         D: tl.constexpr,
         BS: tl.constexpr,
         PREC: tl.constexpr,
-        PDL: tl.constexpr = False,
     ):
-        pdl_wait(PDL)
         b = tl.program_id(0)
         hk = tl.program_id(1)
         sp = tl.program_id(2)
@@ -103,9 +101,7 @@ if HAS_TRITON:
         NSPLIT: tl.constexpr,
         NSP: tl.constexpr,
         D: tl.constexpr,
-        PDL: tl.constexpr = False,
     ):
-        pdl_wait(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.arange(0, NSP)
@@ -183,7 +179,6 @@ def decode_attention(
         BS=32,
         PREC=prec,
         num_warps=4,
-        **pdl_launch(),
     )
     _attn_merge_kernel[(b, hq)](
         o_part,
@@ -199,6 +194,5 @@ def decode_attention(
         NSP=next_pow2(nsplit),
         D=d,
         num_warps=1,
-        **pdl_launch(),
     )
     return out

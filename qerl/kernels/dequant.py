@@ -1,5 +1,5 @@
-"""Large-M path (prefill, training forward and backward): dequantize ONE weight into a
-reusable bf16 buffer, then a cuBLAS matmul.
+"""Dequantize NVFP4 / MXFP4 weights on the GPU, for the cuBLAS path of many rows (prefill, training forward and
+backward, decode past the one-pass kernels' rows): ONE weight at a time into a reusable bf16 buffer.
 
 The buffer is shared by all layers (one per device and dtype, grown to the largest
 weight seen), so the model never holds dequantized copies of more than one Linear.
@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, require
-from .fused_linear import fused_linear
-
-SMALL_M = 8  # at or below: the fused one-pass decode kernel; above: dequantize + cuBLAS
+from .common import HAS_TRITON, require
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .fused_linear import _e2m1_scaled, _e4m3_value
+    from .common import e2m1_scaled, e4m3_value
 
     @triton.jit
     def _dequant_kernel(
@@ -45,12 +42,12 @@ if HAS_TRITON:
         if FMT == 0:
             gs = tl.load(gs_ptr)
             sb = tl.load(s_ptr + rn[:, None] * stride_sn + (rh // 8)[None, :], mask=m, other=0).to(tl.int32)
-            step = (_e4m3_value(sb) / gs) * 16384.0
+            step = (e4m3_value(sb) / gs) * 16384.0
         else:
             sb = tl.load(s_ptr + rn[:, None] * stride_sn + (rh // 16)[None, :], mask=m, other=0).to(tl.int32)
             step = (sb << 23).to(tl.float32, bitcast=True) * 16384.0
-        lo = (_e2m1_scaled(p & 15) * step).to(out_ptr.dtype.element_ty)
-        hi = (_e2m1_scaled(p >> 4) * step).to(out_ptr.dtype.element_ty)
+        lo = (e2m1_scaled(p & 15) * step).to(out_ptr.dtype.element_ty)
+        hi = (e2m1_scaled(p >> 4) * step).to(out_ptr.dtype.element_ty)
         w = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_KH))  # interleave: even column from the low nibble
         rk = tl.program_id(1) * 2 * BLOCK_KH + tl.arange(0, 2 * BLOCK_KH)
         mk = (rn < N)[:, None] & (rk < 2 * KH)[None, :]
@@ -103,31 +100,3 @@ def shared_buffer(n: int, k: int, dtype, device) -> torch.Tensor:
         buf = torch.empty(n * k, dtype=dtype, device=device)
         _BUFFERS[key] = buf
     return buf[: n * k].view(n, k)
-
-
-def fp4_matmul(
-    fmt: str, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None
-) -> torch.Tensor:
-    """y = x @ deq(W).T for x [..., K]."""
-    require(x, packed, what=f"the {fmt} matmul kernels")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    n = packed.shape[0]
-    if x2.shape[0] <= SMALL_M:
-        y = fused_linear(x2, fmt, packed, scale, global_scale)
-    else:
-        w = dequantize(fmt, packed, scale, global_scale, x.dtype, out=shared_buffer(n, x2.shape[1], x.dtype, x.device))
-        y = x2 @ w.T
-    return y.reshape(*lead, n)
-
-
-def fp4_matmul_grad(
-    fmt: str, g: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None
-) -> torch.Tensor:
-    """dx = g @ deq(W) for g [..., N] (the weight is frozen: no weight gradient)."""
-    require(g, packed, what=f"the {fmt} matmul kernels")
-    n, kh = packed.shape
-    w = dequantize(fmt, packed, scale, global_scale, g.dtype, out=shared_buffer(n, 2 * kh, g.dtype, g.device))
-    return (g.reshape(-1, n) @ w).reshape(*g.shape[:-1], 2 * kh)

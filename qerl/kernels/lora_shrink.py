@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, next_pow2, pdl_launch, pdl_wait, require
+from .common import HAS_TRITON, next_pow2, require
 
 if HAS_TRITON:
     import triton
@@ -33,9 +33,7 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr,
         USE_DOT: tl.constexpr,
-        PDL: tl.constexpr = False,
     ):
-        pdl_wait(PDL)
         pid_s = tl.program_id(0)
         pid_r = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -135,6 +133,5 @@ def lora_shrink(
         BLOCK_K=bk,
         USE_DOT=use_dot,
         num_warps=4,
-        **pdl_launch(),
     )
     return out

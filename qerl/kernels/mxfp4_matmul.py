@@ -8,7 +8,7 @@ Reference: `qerl.quant.mxfp4.mxfp4_dequantize` + `F.linear`.
 
 import torch
 
-from .dequant import fp4_matmul, fp4_matmul_grad
+from .fused_linear import fp4_matmul, fp4_matmul_grad
 
 
 @torch.library.custom_op("qerl::mxfp4_matmul", mutates_args=())

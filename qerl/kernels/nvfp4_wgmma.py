@@ -1,13 +1,13 @@
-"""Version 8 of the NVFP4 decode linear: warpgroup MMA (wgmma) with the weights decoded into registers and x
+"""NVFP4 decode linear on warpgroup MMA (wgmma) with the weights decoded into registers and x
 in shared memory, for 9..128 rows (Gluon, Hopper).
 
-Version 7 (`nvfp4_mma`) feeds `mma.sync` from registers on both sides: past 8 rows its x tile (loaded and
+`nvfp4_mma_sync` feeds `mma.sync` from registers on both sides: past 8 rows its x tile (loaded and
 split into planes by every warp, every step) costs more than the weights' decode, and at 32 rows its tiles
 shrink to fit the registers (575 GB/s at 32 rows on the H200). Here x goes to shared memory once a step
 for the whole program, in the order the decoded weights need, and `wgmma` reads it there: the registers
 hold the weights' decode and the accumulators only.
 
-Decode as version 7's in-word decode (`nvfp4_mma.PAIR_ASM`): nibbles j and j + 4 of a word are the k pair
+Decode as `nvfp4_mma_sync`'s in-word decode (`common.PAIR_ASM`): nibbles j and j + 4 of a word are the k pair
 of one bf16x2 register of the A operand (k_width = 2). The dot product does not care about the order of k,
 so k is labelled to make the loads cheap: within a plane j (the 2 * BKW values of x[8 w + j + 4 h]) of a
 32-word step,
@@ -16,8 +16,8 @@ so k is labelled to make the loads cheap: within a plane j (the 2 * BKW values o
 
 so each thread's words are 4 consecutive ones (16-byte loads; A's registers are a permutation of them,
 asserted trivial), and x is written to shared memory with its columns in that order (`_x_planes`).
-Partial sums go to the fp32 workspace [split, M, N]; `fused_linear.linear_epilogue` finishes, as for
-version 7, whose LoRA shrink programs (`_shrink_row`) this kernel runs too.
+Partial sums go to the fp32 workspace [split, M, N]; `linear_epilogue` finishes, as for
+`nvfp4_mma_sync`, whose LoRA shrink programs (`common.shrink_row`) this kernel runs too.
 Plain-PyTorch reference: `qerl.quant.nvfp4.nvfp4_dequantize` + matmul (tests/test_nvfp4_wgmma.py).
 """
 
@@ -27,19 +27,18 @@ import functools
 
 import torch
 
-from ._triton import pdl_launch
-from .nvfp4_mma import HAS_GLUON, _bits, compile_partials_kernel, partials_args
+from .common import HAS_GLUON, bits, partials_args, shrink_layout
 
 if HAS_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-    from .nvfp4_mma import _pair_planes, _shrink_layout, _shrink_row, _split_range, _store_partials, _word_scales
+    from .common import pair_planes, shrink_row, split_range, store_partials, word_scales
 
     _BKW: gl.constexpr = gl.constexpr(32)
 
-WG_MIN_M, WG_MAX_M = 9, 128  # rows version 8 serves (x [BM, 256] a step; BM, up to 128, is the wgmma N)
+WG_MAX_M = 128  # rows this kernel takes (x [BM, 256] a step; BM, up to 128, is the wgmma N)
 BKW = 32  # words a step: one plane is 64 values of k, one 128-byte swizzled row of x in shared memory (_BKW)
 
 
@@ -62,7 +61,7 @@ def _layouts(nw: int, bm: int):
     acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, bm, 16])
     a_op = gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
     lanes = [(0, 4), (0, 8), (1, 0), (2, 0), (4, 0)]
-    warps = [(16 * v, 0) for v in _bits(nw)]
+    warps = [(16 * v, 0) for v in bits(nw)]
     # words [BN, BKW]: 4 consecutive a thread (16-byte loads), then row + 8; as A's registers after the nibble
     # pair h: row + 8 (A's (8,0)), w0 (k 8), w1 (k 16), w4 (k 32)
     ld_reg = [(0, 1), (0, 2), (8, 0), (0, 16)]
@@ -141,14 +140,12 @@ if HAS_GLUON:
         XS_L: gl.constexpr,
         SH_L: gl.constexpr,
         SHRINK: gl.constexpr = False,
-        PDL: gl.constexpr = False,
     ):
         """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32); with
-        SHRINK the first R_SH programs of each split write the LoRA shrink's partials instead; PDL: launched as
-        a programmatic dependent (as version 7)."""
-        pid, k_lo, k_hi = _split_range(KW, k_per_split, PDL)
+        SHRINK the first R_SH programs of each split write the LoRA shrink's partials instead."""
+        pid, k_lo, k_hi = split_range(KW, k_per_split)
         if SHRINK and pid < R_SH:  # (SHRINK False: no branch, every program a tile program)
-            _shrink_row(
+            shrink_row(
                 x_ptr,
                 a_ptr,
                 h_ptr,
@@ -246,8 +243,8 @@ if HAS_GLUON:
             xb.store(xt)
             q = gl.convert_layout(gl.load(wp + k), W_L, assert_trivial=True)
             sb = gl.load(sp + k // 2)
-            s2 = gl.convert_layout(_word_scales(sb, BN, _BKW, L3), W_L, assert_trivial=True)
-            p0, p1, p2, p3 = _pair_planes(gl.join(q, q), gl.join(s2, s2))
+            s2 = gl.convert_layout(word_scales(sb, BN, _BKW, L3), W_L, assert_trivial=True)
+            p0, p1, p2, p3 = pair_planes(gl.join(q, q), gl.join(s2, s2))
             a0 = gl.convert_layout(_a_plane(p0, BN), A_L, assert_trivial=True)
             a1 = gl.convert_layout(_a_plane(p1, BN), A_L, assert_trivial=True)
             a2 = gl.convert_layout(_a_plane(p2, BN), A_L, assert_trivial=True)
@@ -260,7 +257,7 @@ if HAS_GLUON:
             acc = warpgroup_mma(a3, xb.slice(192, 64, dim=1).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
             gl.thread_barrier()  # every warp is done reading x before the next step overwrites it
-        _store_partials(acc, gs_ptr, ws_ptr, pid_n, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
+        store_partials(acc, gs_ptr, ws_ptr, pid_n, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
 
 
 # (num_warps, programs in the grid) by shape class and rows (<= 16, <= 32, <= 64, <= 128): the best tiles of
@@ -275,7 +272,7 @@ WG_TILES = {
 
 
 def wgmma_config(m: int, n: int, k: int, num_warps: int | None = None, programs: int | None = None) -> dict:
-    """Version 8 tile for m rows of an [n, k] weight: BN = 16 * num_warps weight rows, 32 words a step, K split
+    """The tile for m rows of an [n, k] weight: BN = 16 * num_warps weight rows, 32 words a step, K split
     until the grid has about `programs` programs (at most 16 splits, each at least two steps); fields given
     override the `WG_TILES` entry."""
     cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
@@ -283,12 +280,11 @@ def wgmma_config(m: int, n: int, k: int, num_warps: int | None = None, programs:
     nw, target = num_warps or nw, programs or target
     bn = 16 * nw
     split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // BKW // 2))
-    return dict(WORDS=True, MMA=True, WGMMA=True, BLOCK_N=bn, BKW=BKW, SPLIT=split, num_warps=nw)
+    return dict(MMA=True, WGMMA=True, BLOCK_N=bn, BKW=BKW, SPLIT=split, num_warps=nw)
 
 
-def wgmma_constexprs(m: int, cfg: dict, shrink: bool, pdl: bool = False) -> dict:
-    """`_wg_kernel`'s constexprs for m rows of x and a `wgmma_config` tile (launcher and offline compile);
-    pdl: launched as a programmatic dependent."""
+def wgmma_constexprs(m: int, cfg: dict, shrink: bool) -> dict:
+    """`_wg_kernel`'s constexprs for m rows of x and a `wgmma_config` tile (the launcher and dev/sass.py)."""
     nw = cfg["num_warps"]
     bm = max(16, 1 << (m - 1).bit_length())
     acc, a_op, ld_l, w_l, l3, s_l, x_l, xs_l = _layouts(nw, bm)
@@ -303,9 +299,8 @@ def wgmma_constexprs(m: int, cfg: dict, shrink: bool, pdl: bool = False) -> dict
         S_L=s_l,
         X_L=x_l,
         XS_L=xs_l,
-        SH_L=_shrink_layout(nw),
+        SH_L=shrink_layout(nw),
         SHRINK=shrink,
-        PDL=pdl,
     )
 
 
@@ -321,17 +316,8 @@ def wgmma_partials(
     lora_A: torch.Tensor | None = None,
     h: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """As `nvfp4_mma.mma_partials` (same arguments and outputs), by version 8: up to WG_MAX_M rows."""
-    r_sh, args = partials_args(x, w32, scale, global_scale, n1, n2, ws, lora_A, h, WG_MAX_M, BKW, 8)
-    pdl = pdl_launch()["PDL"]
-    const = wgmma_constexprs(x.shape[0], cfg, shrink=r_sh > 0, pdl=pdl)
-    _wg_kernel[(-(-w32.shape[0] // const["BN"]) + r_sh, ws.shape[0])](
-        *args, num_warps=cfg["num_warps"], launch_pdl=pdl, **const
-    )
+    """As `nvfp4_mma_sync.mma_partials` (same arguments and outputs), by warpgroup MMA: up to WG_MAX_M rows."""
+    r_sh, args = partials_args(x, w32, scale, global_scale, n1, n2, ws, lora_A, h, WG_MAX_M, BKW, "nvfp4_wgmma")
+    const = wgmma_constexprs(x.shape[0], cfg, shrink=r_sh > 0)
+    _wg_kernel[(-(-w32.shape[0] // const["BN"]) + r_sh, ws.shape[0])](*args, num_warps=cfg["num_warps"], **const)
     return ws
-
-
-def compile_sm90(m: int, cfg: dict, shrink: bool = True):
-    """Compile `_wg_kernel` for sm_90a without a GPU (Triton only), specialized as the launcher is: for offline
-    checks of the machine code (tests, benchmarks/sass_decode.py --wgmma)."""
-    return compile_partials_kernel(_wg_kernel, wgmma_constexprs(m, cfg, shrink), cfg["num_warps"])

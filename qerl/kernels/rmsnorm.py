@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, next_pow2, pdl_launch, pdl_wait, require
+from .common import HAS_TRITON, next_pow2, require
 
 if HAS_TRITON:
     import triton
@@ -30,9 +30,7 @@ if HAS_TRITON:
         stride_y,
         HAS_DELTA: tl.constexpr,
         BLOCK: tl.constexpr,
-        PDL: tl.constexpr = False,
     ):
-        pdl_wait(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
@@ -74,6 +72,5 @@ def add_rmsnorm(
         HAS_DELTA=delta is not None,
         BLOCK=block,
         num_warps=8 if block >= 4096 else 4,
-        **pdl_launch(),
     )
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, pdl_launch, pdl_wait, require
+from .common import HAS_TRITON, require
 
 if HAS_TRITON:
     import triton
@@ -35,9 +35,7 @@ if HAS_TRITON:
         stride_kh,
         stride_ks,
         D: tl.constexpr,
-        PDL: tl.constexpr = False,
     ):
-        pdl_wait(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)  # 0..HQ-1: a q head; HQ..HQ+HKV-1: a kv head
         HALF: tl.constexpr = D // 2
@@ -104,6 +102,5 @@ def rope_cache(
         k_cache.stride(2),
         D=head_dim,
         num_warps=1,
-        **pdl_launch(),
     )
     return q_out

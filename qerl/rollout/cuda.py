@@ -1,4 +1,4 @@
-"""The rollout engine on a CUDA GPU: same API and greedy outputs as `qerl.rollout.Engine`, fast.
+"""The rollout engine on a CUDA GPU: same API and greedy outputs as the reference `Engine`, fast.
 
 What differs from the reference engine (and why):
 - Static state. The KV cache [L, B_cap, Hkv, S_cap, D], the token/position/key-mask
@@ -8,17 +8,11 @@ What differs from the reference engine (and why):
   of the call and the powers of two below it). The cache slot and the key count are
   device scalars that the graph itself advances, and attention reads only the filled
   part of the cache, so one graph serves every position.
-- Fused launches. q/k/v and gate/up run as one kernel each (their packed weights are
-  made adjacent rows of one buffer at construction, and the modules' buffers become
-  views of it: no second copy), with bias, live LoRA and SiLU-gate fused into the
-  weight-streaming kernel (`qerl.kernels.fused_linear`: register-fed tensor cores for bf16
-  NVFP4 on Hopper, `mma.sync` at 1-8 rows (`nvfp4_mma`) and warpgroup MMA at 9-128 (`nvfp4_wgmma`),
-  else CUDA cores at 1-4 rows and version 5 up to DECODE_MAX_M) for NVFP4/MXFP4; the LoRA shrink runs
-  inside the weight kernels (`fuse_shrink`: versions 7/8 always, 5/6 where they split K); bf16 weights,
-  and more rows, use
-  cuBLAS (one layer dequantized into the engine's own buffer for NVFP4/MXFP4) and one
-  epilogue launch (`linear_epilogue`: bias, LoRA, SiLU gate); residual add + RMSNorm
-  and RoPE + cache write are one launch each. About 15 launches a layer with LoRA
+- Fused launches. q/k/v and gate/up run as one linear each (their packed weights are made adjacent rows of one
+  buffer at construction, and the modules' buffers become views of it: no second copy), with bias, live LoRA
+  and the SiLU gate fused (`qerl.kernels.fused_linear`); which kernel serves a layer's rows is
+  `qerl.kernels.choice.choose_linear_kernel`'s answer, asked once per batch-size bucket at capture. Residual
+  add + RMSNorm and RoPE + cache write are one launch each. About 15 launches a layer with LoRA
   (`benchmarks/profile_decode_gpu.py` lists them with their time).
 - LoRA stays live: each `generate` copies the current A, B (scaling folded into B)
   into the fused buffers first, so an optimizer step is seen by the next rollout.
@@ -43,18 +37,17 @@ from types import SimpleNamespace
 
 import torch
 
-from .kernels import KernelUnavailable, available
-from .kernels._triton import programmatic_launch
-from .kernels.fused_linear import TC_MAX_M
-from .kernels.nvfp4_wgmma import WG_MAX_M, wgmma_supported
-from .modeling import CausalLM, causal_mask, positions_from_mask, rope_inv_freq
-from .quant import QuantLinear
-from .rollout import Engine, Rollout, SamplingParams, left_pad, sample_tokens
-
-# rows at or below: the one-pass NVFP4/MXFP4 decode kernels (fused_linear.pick_config picks CUDA or tensor cores);
-# above (and above WG_MAX_M for NVFP4 layers version 8 takes): one layer dequantized into the engine's buffer,
-# cuBLAS, and the epilogue kernel
-DECODE_MAX_M = TC_MAX_M
+from ..kernels import KernelUnavailable, available
+from ..kernels.choice import ALL_KERNELS, LinearKernel, choose_linear_kernel
+from ..kernels.decode_attention import attention_splits, decode_attention
+from ..kernels.fused_linear import fused_linear
+from ..kernels.lora_shrink import MAX_SPLITS
+from ..kernels.rmsnorm import add_rmsnorm
+from ..kernels.rope_cache import rope_cache
+from ..modeling import CausalLM, causal_mask, positions_from_mask, rope_inv_freq
+from ..quant import QuantLinear
+from .engine import Engine
+from .sampling import SamplingParams, left_pad, sample_tokens
 
 _WEIGHT_BUFFERS = {
     "nvfp4": ("weight_packed", "weight_scale"),
@@ -94,7 +87,7 @@ def _fuse(mods: list, glu: bool = False) -> _FusedLinear:
     if fmt not in _WEIGHT_BUFFERS or any(m.format.name != fmt for m in mods):
         raise KernelUnavailable(
             f"CudaEngine has no kernel for the weight format(s) "
-            f"{sorted({m.format.name for m in mods})}; use qerl.rollout.Engine"
+            f"{sorted({m.format.name for m in mods})}; use the reference qerl.rollout.Engine"
         )
     fused = {}
     for name in _WEIGHT_BUFFERS[fmt]:
@@ -145,26 +138,24 @@ class CudaEngine(Engine):
         eos_ids: list[int] | None = None,
         check_every: int = 16,
         use_graphs: bool = True,
-        pdl: bool = False,
-        fuse_shrink: bool = True,
-        mma: bool = True,
-        wgmma: bool = True,
+        kernels: frozenset[LinearKernel] = ALL_KERNELS,
     ):
+        """eos_ids: overrides the tokenizer's ([] for benchmarks that must run to the length limit);
+        check_every: decode steps between looks at the finished flags; use_graphs: CUDA graphs (off: eager
+        launches, for debugging); kernels: the linear kernels `choose_linear_kernel` may pick (tests narrow it)."""
         if not available() or model.device.type != "cuda":
-            raise KernelUnavailable("CudaEngine needs a CUDA device and Triton; use qerl.rollout.Engine here")
+            raise KernelUnavailable(
+                "CudaEngine needs a CUDA device and Triton; use the reference qerl.rollout.Engine here"
+            )
         a = model.args
         if a.qk_norm:
-            raise KernelUnavailable("CudaEngine does not support q/k-norm models (Qwen3) yet; use qerl.rollout.Engine")
+            raise KernelUnavailable(
+                "CudaEngine does not support q/k-norm models (Qwen3) yet; use the reference qerl.rollout.Engine"
+            )
         super().__init__(model, tokenizer, cache_weights=False)
-        if eos_ids is not None:  # e.g. [] for benchmarks that must run to the length limit
+        if eos_ids is not None:
             self.eos_ids = list(eos_ids)
-        self.check_every, self.use_graphs = check_every, use_graphs
-        # measured on an H200 (benchmarks/RESULTS.md): the LoRA shrink computed by the split-K decode kernels
-        # (fuse_shrink) is +10% tok/s at batch 1, so on; programmatic dependent launch (pdl, every decode kernel)
-        # is -4% at batch 1, -9% at 8 and -1% at 64, so off
-        self.pdl, self.fuse_shrink = pdl, fuse_shrink
-        self.mma = mma  # version 7 (register-fed tensor cores) for the NVFP4 rows it supports, else versions 5/6
-        self.wgmma = wgmma  # version 8 (warpgroup MMA) for the NVFP4 rows it serves (9..WG_MAX_M)
+        self.check_every, self.use_graphs, self.kernels = check_every, use_graphs, frozenset(kernels)
         self.layers = []
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -249,14 +240,10 @@ class CudaEngine(Engine):
         fl = self._fused()
         self.y0 = torch.zeros(b * max(f.weight.shape[0] for f in fl), dtype=dt, device=dev)
         self.deq = None  # the engine's own dequantization buffer (one layer): graphs keep its address
-        if any(f.fmt != "bf16" and not self._one_pass(f, b) for f in fl):
+        if any(f.fmt != "bf16" and self._kernel(f, b) is LinearKernel.CUBLAS for f in fl):
             self.deq = torch.empty(max(f.weight.shape[0] * f.in_features for f in fl), dtype=dt, device=dev)
-        from .kernels.lora_shrink import MAX_SPLITS
-
         hmax = max([MAX_SPLITS * b * f.A.shape[0] for f in self._fused() if f.rank] or [1])  # any split count
         self.hbuf = torch.zeros(hmax, dtype=torch.float32, device=dev)
-        from .kernels.decode_attention import attention_splits
-
         self.nsplit = {}
         ns_max = max(attention_splits(x, a.num_kv_heads, s, self._sms()) for x in range(1, b + 1))
         self.ws_o = torch.zeros(b * a.num_heads * ns_max * a.head_dim, dtype=torch.float32, device=dev)
@@ -268,95 +255,32 @@ class CudaEngine(Engine):
         return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
     # --- one decode step (captured) ------------------------------------------------------
+    def _kernel(self, f: _FusedLinear, m: int) -> LinearKernel:
+        return choose_linear_kernel(m, f.fmt, f.in_features, self.model.device, self.model.dtype, allow=self.kernels)
+
     def _linear(self, f: _FusedLinear, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        from .kernels.fused_linear import fused_linear
-        from .kernels.lora_shrink import lora_shrink
-
-        h = None
-        m = x.shape[0]
-        one_pass = self._one_pass(f, m)
-        if one_pass and f.rank and self.fuse_shrink:  # h from the decode kernel (see fused_linear's lora_A)
-            return fused_linear(
-                x,
-                f.fmt,
-                f.weight,
-                f.scale,
-                f.gs,
-                f.bias,
-                None,
-                f.B,
-                f.rank,
-                1.0,
-                f.segments,
-                f.glu,
-                out=out,
-                lora_A=f.A,
-                h_out=self.hbuf,
-                mma=self.mma,
-                wgmma=self.wgmma,
-            )
-        if f.rank:
-            h = lora_shrink(x, f.A, out=self.hbuf)
-        if not one_pass:  # cuBLAS for the product, one small kernel for the epilogue
-            from .kernels.dequant import dequantize
-            from .kernels.fused_linear import linear_epilogue
-
-            n_rows, k = f.weight.shape[0], f.in_features
-            if f.fmt == "bf16":
-                w = f.dense if f.dense is not None else f.weight
-            else:
-                w = self.deq[: n_rows * k].view(n_rows, k)
-                off = 0
-                for i, mod in enumerate(f.mods):
-                    n = mod.out_features
-                    dequantize(
-                        f.fmt,
-                        f.weight[off : off + n],
-                        f.scale[off : off + n],
-                        f.gs[i : i + 1] if f.gs is not None else None,
-                        x.dtype,
-                        out=w[off : off + n],
-                    )
-                    off += n
-            y0 = self.y0[: m * n_rows].view(m, n_rows)
-            torch.mm(x, w.t(), out=y0)
-            return linear_epilogue(y0, f.bias, h, f.B, f.rank, 1.0, f.segments, f.glu, out=out)
         return fused_linear(
             x,
             f.fmt,
-            f.weight,
+            f.dense if f.dense is not None else f.weight,
             f.scale,
             f.gs,
             f.bias,
-            h,
+            None,
             f.B,
             f.rank,
             1.0,
             f.segments,
             f.glu,
-            out=out,
-            mma=self.mma,
-            wgmma=self.wgmma,
-        )
-
-    def _one_pass(self, f: _FusedLinear, m: int) -> bool:
-        """Whether the one-pass decode kernels take m rows of this layer (else cuBLAS on a dequantized copy):
-        NVFP4/MXFP4 up to DECODE_MAX_M rows, and up to WG_MAX_M where version 8 runs (`wgmma_supported`)."""
-        if f.fmt == "bf16":
-            return False
-        return m <= DECODE_MAX_M or (
-            self.wgmma and m <= WG_MAX_M and wgmma_supported(self.model.device, self.model.dtype, f.fmt, f.in_features)
+            out,
+            lora_A=f.A,
+            kernel=self._kernel(f, x.shape[0]),
+            h_out=self.hbuf,
+            dense_out=self.deq,
+            product_out=self.y0,
         )
 
     def _decode_step(self, b: int):
-        with programmatic_launch(self.pdl):
-            self._decode_kernels(b)
-
-    def _decode_kernels(self, b: int):
-        from .kernels.decode_attention import attention_splits, decode_attention
-        from .kernels.rmsnorm import add_rmsnorm
-        from .kernels.rope_cache import rope_cache
-
         a, m = self.model.args, self.model
         ns = attention_splits(b, a.num_kv_heads, self.cap[1], self._sms())
         ws = (
@@ -438,31 +362,6 @@ class CudaEngine(Engine):
     @staticmethod
     def _buckets(rows: int) -> list[int]:
         return sorted({rows} | {1 << i for i in range(rows.bit_length()) if (1 << i) < rows})
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[str] | list[list[int]],
-        params: SamplingParams | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Rollout:
-        params = params or SamplingParams()
-        ids = [
-            self.tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else list(p) for p in prompts
-        ]
-        dev = self.model.device
-        if generator is None:
-            generator = torch.Generator(dev)
-            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out = self._generate(ids, params, generator)
-        finally:
-            self.model.train(was_training)
-        tok, lp, mask, finish = out
-        texts = [self.tokenizer.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(tok, mask)]
-        return Rollout(ids, tok, mask, lp, finish, texts, params.n)
 
     def _generate(self, ids, params: SamplingParams, gen):
         n_prompts, max_new = len(ids), params.max_new_tokens

@@ -1,4 +1,5 @@
-"""The rollout engine: batched sampling from the live model (quantized base + LoRA + AQN noise).
+"""The reference rollout engine: batched sampling from the live model (quantized base + LoRA + AQN noise), in
+plain PyTorch on any device; the CUDA engine (`qerl.rollout.cuda`) subclasses it.
 
 One engine and one copy of the weights serve training rollouts and evaluation. The
 decode path reads top to bottom, as in gpt-fast:
@@ -18,92 +19,12 @@ temperature 0 (greedy) they are the plain log-softmax.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 
 import torch
 
-from .modeling import CausalLM, KVCache, causal_mask, positions_from_mask
-from .quant import QuantLinear
-
-
-@dataclass
-class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 256
-    n: int = 1  # samples per prompt
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    # Optional per-row limit, one per output row (prompts x n, in order), each <= max_new_tokens:
-    # a row that reaches its limit ends there with finish reason "length" (benchmarks use it to
-    # give random-weight models, which never emit EOS, the ragged lengths of real rollouts).
-    row_max_tokens: tuple[int, ...] | None = None
-
-    def row_limits(self, rows: int, device) -> torch.Tensor:
-        if self.row_max_tokens is None:
-            return torch.full((rows,), self.max_new_tokens, dtype=torch.long, device=device)
-        if len(self.row_max_tokens) != rows or not all(1 <= x <= self.max_new_tokens for x in self.row_max_tokens):
-            raise ValueError(f"row_max_tokens needs {rows} values in [1, max_new_tokens={self.max_new_tokens}]")
-        return torch.tensor(self.row_max_tokens, dtype=torch.long, device=device)
-
-
-@dataclass
-class Rollout:
-    prompt_ids: list[list[int]]  # one per prompt (not per sample)
-    completion_ids: torch.Tensor  # [N, L] long, padded with pad_id; N = prompts * n
-    mask: torch.Tensor  # [N, L] bool, True on generated tokens
-    logprobs: torch.Tensor  # [N, L] fp32 log-prob of each sampled token (0 on padding)
-    finish_reasons: list[str]  # "stop" (EOS or stop string) or "length"
-    texts: list[str] = field(default_factory=list)
-    n: int = 1
-
-    @property
-    def lengths(self) -> list[int]:
-        return self.mask.sum(1).tolist()
-
-
-def sample_tokens(
-    logits: torch.Tensor,
-    temperature: float,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] -> (token [B], log-prob [B]) under the distribution actually sampled."""
-    logits = logits.float()
-    if temperature <= 0:
-        tok = logits.argmax(-1)
-        return tok, logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
-    logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass before it already reaches top_p (the first always stays)
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    logp = logits.log_softmax(-1)
-    # Inverse-CDF sampling: one uniform per row and a binary search; no host sync (no
-    # multinomial) and ~40x cheaper on CPU than drawing an exponential per vocabulary entry.
-    # Masked tokens have zero mass, so a flat CDF step can never be the first index >= u.
-    cdf = logp.exp().cumsum(-1)  # [B, V]
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
-    tok = torch.searchsorted(cdf, u.clamp(min=torch.finfo(cdf.dtype).tiny)).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
-    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (ids [B, P], attn [B, P]) left-padded to the longest, attn 1 on real tokens."""
-    p = max(len(x) for x in prompts)
-    ids = torch.full((len(prompts), p), pad_id, dtype=torch.long, device=device)
-    attn = torch.zeros((len(prompts), p), dtype=torch.long, device=device)
-    for i, x in enumerate(prompts):
-        ids[i, p - len(x) :] = torch.tensor(x, device=device)
-        attn[i, p - len(x) :] = 1
-    return ids, attn
+from ..modeling import CausalLM, KVCache, causal_mask, positions_from_mask
+from ..quant import QuantLinear
+from .sampling import Rollout, SamplingParams, left_pad, sample_tokens
 
 
 @contextlib.contextmanager
@@ -233,6 +154,7 @@ class Engine:
         params: SamplingParams | None = None,
         generator: torch.Generator | None = None,
     ) -> Rollout:
+        """Strings or token ids in, `Rollout` out: the template both engines share (they differ in `_generate`)."""
         params = params or SamplingParams()
         ids = [
             self.tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else list(p) for p in prompts
@@ -243,16 +165,21 @@ class Engine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with folded_weights(self.model, self.model.dtype, self.cache_weights):
-                logits, cache, keys, lengths = self.prefill(ids, params.max_new_tokens)
-                if params.n > 1:
-                    cache = cache.repeat_interleave(params.n, keys.shape[1] - params.max_new_tokens)
-                    logits, keys, lengths = (x.repeat_interleave(params.n, 0) for x in (logits, keys, lengths))
-                tok, lp, mask, finish = self.decode(logits, cache, keys, lengths, params, generator)
+            tok, lp, mask, finish = self._generate(ids, params, generator)
         finally:
             self.model.train(was_training)
+        tok, lp, mask = tok.cpu(), lp.cpu(), mask.cpu()
         texts = [self.tokenizer.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(tok, mask)]
-        return Rollout(ids, tok.cpu(), mask.cpu(), lp.cpu(), finish, texts, params.n)
+        return Rollout(ids, tok, mask, lp, finish, texts, params.n)
+
+    def _generate(self, ids: list[list[int]], params: SamplingParams, gen: torch.Generator):
+        """-> (tokens [N, L], log-probs [N, L], mask [N, L], finish reasons), N = prompts * params.n."""
+        with folded_weights(self.model, self.model.dtype, self.cache_weights):
+            logits, cache, keys, lengths = self.prefill(ids, params.max_new_tokens)
+            if params.n > 1:
+                cache = cache.repeat_interleave(params.n, keys.shape[1] - params.max_new_tokens)
+                logits, keys, lengths = (x.repeat_interleave(params.n, 0) for x in (logits, keys, lengths))
+            return self.decode(logits, cache, keys, lengths, params, gen)
 
     # --- helpers -------------------------------------------------------------------
     @staticmethod
@@ -279,29 +206,3 @@ class Engine:
             if any(s in self.tokenizer.decode(row[max(0, j + 1 - w) : j + 1]) for s in stop):
                 return j + 1
         return None
-
-
-def make_engine(model: CausalLM, tokenizer, backend: str = "auto", **kwargs) -> Engine:
-    """The fastest engine that can run `model` here.
-
-    backend="auto": `qerl.engine_cuda.CudaEngine` when the model is on a CUDA device, Triton works
-    and the architecture and weight formats are supported; else the reference `Engine`.
-    backend="cuda": `CudaEngine`, or a `KernelUnavailable` error saying why it cannot run (no fallback).
-    backend="reference": `Engine`. Extra keyword arguments go to `CudaEngine` (eos_ids, check_every, ...).
-    """
-    if backend not in ("auto", "cuda", "reference"):
-        raise ValueError(f"unknown rollout backend '{backend}' (auto, cuda or reference)")
-    if backend == "reference":
-        return Engine(model, tokenizer)
-    from .kernels import KernelUnavailable
-
-    try:
-        from .engine_cuda import CudaEngine
-
-        return CudaEngine(model, tokenizer, **kwargs)
-    except (KernelUnavailable, ImportError) as e:  # no GPU or Triton, q/k-norm, nf4 weights
-        if backend == "cuda":
-            if isinstance(e, KernelUnavailable):
-                raise
-            raise KernelUnavailable(f"the CUDA rollout engine cannot run here: {e}") from e
-        return Engine(model, tokenizer)
