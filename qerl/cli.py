@@ -15,6 +15,23 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (rollout speed, t
 app.add_typer(bench_app, name="bench")
 
 
+def _print_version(value: bool):
+    if value:
+        from . import __version__
+
+        print(f"qerl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _top(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+):
+    pass
+
+
 @bench_app.command("rollout")
 def bench_rollout(
     model_config: str = typer.Option("qwen2.5-7b", help="qwen2.5-7b | qwen2.5-14b | qwen2.5-32b | a config.json"),
@@ -97,17 +114,33 @@ def bench_step(
 def train(
     ctx: typer.Context,
     config: str = typer.Option(None, "--config", "-c", help="YAML config; the embedded default if omitted"),
-    no_progress: bool = typer.Option(False, "--no-progress", help="plain log lines instead of a progress bar"),
+    no_progress: bool = typer.Option(
+        False, "--no-progress", help="one log line per step instead of a progress bar (the default without a terminal)"
+    ),
 ):
     """Train LoRA with GRPO/DAPO/Dr.GRPO + AQN. Any setting can be overridden: --section.key value
-    (e.g. --rollout.temperature 0.8), plus --max-steps N and --output-dir DIR."""
+    (e.g. --rollout.temperature 0.8), plus --max-steps N, --output-dir DIR and --resume. `qerl config`
+    lists every key with its type, default and valid values. Ctrl-C (or SIGTERM) stops after the current
+    step with a checkpoint; a second Ctrl-C quits at once."""
+    import shlex
+    import signal
+
     from .config import load_config
     from .trainer import Trainer
 
     cfg = load_config(config, ctx.args)
     source = config or "the embedded default (SmolLM2-135M-Instruct, NVFP4 + LoRA + AQN, GRPO on arithmetic)"
-    print(f"qerl train: {source}; output in {cfg.train.output_dir}")
+    print(f"qerl train: {source}; output in {cfg.train.output_dir}", flush=True)
     summary = Trainer(cfg, progress=not no_progress).train()
+    if "signal" in summary:
+        again = ["qerl", "train", *(["-c", config] if config else []), *ctx.args]
+        again += [] if cfg.train.resume else ["--resume"]
+        print(
+            f"qerl train: stopped after step {summary['stopped_at']} ({signal.Signals(summary['signal']).name}), checkpoint in "
+            f"{summary['checkpoint']}; continue with: {shlex.join(again)}",
+            file=sys.stderr,
+        )
+        sys.exit(128 + summary["signal"])
     print(
         f"qerl train: done. held-out accuracy {summary['eval_start']} -> {summary['eval_end']}; "
         f"summary in {cfg.train.output_dir}/summary.md"
@@ -184,7 +217,8 @@ def plan(
     model_config: str = typer.Option(
         None,
         "--model-config",
-        help="qwen2.5-7b | qwen2.5-14b | qwen2.5-32b | a config.json or HF dir; default: the config's model",
+        help="qwen2.5-7b | qwen2.5-14b | qwen2.5-32b (or their hub ids, offline) | a config.json or HF dir; "
+        "default: the config's model",
     ),
     gpu_mem: float = typer.Option(None, "--gpu-mem", help="GB available; default: the visible GPU's memory"),
     prompt_len: int = typer.Option(512, "--prompt-len", help="longest prompt in tokens"),
@@ -194,17 +228,25 @@ def plan(
 
     from .config import load_config
     from .modeling import ModelArgs
-    from .plan import plan_memory
+    from .plan import known_model, plan_memory, plan_model_args, rollout_shape
 
     cfg = load_config(config, ctx.args)
-    if gpu_mem is None and torch.cuda.is_available():
+    if model_config:
+        args = plan_model_args(model_config)
+    else:  # the run's own model: a known name or hub id offline, else what `qerl train` would load
+        name = cfg.model.name
+        args = ModelArgs.from_name(name if known_model(name) else _model_dir(name))
+    if gpu_mem is not None:
+        memory = f"{gpu_mem:g} GB (--gpu-mem)"
+    elif torch.cuda.is_available():
         gpu_mem = torch.cuda.get_device_properties(0).total_memory / 1e9
-    args = ModelArgs.from_name(model_config or _model_dir(cfg.model.name))
+        memory = f"{gpu_mem:.1f} GB, the visible GPU ({torch.cuda.get_device_name(0)})"
+    else:
+        memory = "unknown: no GPU visible and no --gpu-mem, so the estimate only (--gpu-mem GB checks the fit)"
     p = plan_memory(args, cfg, prompt_len=prompt_len, available_gb=gpu_mem)
-    print(
-        f"memory plan: {model_config or cfg.model.name}, {cfg.model.quant} + LoRA r={cfg.model.lora_rank}, "
-        f"{cfg.rollout.prompts_per_step}x{cfg.rollout.group_size} rollouts of {prompt_len}+{cfg.rollout.max_new_tokens} tokens"
-    )
+    print(f"memory plan: {model_config or cfg.model.name}, {cfg.model.quant} + LoRA r={cfg.model.lora_rank}")
+    print(rollout_shape(cfg, prompt_len))
+    print(f"GPU memory: {memory}")
     print(p.table())
     if p.fits is False:
         sys.exit(1)
@@ -248,12 +290,27 @@ def export(
     print(f"qerl export: {export_adapter(adapter, out, merge=merge, model=model)}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def config(
+    ctx: typer.Context,
+    config: str = typer.Option(None, "--config", "-c", help="YAML config; the embedded default if omitted"),
+):
+    """List every config key with its type, its value (the embedded default, or the file's and the
+    overrides') and its valid values: what `qerl train` would run with."""
+    from .config import describe, load_config
+
+    print(describe(load_config(config, ctx.args)))
+
+
 def main():
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         app()
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or one before it starts
+        print("\nqerl: interrupted", file=sys.stderr)
+        sys.exit(130)
     except (ValueError, OSError, KeyError) as e:  # QerlError is a ValueError
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"qerl: error: {msg}", file=sys.stderr)

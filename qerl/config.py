@@ -11,6 +11,8 @@ and the trainer reads only those settings, never the algorithm's name.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -98,7 +100,7 @@ class AlgoConfig:
 
     def resolved(self) -> AlgoConfig:
         if self.name not in ALGORITHMS:
-            raise QerlError(f"algo.name: unknown algorithm '{self.name}'; choose one of {', '.join(ALGORITHMS)}")
+            raise QerlError(f"config: algo.name must be one of {', '.join(ALGORITHMS)}, got {self.name!r}")
         preset = {k: v for k, v in ALGORITHMS[self.name].items() if getattr(self, k) is None}
         out = dataclasses.replace(self, **preset)
         _choice("algo.aggregation", out.aggregation, ("token_mean", "seq_mean", "constant"))
@@ -125,7 +127,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/qerl"
     eval_every: int = 0  # 0: only at the start and the end
-    eval_limit: int = 100
+    eval_limit: int | None = 100  # none: the whole eval set
     eval_samples: int = 1
     eval_temperature: float = 1.0
     save_every: int = 50
@@ -170,7 +172,7 @@ DEFAULT_OVERRIDES: dict = {
 # --- parsing and validation ----------------------------------------------------------------------
 def _choice(key, value, options):
     if value not in options:
-        raise QerlError(f"{key}: '{value}' is not one of {', '.join(options)}")
+        raise QerlError(f"config: {key} must be one of {', '.join(options)}, got {value!r}")
 
 
 def _coerce(key: str, value, tp):
@@ -186,7 +188,7 @@ def _coerce(key: str, value, tp):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v] if value else []
         if not isinstance(value, (list, tuple)):
-            raise QerlError(f"{key}: expected a list, got {value!r}")
+            raise QerlError(f"config: {key}: expected a list, got {value!r}")
         items = [_coerce(key, v, inner) for v in value]
         return tuple(items) if origin is tuple else items
     if tp is bool:
@@ -194,10 +196,10 @@ def _coerce(key: str, value, tp):
             return value
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
-        raise QerlError(f"{key}: expected true/false, got {value!r}")
+        raise QerlError(f"config: {key}: expected true/false, got {value!r}")
     if tp in (int, float):
         if isinstance(value, bool):
-            raise QerlError(f"{key}: expected {tp.__name__}, got {value!r}")
+            raise QerlError(f"config: {key}: expected {tp.__name__}, got {value!r}")
         try:
             out = tp(value) if isinstance(value, str) else value
             if tp is int and isinstance(out, float) and out.is_integer():
@@ -206,10 +208,10 @@ def _coerce(key: str, value, tp):
                 raise ValueError
             return tp(out)
         except ValueError:
-            raise QerlError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+            raise QerlError(f"config: {key}: expected {tp.__name__}, got {value!r}") from None
     if tp is str:
         if not isinstance(value, (str, int, float)):
-            raise QerlError(f"{key}: expected a string, got {value!r}")
+            raise QerlError(f"config: {key}: expected a string, got {value!r}")
         return str(value)
     return value
 
@@ -231,7 +233,7 @@ def _apply(obj, data: dict, prefix: str = ""):
         cur = getattr(obj, k)
         if dataclasses.is_dataclass(cur):
             if not isinstance(v, dict):
-                raise QerlError(f"{key}: expected a mapping of settings, got {v!r}")
+                raise QerlError(f"config: {key}: expected a mapping of settings, got {v!r}")
             _apply(cur, v, key + ".")
         else:
             setattr(obj, k, _coerce(key, v, hints[k]))
@@ -312,31 +314,114 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     return cfg
 
 
+# Every numeric field's valid values: (test, what the message says). None (where the type allows it)
+# is always accepted; float fields must also be finite. Checked at load, before any model loads.
+_POSITIVE = (lambda v: v > 0, "> 0")
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+RANGES = {
+    "model.lora_rank": _AT_LEAST_1,
+    "model.lora_alpha": _POSITIVE,
+    "model.lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "data.train_limit": (_AT_LEAST_1[0], ">= 1 (or none: all)"),
+    "rollout.prompts_per_step": _AT_LEAST_1,
+    "rollout.group_size": _AT_LEAST_1,
+    "rollout.temperature": _POSITIVE,  # the policy's own temperature: greedy is train.eval_temperature 0
+    "rollout.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "rollout.top_k": (_NON_NEGATIVE[0], ">= 0 (0: off)"),
+    "rollout.max_new_tokens": _AT_LEAST_1,
+    "algo.eps_low": _NON_NEGATIVE,
+    "algo.eps_high": _NON_NEGATIVE,
+    "algo.max_sampling_rounds": _AT_LEAST_1,
+    "algo.kl_beta": _NON_NEGATIVE,
+    "algo.num_iterations": _AT_LEAST_1,
+    "algo.is_threshold": _POSITIVE,
+    "optim.lr": _POSITIVE,
+    "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.warmup_ratio": _UNIT,
+    "optim.min_lr_ratio": _UNIT,
+    "optim.max_grad_norm": _POSITIVE,
+    "optim.micro_batch_size": _AT_LEAST_1,
+    "train.max_steps": _AT_LEAST_1,
+    "train.seed": _NON_NEGATIVE,
+    "train.eval_every": (_NON_NEGATIVE[0], ">= 0 (0: only at the start and the end)"),
+    "train.eval_limit": (_AT_LEAST_1[0], ">= 1 (or none: all)"),
+    "train.eval_samples": _AT_LEAST_1,
+    "train.eval_temperature": (_NON_NEGATIVE[0], ">= 0 (0: greedy)"),
+    "train.save_every": (_NON_NEGATIVE[0], ">= 0 (0: only at the end)"),
+    "train.keep_checkpoints": (_NON_NEGATIVE[0], ">= 0 (0: keep all)"),
+    "aqn.sigma_start": _POSITIVE,
+    "aqn.sigma_end": _POSITIVE,
+    "aqn.num_stages": (lambda v: v >= 3, ">= 3"),
+    "reward.overlong_buffer": _NON_NEGATIVE,
+    "reward.verify_timeout": _POSITIVE,
+}
+DTYPES = ("auto", "bfloat16", "bf16", "float32", "fp32", "float16", "fp16")
+
+
+def settings(cfg: Config):
+    """(section.key, value, type annotation) of every setting, in declaration order."""
+    for sec in dataclasses.fields(cfg):
+        obj = getattr(cfg, sec.name)
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            yield f"{sec.name}.{f.name}", getattr(obj, f.name), hints[f.name]
+
+
+def _show(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else repr(v) if isinstance(v, str) else str(v)
+
+
 def validate(cfg: Config):
+    for key, v, _tp in settings(cfg):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise QerlError(f"config: {key} must be a finite number, got {_show(v)}")
+        if isinstance(v, list) and any(isinstance(x, float) and not math.isfinite(x) for x in v):
+            raise QerlError(f"config: {key} must hold finite numbers, got {v}")
+        if v is not None and key in RANGES and not RANGES[key][0](v):
+            raise QerlError(f"config: {key} must be {RANGES[key][1]}, got {_show(v)}")
     cfg.algo.resolved()
     gc = str(cfg.model.gradient_checkpointing).lower()
     cfg.model.gradient_checkpointing = {"true": "on", "1": "on", "false": "off", "0": "off", "none": "auto"}.get(gc, gc)
     _choice("model.gradient_checkpointing", cfg.model.gradient_checkpointing, ("auto", "on", "off"))
     _choice("rollout.backend", cfg.rollout.backend, ("auto", "cuda", "reference"))
+    _choice("model.dtype", cfg.model.dtype, DTYPES)
     from .quant import FORMATS
 
     _choice("model.quant", cfg.model.quant, tuple(FORMATS))
-    for key, v in (
-        ("rollout.group_size", cfg.rollout.group_size),
-        ("rollout.prompts_per_step", cfg.rollout.prompts_per_step),
-        ("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
-        ("train.max_steps", cfg.train.max_steps),
-        ("optim.micro_batch_size", cfg.optim.micro_batch_size),
-        ("algo.num_iterations", cfg.algo.num_iterations),
-    ):
-        if v < 1:
-            raise QerlError(f"{key} must be >= 1, got {v}")
+    if cfg.model.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.model.device):
+        raise QerlError(
+            f"config: model.device must be cpu, cuda or cuda:N (or none: cuda when there is one), got {cfg.model.device!r}"
+        )
     if cfg.rollout.group_size < 2 and cfg.algo.resolved().normalize_std:
-        raise QerlError("rollout.group_size must be >= 2 for group advantages")
-    if cfg.optim.lr <= 0:
-        raise QerlError(f"optim.lr must be positive, got {cfg.optim.lr}")
-    try:  # the helpers' own dataclasses validate their fields
-        AQNConfig(**dataclasses.asdict(cfg.aqn))
-        RewardConfig(**dataclasses.asdict(cfg.reward))
-    except (ValueError, TypeError) as e:
-        raise QerlError(str(e)) from None
+        raise QerlError("config: rollout.group_size must be >= 2 for group advantages")
+    for name, cls in (("aqn", AQNConfig), ("reward", RewardConfig)):  # their own dataclasses check the rest
+        try:
+            cls(**dataclasses.asdict(getattr(cfg, name)))
+        except (ValueError, TypeError) as e:
+            raise QerlError(f"config: {name}: {e}") from None
+
+
+def describe(cfg: Config) -> str:
+    """Every setting as `section.key  type  value  [valid values]`, one a line (`qerl config`)."""
+
+    def type_name(tp):
+        return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+    def value(v):
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if v is None or isinstance(v, bool):
+            return {None: "none", True: "true", False: "false"}[v]
+        return str(v) if isinstance(v, int) else repr(v)
+
+    def cut(text, n=48):
+        return text if len(text) <= n else text[: n - 3] + "..."
+
+    rows = [
+        (key, type_name(tp), cut(value(v)), RANGES[key][1] if key in RANGES else "") for key, v, tp in settings(cfg)
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{k:<{widths[0]}}  {t:<{widths[1]}}  {v:<{widths[2]}}  {rng}".rstrip() for k, t, v, rng in rows)

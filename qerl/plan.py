@@ -16,9 +16,11 @@ reserve. `estimate` is the sum (what `qerl bench step` compares with the measure
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import Config
-from .modeling import LINEAR_NAMES, ModelArgs, activation_bytes, auto_checkpoint_layers
+from .errors import QerlError
+from .modeling import KNOWN_MODELS, LINEAR_NAMES, ModelArgs, activation_bytes, auto_checkpoint_layers
 from .quant import get_format
 
 GB = 1e9
@@ -108,3 +110,31 @@ def plan_memory(
         "CUDA context + reserve": CUDA_RESERVE_GB * GB,
     }
     return Plan(comps, available_gb * GB if available_gb else None, ckpt)
+
+
+def known_model(name: str) -> bool:
+    """A model the planner knows offline: a `KNOWN_MODELS` name or its hub id (Qwen/Qwen2.5-7B-Instruct)."""
+    return name.lower() in {k for n, c in KNOWN_MODELS.items() for k in (n, c["hub"].lower())}
+
+
+def plan_model_args(name: str) -> ModelArgs:
+    """The shape `qerl plan --model-config NAME` plans for: a known model (offline), a config.json or HF
+    directory, or another hub id (needs the hub); anything else is a one-line error listing the known ones."""
+    if known_model(name) or Path(name).exists():
+        return ModelArgs.from_name(name)
+    known = ", ".join(f"{n} ({c['hub']})" for n, c in KNOWN_MODELS.items())
+    if "/" not in name:
+        raise QerlError(f"--model-config {name}: not a known model, config.json or directory; known: {known}")
+    try:
+        return ModelArgs.from_name(name)
+    except (OSError, ValueError) as e:
+        raise QerlError(f"--model-config {name}: {str(e).strip().splitlines()[0]}; known offline: {known}") from None
+
+
+def rollout_shape(cfg: Config, prompt_len: int) -> str:
+    r = cfg.rollout
+    return (
+        f"rollout shape: {r.prompts_per_step} prompts x {r.group_size} completions, prompts up to {prompt_len} "
+        f"tokens (--prompt-len) + up to {r.max_new_tokens} generated (rollout.max_new_tokens); "
+        f"update micro-batch {cfg.optim.micro_batch_size} sequences"
+    )

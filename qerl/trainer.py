@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
+import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -21,13 +24,14 @@ from .config import Config
 from .data import build_prompt, load_records
 from .errors import QerlError
 from .evaluate import EvalSettings, evaluate
-from .logger import RunLogger, plot_run
+from .interrupt import GracefulStop
+from .logger import ConsoleProgress, RunLogger, plot_run
 from .lora import lora_parameters, quant_linears, save_adapter
 from .noise import apply_noise, aqn_sigma
 from .rewards import compute_rewards
 from .rl import LossConfig, dynamic_sampling_keep, fill_batch, group_advantages
 from .rollout import SamplingParams, dequant_cache, make_engine
-from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+from .state import find_checkpoint, load_checkpoint, save_checkpoint
 from .update import build_batch, policy_update
 
 
@@ -83,11 +87,12 @@ class Trainer:
     def __init__(self, cfg: Config, progress: bool = True, *, model=None, tokenizer=None, records=None, reward_fn=None):
         from .loading import load_model
 
-        self.cfg, self.progress = cfg, progress
+        self.cfg, self.progress = cfg, progress and sys.stdout.isatty()  # else one line per step
         self.reward_fn = reward_fn or compute_rewards
         self.algo = cfg.algo.resolved()
         t = cfg.train
         self.run_dir = Path(t.output_dir)
+        check_output_dir(self.run_dir)
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         if records is None:  # data first: a bad path or an empty file fails in a second, before the model loads
@@ -103,7 +108,15 @@ class Trainer:
                 f"{len(train_recs)} given training records",
                 f"{len(self.eval_recs)} given eval records",
             ]
+        if cfg.rollout.prompts_per_step > len(train_recs):
+            raise QerlError(
+                f"config: rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) is more than the "
+                f"{len(train_recs)} training records of {cfg.data.train}"
+            )
+        resume_from = self._checkpoint_to_resume() if t.resume else None
         m = cfg.model
+        if m.device and m.device.startswith("cuda") and not torch.cuda.is_available():
+            raise QerlError(f"config: model.device is {m.device}, but no CUDA GPU is visible")
         if model is None:
             model, tokenizer = load_model(
                 m.name,
@@ -159,15 +172,32 @@ class Trainer:
         self.gen = torch.Generator(self.device)
         self.gen.manual_seed(t.seed)
         self.start_step = 0
-        if t.resume:
-            ck = latest_checkpoint(self.run_dir)
-            if ck is None:
-                raise QerlError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        if resume_from:
             self.start_step, extra = load_checkpoint(
-                ck, self.model, self.optimizer, self.scheduler, self.gen, self.norms
+                resume_from, self.model, self.optimizer, self.scheduler, self.gen, self.norms
             )
             self.sampler.load(extra["sampler"])
-        self.logger = RunLogger(self.run_dir, cfg.to_dict(), wandb=t.wandb, resume=t.resume)
+        resume_step = self.start_step if t.resume else None
+        old = self.run_dir / "checkpoints"
+        if resume_step is None and any(old.glob("step-*")):  # a fresh run: an earlier run's checkpoints go
+            print(
+                f"qerl train: a new run in {self.run_dir}: removing the earlier run's checkpoints (--resume continues one)"
+            )
+            shutil.rmtree(old)
+        self.logger = RunLogger(self.run_dir, cfg.to_dict(), wandb=t.wandb, resume_step=resume_step)
+
+    def _checkpoint_to_resume(self) -> Path:
+        """The newest intact checkpoint (checked before the model loads), or a one-line error."""
+        found = find_checkpoint(self.run_dir)
+        if found is None:
+            raise QerlError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        path, step = found
+        if self.cfg.train.max_steps <= step:
+            raise QerlError(
+                f"--resume: the checkpoint {path} is at step {step}; train.max_steps "
+                f"({self.cfg.train.max_steps}) must be above it to continue"
+            )
+        return path
 
     # --- one step ------------------------------------------------------------------------
     def prompt_ids(self, records):
@@ -310,16 +340,22 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------
     def train(self, until: int | None = None) -> dict:
-        """Run to `train.max_steps`, or stop after step `until` (checkpointed) to resume later."""
+        """Run to `train.max_steps`, or stop after step `until` (checkpointed) to resume later.
+        SIGINT / SIGTERM also stop it after the current step, checkpointed: the result then says
+        `{"stopped_at": step, "signal": signum, "checkpoint": path}`."""
         t = self.cfg.train
         last = t.max_steps if until is None else min(until, t.max_steps)
         cpu = self.device.type == "cpu"
-        history = {}
-        with dequant_cache(self.model, cpu):  # CPU: dequantize the frozen base once for the whole run
+        history, ck = {}, None
+        with (
+            dequant_cache(self.model, cpu),  # CPU: dequantize the frozen base once for the whole run
+            GracefulStop() as stop,
+            ConsoleProgress(t.max_steps, self.start_step, bar=self.progress) as console,
+        ):
             if self.start_step == 0:
                 history["eval_start"] = self.run_eval(0)
                 self.logger.log(0, history["eval_start"])
-            bar = _progress(self.progress, t.max_steps, self.start_step)
+                console.update(0, history["eval_start"])
             for step in range(self.start_step, last):
                 m = self.step(step)
                 if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.max_steps:
@@ -328,30 +364,47 @@ class Trainer:
                     history["eval_end"] = self.run_eval(step + 1)
                     m.update(history["eval_end"])
                 self.logger.log(step + 1, m)
-                if bar:
-                    bar[0].update(bar[1], advance=1, description=_describe(step + 1, m))
-                if (t.save_every and (step + 1) % t.save_every == 0) or step + 1 in (t.max_steps, last):
-                    save_checkpoint(
-                        self.run_dir,
-                        step + 1,
-                        self.model,
-                        self.optimizer,
-                        self.scheduler,
-                        self.gen,
-                        {"sampler": self.sampler.state()},
-                        self.norms,
-                        keep=t.keep_checkpoints,
-                    )
-            if bar:
-                bar[0].stop()
+                console.update(step + 1, m)
+                if (t.save_every and (step + 1) % t.save_every == 0) or step + 1 in (t.max_steps, last) or stop.signum:
+                    ck = self.save(step + 1)
+                if stop.signum and step + 1 < t.max_steps:
+                    last = step + 1
+                    break
         if last < t.max_steps:
             self.logger.close()
-            return {"stopped_at": last}
+            return {"stopped_at": last} | ({"signal": stop.signum, "checkpoint": ck} if stop.signum else {})
         save_adapter(self.model, self.run_dir / "adapter")
         self.logger.close()
-        plot_run(self.run_dir)
+        c = self.cfg
+        plot_run(self.run_dir, f"{c.model.name} ({c.model.quant}, LoRA r={c.model.lora_rank}), {c.algo.name}")
         summary = write_summary(self.run_dir, self.cfg, history, self.data_reports)
         return summary
+
+    def save(self, step: int) -> Path:
+        return save_checkpoint(
+            self.run_dir,
+            step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.gen,
+            {"sampler": self.sampler.state()},
+            self.norms,
+            keep=self.cfg.train.keep_checkpoints,
+        )
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """The run directory can be made and written to (checked before the model loads, not at the first save)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise QerlError(f"config: train.output_dir {run_dir} is a file, not a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise QerlError(f"config: train.output_dir {run_dir} cannot be written to ({e.strerror or e})") from None
 
 
 def use_training_kernels(model) -> None:
@@ -368,53 +421,24 @@ def use_training_kernels(model) -> None:
             q.backend = "triton"
 
 
-def _describe(step, m):
-    parts = [f"step {step}"]
-    for k, fmt in (
-        ("reward_mean", "reward {:.3f}"),
-        ("accuracy", "acc {:.2f}"),
-        ("entropy", "ent {:.2f}"),
-        ("sigma", "sigma {:.1e}"),
-        ("step_s", "{:.1f}s/step"),
-    ):
-        if k in m:
-            parts.append(fmt.format(m[k]))
-    return " | ".join(parts)
-
-
-def _progress(enabled, total, done):
-    if not enabled:
-        return None
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    p = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
-    )
-    p.start()
-    return p, p.add_task("train", total=total, completed=done)
-
-
 def write_summary(run_dir: Path, cfg: Config, history: dict, data_reports: list[str]) -> dict:
     from .logger import read_metrics
 
     rows = read_metrics(run_dir / "metrics.jsonl")
-    steps = [r for r in rows if "reward_mean" in r]
-    ev = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+    steps = list({r["step"]: r for r in rows if "reward_mean" in r}.values())  # each step once
+
+    def mean(xs):
+        return round(sum(xs) / len(xs), 3) if xs else None
+
+    ev = [(r["step"], round(r["eval_accuracy"], 4)) for r in rows if "eval_accuracy" in r]
     summary = {
         "steps": len(steps),
         "eval": ev,
         "eval_start": ev[0][1] if ev else None,
         "eval_end": ev[-1][1] if ev else None,
-        "reward_first5": sum(r["reward_mean"] for r in steps[:5]) / max(1, len(steps[:5])) if steps else None,
-        "reward_last5": sum(r["reward_mean"] for r in steps[-5:]) / max(1, len(steps[-5:])) if steps else None,
-        "total_s": sum(r.get("step_s", 0) for r in steps),
+        "reward_first5": mean([r["reward_mean"] for r in steps[:5]]),
+        "reward_last5": mean([r["reward_mean"] for r in steps[-5:]]),
+        "total_s": round(sum(r.get("step_s", 0) for r in steps), 1),
     }
     md = [
         f"# qerl run: {run_dir}",

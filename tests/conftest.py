@@ -216,3 +216,43 @@ def check_fused_options(rows, options: list[dict], n: int = 300, k: int = 1024) 
         for opts in options:
             y = fused_linear(x, "nvfp4", d["weight_packed"], d["weight_scale"], d["weight_global_scale"], **opts)
             assert rel_err(y, ref) < 1e-2, (m, opts, rel_err(y, ref))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A tiny random Llama checkpoint for training-loop tests."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("trainer") / "llama", "llama", seed=3, std=0.05)
+
+
+def run_overrides(model, out, /, **extra) -> dict:
+    """Config overrides of a seconds-long CPU training run of a tiny model into `out`; `extra` updates sections."""
+    over = {
+        "model": {"name": str(model), "lora_rank": 4, "device": "cpu"},
+        "data": {"system_prompt": None, "suffix": None, "train_limit": 50},
+        "rollout": {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6},
+        "optim": {"lr": 1e-2, "micro_batch_size": 4},
+        "train": {"max_steps": 3, "output_dir": str(out), "eval_limit": 4, "save_every": 1, "seed": 5},
+        # reward any completion with a digit in it, so the random model gets a signal
+        "reward": {"correct": 0.0, "format": 0.0},
+    }
+    for k, v in extra.items():
+        over.setdefault(k, {}).update(v)
+    return over
+
+
+def run_config(model, out, /, **extra):
+    from qerl.config import load_config
+
+    return load_config(None, run_overrides(model, out, **extra))
+
+
+@pytest.fixture
+def digit_reward(monkeypatch):
+    """The tiny random model never answers correctly: reward its digit count instead."""
+    import qerl.trainer as tr
+
+    def fake(completions, golds, lengths, max_len, cfg):
+        r = [float(sum(ch.isdigit() for ch in c)) for c in completions]
+        return r, {"correct": [x > 0 for x in r], "format": [0.0] * len(r), "overlong": [0.0] * len(r)}
+
+    monkeypatch.setattr(tr, "compute_rewards", fake)

@@ -7,9 +7,8 @@ import sys
 
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from conftest import make_tiny_checkpoint, run_config
 
-from qerl.config import load_config
 from qerl.loading import load_model
 from qerl.lora import lora_parameters
 from qerl.rl import LossConfig, policy_loss
@@ -17,9 +16,9 @@ from qerl.trainer import Trainer
 from qerl.update import build_batch, policy_update, sequence_logprobs
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("trainer") / "llama", "llama", seed=3, std=0.05)
+@pytest.fixture
+def tiny(tiny_llama):
+    return tiny_llama
 
 
 def _fixed_batch(model, tok, n=6, length=5, seed=0):
@@ -99,33 +98,6 @@ def test_nan_loss_skips_the_update_and_keeps_the_adapter(tiny):
     assert all(torch.equal(a, b) for a, b in zip(before, params))
 
 
-def _cfg(tiny, out, **extra):
-    over = {
-        "model": {"name": str(tiny), "lora_rank": 4, "device": "cpu"},
-        "data": {"system_prompt": None, "suffix": None, "train_limit": 50},
-        "rollout": {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6},
-        "optim": {"lr": 1e-2, "micro_batch_size": 4},
-        "train": {"max_steps": 3, "output_dir": str(out), "eval_limit": 4, "save_every": 1, "seed": 5},
-        # reward any completion with a digit in it, so the random model gets a signal
-        "reward": {"correct": 0.0, "format": 0.0},
-    }
-    for k, v in extra.items():
-        over.setdefault(k, {}).update(v)
-    return load_config(None, over)
-
-
-@pytest.fixture
-def digit_reward(monkeypatch):
-    """The tiny random model never answers correctly: reward its digit count instead."""
-    import qerl.trainer as tr
-
-    def fake(completions, golds, lengths, max_len, cfg):
-        r = [float(sum(ch.isdigit() for ch in c)) for c in completions]
-        return r, {"correct": [x > 0 for x in r], "format": [0.0] * len(r), "overlong": [0.0] * len(r)}
-
-    monkeypatch.setattr(tr, "compute_rewards", fake)
-
-
 def _rows(path):
     return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
 
@@ -134,14 +106,14 @@ KEYS = ("reward_mean", "loss", "entropy", "grad_norm", "mismatch_kl", "sigma", "
 
 
 def test_resume_continues_exactly(tiny, tmp_path, digit_reward):
-    full = Trainer(_cfg(tiny, tmp_path / "full"), progress=False)
+    full = Trainer(run_config(tiny, tmp_path / "full"), progress=False)
     full.train()
     ref = {r["step"]: r for r in _rows(tmp_path / "full") if "loss" in r}
     assert ref[3]["grad_norm"] > 0  # the run actually learned something
 
-    first = Trainer(_cfg(tiny, tmp_path / "split"), progress=False)
+    first = Trainer(run_config(tiny, tmp_path / "split"), progress=False)
     assert first.train(until=1) == {"stopped_at": 1}
-    resumed = Trainer(_cfg(tiny, tmp_path / "split", train={"resume": True}), progress=False)
+    resumed = Trainer(run_config(tiny, tmp_path / "split", train={"resume": True}), progress=False)
     assert resumed.start_step == 1
     resumed.train()
     got = {r["step"]: r for r in _rows(tmp_path / "split") if "loss" in r}
@@ -220,7 +192,7 @@ def test_dapo_and_drgrpo_steps_run_with_their_settings(tiny, tmp_path, digit_rew
         extra = {"algo": {"name": name, "max_sampling_rounds": 2}, "train": {"max_steps": 1, "save_every": 0}}
         if name == "dapo":
             extra["algo"]["overlong"] = "mask"
-        t = Trainer(_cfg(tiny, tmp_path / name, **extra), progress=False)
+        t = Trainer(run_config(tiny, tmp_path / name, **extra), progress=False)
         m = t.step(0)
         assert t.algo.aggregation == {"dapo": "token_mean", "drgrpo": "constant"}[name]
         assert t.algo.normalize_std is (name == "dapo")

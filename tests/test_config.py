@@ -1,0 +1,106 @@
+"""Config validation: every field's range is checked at load with a one-line error naming the key;
+`qerl config` lists every key; `qerl --version`."""
+
+import pytest
+from typer.testing import CliRunner
+
+from qerl.cli import app
+from qerl.config import RANGES, describe, load_config, settings
+from qerl.errors import QerlError
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("rollout.temperature", -1, "rollout.temperature must be > 0, got -1"),
+        ("rollout.temperature", 0, "rollout.temperature must be > 0, got 0"),
+        ("rollout.top_p", 0, "rollout.top_p must be in (0, 1], got 0"),
+        ("rollout.top_p", 1.5, "rollout.top_p must be in (0, 1], got 1.5"),
+        ("rollout.top_k", -1, "rollout.top_k must be >= 0 (0: off), got -1"),
+        ("rollout.prompts_per_step", 0, "rollout.prompts_per_step must be >= 1"),
+        ("rollout.max_new_tokens", 0, "rollout.max_new_tokens must be >= 1"),
+        ("train.eval_limit", 0, "train.eval_limit must be >= 1"),
+        ("train.eval_limit", -3, "train.eval_limit must be >= 1"),
+        ("train.eval_samples", 0, "train.eval_samples must be >= 1"),
+        ("train.eval_every", -5, "train.eval_every must be >= 0"),
+        ("train.save_every", -1, "train.save_every must be >= 0"),
+        ("train.keep_checkpoints", -1, "train.keep_checkpoints must be >= 0"),
+        ("train.max_steps", 0, "train.max_steps must be >= 1"),
+        ("train.eval_temperature", -0.5, "train.eval_temperature must be >= 0"),
+        ("train.seed", -1, "train.seed must be >= 0"),
+        ("model.lora_rank", 0, "model.lora_rank must be >= 1, got 0"),
+        ("model.lora_alpha", 0, "model.lora_alpha must be > 0, got 0"),
+        ("model.lora_dropout", 1, "model.lora_dropout must be in [0, 1)"),
+        ("model.device", "tpu", "model.device must be cpu, cuda or cuda:N"),
+        ("model.dtype", "fp8", "model.dtype must be one of"),
+        ("model.quant", "int3", "model.quant must be one of"),
+        ("optim.lr", "nan", "optim.lr must be a finite number, got nan"),
+        ("optim.lr", "inf", "optim.lr must be a finite number, got inf"),
+        ("optim.lr", 0, "optim.lr must be > 0, got 0"),
+        ("optim.warmup_ratio", -1, "optim.warmup_ratio must be in [0, 1], got -1"),
+        ("optim.min_lr_ratio", 2, "optim.min_lr_ratio must be in [0, 1]"),
+        ("optim.max_grad_norm", -1, "optim.max_grad_norm must be > 0, got -1"),
+        ("optim.weight_decay", -0.1, "optim.weight_decay must be >= 0"),
+        ("optim.betas", "0.9,1.5", "optim.betas must be two numbers in [0, 1)"),
+        ("optim.micro_batch_size", 0, "optim.micro_batch_size must be >= 1"),
+        ("algo.num_iterations", 0, "algo.num_iterations must be >= 1"),
+        ("algo.max_sampling_rounds", 0, "algo.max_sampling_rounds must be >= 1"),
+        ("algo.kl_beta", -1, "algo.kl_beta must be >= 0"),
+        ("algo.eps_high", -0.1, "algo.eps_high must be >= 0"),
+        ("algo.is_threshold", 0, "algo.is_threshold must be > 0"),
+        ("algo.name", "ppo", "algo.name must be one of grpo, dapo, drgrpo, got 'ppo'"),
+        ("aqn.sigma_start", 0, "aqn.sigma_start must be > 0"),
+        ("aqn.num_stages", 2, "aqn.num_stages must be >= 3"),
+        ("reward.overlong_buffer", -1, "reward.overlong_buffer must be >= 0"),
+        ("reward.verify_timeout", 0, "reward.verify_timeout must be > 0"),
+        ("reward.correct", "nan", "reward.correct must be a finite number"),
+    ],
+)
+def test_out_of_range_values_are_one_line_errors_naming_the_key(key, value, message):
+    section, name = key.split(".")
+    with pytest.raises(QerlError) as info:
+        load_config(None, [f"--{key}", str(value)])
+    text = str(info.value)
+    assert text.startswith(f"config: {key}") and message in text and "\n" not in text, text
+    load_config(None, {section: {}})  # the defaults themselves pass
+
+
+@pytest.mark.parametrize(
+    "key,value,want",
+    [
+        ("rollout.top_k", "0", 0),
+        ("rollout.top_p", "1", 1.0),
+        ("train.eval_every", "0", 0),
+        ("train.save_every", "0", 0),
+        ("train.eval_limit", "none", None),
+        ("train.eval_temperature", "0", 0.0),
+        ("model.device", "cuda:1", "cuda:1"),
+        ("optim.warmup_ratio", "0", 0.0),
+    ],
+)
+def test_edge_values_that_mean_something_are_accepted(key, value, want):
+    section, name = key.split(".")
+    assert getattr(getattr(load_config(None, [f"--{key}", value]), section), name) == want
+
+
+def test_every_numeric_field_has_a_range():
+    numeric = {k for k, v, tp in settings(load_config()) if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numeric -= {"reward.correct", "reward.format", "reward.overlong"}  # weights: any finite number
+    assert numeric <= set(RANGES), numeric - set(RANGES)
+
+
+def test_qerl_config_lists_every_key_with_type_value_and_range():
+    cfg = load_config(None, ["--rollout.top_p", "0.9"])
+    lines = describe(cfg).splitlines()
+    assert [line.split()[0] for line in lines] == [k for k, _, _ in settings(cfg)]
+    top_p = next(line for line in lines if line.startswith("rollout.top_p "))
+    assert top_p.split() == ["rollout.top_p", "float", "0.9", "in", "(0,", "1]"]
+    r = CliRunner().invoke(app, ["config", "--train.max_steps", "7"])
+    assert r.exit_code == 0 and "train.max_steps" in r.output and " 7 " in r.output, r.output
+
+
+def test_version():
+    import qerl
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"qerl {qerl.__version__}"
