@@ -29,24 +29,30 @@ def test_32b_fits_one_80gb_gpu_only_in_nvfp4():
     assert plan_memory(ModelArgs.from_name("qwen2.5-32b"), cfg, available_gb=80, quant="bf16").fits is False
 
 
-def test_bench_rejects_unknown_engine_option_before_any_work():
-    from qerl.bench import run_rollout_bench
+def test_bench_rejects_unknown_kernel_before_any_work():
+    from qerl.bench import parse_without, run_rollout_bench
+    from qerl.kernels.choice import LinearKernel
 
-    with pytest.raises(ValueError, match="unknown engine option 'foo'.*known: pdl, fuse_shrink, mma"):
-        run_rollout_bench("qwen2.5-7b", variants=("pdl+foo",))
-    with pytest.raises(ValueError, match="unknown engine option 'no_graphs'"):
-        run_rollout_bench("qwen2.5-7b", variants=("no_fuse_shrink", "no_graphs"))
+    with pytest.raises(ValueError, match="unknown kernel 'foo'.*known: mma_sync, wgmma, gemv, tc"):
+        run_rollout_bench("qwen2.5-7b", without="wgmma+foo")
+    with pytest.raises(ValueError, match="unknown kernel 'cublas'"):
+        run_rollout_bench("qwen2.5-7b", without="wgmma,cublas")
+    assert parse_without("wgmma, mma_sync+wgmma") == [
+        {LinearKernel.WGMMA},
+        {LinearKernel.MMA_SYNC, LinearKernel.WGMMA},
+    ]
 
 
-def test_bench_cli_help_names_every_engine_option():
-    """`qerl bench rollout --help` lists the options `--variants` accepts (kept in step with ENGINE_OPTIONS)."""
+def test_bench_cli_help_names_every_kernel():
+    """`qerl bench rollout --help` lists the kernels `--without` accepts (kept in step with LinearKernel)."""
     import inspect
 
     from qerl import cli
-    from qerl.bench import ENGINE_OPTIONS
+    from qerl.kernels.choice import LinearKernel
 
-    help_text = inspect.signature(cli.bench_rollout).parameters["variants"].default.help
-    assert help_text.endswith("options: " + ", ".join(ENGINE_OPTIONS))
+    help_text = inspect.signature(cli.bench_rollout).parameters["without"].default.help
+    names = [k.value for k in LinearKernel if k is not LinearKernel.CUBLAS]
+    assert help_text.endswith("kernels: " + ", ".join(names))
 
 
 def test_plan_knows_hub_ids_offline_and_lists_the_known_models_for_an_unknown_one():
