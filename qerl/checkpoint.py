@@ -226,14 +226,15 @@ def ct_quantization_config(fmt: str, ignore: list[str]) -> dict:
     }
 
 
-def write_config(src_dir: Path, out_dir: Path, quantization_config: dict | None, dtype: torch.dtype | None = None):
-    """config.json of `src_dir` with its quantization replaced (or removed when None)."""
+def write_config(src_dir: Path, out_dir: Path, quantization_config: dict | None, dtype: torch.dtype):
+    """config.json of `src_dir` with its quantization replaced (or removed when None) and `dtype` declared
+    under both names (`dtype` for transformers >= 4.56, `torch_dtype` for older readers and vLLM), so
+    that `from_pretrained(dir)` with no arguments computes in the dtype the tensors are stored in."""
     cfg = json.loads((Path(src_dir) / "config.json").read_text())
     cfg.pop("quantization_config", None)
     if quantization_config is not None:
         cfg["quantization_config"] = quantization_config
-    if dtype is not None:
-        cfg["dtype" if "dtype" in cfg else "torch_dtype"] = str(dtype).removeprefix("torch.")
+    cfg["dtype"] = cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (Path(out_dir) / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
@@ -245,12 +246,17 @@ def copy_side_files(src_dir: Path, out_dir: Path):
                 shutil.copy2(f, Path(out_dir) / f.name)
 
 
-def checkpoint_dtype(src_dir: Path) -> torch.dtype:
-    """The dtype a checkpoint declares for its full-precision tensors (bf16 if it says none)."""
+def compute_dtype(src_dir: Path) -> torch.dtype:
+    """The dtype a written checkpoint computes in: the source's declared fp16 or bf16, else bf16
+    (a source that declares fp32 or nothing, such as a converted GGUF, is served in bf16)."""
     cfg = json.loads((Path(src_dir) / "config.json").read_text())
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
-    dtype = getattr(torch, str(name), None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
+    return torch.float16 if name == "float16" else torch.bfloat16
+
+
+def to_compute_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A full-precision tensor (fp16 / bf16 / fp32 / fp64) in `dtype`; packed bytes, FP8 scales, ints as they are."""
+    return t.to(dtype) if t.is_floating_point() and t.element_size() >= 2 else t
 
 
 def prepare_out_dir(out: str | Path) -> Path:

@@ -277,16 +277,37 @@ def quantize(
 
 @app.command()
 def export(
-    adapter: str = typer.Option(..., "--adapter", "-a", help="PEFT adapter directory saved by qerl"),
+    adapter: str = typer.Option(None, "--adapter", "-a", help="PEFT adapter directory saved by qerl"),
     out: str = typer.Option(..., "--out", "-o", help="new output directory"),
     merge: str = typer.Option(None, "--merge", help="bf16, nvfp4 or mxfp4: fold the adapter into the weights"),
     model: str = typer.Option(
-        None, "--model", "-m", help="base model (default: the adapter's base_model_name_or_path)"
+        None,
+        "--model",
+        "-m",
+        help="base model (default: the adapter's base_model_name_or_path; --base-only alone: the embedded default)",
+    ),
+    base_only: bool = typer.Option(
+        False,
+        "--base-only",
+        help="write only the full-precision base (bf16 safetensors + config + tokenizer) for transformers / PEFT",
     ),
 ):
-    """Adapter + compressed-tensors base for vLLM LoRA serving, or (--merge) one merged model."""
-    from .export import export_adapter
+    """Adapter + compressed-tensors base for vLLM LoRA serving, (--merge) one merged model, or (--base-only)
+    the base model as a plain Hugging Face directory."""
+    from .errors import QerlError
+    from .export import export_adapter, export_base
 
+    if base_only:
+        if merge:
+            raise QerlError("--base-only writes the base model without the adapter: drop --merge")
+        d = export_base(out, model=model, adapter=adapter).resolve()
+        print(
+            f"qerl export: base model in {d}; with PEFT: "
+            f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{d}'), '{adapter or 'ADAPTER_DIR'}')"
+        )
+        return
+    if adapter is None:
+        raise QerlError("--adapter is required (or --base-only to write the base model alone)")
     print(f"qerl export: {export_adapter(adapter, out, merge=merge, model=model)}")
 
 

@@ -5,7 +5,7 @@ Sources accepted by ``load_records``:
 * a local ``.jsonl``, ``.json`` (a list of objects, or ``{"data": [...]}``) or
   ``.parquet`` file, or a directory holding ``{split}.jsonl|.json|.parquet``;
 * a Hugging Face Hub dataset name such as ``openai/gsm8k`` or ``HuggingFaceH4/MATH-500``
-  (``name:config`` picks a config), through the optional ``datasets`` package;
+  (``name:config`` picks a config), through the optional ``datasets`` package (``pip install 'qerl[hub]'``);
 * ``arithmetic`` / ``arithmetic:<difficulty>``: word problems generated here from a
   seed, so the smallest end-to-end run needs no download.
 
@@ -211,7 +211,7 @@ def _read_hub(source: str, split: str) -> Iterator[tuple[int, Any]]:
     except ImportError:
         raise DataError(
             f"{source!r} is not a local file or directory, and loading it from the Hugging Face Hub "
-            "needs the datasets package: pip install datasets"
+            "needs the datasets package, in qerl's hub extra: pip install 'qerl[hub]' (or pip install datasets)"
         ) from None
     name, _, config = source.partition(":")
     config = config or _HUB_DEFAULT_CONFIGS.get(name)

@@ -2,8 +2,10 @@
 
 `quantize_checkpoint(model, out, fmt)` writes a compressed-tensors checkpoint (`docs/formats.md`,
 section 1): per decoder Linear `weight_packed` / `weight_scale` (/ `weight_global_scale` for
-NVFP4), every other tensor copied as it was (same name, same dtype), `quantization_config` in
-config.json, tokenizer and generation config copied. It streams: one fused group is read and
+NVFP4), every other tensor under its own name in the compute dtype (the source's bf16 or fp16; an
+fp32 source, such as a converted GGUF, becomes bf16) and that dtype declared in config.json beside
+`quantization_config`, so transformers + compressed-tensors load and `generate` with no extra arguments;
+tokenizer and generation config copied. It streams: one fused group is read and
 quantized at a time and only the shard being filled is held in memory. The quantizer and the
 fused-group rule are the loader's (`qerl.checkpoint.quantize_group`), so loading the written
 checkpoint gives bit for bit the model that `load_model(model, quant=fmt)` builds. A source that
@@ -23,6 +25,9 @@ re-quantization; its activation / KV-cache scales are dropped (the output is wei
     compressed-tensors checkpoint; other tensors in the base's dtype. This rounds a second time:
     the result is close to, not equal to, base + LoRA.
 The merges load the quantized model (small) and write one fused group at a time.
+
+`export_base(out, model)` (`qerl export --base-only`): the full-precision base as a plain HF directory,
+for PEFT users of the embedded default, whose GGUF no `base_model_name_or_path` resolves to offline.
 """
 
 from __future__ import annotations
@@ -40,16 +45,17 @@ from .checkpoint import (
     DEFAULT_SHARD_BYTES,
     WEIGHT_QPARAMS,
     ShardedWriter,
-    checkpoint_dtype,
+    compute_dtype,
     copy_side_files,
     ct_quantization_config,
     detect_quantized,
     prepare_out_dir,
     quantize_group,
+    to_compute_dtype,
     write_config,
 )
 from .errors import QerlError
-from .loading import SafetensorsSource, default_device, load_model, model_dir
+from .loading import DEFAULT_MODEL, SafetensorsSource, default_device, load_model, model_dir
 from .lora import PEFT_PREFIX, load_adapter, quant_linears
 from .modeling import FUSED_GROUPS, CausalLM, ModelArgs, linear_path
 from .quant import get_format
@@ -82,12 +88,12 @@ def _linear_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
     return {p: tuple(model.get_submodule(p).weight.shape) for g in _groups(args) for p in g}
 
 
-def _write_group(writer: ShardedWriter, paths, weights, fmt, ignore: list[str], keep_dtype=None):
-    """Quantize and write one fused group; members left unquantized go into `ignore`."""
+def _write_group(writer: ShardedWriter, paths, weights, fmt, ignore: list[str], keep_dtype: torch.dtype):
+    """Quantize and write one fused group; members left unquantized go into `ignore`, in `keep_dtype`."""
     for path, w, t in zip(paths, weights, quantize_group(paths, weights, fmt)):
         if t is None:
             ignore.append(path)
-            writer.add(f"{path}.weight", w if keep_dtype is None else w.to(keep_dtype))
+            writer.add(f"{path}.weight", w.to(keep_dtype))
         else:
             for name, v in t.items():
                 writer.add(f"{path}.{name}", v)
@@ -110,6 +116,7 @@ def quantize_checkpoint(
     writer = ShardedWriter(out, max_shard_bytes)
     shapes = _linear_shapes(args)
     keys = source.keys()
+    dtype = compute_dtype(src)
 
     dropped = 0
     for key in keys:
@@ -124,28 +131,29 @@ def quantize_checkpoint(
                 "are the decoder Linears only"
             )
         else:
-            writer.add(key, source.get(key))  # as it was: same name, same dtype
+            writer.add(key, to_compute_dtype(source.get(key), dtype))  # same name, the compute dtype
 
     ignore = ["lm_head"]
     for paths in _groups(args):
         for p in paths:
             if f"{p}.bias" in keys:
-                writer.add(f"{p}.bias", source.get(f"{p}.bias"))
+                writer.add(f"{p}.bias", to_compute_dtype(source.get(f"{p}.bias"), dtype))
         if ckpt is None:
-            _write_group(writer, paths, [source.get(f"{p}.weight").to(device) for p in paths], get_format(fmt), ignore)
+            weights = [source.get(f"{p}.weight").to(device) for p in paths]
+            _write_group(writer, paths, weights, get_format(fmt), ignore, dtype)
             continue
         for p in paths:  # already quantized: the stored bytes as they are
             t = source.quantized(p, shapes[p])
             if t is None:
                 ignore.append(p)
-                writer.add(f"{p}.weight", source.get(f"{p}.weight"))
+                writer.add(f"{p}.weight", to_compute_dtype(source.get(f"{p}.weight"), dtype))
             else:
                 for name, v in t.items():
                     writer.add(f"{p}.{name}", v)
     writer.close()
     if dropped:
         log.info("dropped %d activation / KV-cache scales: the checkpoint written is weight-only", dropped)
-    write_config(src, out, ct_quantization_config(fmt, ignore))
+    write_config(src, out, ct_quantization_config(fmt, ignore), dtype)
     copy_side_files(src, out)
     return out
 
@@ -174,7 +182,7 @@ def _check_adapter_fits(adapter: Path, source: SafetensorsSource):
 
 def _write_merged(model, args: ModelArgs, src: Path, out: Path, merge: str):
     """Write base + LoRA, one fused group at a time: bf16 HF weights or a compressed-tensors checkpoint."""
-    other = torch.bfloat16 if merge == "bf16" else checkpoint_dtype(src)
+    other = torch.bfloat16 if merge == "bf16" else compute_dtype(src)
     writer = ShardedWriter(out)
     linears = quant_linears(model)
     for name, p in model.named_parameters():  # a tied lm_head appears once, as embed_tokens
@@ -192,12 +200,51 @@ def _write_merged(model, args: ModelArgs, src: Path, out: Path, merge: str):
             for p, w in zip(paths, merged):
                 writer.add(f"{p}.weight", w.to(torch.bfloat16))
         else:
-            _write_group(writer, paths, merged, get_format(merge), ignore, keep_dtype=other)
+            _write_group(writer, paths, merged, get_format(merge), ignore, other)
     writer.close()
-    if merge == "bf16":
-        write_config(src, out, None, dtype=torch.bfloat16)
+    write_config(src, out, None if merge == "bf16" else ct_quantization_config(merge, ignore), other)
+
+
+def _adapter_config(adapter: Path) -> dict:
+    """The adapter's adapter_config.json (a one-line error when `adapter` is not a PEFT adapter directory)."""
+    if not (adapter / "adapter_config.json").exists() or not (adapter / "adapter_model.safetensors").exists():
+        raise QerlError(
+            f"{adapter}: not a PEFT adapter directory (needs adapter_config.json and adapter_model.safetensors)"
+        )
+    return json.loads((adapter / "adapter_config.json").read_text())
+
+
+def _base_of(adapter: Path, peft_cfg: dict, model: str | None) -> str:
+    base = model or peft_cfg.get("base_model_name_or_path")
+    if not base:
+        raise QerlError(f"{adapter}: the adapter does not name its base model; pass --model")
+    return base
+
+
+def export_base(out: str | Path, model: str | None = None, adapter: str | Path | None = None, device=None) -> Path:
+    """The full-precision base as a plain HF directory (safetensors, config.json, tokenizer) that transformers
+    and PEFT load: `model`, else the base `adapter` names, else the embedded default (the weights of the GGUF
+    qerl ships, which `base_model_name_or_path` cannot name offline). Tensors in the compute dtype (bf16 for
+    an fp32 source); a quantized source (compressed-tensors, ModelOpt) is dequantized. -> the directory."""
+    if model is None and adapter is not None:
+        model = _base_of(Path(adapter), _adapter_config(Path(adapter)), None)
+    model = model or DEFAULT_MODEL
+    src = model_dir(model)
+    source = SafetensorsSource(src)
+    out = prepare_out_dir(out)
+    if source.checkpoint is not None:  # dequantized by qerl's loader, written as a bf16 merge without LoRA
+        m, _ = load_model(model, quant=source.checkpoint.format, lora_rank=0, device=device, dtype=torch.float32)
+        _write_merged(m, m.args, src, out, "bf16")
     else:
-        write_config(src, out, ct_quantization_config(merge, ignore))
+        dtype = compute_dtype(src)
+        writer = ShardedWriter(out)
+        for key in source.keys():
+            writer.add(key, to_compute_dtype(source.get(key), dtype))
+        writer.close()
+        write_config(src, out, None, dtype)
+    copy_side_files(src, out)
+    log.info("base %s as a Hugging Face directory: %s", model, out)
+    return out
 
 
 def export_adapter(
@@ -205,16 +252,10 @@ def export_adapter(
 ) -> Path:
     """Export a qerl (PEFT) adapter for serving; see the module docstring. -> the output directory."""
     adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").exists() or not (adapter / "adapter_model.safetensors").exists():
-        raise QerlError(
-            f"{adapter}: not a PEFT adapter directory (needs adapter_config.json and adapter_model.safetensors)"
-        )
+    peft_cfg = _adapter_config(adapter)
     if merge is not None and merge not in MERGE_CHOICES:
         raise QerlError(f"--merge must be one of {', '.join(MERGE_CHOICES)}, not '{merge}'")
-    peft_cfg = json.loads((adapter / "adapter_config.json").read_text())
-    base = model or peft_cfg.get("base_model_name_or_path")
-    if not base:
-        raise QerlError(f"{adapter}: the adapter does not name its base model; pass --model")
+    base = _base_of(adapter, peft_cfg, model)
     src = model_dir(base)
     trained = _adapter_format(adapter, src)
     _check_adapter_fits(adapter, SafetensorsSource(src))

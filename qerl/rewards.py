@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -244,6 +245,37 @@ def _equivalent(pred: str, gold: str, timeout: float) -> bool:
     return _verify_in_worker(gold, pred, timeout)
 
 
+def _answer_pair(completion: str, gold: str, order: tuple[str, ...]) -> tuple[str, str] | None:
+    """(prediction, gold answer), cleaned for comparison; None when either has no answer."""
+    try:
+        pred = extract_answer(completion, order)
+        gold_answer = normalize_gold(gold)
+        if pred is None or gold_answer is None:
+            return None
+        return _clean(pred), _clean(gold_answer)
+    except Exception:  # RecursionError, MemoryError, anything odd: the answer does not count
+        logger.debug("answer extraction failed; scored as wrong", exc_info=True)
+        return None
+
+
+def _judge(pair: tuple[str, str] | None, timeout: float) -> bool:
+    if pair is None:
+        return False
+    try:
+        return _equivalent(pair[0], pair[1], timeout)
+    except VerifierError:
+        raise
+    except Exception:
+        logger.debug("answer comparison failed; scored as wrong", exc_info=True)
+        return False
+
+
+def _check_timeout(timeout: float) -> float:
+    if not timeout > 0:
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
+    return float(timeout)
+
+
 def is_correct(
     completion: str,
     gold: str,
@@ -258,20 +290,45 @@ def is_correct(
     comparisons are False. ``timeout`` (seconds) bounds the math-verify step from any
     thread; killing a runaway worker adds a few milliseconds.
     """
-    order = _check_order(order)
-    if not timeout > 0:
-        raise ValueError(f"timeout must be positive, got {timeout!r}")
-    try:
-        pred = extract_answer(completion, order)
-        gold_answer = normalize_gold(gold)
-        if pred is None or gold_answer is None:
-            return False
-        return _equivalent(_clean(pred), _clean(gold_answer), float(timeout))
-    except VerifierError:
-        raise
-    except Exception:  # RecursionError, MemoryError, anything odd: the answer does not count
-        logger.debug("answer comparison failed; scored as wrong", exc_info=True)
-        return False
+    return _judge(_answer_pair(completion, gold, _check_order(order)), _check_timeout(timeout))
+
+
+# Concurrent math-verify workers of one batch: two per CPU core, so that beside runaway comparisons an
+# ordinary one still gets half a core of CPU time within its bound (a runaway one is killed at its deadline
+# however busy the cores are). Each is a process of ~0.1 GB taking ~1 s of CPU to start, once: idle
+# workers are reused.
+VERIFY_WORKERS = min(32, 2 * (os.cpu_count() or 1))
+
+
+def score_batch(
+    completions: Sequence[str],
+    golds: Sequence[str],
+    *,
+    order: Sequence[str] = DEFAULT_ANSWER_ORDER,
+    timeout: float = 5.0,
+    workers: int | None = None,
+) -> list[bool]:
+    """``is_correct`` of each (completion, gold) pair, the comparisons that need math-verify in parallel.
+
+    Plain numbers and exact matches are settled in this process; each distinct remaining comparison
+    goes to its own worker process, up to ``workers`` (default ``VERIFY_WORKERS``) at once, each under
+    its own time bound. A batch of ``k`` pathological completions then costs about
+    ``timeout * ceil(k / workers)`` (one time bound when ``k <= workers``), not ``timeout * k``.
+    """
+    order, timeout = _check_order(order), _check_timeout(timeout)
+    if len(completions) != len(golds):
+        raise ValueError(f"length mismatch: {len(completions)} completions, {len(golds)} golds")
+    pairs = [_answer_pair(c, g, order) for c, g in zip(completions, golds)]
+    distinct = list(dict.fromkeys(p for p in pairs if p is not None))
+    slow = [p for p in distinct if _fast_verdict(*p) is None]  # (cached verdicts return at once)
+    verdicts = {p: _judge(p, timeout) for p in distinct if _fast_verdict(*p) is not None}
+    n = min(len(slow), workers or VERIFY_WORKERS)
+    if n > 1:
+        with ThreadPoolExecutor(n, thread_name_prefix="qerl-verify") as pool:
+            verdicts.update(zip(slow, pool.map(lambda p: _judge(p, timeout), slow)))
+    else:
+        verdicts.update((p, _judge(p, timeout)) for p in slow)
+    return [p is not None and verdicts[p] for p in pairs]
 
 
 # --------------------------------------------------------------------------- verifier workers
@@ -441,6 +498,17 @@ def _verify_in_worker(gold: str, pred: str, timeout: float) -> bool:
     return verdict
 
 
+def start_verifiers(n: int) -> None:
+    """Start math-verify workers, in parallel, until ``n`` are idle: a batch scored next pays no startup."""
+    with _pool_lock:
+        missing = n - len(_idle_workers)
+    threads = [threading.Thread(target=_start_spare_worker, daemon=True) for _ in range(max(missing, 0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _start_spare_worker() -> None:
     try:
         worker = _Worker()
@@ -509,16 +577,17 @@ def compute_rewards(
     lengths: list[int],
     max_len: int,
     cfg: RewardConfig | None = None,
+    workers: int | None = None,
 ) -> tuple[list[float], dict[str, list[float]]]:
     """Total reward per completion and each component (``correct``, ``format``,
     ``overlong``, unweighted) so accuracy can be logged apart from the reward.
-    ``lengths`` are completion lengths in tokens; ``max_len`` the generation limit."""
+    ``lengths`` are completion lengths in tokens; ``max_len`` the generation limit.
+    Correctness is scored by ``score_batch`` (math-verify comparisons in parallel, up to ``workers``)."""
     cfg = cfg or RewardConfig()
     if not len(completions) == len(golds) == len(lengths):
         raise ValueError(f"length mismatch: {len(completions)} completions, {len(golds)} golds, {len(lengths)} lengths")
-    correct = [
-        correctness_reward(c, g, order=cfg.answer_order, timeout=cfg.verify_timeout) for c, g in zip(completions, golds)
-    ]
+    ok = score_batch(completions, golds, order=cfg.answer_order, timeout=cfg.verify_timeout, workers=workers)
+    correct = [1.0 if c else 0.0 for c in ok]
     fmt = [format_reward(c) for c in completions]
     overlong = [overlong_penalty(n, max_len, cfg.overlong_buffer) for n in lengths]
     totals = [cfg.correct * c + cfg.format * f + cfg.overlong * o for c, f, o in zip(correct, fmt, overlong)]

@@ -2,6 +2,7 @@ import json
 import logging
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -166,9 +167,13 @@ def test_missing_and_empty_sources_raise(tmp_path):
 
 def test_hub_name_without_datasets_is_a_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(DataError, match="openai/gsm8k.*pip install datasets") as info:
+    with pytest.raises(DataError, match=r"openai/gsm8k.*pip install 'qerl\[hub\]'") as info:
         load_records("openai/gsm8k")
     assert "\n" not in str(info.value)
+    # The extra the message names exists and installs datasets.
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert any(d.startswith("datasets") for d in pyproject["project"]["optional-dependencies"]["hub"])
 
 
 def test_limit_keeps_first_valid_records(tmp_path):

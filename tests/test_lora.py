@@ -10,7 +10,7 @@ from conftest import VOCAB, hf_model, make_tiny_checkpoint, qerl_logits, rel_err
 
 from qerl.errors import QerlError
 from qerl.loading import load_model
-from qerl.lora import adapter_disabled, load_adapter, lora_parameters, merge_lora, save_adapter
+from qerl.lora import adapter_disabled, load_adapter, lora_parameters, merge_lora, resolvable_base, save_adapter
 from qerl.modeling import causal_mask, positions_from_mask
 
 RANK, ALPHA = 4, 12  # alpha != r so that a wrong scaling (alpha / r = 3) shows
@@ -142,3 +142,35 @@ def test_load_adapter_errors(adapter, tiny_dirs, tmp_path):
     wide = make_tiny_checkpoint(tmp_path / "wide", "qwen2", std=0.05, intermediate_size=192)
     with pytest.raises(QerlError, match="shape"):
         load_adapter(load_model(str(wide), quant="nvfp4", lora_rank=0)[0], out)
+
+
+def test_auto_peft_loads_the_saved_adapter_offline_from_its_recorded_base(tiny_dirs, tmp_path, monkeypatch):
+    """`base_model_name_or_path` resolves: a base given by a relative path is recorded as its absolute path,
+    so `AutoPeftModelForCausalLM.from_pretrained(adapter)` alone finds it, offline, from another directory."""
+    import huggingface_hub.constants
+    from peft import AutoPeftModelForCausalLM
+
+    src = tiny_dirs["qwen2"]
+    monkeypatch.chdir(src.parent)
+    model, _ = load_model(src.name, quant="nvfp4", lora_rank=RANK, lora_alpha=ALPHA)
+    _randomize_lora(model, seed=2)
+    out = tmp_path / "adapter"
+    save_adapter(model, out)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(src.resolve())
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    peft = AutoPeftModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = _ids()
+    with torch.no_grad():
+        got = peft(input_ids=ids).logits.float()
+    bf16, _ = load_model(str(src), quant="bf16", lora_rank=0)
+    load_adapter(bf16, out)
+    torch.testing.assert_close(qerl_logits(bf16, ids), got, rtol=1e-5, atol=1e-5)
+
+
+def test_the_embedded_default_is_recorded_by_its_hub_id():
+    for name in ("smollm2-135m-instruct", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        assert resolvable_base(name) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolvable_base("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"

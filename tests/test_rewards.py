@@ -14,6 +14,8 @@ from qerl.rewards import (
     is_correct,
     normalize_gold,
     overlong_penalty,
+    score_batch,
+    start_verifiers,
 )
 
 GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/test.jsonl"
@@ -199,6 +201,27 @@ def test_pathological_input_in_thread_returns_false_within_bound():
     thread.start()
     thread.join(timeout=30)
     assert result["ok"] is True
+
+
+def test_a_batch_of_pathological_completions_costs_one_time_bound_not_one_each():
+    """compute_rewards scores a batch's math-verify comparisons in parallel: 3 runaway towers under a
+    1 s bound take about 1 s together (3 s one after another), and the comparisons beside them get
+    their verdicts, in order."""
+    bound, towers = 1.0, [rf"\boxed{{{k}^{{{k}^{{{k}^{{{k}^{k}}}}}}}}}" for k in range(3, 6)]
+    completions = towers[:2] + [r"\boxed{0.5}", "so 41", "I give up"] + towers[2:]
+    golds = ["13"] * 2 + [r"\frac{1}{2}", "42", "1"] + ["13"]
+    start_verifiers(len(towers))  # worker startup (~1 s of CPU each, once) is outside the bound
+    start = time.perf_counter()
+    cfg = RewardConfig(verify_timeout=bound)
+    totals, parts = compute_rewards(completions, golds, [5] * 6, 50, cfg, workers=len(towers))
+    elapsed = time.perf_counter() - start
+    assert parts["correct"] == [0.0] * 2 + [1.0, 0.0, 0.0] + [0.0]
+    # Each tower alone runs into the bound (test_pathological_input_returns_false_within_bound):
+    # one after another they took at least 3 * bound.
+    assert elapsed < 2 * bound, elapsed
+    # Symbolic comparisons scored side by side (the default bound) get their right verdicts, in order.
+    pairs = [(r"\boxed{2\sqrt{2}}", r"\sqrt{8}", True), (r"\boxed{\pi/3}", r"\frac{\pi}{4}", False)]
+    assert score_batch([p for p, _, _ in pairs], [g for _, g, _ in pairs]) == [want for _, _, want in pairs]
 
 
 @pytest.mark.parametrize(
