@@ -101,7 +101,8 @@ def run_figure(rows: list[dict], title: str):
             ev = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
             if ev:
                 ax.plot(*zip(*ev), "o-", label="held-out (sampled)")
-            ax.legend()
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
         if key == "sigma":  # symmetric log: the noise-free first stage (0) stays on the plot
             positive = [v for _, v in pts if v > 0]
             ax.set_yscale("symlog", linthresh=min(positive, default=1e-4))

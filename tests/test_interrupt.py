@@ -41,11 +41,14 @@ def test_ctrl_c_checkpoints_and_the_printed_command_resumes(tiny_llama, tmp_path
     child = subprocess.Popen(
         [*cli, "train", "-c", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    for line in child.stdout:  # not a terminal: one line per step
-        if line.startswith("step 1/200 | "):
-            child.send_signal(signal.SIGINT)
-            break
-    out, err = child.communicate(timeout=120)
+    try:
+        for line in child.stdout:  # not a terminal: one line per step
+            if line.startswith("step 1/200 | "):
+                child.send_signal(signal.SIGINT)
+                break
+        out, err = child.communicate(timeout=120)
+    finally:
+        child.kill()  # a no-op once it has exited
     assert child.returncode == 130, err
     stopped = [x for x in err.splitlines() if x.startswith("qerl train: stopped after step")]
     assert len(stopped) == 1 and "(SIGINT)" in stopped[0], err
