@@ -1,7 +1,7 @@
 """Which kernel computes a linear layer's product for m rows of x: one typed value, chosen in one place.
 
-Every row threshold of the GPU path lives here (measured on an H100/H200: benchmarks/RESULTS.md, and the
-dated entries of benchmarks/LOG.md). The decode engine and `QuantLinear`'s GPU forward ask
+Every row threshold of the GPU path lives here (each the crossover of the kernels' timings on an H100/H200;
+the measurements are dated in benchmarks/LOG.md). The decode engine and `QuantLinear`'s GPU forward ask
 `choose_linear_kernel` and launch what it returns; nothing else decides.
 
 | kernel     | serves                                                              | module             |

@@ -489,7 +489,7 @@ if HAS_TRITON:
     ):
         """All M rows in one tile (TC: tensor cores, else <= GEMV_MAX_ROWS rows on CUDA cores). SPLIT > 1: fp32
         partials [SPLIT, M, N_rows] to ws (epilogue: _epilogue_kernel, a second launch; summing them in the last
-        program of each tile instead was measured slower, benchmarks/RESULTS.md).
+        program of each tile instead costs more).
         SHRINK_R > 0 (with SPLIT > 1): the programs of split s also write the LoRA shrink's partials
         h[s] = x[:, chunk s] @ A[:, chunk s].T (A [SHRINK_R, K], one row of A per program) to h_ptr, which the
         epilogue launch sums: no separate `lora_shrink` launch."""
@@ -670,8 +670,8 @@ TC_MAX_ROWS = 64  # rows of x in one tc tile
 TARGET_PROGRAMS = 264  # `tc` splits K until the grid has about this many programs (2 per SM on H100/H200)
 
 
-# gemv: (BLOCK_N, num_warps, PREFETCH, warps in the grid) by shape class and rows, from the H100 sweep
-# (benchmarks/bench_kernels_gpu.py --v6-sweep, Qwen2.5-7B shapes); K is split until the grid holds about
+# gemv: (BLOCK_N, num_warps, PREFETCH, warps in the grid) by shape class and rows, the fastest tiles on Qwen2.5-7B
+# shapes (benchmarks/LOG.md); K is split until the grid holds about
 # that many warps, so other model sizes keep the same number of loads in flight.
 GEMV_TILES = {
     "down": {1: (32, 4, True, 3584), 2: (32, 4, True, 3584), 4: (16, 1, True, 1792)},  # long K
@@ -728,7 +728,7 @@ def decode_tiling(fmt: str, m: int, k: int, cfg: dict, w_bf16: bool) -> tuple[in
     split = -(-kw // kps)
     bm = max(16, next_pow2(m)) if tc else next_pow2(m)
     # MR (rows unrolled by `gemv`) is unused by `tc`: one compiled kernel per row tile, not per row count.
-    # The in-kernel LoRA epilogue uses tl.dot from 32 rows (measured: slower than the FMA form at 16).
+    # The in-kernel LoRA epilogue uses tl.dot from 32 rows (the FMA form is faster at 16).
     return (
         split,
         kps,

@@ -98,8 +98,7 @@ def lora_shrink(
     written to the first S * M * R values of `out` (any fp32 buffer at least that large) if given.
 
     One program per (K chunk, 16 columns of R, row block): a short loop over wide tiles, so the
-    launch is one wave of small independent programs (the first version looped over K in one
-    program per row block, and was latency-bound: 15 us at one row, 100 us at eight).
+    launch is one wave of small independent programs (one long loop over K per row block is latency-bound).
     """
     require(x, a, what="the LoRA shrink kernel")
     m, k = x.shape
@@ -109,8 +108,8 @@ def lora_shrink(
     chunk = chunk or shrink_chunk(k)
     s = shrink_splits(k, chunk)
     out = partials_view(out, s, m, r, x.device)
-    # rows a program: one up to 16 rows, [16, BLOCK_K] of A against it (H200, 7B shapes at 16 rows: 2.8-8.8 us
-    # against 6.7-22.6 for the tf32 dot on 16-row blocks, benchmarks/bench_epilogue_gpu.py); above, a tf32 dot
+    # rows a program: one up to 16 rows, [16, BLOCK_K] of A against it (at 16 rows about 2.5x faster than the tf32
+    # dot on 16-row blocks, benchmarks/bench_epilogue_gpu.py); above, a tf32 dot
     bm = block_m or (1 if m <= 16 else 32)
     use_dot = bm > 1
     bk = min(64, next_pow2(chunk)) if use_dot else min(256, next_pow2(chunk))

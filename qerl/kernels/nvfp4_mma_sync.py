@@ -18,19 +18,15 @@ j + 4 of one word (the planes are pairs, each an MMA over 2 * BKW values of k, a
 both codes go into a bf16x2 as v * 2**-126 (e1 e0 m in exponent/mantissa bits 8..6, E=0 codes on bf16
 subnormals; one mask, one integer multiply that places sign and magnitude at once, one mask) and are
 multiplied by the block scale * 2**110 (bf16x2, exact: E4M3 has 3 mantissa bits): v * scale * 2**-16,
-normal. (A decode of nibble i of a word pair (w, w + 1), one `prmt` a byte, took more instructions and was
-measured slower: taken out.) The row's 2**16 and 1 / global scale are applied to the fp32 accumulator at the
+normal. The row's 2**16 and 1 / global scale are applied to the fp32 accumulator at the
 end. Partial sums go to an fp32 workspace [split, M, N]; `linear_epilogue` adds bias, LoRA,
 GLU and rounds, as for `fp4_decode`'s split-K. Given the LoRA A matrices, R extra programs per split write the
 shrink's partials h[split, M, R] (one row of A each, CUDA cores), so the decode step needs no `lora_shrink`
-launch. (Stream-K, the tiles' steps spread evenly over the programs that fit the GPU at once instead of whole
-splits, measured no faster: taken out.)
+launch.
 
-Loads: each step's words and scales go straight into registers in the operand layout. Tried and taken out
-again (measured slower on the H200, benchmarks/RESULTS.md, sixth to eighth rounds): the words and scales streamed
-by TMA through a ring of shared-memory stages, each split's x staged in shared memory, one step of register
-prefetch, an L2 prefetch: the kernel is bound by its instruction issue at 12 resident warps a multiprocessor,
-not by its loads.
+Loads: each step's words and scales go straight into registers in the operand layout: the kernel is bound by
+its instruction issue at 12 resident warps a multiprocessor, not by its loads (the alternatives measured are
+dated in benchmarks/LOG.md).
 
 Layouts are Gluon's explicit linear layouts: `_layouts` derives the scale and x layouts from the MMA
 operand layouts, and every conversion to an operand layout is asserted trivial at compile time (no data
@@ -310,7 +306,7 @@ if HAS_GLUON:
 
 
 # (num_warps, 16-row tiles a warp, programs in the grid) by shape class and rows (<= 4, <= 8, <= 16, <= 32): the
-# best tiles of the H200 sweeps (benchmarks/bench_mma_gpu.py, Qwen2.5-7B shapes); K is split until the grid holds
+# fastest tiles on Qwen2.5-7B shapes (H200; benchmarks/LOG.md); K is split until the grid holds
 # about that many programs, so other model sizes keep the same parallelism.
 MMA_TILES = {
     "down": {4: (2, 1, 896), 8: (4, 1, 448), 16: (4, 2, 252), 32: (2, 1, 448)},  # long K

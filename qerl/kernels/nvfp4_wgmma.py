@@ -222,10 +222,8 @@ if HAS_GLUON:
         XS_L: gl.constexpr,
     ):
         """One [BN weight rows, BM rows of x] tile: per step x goes to shared memory (4 planes, all warps), the
-        words are decoded into A's registers, 4 wgmmas (one a plane) read x there. (A second x buffer, the
-        wgmmas of a step left running into the next one, was measured: rarely faster, and racy with 2
-        warpgroups; x stored 16 bytes a plane (4 words a thread loaded): slower on every 7B shape at 64 and 128
-        rows, despite fewer instructions: benchmarks/RESULTS.md.)"""
+        words are decoded into A's registers, 4 wgmmas (one a plane) read x there. One x buffer: the wgmmas of a step
+        finish before the next step overwrites it."""
         rn = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LD_L)), N - 1)
         rw = gl.arange(0, _BKW, layout=gl.SliceLayout(0, LD_L))
         wp = w_ptr + gl.expand_dims(rn.to(gl.int64) * stride_ww, 1) + gl.expand_dims(rw, 0)
@@ -261,7 +259,7 @@ if HAS_GLUON:
 
 
 # (num_warps, programs in the grid) by shape class and rows (<= 16, <= 32, <= 64, <= 128): the best tiles of
-# the H200 sweeps (benchmarks/bench_mma_gpu.py --v8-only, Qwen2.5-7B shapes; at 128 rows 4 warps take 255
+# the H200 sweeps (benchmarks/LOG.md, Qwen2.5-7B shapes; at 128 rows 4 warps take 255
 # registers, no spills, and beat 8 warps on every shape); K is split until the grid holds about that many
 # programs, so other model sizes keep the same parallelism.
 WG_TILES = {
