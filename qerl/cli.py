@@ -7,6 +7,7 @@ OSError and are printed as one line with exit code 2, never a stack trace.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -152,27 +153,35 @@ def eval_cmd(
     model: str = typer.Option("smollm2-135m-instruct", "--model", "-m"),
     quant: str = typer.Option("nvfp4", "--quant"),
     adapter: str = typer.Option(None, "--adapter", help="PEFT adapter directory to apply"),
+    compare_base: bool = typer.Option(
+        False, "--compare-base", help="also score the base (adapter disabled) under the same settings; print the delta"
+    ),
     dataset: str = typer.Option("arithmetic:1", "--dataset", "-d"),
     split: str = typer.Option("test", "--split"),
     limit: int = typer.Option(None, "--limit"),
     samples: int = typer.Option(1, "--samples", "-k"),
     temperature: float = typer.Option(0.0, "--temperature"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
-    system_prompt: str = typer.Option(None, "--system-prompt"),
-    suffix: str = typer.Option(None, "--suffix"),
+    system_prompt: str = typer.Option(None, "--system-prompt", help="default: the adapter's training run's"),
+    suffix: str = typer.Option(None, "--suffix", help="default: the adapter's training run's"),
     question_key: str = typer.Option(None, "--question-key"),
     answer_key: str = typer.Option(None, "--answer-key"),
-    output: str = typer.Option("eval/results.jsonl", "--output", "-o"),
+    output: str = typer.Option(
+        None, "--output", "-o", help="per-example jsonl (default: the adapter's run's eval/, else ./eval/)"
+    ),
     device: str = typer.Option(None, "--device"),
     seed: int = typer.Option(0, "--seed"),
 ):
-    """pass@1 (averaged over k samples) and maj@k, with a per-example jsonl."""
+    """pass@1 (averaged over k samples) and maj@k, with a per-example jsonl; --compare-base: base vs adapter."""
     from .data import load_records
-    from .evaluate import EvalSettings, evaluate
+    from .errors import QerlError
+    from .evaluate import EvalSettings, compare_with_base, default_output, evaluate, run_prompt_settings
     from .loading import load_model
     from .lora import load_adapter
     from .rollout import make_engine
 
+    if compare_base and not adapter:
+        raise QerlError("--compare-base compares an adapter with its base: pass --adapter DIR")
     records, report = load_records(dataset, split, question_key=question_key, answer_key=answer_key, limit=limit)
     print(report.summary())
     m, tok = load_model(model, quant=quant, lora_rank=0, device=device)
@@ -180,15 +189,10 @@ def eval_cmd(
         applied = load_adapter(m, adapter)
         print(f"adapter {adapter}: applied to {len(applied)} layers")
     if adapter and system_prompt is None and suffix is None:
-        # An adapter from a qerl run is evaluated with the prompt it was trained on.
-        import json
-        from pathlib import Path
-
-        run_cfg = Path(adapter).resolve().parent / "config.json"
-        if run_cfg.exists():
-            data = json.loads(run_cfg.read_text()).get("data", {})
-            system_prompt, suffix = data.get("system_prompt"), data.get("suffix")
-            print(f"prompt settings from {run_cfg}: system_prompt={system_prompt!r}, suffix={suffix!r}")
+        # An adapter from a qerl run is evaluated with the prompt it was trained on (the base too, with --compare-base).
+        system_prompt, suffix, source = run_prompt_settings(adapter)
+        if source:
+            print(f"prompt settings from {source}")
     s = EvalSettings(
         samples=samples,
         temperature=temperature,
@@ -197,17 +201,27 @@ def eval_cmd(
         suffix=suffix,
         seed=seed,
     )
-    res = evaluate(
-        make_engine(m, tok),
-        records,
-        s,
-        output,
-        extra={"model": model, "quant": quant, "adapter": adapter, "dataset": dataset, "split": split},
-    )
+    out = Path(output).resolve() if output else default_output(adapter, dataset, split)
+    extra = {"model": model, "quant": quant, "adapter": adapter, "dataset": dataset, "split": split, "limit": limit}
     print(
-        f"{dataset}/{split}: n={res['n']} pass@1={res['pass@1']:.4f} maj@{samples}={res[f'maj@{samples}']:.4f} "
-        f"(adapter: {adapter or 'none'}) -> {output}"
+        f"settings: system_prompt={system_prompt!r} suffix={suffix!r} temperature={temperature} samples={samples} "
+        f"limit={limit} max_new_tokens={max_new_tokens} seed={seed}"
     )
+    engine = make_engine(m, tok)
+    k = f"maj@{samples}"
+    if compare_base:
+        res = compare_with_base(engine, records, s, out, extra=extra)
+        print(f"{dataset}/{split}: n={res['n']}, the same settings for both")
+        for name in ("base", "adapter"):
+            print(f"  {name:<8} pass@1={res[name]['pass@1']:.4f} {k}={res[name][k]:.4f}")
+        print(f"  {'delta':<8} pass@1={res['delta']['pass@1']:+.4f} {k}={res['delta'][k]:+.4f}")
+        print(
+            f"results: {out.with_suffix('.compare.json')} (per example: {res['files']['base']}, {res['files']['adapter']})"
+        )
+        return
+    res = evaluate(engine, records, s, out, extra=extra)
+    print(f"{dataset}/{split}: n={res['n']} pass@1={res['pass@1']:.4f} {k}={res[k]:.4f} (adapter: {adapter or 'none'})")
+    print(f"results: {out} (summary: {out.with_suffix('.summary.json')})")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -6,11 +6,16 @@ loads the PEFT adapter into the quantized model's LoRA modules and samples from 
 score equals that of the adapter merged into the weights). Reports pass@1 averaged
 over k samples and maj@k (majority vote over the extracted answers), writes one
 JSON line per example and records every setting in the summary.
+
+`compare_with_base` is the fair comparison (`qerl eval --adapter DIR --compare-base`): the base
+and the adapter scored under the same settings (prompt suffix, system prompt, sampling,
+seed, records) with one model in memory, the base pass with the adapter disabled.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +23,8 @@ from pathlib import Path
 import torch
 
 from .data import Record, build_prompt
-from .rewards import DEFAULT_ANSWER_ORDER, extract_answer, is_correct
+from .lora import adapter_disabled
+from .rewards import DEFAULT_ANSWER_ORDER, extract_answer, score_batch
 from .rollout import Engine, SamplingParams
 
 
@@ -68,10 +74,12 @@ def evaluate(
             for r in chunk
         ]
         out = engine.generate(prompts, params, generator=gen)
+        golds = [r.answer for r in chunk for _ in range(settings.samples)]
+        verdicts = score_batch(out.texts, golds, order=settings.answer_order)  # math-verify in parallel
         for i, rec in enumerate(chunk):
             texts = out.texts[i * settings.samples : (i + 1) * settings.samples]
             answers = [extract_answer(t, settings.answer_order) for t in texts]
-            correct = [is_correct(t, rec.answer, order=settings.answer_order) for t in texts]
+            correct = verdicts[i * settings.samples : (i + 1) * settings.samples]
             votes = Counter(a.strip() for a in answers if a)
             top = votes.most_common(1)[0][0] if votes else None
             maj_ok = top is not None and any(c for a, c in zip(answers, correct) if a and a.strip() == top)
@@ -109,6 +117,69 @@ def evaluate(
                 f.write(json.dumps(r) + "\n")
         out_path.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def run_dir_of(adapter: str | Path) -> Path | None:
+    """The qerl run directory that an adapter belongs to (`RUN/adapter` or `RUN/checkpoints/step-N/adapter`,
+    RUN holding the run's config.json), or None for an adapter from elsewhere."""
+    adapter = Path(adapter).resolve()
+    for run in (adapter.parent, adapter.parent.parent.parent):
+        if (run / "config.json").is_file() and (adapter.parent == run or adapter.parent.parent.name == "checkpoints"):
+            return run
+    return None
+
+
+def run_prompt_settings(adapter: str | Path) -> tuple[str | None, str | None, Path | None]:
+    """(system prompt, suffix, config.json they came from) of the run that trained `adapter`;
+    (None, None, None) for an adapter from elsewhere."""
+    run = run_dir_of(adapter)
+    if run is None:
+        return None, None, None
+    data = json.loads((run / "config.json").read_text()).get("data", {})
+    return data.get("system_prompt"), data.get("suffix"), run / "config.json"
+
+
+def default_output(adapter: str | Path | None, dataset: str, split: str) -> Path:
+    """Where `qerl eval` writes when no --output is given: the adapter's run's eval/ folder, else ./eval/."""
+    name = Path(dataset).stem if Path(dataset).exists() else dataset
+    slug = re.sub(r"[^A-Za-z0-9._]+", "-", f"{name}-{split}").strip("-")
+    run = run_dir_of(adapter) if adapter else None
+    return (run / "eval" if run else Path("eval")).resolve() / f"qerl-eval-{slug}.jsonl"
+
+
+def _scores(summary: dict, samples: int) -> dict:
+    return {"pass@1": summary["pass@1"], f"maj@{samples}": summary[f"maj@{samples}"]}
+
+
+def compare_with_base(
+    engine: Engine,
+    records: list[Record],
+    settings: EvalSettings,
+    out_path: str | Path,
+    progress: bool = True,
+    extra: dict | None = None,
+) -> dict:
+    """Score the base (adapter disabled) and the adapter on the same records under the same `settings`.
+
+    Writes `<out>.base.jsonl` and `<out>.adapter.jsonl` (with their .summary.json) and `<out>.compare.json`
+    (settings, both scores, the delta adapter - base); returns that comparison."""
+    out_path = Path(out_path)
+    files = {k: out_path.with_suffix(f".{k}{out_path.suffix or '.jsonl'}") for k in ("base", "adapter")}
+    with adapter_disabled(engine.model):
+        base = evaluate(engine, records, settings, files["base"], progress, {**(extra or {}), "pass": "base"})
+    tuned = evaluate(engine, records, settings, files["adapter"], progress, {**(extra or {}), "pass": "adapter"})
+    k = settings.samples
+    result = {
+        "n": base["n"],
+        "settings": base["settings"],
+        **(extra or {}),
+        "base": _scores(base, k),
+        "adapter": _scores(tuned, k),
+        "delta": {m: tuned[m] - base[m] for m in _scores(base, k)},
+        "files": {name: str(f) for name, f in files.items()},
+    }
+    out_path.with_suffix(".compare.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 def _progress(enabled: bool, total: int):

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import make_tiny_checkpoint
 
-from qerl.data import Record, load_records
-from qerl.evaluate import EvalSettings, evaluate
+from qerl.data import Record, build_prompt, load_records
+from qerl.errors import QerlError
+from qerl.evaluate import EvalSettings, evaluate, run_dir_of
 from qerl.loading import load_model
 from qerl.lora import lora_parameters, merge_lora, save_adapter
 from qerl.rewards import extract_answer
@@ -126,3 +127,56 @@ def test_eval_on_gsm8k_rows_writes_every_field(tiny, tmp_path):
         assert set(r) >= {"prompt", "completions", "extracted", "gold", "correct"} and len(r["completions"]) == 2
         assert r["gold"] == rec.answer and rec.answer.replace(",", "").lstrip("-").isdigit()
     assert res["pass@1"] == sum(sum(r["correct"]) / 2 for r in rows) / 3
+
+
+def test_cli_compare_base_scores_both_under_the_same_settings(tiny, self_consistent_records, tmp_path, monkeypatch):
+    """`qerl eval --adapter RUN/adapter --compare-base`: one call, the run's prompt settings for the base
+    and the adapter alike, each pass equal to evaluating that model alone, the delta, and the files
+    under the run's eval/ (nothing in the working directory)."""
+    from typer.testing import CliRunner
+
+    from qerl.cli import app
+
+    run = tmp_path / "run"
+    model, tok = _adapter(tiny, run / "adapter")
+    prompt = {"system_prompt": "Reply with a number.", "suffix": " ="}
+    (run / "config.json").write_text(json.dumps({"data": prompt}))
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": r.question, "answer": r.answer}) + "\n" for r in self_consistent_records)
+    )
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    args = ["eval", "--model", str(tiny), "--dataset", str(data), "--split", "train", "--limit", "10"]
+    args += ["--max-new-tokens", "12", "--device", "cpu", "--adapter", str(run / "adapter"), "--compare-base"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "suffix=' ='" in r.output and "system_prompt='Reply with a number.'" in r.output and "limit=10" in r.output
+    assert not (tmp_path / "cwd" / "eval").exists()
+    out = run / "eval" / "qerl-eval-data-train.compare.json"
+    assert str(out) in r.output
+    res = json.loads(out.read_text())
+    assert {k: res["settings"][k] for k in prompt} == prompt and res["limit"] == 10 and res["n"] == 10
+    assert res["delta"] == {k: res["adapter"][k] - res["base"][k] for k in ("pass@1", "maj@1")}
+    for name in ("base", "adapter"):
+        assert f"{name:<8} pass@1={res[name]['pass@1']:.4f}" in r.output
+    assert f"delta    pass@1={res['delta']['pass@1']:+.4f}" in r.output
+
+    # Each pass is what evaluating that model alone under the same settings gives.
+    rows = {k: [json.loads(x) for x in Path(res["files"][k]).read_text().splitlines()] for k in ("base", "adapter")}
+    same = EvalSettings(samples=1, temperature=0.0, max_new_tokens=12, **prompt)
+    base_model, _ = load_model(tiny, quant="nvfp4", lora_rank=0, device="cpu")
+    for name, m in (("base", base_model), ("adapter", model)):
+        want = evaluate(Engine(m, tok), self_consistent_records[:10], same, tmp_path / f"{name}.jsonl", progress=False)
+        want_rows = [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        assert res[name]["pass@1"] == want["pass@1"], name
+        assert [x["completions"] for x in rows[name]] == [x["completions"] for x in want_rows], name
+        prompts = [build_prompt(tok, rec.question, **prompt) for rec in self_consistent_records[:10]]
+        assert [x["prompt"] for x in rows[name]] == prompts and " =" in prompts[0], name
+    assert [x["completions"] for x in rows["base"]] != [x["completions"] for x in rows["adapter"]]
+
+    # A checkpoint's adapter belongs to its run too; an adapter from elsewhere to no run.
+    assert run_dir_of(run / "checkpoints" / "step-3" / "adapter") == run.resolve()
+    assert run_dir_of(tmp_path / "cwd" / "adapter") is None
+    r = CliRunner().invoke(app, ["eval", "--model", str(tiny), "--compare-base"])
+    assert isinstance(r.exception, QerlError) and "--adapter" in str(r.exception)
