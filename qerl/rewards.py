@@ -17,8 +17,10 @@ interrupt long C-level big-integer arithmetic. So math-verify never runs in the 
 process: it runs in small worker subprocesses (plain Python + math-verify, no torch) that
 are killed when a verification exceeds its time bound. That gives a hard bound from any
 thread; workers are started lazily (about a second, once, not counted in the bound) and
-reused, so a verification costs one pipe round trip on top of math-verify itself. POSIX
-only (the reply is awaited with ``select`` on a pipe).
+reused, so a verification costs one pipe round trip on top of math-verify itself. A batch
+(``score_batch``, which ``compute_rewards`` uses) sends its comparisons to several workers at
+once, so a batch of runaway completions costs about one time bound, not one per completion.
+POSIX only (the reply is awaited with ``select`` on a pipe).
 
 Rewards differ from the QeRL paper's: QeRL paid 2.0 for a correct answer inside
 ``<answer>`` tags (exact string match) plus 0.2 for the format. Here the components are
@@ -320,8 +322,9 @@ def score_batch(
         raise ValueError(f"length mismatch: {len(completions)} completions, {len(golds)} golds")
     pairs = [_answer_pair(c, g, order) for c, g in zip(completions, golds)]
     distinct = list(dict.fromkeys(p for p in pairs if p is not None))
-    slow = [p for p in distinct if _fast_verdict(*p) is None]  # (cached verdicts return at once)
-    verdicts = {p: _judge(p, timeout) for p in distinct if _fast_verdict(*p) is not None}
+    fast = {p: _fast_verdict(*p) for p in distinct}
+    verdicts = {p: v for p, v in fast.items() if v is not None}
+    slow = [p for p, v in fast.items() if v is None]
     n = min(len(slow), workers or VERIFY_WORKERS)
     if n > 1:
         with ThreadPoolExecutor(n, thread_name_prefix="qerl-verify") as pool:
