@@ -45,6 +45,24 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
+# The hub id of the embedded default model (qerl ships it as a GGUF: `qerl export --base-only` writes that
+# copy's weights as a plain HF directory).
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def resolvable_base(name: str | None) -> str | None:
+    """`base_model_name_or_path` that PEFT and transformers can open: the absolute path of a local base
+    (the HF directory a GGUF converts to, for a GGUF), the hub id of the embedded default, else the name
+    as given (a hub id)."""
+    if not name:
+        return name
+    if Path(name).expanduser().exists():
+        return str(Path(model_dir(str(Path(name).expanduser()))).resolve())
+    if name.lower() in (DEFAULT_MODEL, "smollm2-135m", DEFAULT_HUB_ID.lower()):
+        return DEFAULT_HUB_ID
+    return name
+
+
 # --- where the tensors come from -------------------------------------------------
 class SafetensorsSource:
     """Reads tensors one at a time from a HF directory's safetensors shard(s)."""
@@ -291,6 +309,7 @@ def load_model(
         raise QerlError(str(e)) from e
     model = build_quantized(args, SafetensorsSource(path), quant, device, dtype, targets)
     model.name_or_path = str(name_or_path)
+    model.base_model_id = resolvable_base(str(name_or_path))  # what a saved adapter names as its base
     model.quant = quant
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:

@@ -75,26 +75,6 @@ def adapter_disabled(model: nn.Module):
             m.lora_enabled = True
 
 
-# The hub id of the embedded default model (qerl ships it as a GGUF: `qerl export --base-only` writes that
-# copy's weights as a plain HF directory).
-DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-def resolvable_base(name: str | None) -> str | None:
-    """`base_model_name_or_path` that PEFT and transformers can open: the absolute path of a local base
-    (the HF directory a GGUF converts to, for a GGUF), the hub id of the embedded default, else the name
-    as given (a hub id)."""
-    if not name:
-        return name
-    from .loading import DEFAULT_MODEL, model_dir  # here: loading imports this module
-
-    if Path(name).expanduser().exists():
-        return str(Path(model_dir(str(Path(name).expanduser()))).resolve())
-    if name.lower() in (DEFAULT_MODEL, "smollm2-135m", DEFAULT_HUB_ID.lower()):
-        return DEFAULT_HUB_ID
-    return name
-
-
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None = None):
     from safetensors.torch import save_file
 
@@ -108,7 +88,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None =
     peft_cfg = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": resolvable_base(base_model or getattr(model, "name_or_path", None)),
+        # resolvable by PEFT and transformers: `load_model` records it (`loading.resolvable_base`)
+        "base_model_name_or_path": base_model or getattr(model, "base_model_id", getattr(model, "name_or_path", None)),
         "r": cfg.get("r"),
         "lora_alpha": cfg.get("lora_alpha"),
         "lora_dropout": cfg.get("lora_dropout", 0.0),

@@ -500,8 +500,7 @@ def test_export_base_only_writes_a_plain_hf_base_that_peft_loads(trained, src_di
 
 def test_export_base_only_defaults_to_the_embedded_model(smollm2_dir, tmp_path):
     """With no model named: the embedded default's weights (its GGUF, converted) as a bf16 HF directory."""
-    from qerl.loading import default_gguf
-    from qerl.lora import resolvable_base
+    from qerl.loading import default_gguf, resolvable_base
 
     out = export_base(tmp_path / "smol")
     src = _read_dir(smollm2_dir)

@@ -9,8 +9,8 @@ import torch
 from conftest import VOCAB, hf_model, make_tiny_checkpoint, qerl_logits, rel_err
 
 from qerl.errors import QerlError
-from qerl.loading import load_model
-from qerl.lora import adapter_disabled, load_adapter, lora_parameters, merge_lora, resolvable_base, save_adapter
+from qerl.loading import load_model, resolvable_base
+from qerl.lora import adapter_disabled, load_adapter, lora_parameters, merge_lora, save_adapter
 from qerl.modeling import causal_mask, positions_from_mask
 
 RANK, ALPHA = 4, 12  # alpha != r so that a wrong scaling (alpha / r = 3) shows
