@@ -122,17 +122,27 @@ def train(
     """Train LoRA with GRPO/DAPO/Dr.GRPO + AQN. Any setting can be overridden: --section.key value
     (e.g. --rollout.temperature 0.8), plus --max-steps N, --output-dir DIR and --resume. `qerl config`
     lists every key with its type, default and valid values. Ctrl-C (or SIGTERM) stops after the current
-    step with a checkpoint; a second Ctrl-C quits at once."""
+    step with a checkpoint; a second Ctrl-C quits at once. Under torchrun (`torchrun --nproc-per-node N -m qerl
+    train ...`) the ranks train data-parallel and rank 0 alone prints, logs and writes."""
     import shlex
     import signal
 
     from .config import load_config
+    from .distributed import shutdown, world_from_env
     from .trainer import Trainer
 
     cfg = load_config(config, ctx.args)
+    world = world_from_env()
     source = config or "the embedded default (SmolLM2-135M-Instruct, NVFP4 + LoRA + AQN, GRPO on arithmetic)"
-    print(f"qerl train: {source}; output in {cfg.train.output_dir}", flush=True)
-    summary = Trainer(cfg, progress=not no_progress).train()
+    if world.is_main:
+        ranks = f"; {world.size} data-parallel ranks" if world.size > 1 else ""
+        print(f"qerl train: {source}; output in {cfg.train.output_dir}{ranks}", flush=True)
+    try:
+        summary = Trainer(cfg, progress=not no_progress).train()
+    finally:
+        shutdown()
+    if not world.is_main:
+        sys.exit(128 + summary["signal"] if "signal" in summary else 0)
     if "signal" in summary:
         again = ["qerl", "train", *(["-c", config] if config else []), *ctx.args]
         again += [] if cfg.train.resume else ["--resume"]
@@ -236,15 +246,24 @@ def plan(
     ),
     gpu_mem: float = typer.Option(None, "--gpu-mem", help="GB available; default: the visible GPU's memory"),
     prompt_len: int = typer.Option(512, "--prompt-len", help="longest prompt in tokens"),
+    ranks: int = typer.Option(
+        None, "--ranks", help="data-parallel ranks (torchrun's nodes x nproc-per-node); default: $WORLD_SIZE or 1"
+    ),
 ):
-    """Estimate GPU memory for a training run, component by component, before starting it."""
+    """Estimate GPU memory for a training run, component by component, before starting it (per rank
+    with --ranks: each rank holds the whole quantized model and samples its share of the prompts)."""
     import torch
 
     from .config import load_config
+    from .distributed import check_shares, world_from_env
     from .modeling import ModelArgs
     from .plan import known_model, plan_memory, plan_model_args, rollout_shape
 
     cfg = load_config(config, ctx.args)
+    ranks = ranks or world_from_env().size
+    if ranks < 1:
+        raise ValueError(f"--ranks must be >= 1, got {ranks}")
+    check_shares(cfg.rollout.prompts_per_step, cfg.rollout.group_size, ranks)
     if model_config:
         args = plan_model_args(model_config)
     else:  # the run's own model: a known name or hub id offline, else what `qerl train` would load
@@ -257,9 +276,9 @@ def plan(
         memory = f"{gpu_mem:.1f} GB, the visible GPU ({torch.cuda.get_device_name(0)})"
     else:
         memory = "unknown: no GPU visible and no --gpu-mem, so the estimate only (--gpu-mem GB checks the fit)"
-    p = plan_memory(args, cfg, prompt_len=prompt_len, available_gb=gpu_mem)
+    p = plan_memory(args, cfg, prompt_len=prompt_len, available_gb=gpu_mem, ranks=ranks)
     print(f"memory plan: {model_config or cfg.model.name}, {cfg.model.quant} + LoRA r={cfg.model.lora_rank}")
-    print(rollout_shape(cfg, prompt_len))
+    print(rollout_shape(cfg, prompt_len, ranks))
     print(f"GPU memory: {memory}")
     print(p.table())
     if p.fits is False:
@@ -339,16 +358,20 @@ def config(
 
 def main():
     import logging
+    import os
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports (every rank exits)
     try:
         app()
     except KeyboardInterrupt:  # a second Ctrl-C during training, or one before it starts
-        print("\nqerl: interrupted", file=sys.stderr)
+        if main_rank:
+            print("\nqerl: interrupted", file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError, KeyError) as e:  # QerlError is a ValueError
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"qerl: error: {msg}", file=sys.stderr)
+        if main_rank:
+            print(f"qerl: error: {msg}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -11,6 +11,11 @@ the memory the rest leaves), one layer's recompute / gradients in backward, the 
 log-prob buffers, one layer's dequantization buffer, and a fixed CUDA context / allocator
 reserve. `estimate` is the sum (what `qerl bench step` compares with the measured peak);
 `total` adds 10% headroom for fragmentation and decides whether the run fits.
+
+Data-parallel runs (`ranks` > 1, `qerl.distributed`) are planned per rank: every rank holds the
+whole quantized model, the adapter and its optimizer states; its rollout holds its share of the
+prompts (prompts_per_step / ranks, each with its group_size completions), its update micro-batches
+are as large as in one process, and one gradient all-reduce bucket is added.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
+from .distributed import BUCKET_BYTES
 from .errors import QerlError
 from .modeling import KNOWN_MODELS, LINEAR_NAMES, ModelArgs, activation_bytes, auto_checkpoint_layers
 from .quant import get_format
@@ -69,7 +75,12 @@ class Plan:
 
 
 def plan_memory(
-    a: ModelArgs, cfg: Config, prompt_len: int = 512, available_gb: float | None = None, quant: str | None = None
+    a: ModelArgs,
+    cfg: Config,
+    prompt_len: int = 512,
+    available_gb: float | None = None,
+    quant: str | None = None,
+    ranks: int = 1,
 ) -> Plan:
     fmt = get_format(quant or cfg.model.quant)
     shapes = linear_shapes(a)
@@ -78,7 +89,7 @@ def plan_memory(
     weights = a.num_layers * sum(n * k * fmt.bits_per_weight / 8 + 4 for n, k in shapes.values())
     embed = a.vocab_size * a.hidden_size * act * (1 if a.tie_word_embeddings else 2)
     lora_params = a.num_layers * sum(r * (n + k) for name, (n, k) in shapes.items() if name in LINEAR_NAMES)
-    rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    rows = max(1, cfg.rollout.prompts_per_step // ranks) * cfg.rollout.group_size  # this rank's rollout
     seq = prompt_len + cfg.rollout.max_new_tokens
     kv = a.num_layers * 2 * rows * a.num_kv_heads * a.head_dim * seq * act
     sampling = rows * a.vocab_size * 4 * 3  # fp32 logits, probabilities, CDF
@@ -109,6 +120,8 @@ def plan_memory(
         "dequantization buffer (one layer)": dequant,
         "CUDA context + reserve": CUDA_RESERVE_GB * GB,
     }
+    if ranks > 1:
+        comps[f"gradient all-reduce bucket ({ranks} ranks)"] = min(BUCKET_BYTES, lora_params * 4)
     return Plan(comps, available_gb * GB if available_gb else None, ckpt)
 
 
@@ -131,10 +144,12 @@ def plan_model_args(name: str) -> ModelArgs:
         raise QerlError(f"--model-config {name}: {str(e).strip().splitlines()[0]}; known offline: {known}") from None
 
 
-def rollout_shape(cfg: Config, prompt_len: int) -> str:
+def rollout_shape(cfg: Config, prompt_len: int, ranks: int = 1) -> str:
     r = cfg.rollout
+    share = f" per rank ({r.prompts_per_step} a step over {ranks} ranks)" if ranks > 1 else ""
     return (
-        f"rollout shape: {r.prompts_per_step} prompts x {r.group_size} completions, prompts up to {prompt_len} "
+        f"rollout shape{share}: {max(1, r.prompts_per_step // ranks)} prompts x {r.group_size} completions, "
+        f"prompts up to {prompt_len} "
         f"tokens (--prompt-len) + up to {r.max_new_tokens} generated (rollout.max_new_tokens); "
         f"update micro-batch {cfg.optim.micro_batch_size} sequences"
     )

@@ -1,8 +1,8 @@
 """Resumable checkpoints: written atomically, verified on resume.
 
 A checkpoint is a directory `checkpoints/step-N/` holding the adapter in PEFT format
-(`adapter/`), `state.pt` (optimizer, LR scheduler, RNG states, data position, step, the
-trainable norm weights if any: tensors and plain values only, loaded with
+(`adapter/`), `state.pt` (optimizer, LR scheduler, the RNG states of every rank, data position,
+step, the trainable norm weights if any: tensors and plain values only, loaded with
 `weights_only=True`) and `manifest.json` (the step, each file's size and SHA-256). It is
 written under a temporary name (`.tmp-step-N-PID`) and renamed into place, then
 `checkpoints/latest` is replaced atomically: a crash mid-write leaves the previous
@@ -96,7 +96,9 @@ def save_checkpoint(
     extra: dict,
     norm_params: dict[str, torch.Tensor] | None = None,
     keep: int = 2,
+    rng_states: list[dict] | None = None,
 ) -> Path:
+    """`rng_states`: every rank's `rng_state`, in rank order (default: this process's, with `generator`)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     remove_partial(run_dir)
@@ -106,7 +108,7 @@ def save_checkpoint(
         "step": step,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": rng_state(generator),
+        "rng": rng_states or [rng_state(generator)],  # one per rank
         "extra": extra,
         "norms": {k: v.detach().cpu() for k, v in (norm_params or {}).items()},
     }
@@ -205,8 +207,16 @@ def find_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
 
 
 def load_checkpoint(
-    path: Path, model, optimizer, scheduler, generator, norm_params: dict[str, torch.Tensor] | None = None
-) -> tuple[int, dict]:
+    path: Path,
+    model,
+    optimizer,
+    scheduler,
+    generator,
+    norm_params: dict[str, torch.Tensor] | None = None,
+    rank: int = 0,
+) -> tuple[int, dict, bool]:
+    """-> (step, extra, whether the RNG states of `rank` were in the checkpoint and are restored: a run
+    resumed on more ranks than it was saved from has ranks that start fresh streams)."""
     if not (path / "state.pt").exists():
         raise QerlError(f"{path}: not a qerl checkpoint (no state.pt)")
     load_adapter(model, path / "adapter")
@@ -216,9 +226,11 @@ def load_checkpoint(
         scheduler.load_state_dict(state["scheduler"])
     except (RuntimeError, OSError, KeyError, ValueError, pickle.UnpicklingError) as e:
         raise QerlError(f"{path / 'state.pt'}: cannot be loaded ({str(e).strip().splitlines()[0]})") from None
-    set_rng_state(state["rng"], generator)
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older checkpoints: one process
+    if rank < len(rngs):
+        set_rng_state(rngs[rank], generator)
     with torch.no_grad():
         for k, v in state.get("norms", {}).items():
             if norm_params and k in norm_params:
                 norm_params[k].copy_(v)
-    return state["step"], state["extra"]
+    return state["step"], state["extra"], rank < len(rngs)

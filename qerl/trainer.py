@@ -3,6 +3,10 @@
 Everything runs in one process on ONE copy of the weights: the engine samples from the
 same `CausalLM` the optimizer updates, so rollouts always use the live adapter and the
 AQN noise written into its norm weights reaches the sampling distribution.
+
+Under torchrun (`qerl.distributed`) every rank runs this same loop on its share of each
+step's prompts; what crosses ranks is named where it happens (`self.world`). With one
+process `self.world` has size 1 and each of those calls returns at once.
 """
 
 from __future__ import annotations
@@ -22,16 +26,17 @@ import torch
 
 from .config import Config
 from .data import build_prompt, load_records
+from .distributed import check_shares, init, rank_device, rank_seed, world_from_env
 from .errors import QerlError
 from .evaluate import EvalSettings, evaluate
 from .interrupt import GracefulStop
 from .logger import ConsoleProgress, RunLogger, plot_run
 from .lora import lora_parameters, quant_linears, save_adapter
-from .noise import apply_noise, aqn_sigma
+from .noise import apply_noise, aqn_sigma, norm_weights
 from .rewards import compute_rewards
 from .rl import LossConfig, dynamic_sampling_keep, fill_batch, group_advantages
 from .rollout import SamplingParams, dequant_cache, make_engine
-from .state import find_checkpoint, load_checkpoint, save_checkpoint
+from .state import find_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from .update import build_batch, policy_update
 
 
@@ -85,21 +90,25 @@ class Trainer:
     update_path = "packed"  # `policy_update`'s path; "reference" is the padded oracle
 
     def __init__(self, cfg: Config, progress: bool = True, *, model=None, tokenizer=None, records=None, reward_fn=None):
-        from .loading import load_model
+        from .loading import default_device, load_model
 
-        self.cfg, self.progress = cfg, progress and sys.stdout.isatty()  # else one line per step
+        self.world = world_from_env()  # torchrun's ranks (size 1 without torchrun); no process group yet
+        check_shares(cfg.rollout.prompts_per_step, cfg.rollout.group_size, self.world.size)
+        main = self.world.is_main  # rank 0 alone prints, logs, evaluates and writes checkpoints
+        self.cfg, self.progress = cfg, progress and sys.stdout.isatty() and main  # else one line per step
         self.reward_fn = reward_fn or compute_rewards
         self.algo = cfg.algo.resolved()
         t = cfg.train
         self.run_dir = Path(t.output_dir)
-        check_output_dir(self.run_dir)
+        if main:
+            check_output_dir(self.run_dir)
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         if records is None:  # data first: a bad path or an empty file fails in a second, before the model loads
             train_recs, rep = _dataset(cfg.data.train, cfg.data.train_split, cfg, cfg.data.train_limit)
             self.eval_recs, erep = _dataset(cfg.data.eval, cfg.data.eval_split, cfg, t.eval_limit)
             self.data_reports = [rep.summary(), erep.summary()]
-            for r in (rep, erep):
+            for r in (rep, erep) if main else ():
                 if not r.n_skipped:  # reports with skipped rows were already logged as warnings
                     print(r.summary())
         else:
@@ -113,10 +122,12 @@ class Trainer:
                 f"config: rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) is more than the "
                 f"{len(train_recs)} training records of {cfg.data.train}"
             )
-        resume_from = self._checkpoint_to_resume() if t.resume else None
         m = cfg.model
         if m.device and m.device.startswith("cuda") and not torch.cuda.is_available():
             raise QerlError(f"config: model.device is {m.device}, but no CUDA GPU is visible")
+        device = rank_device(m.device, self.world)
+        self.world = init(model.device if model is not None else device or default_device())
+        resume_from = self._checkpoint_to_resume() if t.resume else None
         if model is None:
             model, tokenizer = load_model(
                 m.name,
@@ -124,7 +135,7 @@ class Trainer:
                 lora_rank=m.lora_rank,
                 lora_alpha=m.lora_alpha,
                 lora_dropout=m.lora_dropout,
-                device=m.device,
+                device=device,
                 dtype=m.dtype,
             )
         self.model, self.tok = model, tokenizer
@@ -169,26 +180,38 @@ class Trainer:
         if self.algo.overlong == "penalty" and self.reward_cfg.overlong == 0:
             self.reward_cfg = dataclasses.replace(self.reward_cfg, overlong=1.0)
         self.sampler = PromptSampler(train_recs, t.seed)
-        self.gen = torch.Generator(self.device)
-        self.gen.manual_seed(t.seed)
+        self.gen = torch.Generator(self.device)  # the rollouts' sampling and AQN noise; one stream per rank
+        self.gen.manual_seed(rank_seed(t.seed, self.world.rank))
         self.start_step = 0
         if resume_from:
-            self.start_step, extra = load_checkpoint(
-                resume_from, self.model, self.optimizer, self.scheduler, self.gen, self.norms
+            self.start_step, extra, restored = load_checkpoint(
+                resume_from, self.model, self.optimizer, self.scheduler, self.gen, self.norms, rank=self.world.rank
             )
-            self.sampler.load(extra["sampler"])
+            self.sampler.load(extra["sampler"])  # the prompt order is global: the same on every rank
+            if not restored:  # a rank the checkpoint's run did not have
+                self.gen.manual_seed(rank_seed(t.seed, self.world.rank, self.start_step))
+        self.world.broadcast_(self.params + list(self.norms.values()))  # every rank starts from rank 0's adapter
         resume_step = self.start_step if t.resume else None
         old = self.run_dir / "checkpoints"
-        if resume_step is None and any(old.glob("step-*")):  # a fresh run: an earlier run's checkpoints go
+        if main and resume_step is None and any(old.glob("step-*")):  # a fresh run: an earlier run's checkpoints go
             print(
                 f"qerl train: a new run in {self.run_dir}: removing the earlier run's checkpoints (--resume continues one)"
             )
             shutil.rmtree(old)
-        self.logger = RunLogger(self.run_dir, cfg.to_dict(), wandb=t.wandb, resume_step=resume_step)
+        self.logger = RunLogger(self.run_dir, cfg.to_dict(), wandb=t.wandb, resume_step=resume_step) if main else None
 
     def _checkpoint_to_resume(self) -> Path:
-        """The newest intact checkpoint (checked before the model loads), or a one-line error."""
-        found = find_checkpoint(self.run_dir)
+        """The newest intact checkpoint (checked before the model loads), or a one-line error.
+        Rank 0 looks (it may clean up partial writes) and tells the others what it found."""
+        found = None
+        if self.world.is_main:
+            try:
+                found = find_checkpoint(self.run_dir)
+            except QerlError as e:
+                found = e
+        found = self.world.broadcast(found)
+        if isinstance(found, QerlError):
+            raise found
         if found is None:
             raise QerlError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
         path, step = found
@@ -223,10 +246,11 @@ class Trainer:
             stop=tuple(r.stop),
         )
 
-        def sample_round(n_groups):
-            recs = self.sampler.take(n_groups)
+        def sample_round(n_groups):  # n_groups of this rank; every rank takes the round's prompts, keeps its share
+            recs = self.world.share(self.sampler.take(n_groups * self.world.size))
             prompts = self.prompt_ids(recs)
             with apply_noise(self.model, sigma, self.gen):
+                self.world.broadcast_(norm_weights(self.model))  # every rank samples under rank 0's noise
                 out = self.engine.generate(prompts, params, generator=self.gen)
             golds = [rec.answer for rec in recs for _ in range(G)]
             rewards, parts = self.reward_fn(out.texts, golds, out.lengths, r.max_new_tokens, self.reward_cfg)
@@ -245,7 +269,7 @@ class Trainer:
             return groups, keep
 
         rounds = self.algo.max_sampling_rounds if self.algo.dynamic_sampling else 1
-        groups, stats = fill_batch(sample_round, r.prompts_per_step, rounds)
+        groups, stats = fill_batch(sample_round, r.prompts_per_step, rounds, self.world)
         return groups, sigma, stats
 
     def step(self, step: int) -> dict:
@@ -253,16 +277,15 @@ class Trainer:
         groups, sigma, ds = self.rollout(step)
         t_roll = time.perf_counter() - t0
         G = self.cfg.rollout.group_size
-        all_rewards = torch.cat([g["rewards"] for g in groups]) if groups else torch.zeros(0)
+        rewards = torch.cat([g["rewards"] for g in groups]) if groups else torch.zeros(0)
         metrics = {
             "sigma": sigma,
             "lr": self.scheduler.get_last_lr()[0],
-            "rollout_s": t_roll,
             **{f"sampling_{k}": v for k, v in ds.items()},
         }
-        if groups:
-            adv = group_advantages(all_rewards, G, normalize_std=self.algo.normalize_std)
-            prompts, comps, masks, logps, finish = [], [], [], [], []
+        if self.world.sum(len(groups))[0]:  # every rank updates, also one whose share of the batch is empty
+            adv = group_advantages(rewards, G, normalize_std=self.algo.normalize_std) if groups else rewards
+            prompts, comps, masks, logps = [], [], [], []
             for g in groups:
                 for row in g["rows"]:
                     prompts.append(g["prompt"])
@@ -272,7 +295,6 @@ class Trainer:
                         m = torch.zeros_like(m)  # DAPO overlong filtering: truncated answers teach nothing
                     masks.append(m)
                     logps.append(g["out"].logprobs[row])
-                    finish.append(g["out"].finish_reasons[row])
             batch = build_batch(prompts, comps, masks, logps, adv, self.engine.pad_id, self.device)
             a = self.algo
             t_upd = time.perf_counter()
@@ -291,36 +313,41 @@ class Trainer:
                 is_threshold=a.is_threshold,
                 group=G,
                 path=self.update_path,
+                world=self.world,
             )
             metrics["update_s"] = time.perf_counter() - t_upd  # policy_update ends on host values: synchronized
-            lengths = [float(m.sum()) for g in groups for m in g["out"].mask[list(g["rows"])]]
-            correct = [c for g in groups for c in g["correct"]]
             metrics.update(upd)
-            metrics.update(
-                {
-                    "reward_mean": float(all_rewards.mean()),
-                    "reward_std": float(all_rewards.std()) if len(all_rewards) > 1 else 0.0,
-                    "accuracy": sum(correct) / len(correct),
-                    "completion_len": sum(lengths) / len(lengths),
-                    "truncated_frac": sum(f == "length" for f in finish) / len(finish),
-                    "tokens_per_s": sum(lengths) / max(t_roll, 1e-9),
-                }
-            )
         else:
             metrics["skipped_updates"] = 1.0  # dynamic sampling found no informative group
         with warnings.catch_warnings():  # the schedule follows rollout steps, also when an update was skipped
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
         metrics["step_s"] = time.perf_counter() - t0
+        metrics.update(batch_metrics(self.world.gather(self.rollout_record(groups, rewards, t_roll))))
+        return metrics
+
+    def rollout_record(self, groups, rewards: torch.Tensor, rollout_s: float) -> dict:
+        """What this rank's rollouts were like (its share of the batch), for `batch_metrics`."""
+        rows = [(g, r) for g in groups for r in g["rows"]]
         if self.device.type == "cuda":
-            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:
             import resource
 
-            metrics["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        return metrics
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return {
+            "rewards": rewards.tolist(),
+            "correct": [c for g in groups for c in g["correct"]],
+            "lengths": [float(g["out"].mask[r].sum()) for g, r in rows],
+            "truncated": [g["out"].finish_reasons[r] == "length" for g, r in rows],
+            "rollout_s": rollout_s,
+            "peak_mem_gb": peak,
+        }
 
     def run_eval(self, step: int) -> dict:
+        """Held-out accuracy, on rank 0 ({} at once on the other ranks)."""
+        if not self.world.is_main:
+            return {}
         t, d, r = self.cfg.train, self.cfg.data, self.cfg.rollout
         s = EvalSettings(
             samples=t.eval_samples,
@@ -342,17 +369,19 @@ class Trainer:
     def train(self, until: int | None = None) -> dict:
         """Run to `train.max_steps`, or stop after step `until` (checkpointed) to resume later.
         SIGINT / SIGTERM also stop it after the current step, checkpointed: the result then says
-        `{"stopped_at": step, "signal": signum, "checkpoint": path}`."""
+        `{"stopped_at": step, "signal": signum, "checkpoint": path}`. Ranks other than 0 return
+        `{"rank": r}` at the end (rank 0 writes the adapter, the plots and the summary)."""
         t = self.cfg.train
         last = t.max_steps if until is None else min(until, t.max_steps)
         cpu = self.device.type == "cpu"
-        history, ck = {}, None
+        main = self.world.is_main
+        history, ck, signum = {}, None, 0
         with (
             dequant_cache(self.model, cpu),  # CPU: dequantize the frozen base once for the whole run
             GracefulStop() as stop,
             ConsoleProgress(t.max_steps, self.start_step, bar=self.progress) as console,
         ):
-            if self.start_step == 0:
+            if self.start_step == 0 and main:
                 history["eval_start"] = self.run_eval(0)
                 self.logger.log(0, history["eval_start"])
                 console.update(0, history["eval_start"])
@@ -363,16 +392,21 @@ class Trainer:
                 if step + 1 == t.max_steps:
                     history["eval_end"] = self.run_eval(step + 1)
                     m.update(history["eval_end"])
-                self.logger.log(step + 1, m)
-                console.update(step + 1, m)
-                if (t.save_every and (step + 1) % t.save_every == 0) or step + 1 in (t.max_steps, last) or stop.signum:
+                if main:
+                    self.logger.log(step + 1, m)
+                    console.update(step + 1, m)
+                signum = int(self.world.max(stop.signum or 0)[0])  # a signal to any rank stops them all here
+                if (t.save_every and (step + 1) % t.save_every == 0) or step + 1 in (t.max_steps, last) or signum:
                     ck = self.save(step + 1)
-                if stop.signum and step + 1 < t.max_steps:
+                if signum and step + 1 < t.max_steps:
                     last = step + 1
                     break
         if last < t.max_steps:
-            self.logger.close()
-            return {"stopped_at": last} | ({"signal": stop.signum, "checkpoint": ck} if stop.signum else {})
+            if main:
+                self.logger.close()
+            return {"stopped_at": last} | ({"signal": signum, "checkpoint": ck} if signum else {})
+        if not main:
+            return {"rank": self.world.rank}
         save_adapter(self.model, self.run_dir / "adapter")
         self.logger.close()
         c = self.cfg
@@ -380,7 +414,11 @@ class Trainer:
         summary = write_summary(self.run_dir, self.cfg, history, self.data_reports)
         return summary
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int) -> Path | None:
+        """A checkpoint of this step, written by rank 0 with every rank's RNG state (None on the other ranks)."""
+        rngs = self.world.gather(rng_state(self.gen))
+        if not self.world.is_main:
+            return None
         return save_checkpoint(
             self.run_dir,
             step,
@@ -391,7 +429,26 @@ class Trainer:
             {"sampler": self.sampler.state()},
             self.norms,
             keep=self.cfg.train.keep_checkpoints,
+            rng_states=rngs,
         )
+
+
+def batch_metrics(ranks: list[dict]) -> dict:
+    """Metrics of the whole step's batch from every rank's `rollout_record` (one record: one process):
+    means over all completions, the slowest rank's rollout time, the largest peak memory."""
+    cat = {k: [x for r in ranks for x in r[k]] for k in ("rewards", "correct", "lengths", "truncated")}
+    out = {k: max(r[k] for r in ranks) for k in ("rollout_s", "peak_mem_gb")}
+    if cat["rewards"]:
+        rewards, lengths = torch.tensor(cat["rewards"]), cat["lengths"]
+        out |= {
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "accuracy": sum(cat["correct"]) / len(cat["correct"]),
+            "completion_len": sum(lengths) / len(lengths),
+            "truncated_frac": sum(cat["truncated"]) / len(cat["truncated"]),
+            "tokens_per_s": sum(lengths) / max(out["rollout_s"], 1e-9),
+        }
+    return out
 
 
 def check_output_dir(run_dir: Path) -> None:

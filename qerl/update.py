@@ -13,6 +13,12 @@ wrong, this skips most of the compute. Their entropy is then not measured either
 The rollout policy carried AQN noise and the training forward does not: the
 importance correction (`is_mode`) reweights by exp(train - rollout) and the mismatch
 is always measured and logged.
+
+Data parallelism (`world`, see `qerl.distributed`): each rank updates on its share of the
+batch with the token and sequence counts of the whole batch as normalizers, the gradients
+are summed over the ranks before clipping, and a rank with nothing to run (all its groups
+zero-advantage, or none kept) still takes part: the step equals the one-process step on
+the whole batch, up to float summation order.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .distributed import World
 from .lora import adapter_disabled
 from .modeling import CausalLM, causal_mask, positions_from_mask
 from .packing import pack
@@ -61,9 +68,9 @@ def build_batch(
     device,
 ) -> Batch:
     """prompts[i] is the prompt of sequence i; completions/masks/logps are 1-D per sequence."""
-    n = len(prompts)
-    p = max(len(x) for x in prompts)
-    length = max(int(c.shape[0]) for c in completions)
+    n = len(prompts)  # 0: a data-parallel rank with no group in this step's batch
+    p = max((len(x) for x in prompts), default=0)
+    length = max((int(c.shape[0]) for c in completions), default=0)
     ids = torch.full((n, p + length), pad_id, dtype=torch.long)
     attn = torch.zeros((n, p + length), dtype=torch.long)
     comp = torch.full((n, length), pad_id, dtype=torch.long)
@@ -170,13 +177,16 @@ def policy_update(
     is_threshold: float,
     group: int = 1,
     path: str = "packed",
+    world: World | None = None,
 ) -> dict:
     """group > 1: rows are contiguous groups sharing a prompt (see `sequence_logprobs`);
     micro-batches then hold whole groups (micro_batch_size rounded down to a multiple of group).
     path: "packed" (`packed_logprobs`, the default) or "reference" (`sequence_logprobs`, the
-    padded oracle it is tested against): same values, the packed one costs the tokens it holds."""
+    padded oracle it is tested against): same values, the packed one costs the tokens it holds.
+    world: the data-parallel ranks, each calling with its share of the batch (default: one process)."""
     logprobs = LOGPROB_PATHS[path]
-    tokens, seqs = int(batch.mask.sum()), batch.input_ids.shape[0]
+    world = world or World()
+    tokens, seqs = (int(x) for x in world.sum(int(batch.mask.sum()), batch.input_ids.shape[0]))  # the whole batch's
     if tokens == 0:  # e.g. every completion truncated and masked (DAPO overlong filtering)
         return {"skipped_updates": 0.0, "loss_tokens": 0.0, "active_seqs": 0.0}
     if loss_cfg.kl_beta == 0:  # drop whole groups whose advantages are all zero
@@ -184,7 +194,8 @@ def policy_update(
         live = (batch.advantages != 0).view(-1, g).any(1).repeat_interleave(g)
         batch = batch.slice(live.nonzero().squeeze(-1))
     n = batch.input_ids.shape[0]
-    if n == 0:
+    active = int(world.sum(n)[0])
+    if active == 0:
         return {"skipped_updates": 0.0, "loss_tokens": float(tokens), "active_seqs": 0.0}
     old_logp = torch.zeros_like(batch.rollout_logp)
     metrics: dict[str, list[float]] = {}
@@ -233,6 +244,9 @@ def policy_update(
             ent_mean = float((ent.detach() * mb.mask).sum() / mb.mask.sum().clamp(min=1))
             for k, v in {**m, **is_m, "entropy": ent_mean}.items():
                 metrics.setdefault(k, []).append((float(v), w))
+        finite = world.max(not finite)[0] == 0  # a non-finite loss on any rank skips the update on every rank
+        if finite:
+            world.sum_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if finite else torch.tensor(float("nan"))
         if not finite or not torch.isfinite(grad_norm):
             warnings.warn(
@@ -244,8 +258,15 @@ def policy_update(
         optimizer.step()
         metrics.setdefault("grad_norm", []).append((float(grad_norm), 1.0))
     model.eval()
-    out = {k: sum(v * w for v, w in vals) / max(sum(w for _, w in vals), 1e-12) for k, vals in metrics.items()}
+    sums: dict[str, list[float]] = {}  # key -> [sum of value x weight, sum of weights] over the ranks
+    for part in world.gather(
+        {k: (sum(v * w for v, w in vals), sum(w for _, w in vals)) for k, vals in metrics.items()}
+    ):
+        for k, (vw, w) in part.items():
+            acc = sums.setdefault(k, [0.0, 0.0])
+            acc[0], acc[1] = acc[0] + vw, acc[1] + w
+    out = {k: vw / max(w, 1e-12) for k, (vw, w) in sums.items()}
     out["skipped_updates"] = float(skipped)
     out["loss_tokens"] = float(tokens)
-    out["active_seqs"] = float(n)
+    out["active_seqs"] = float(active)
     return {k: (v if math.isfinite(v) else float("nan")) for k, v in out.items()}

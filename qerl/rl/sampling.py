@@ -11,7 +11,8 @@ correction (TIS or masking, token or sequence level) is one argument away.
 Dynamic sampling (DAPO) drops groups whose rewards are all equal (zero advantage,
 zero gradient) and samples again until the batch is full. `fill_batch` returns a
 partial batch when `max_rounds` is exhausted instead of raising (verl's recipe
-raises): the trainer sees `stats["filled"] == 0` and decides.
+raises): the trainer sees `stats["filled"] == 0` and decides. Across data-parallel
+ranks every rank runs the same rounds and the batch is filled globally (`fill_batch`).
 """
 
 from collections.abc import Callable, Sequence
@@ -108,6 +109,7 @@ def fill_batch(
     sample_round: Callable[[int], tuple[Sequence[T], Sequence[bool] | torch.Tensor]],
     target_groups: int,
     max_rounds: int,
+    world=None,
 ) -> tuple[list[T], dict[str, float]]:
     """Call `sample_round` until `target_groups` groups are kept or `max_rounds` calls were made.
 
@@ -118,27 +120,41 @@ def fill_batch(
     collected in order; extras beyond `target_groups` are dropped.
     Stats: rounds, groups_sampled, groups_kept (before dropping extras), keep_frac,
     filled (1.0 if the target was reached, else 0.0 and the batch is short).
+
+    `world` (a `qerl.distributed.World`, data parallelism): `target_groups` is the GLOBAL
+    batch and every rank runs the same rounds. Each round asks every rank for
+    ceil(missing / ranks) groups (its share of the round's prompts, rank r the r-th slice),
+    then one all-gather of the ranks' kept counts tells every rank the global count: all
+    ranks take the same decision to stop or go on, so none waits for another forever and
+    none drops groups the others count. The round's kept groups, in rank order, fill the
+    batch up to the target; a rank's kept groups beyond it are dropped. Ranks may end with
+    different numbers of groups (the update's normalizers are global); the stats are global.
     """
     if target_groups < 1 or max_rounds < 1:
         raise ValueError(f"need target_groups >= 1 and max_rounds >= 1, got {target_groups}, {max_rounds}")
+    rank, ranks = (world.rank, world.size) if world is not None else (0, 1)
     kept: list[T] = []
-    sampled = rounds = 0
-    while len(kept) < target_groups and rounds < max_rounds:
-        groups, keep = sample_round(target_groups - len(kept))
+    n_kept = sampled = rounds = 0  # global counts
+    while n_kept < target_groups and rounds < max_rounds:
+        groups, keep = sample_round(-(-(target_groups - n_kept) // ranks))
         keep = keep.tolist() if isinstance(keep, torch.Tensor) else list(keep)
         if len(keep) != len(groups):
             raise ValueError(f"sample_round returned {len(groups)} groups but {len(keep)} keep flags")
-        kept.extend(g for g, k in zip(groups, keep) if k)
-        sampled += len(groups)
+        mine = [g for g, k in zip(groups, keep) if k]
+        counts = world.gather((len(mine), len(groups))) if ranks > 1 else [(len(mine), len(groups))]
+        before = n_kept + sum(c for c, _ in counts[:rank])  # kept by the ranks before this one
+        kept.extend(mine[: max(0, target_groups - before)])
+        n_kept += sum(c for c, _ in counts)
+        sampled += sum(n for _, n in counts)
         rounds += 1
     stats = {
         "rounds": float(rounds),
         "groups_sampled": float(sampled),
-        "groups_kept": float(len(kept)),
-        "keep_frac": len(kept) / max(sampled, 1),
-        "filled": float(len(kept) >= target_groups),
+        "groups_kept": float(n_kept),
+        "keep_frac": n_kept / max(sampled, 1),
+        "filled": float(n_kept >= target_groups),
     }
-    return kept[:target_groups], stats
+    return kept, stats
 
 
 def overlong_mask(finish_reasons: Sequence[str]) -> torch.Tensor:
