@@ -356,6 +356,24 @@ def config(
     print(describe(load_config(config, ctx.args)))
 
 
+@app.command()
+def compare(
+    experiment: str = typer.Argument(..., help="experiment YAML: configs (name -> overrides), seeds, shared overrides"),
+    report_only: bool = typer.Option(
+        False, "--report-only", help="rebuild the report from the finished runs, no training"
+    ),
+):
+    """Train every configuration x seed of an experiment file (finished runs are skipped), then write the
+    report (default docs/results.md): mean +- std over seeds per configuration and one PNG of reward and
+    entropy curves per configuration. Per-run small files are kept beside it (docs/results/<config>/seed<N>/)."""
+    from .compare import main as compare_main
+
+    done = compare_main(experiment, report_only=report_only)
+    if done.get("failed"):
+        print(f"qerl compare: {len(done['failed'])} runs failed: {done['failed']}", file=sys.stderr)
+        sys.exit(1)
+
+
 def main():
     import logging
     import os
