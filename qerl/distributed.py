@@ -21,9 +21,9 @@ norms) in flat buckets after the last micro-batch's backward, not by DDP: the mo
 rollout engine's model and a DDP wrapper would sit in every decode step's path; DDP needs the
 same number of forward/backward passes on every rank, and ranks here run different numbers of
 micro-batches (dynamic sampling, groups skipped for zero advantage); and DDP divides by the
-world size, while the global normalizers already make the sum the batch mean. The cost of not
-overlapping the all-reduce with backward is one all-reduce of the adapter per update (a few
-hundred MB at most for a 7B model at rank 16).
+world size, while the global normalizers already make the sum the batch mean. The cost: one
+all-reduce of the adapter's gradients per update that backward does not hide (160 MB in fp32 for
+Qwen2.5-7B at LoRA rank 16).
 
 NCCL when the model is on a GPU (each rank on `cuda:LOCAL_RANK`), gloo on CPUs. Without the
 torchrun environment (`WORLD_SIZE` unset or 1) the `World` has size 1 and every method returns
@@ -65,16 +65,16 @@ class World:
 
     def sum(self, *values: float) -> list[float]:
         """Each value summed over the ranks (exact for integer counts below 2^53)."""
-        return self._reduce(values, dist.ReduceOp.SUM)
+        return self._reduce(values, "SUM")
 
     def max(self, *values: float) -> list[float]:
-        return self._reduce(values, dist.ReduceOp.MAX)
+        return self._reduce(values, "MAX")
 
-    def _reduce(self, values, op) -> list[float]:
+    def _reduce(self, values, op: str) -> list[float]:
         if self.size == 1:
             return [float(v) for v in values]
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=op)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t.tolist()
 
     def gather(self, obj) -> list:

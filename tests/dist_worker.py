@@ -2,9 +2,10 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py MODEL ROOT
 
-1. ROOT/two: the tiny-model run of `run(...)` stopped after step 2 (checkpoints at steps 1 and 2);
+1. ROOT/two: the tiny-model run of `trainer(...)` stopped after step 2 (checkpoints at steps 1 and 2);
    each rank saves its adapter to ROOT/two/lora-rank{r}.pt.
-2. ROOT/dapo: one DAPO step in which rank 1's groups are all uninformative (constant rewards), so it
+2. ROOT/again: a copy of ROOT/two resumed on the same 2 ranks to the end (step 3); each rank saves its adapter.
+3. ROOT/dapo: one DAPO step in which rank 1's groups are all uninformative (constant rewards), so it
    keeps none in any round and runs the update with an empty share; rank 0 writes the step's
    metrics to ROOT/dapo/metrics-step0.json, each rank its adapter.
 """
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import zlib
 from pathlib import Path
@@ -74,9 +76,16 @@ def lora(t: Trainer) -> dict:
 def main(model: str, root: Path):
     t = trainer(model, root / "two")
     t.train(until=2)
-    torch.save(lora(t), root / "two" / f"lora-rank{t.world.rank}.pt")
-
     rank = t.world.rank
+    torch.save(lora(t), root / "two" / f"lora-rank{rank}.pt")
+
+    if rank == 0:
+        shutil.copytree(root / "two", root / "again")
+    t.world.gather(None)  # the others wait for the copy
+    again = trainer(model, root / "again", train={"resume": True})
+    again.train()
+    torch.save(lora(again), root / "again" / f"lora-rank{rank}.pt")
+
     d = trainer(
         model,
         root / "dapo",

@@ -29,7 +29,8 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 
 @pytest.fixture(scope="module")
 def runs(tiny_llama, tmp_path_factory):
-    """ROOT/one: the whole 3-step run in this process; ROOT/two and ROOT/dapo: `dist_worker.py` on 2 ranks."""
+    """ROOT/one: the whole 3-step run in this process; ROOT/two, ROOT/again and ROOT/dapo: `dist_worker.py` on 2
+    ranks."""
     root = tmp_path_factory.mktemp("dist")
     one = trainer(tiny_llama, root / "one")
     one.train()
@@ -65,6 +66,15 @@ def test_two_ranks_train_as_one_process_on_the_same_samples(runs):
         assert r["loss_tokens"] == want["loss_tokens"] and r["active_seqs"] == want["active_seqs"]
         for k in ("reward_mean", "reward_std", "accuracy", "completion_len", "grad_norm", "entropy", "mismatch_kl"):
             assert math.isclose(r[k], want[k], rel_tol=1e-4, abs_tol=1e-6), (r["step"], k, r[k], want[k])
+
+
+def test_a_two_rank_checkpoint_resumes_on_two_ranks(runs):
+    root, final = runs
+    for r in (0, 1):  # resumed after step 2 on the same ranks, with samples fixed per prompt: as one process
+        got = torch.load(root / "again" / f"lora-rank{r}.pt")
+        for k in final:
+            torch.testing.assert_close(got[k], final[k], rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in read_metrics(root / "again" / "metrics.jsonl")] == [0, 1, 2, 3]
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_rank(runs, tiny_llama):
