@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from conftest import make_tiny_checkpoint, run_config
 
 from qerl.trainer import Trainer
 
@@ -12,18 +12,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_gpu_training_steps(arch, tmp_path, monkeypatch):
-    from test_trainer import _cfg
-
-    import qerl.trainer as tr
-
-    def digits(completions, golds, lengths, max_len, cfg):
-        r = [float(sum(ch.isdigit() for ch in c)) for c in completions]
-        return r, {"correct": [x > 0 for x in r], "format": [0.0] * len(r), "overlong": [0.0] * len(r)}
-
-    monkeypatch.setattr(tr, "compute_rewards", digits)
+def test_gpu_training_steps(arch, tmp_path, digit_reward):
     path = make_tiny_checkpoint(tmp_path / arch, arch, seed=2, std=0.05)
-    cfg = _cfg(path, tmp_path / "run", model={"device": "cuda", "gradient_checkpointing": True})
+    cfg = run_config(path, tmp_path / "run", model={"device": "cuda", "gradient_checkpointing": True})
     t = Trainer(cfg, progress=False)
     assert type(t.engine).__name__ == "CudaEngine"
     before = [p.detach().clone() for p in t.params]
