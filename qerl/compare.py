@@ -298,32 +298,59 @@ def collect(exp: Experiment) -> dict[str, dict[int, dict]]:
     return out
 
 
-def plot_config(name: str, runs: dict[int, dict], out: Path) -> Path:
-    """Reward and entropy against steps: the mean over seeds, a min-max band, each seed faintly."""
+def _curves_png(out: Path, title: str, draw) -> Path:
+    """A PNG of two panels, reward and entropy against steps; `draw(ax, key)` fills each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, title in ((axes[0], "reward", "reward (train)"), (axes[1], "entropy", "entropy (nats/token)")):
-        steps = sorted({s for r in runs.values() for s in r[key]})
-        vals = [[r[key][s] for r in runs.values() if s in r[key]] for s in steps]
-        for r in runs.values():
-            ax.plot(sorted(r[key]), [r[key][s] for s in sorted(r[key])], lw=0.7, alpha=0.35)
-        if steps:
-            ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2, label="min-max")
-            ax.plot(steps, [statistics.fmean(v) for v in vals], lw=2, color="k", label=f"mean of {len(runs)} seeds")
-            ax.legend()
-        ax.set_title(title)
+    for ax, key, name in ((axes[0], "reward", "reward (train)"), (axes[1], "entropy", "entropy (nats/token)")):
+        draw(ax, key)
+        ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{name}: seeds {', '.join(map(str, sorted(runs)))}")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+def _seed_means(runs: dict[int, dict], key: str) -> tuple[list[int], list[list[float]]]:
+    """The steps any seed logged `key` at, and each step's values over the seeds."""
+    steps = sorted({s for r in runs.values() for s in r[key]})
+    return steps, [[r[key][s] for r in runs.values() if s in r[key]] for s in steps]
+
+
+def plot_config(name: str, runs: dict[int, dict], out: Path) -> Path:
+    """Reward and entropy against steps: the mean over seeds, a min-max band, each seed faintly."""
+
+    def draw(ax, key):
+        steps, vals = _seed_means(runs, key)
+        for r in runs.values():
+            ax.plot(sorted(r[key]), [r[key][s] for s in sorted(r[key])], lw=0.7, alpha=0.35)
+        if steps:
+            ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2, label="min-max")
+            mean = [statistics.fmean(v) for v in vals]
+            ax.plot(steps, mean, ".-", lw=2, color="k", label=f"mean of {len(runs)} seeds")
+
+    return _curves_png(out, f"{name}: seeds {', '.join(map(str, sorted(runs)))}", draw)
+
+
+def plot_overview(stats: dict[str, dict[int, dict]], out: Path) -> Path:
+    """Every configuration's mean reward and entropy over its seeds, on shared axes."""
+
+    def draw(ax, key):
+        for name, runs in stats.items():
+            steps, vals = _seed_means(runs, key)
+            ax.plot(steps, [statistics.fmean(v) for v in vals], ".-", label=f"{name} ({len(runs)} seeds)")
+
+    return _curves_png(out, "all configurations: mean over seeds", draw)
 
 
 def command(exp: Experiment, report_only: bool = False) -> str:
@@ -382,11 +409,10 @@ def write_report(exp: Experiment) -> Path:
     for name, over in exp.configs.items():
         lines.append(f"- **{name}**: `{json.dumps(over)}`")
     lines += ["", "## Curves", ""]
-    for name in exp.configs:
-        if name in stats:
-            png = plot_config(name, stats[name], exp.results_dir / f"{name}.png")
-            lines.append(f"![{name}]({png.relative_to(exp.report.parent).as_posix()})")
-            lines.append("")
+    pngs = [("all configurations", plot_overview(stats, exp.results_dir / "overview.png"))] if stats else []
+    pngs += [(n, plot_config(n, stats[n], exp.results_dir / f"{n}.png")) for n in exp.configs if n in stats]
+    for name, png in pngs:
+        lines += [f"![{name}]({png.relative_to(exp.report.parent).as_posix()})", ""]
     exp.report.parent.mkdir(parents=True, exist_ok=True)
     exp.report.write_text("\n".join(lines).rstrip() + "\n")
     print(f"qerl compare: report in {exp.report} ({sum(len(v) for v in stats.values())} finished runs)", flush=True)

@@ -69,7 +69,7 @@ def test_compare_trains_each_run_once_and_reports(tmp_path, tiny_llama, digit_re
     assert [r.split(" | ")[0] for r in rows] == ["| bf16", "| nvfp4_aqn"]
     assert all(" | 1/1 (3) | " in r for r in rows)
     assert f"qerl compare {path} --report-only" in text and "lr: one for all." in text
-    for name in ("bf16", "nvfp4_aqn"):
+    for name in ("bf16", "nvfp4_aqn", "overview"):
         png = tmp_path / "docs" / "results" / f"{name}.png"
         assert png.read_bytes()[:4] == b"\x89PNG" and f"](results/{name}.png)" in text
 
