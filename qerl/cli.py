@@ -124,6 +124,7 @@ def train(
     lists every key with its type, default and valid values. Ctrl-C (or SIGTERM) stops after the current
     step with a checkpoint; a second Ctrl-C quits at once. Under torchrun (`torchrun --nproc-per-node N -m qerl
     train ...`) the ranks train data-parallel and rank 0 alone prints, logs and writes."""
+    import os
     import shlex
     import signal
 
@@ -146,9 +147,14 @@ def train(
     if "signal" in summary:
         again = ["qerl", "train", *(["-c", config] if config else []), *ctx.args]
         again += [] if cfg.train.resume else ["--resume"]
+        nodes = ""
+        if world.size > 1:  # the same launcher (any number of ranks can resume)
+            local = os.environ.get("LOCAL_WORLD_SIZE", str(world.size))
+            again = ["torchrun", "--nproc-per-node", local, "-m", *again]
+            nodes = " (on every node, with your --nnodes and rendezvous options)" if int(local) < world.size else ""
         print(
             f"qerl train: stopped after step {summary['stopped_at']} ({signal.Signals(summary['signal']).name}), checkpoint in "
-            f"{summary['checkpoint']}; continue with: {shlex.join(again)}",
+            f"{summary['checkpoint']}; continue with: {shlex.join(again)}{nodes}",
             file=sys.stderr,
         )
         sys.exit(128 + summary["signal"])
