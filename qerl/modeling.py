@@ -37,7 +37,7 @@ def linear_path(layer: int, name: str) -> str:
 
 
 # Published shapes of the models the planner and the random-weight benchmarks know by name (docs/formats.md,
-# "Model shapes"), with the hub id each name stands for.
+# section 5), with the hub id each name stands for.
 KNOWN_MODELS = {
     "qwen2.5-7b": dict(
         hub="Qwen/Qwen2.5-7B-Instruct",
