@@ -334,12 +334,13 @@ def plot_config(name: str, runs: dict[int, dict], out: Path) -> Path:
         steps, vals = _seed_means(runs, key)
         for r in runs.values():
             ax.plot(sorted(r[key]), [r[key][s] for s in sorted(r[key])], lw=0.7, alpha=0.35)
-        if steps:
+        if len(runs) > 1:
             ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2, label="min-max")
-            mean = [statistics.fmean(v) for v in vals]
-            ax.plot(steps, mean, ".-", lw=2, color="k", label=f"mean of {len(runs)} seeds")
+        mean = [statistics.fmean(v) for v in vals]
+        ax.plot(steps, mean, ".-", lw=2, color="k", label=f"mean of {len(runs)} seeds" if len(runs) > 1 else None)
 
-    return _curves_png(out, f"{name}: seeds {', '.join(map(str, sorted(runs)))}", draw)
+    seeds = ", ".join(map(str, sorted(runs)))
+    return _curves_png(out, f"{name}: seed{'s' if len(runs) > 1 else ''} {seeds}", draw)
 
 
 def plot_overview(stats: dict[str, dict[int, dict]], out: Path) -> Path:
@@ -348,7 +349,7 @@ def plot_overview(stats: dict[str, dict[int, dict]], out: Path) -> Path:
     def draw(ax, key):
         for name, runs in stats.items():
             steps, vals = _seed_means(runs, key)
-            ax.plot(steps, [statistics.fmean(v) for v in vals], ".-", label=f"{name} ({len(runs)} seeds)")
+            ax.plot(steps, [statistics.fmean(v) for v in vals], ".-", label=f"{name} (seeds: {len(runs)})")
 
     return _curves_png(out, "all configurations: mean over seeds", draw)
 
