@@ -134,6 +134,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     wandb: bool = False
     resume: bool = False
+    overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in output_dir
 
 
 @dataclass
@@ -254,6 +255,7 @@ ALIASES = {
     "max_steps": "train.max_steps",
     "output_dir": "train.output_dir",
     "resume": "train.resume",
+    "overwrite": "train.overwrite",
     "seed": "train.seed",
     "model": "model.name",
     "quant": "model.quant",

@@ -101,7 +101,7 @@ class Trainer:
         t = cfg.train
         self.run_dir = Path(t.output_dir)
         if main:
-            check_output_dir(self.run_dir)
+            check_output_dir(self.run_dir, t.resume, t.overwrite)
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         if records is None:  # data first: a bad path or an empty file fails in a second, before the model loads
@@ -193,10 +193,8 @@ class Trainer:
         self.world.broadcast_(self.params + list(self.norms.values()))  # every rank starts from rank 0's adapter
         resume_step = self.start_step if t.resume else None
         old = self.run_dir / "checkpoints"
-        if main and resume_step is None and any(old.glob("step-*")):  # a fresh run: an earlier run's checkpoints go
-            print(
-                f"qerl train: a new run in {self.run_dir}: removing the earlier run's checkpoints (--resume continues one)"
-            )
+        if main and resume_step is None and any(old.glob("step-*")):  # --overwrite (checked before the model loaded)
+            print(f"qerl train: --overwrite: removing the earlier run's checkpoints in {old}")
             shutil.rmtree(old)
         self.logger = RunLogger(self.run_dir, cfg.to_dict(), wandb=t.wandb, resume_step=resume_step) if main else None
 
@@ -451,10 +449,17 @@ def batch_metrics(ranks: list[dict]) -> dict:
     return out
 
 
-def check_output_dir(run_dir: Path) -> None:
-    """The run directory can be made and written to (checked before the model loads, not at the first save)."""
+def check_output_dir(run_dir: Path, resume: bool = False, overwrite: bool = False) -> None:
+    """The run directory can be made and written to, and a fresh run does not silently replace an earlier run's
+    checkpoints (checked before the model loads, not at the first save)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise QerlError(f"config: train.output_dir {run_dir} is a file, not a directory")
+    steps = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit())
+    if steps and not resume and not overwrite:
+        raise QerlError(
+            f"{run_dir} holds an earlier run (checkpoints up to step {steps[-1]}): --resume continues it, "
+            "--overwrite starts over and deletes them, or choose another --output-dir"
+        )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import run_config
 
+from qerl.config import load_config
 from qerl.errors import QerlError
 from qerl.logger import read_metrics, run_figure
 from qerl.state import find_checkpoint, verify
@@ -134,6 +135,23 @@ def test_run_checks_come_before_the_model_loads(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(QerlError, match="model.device is cuda, but no CUDA GPU is visible"):
             Trainer(run_config(no_model, tmp_path / "run", model={"device": "cuda"}), progress=False)
+
+
+def test_a_fresh_run_does_not_replace_an_earlier_runs_checkpoints(tmp_path):
+    """Without --resume or --overwrite, a run dir holding checkpoints is a one-line error before the model loads
+    (nothing deleted); --overwrite passes that check (and then fails here only at the missing model)."""
+    no_model, earlier = tmp_path / "no-model", tmp_path / "earlier"
+    (earlier / "checkpoints" / "step-12").mkdir(parents=True)
+    (earlier / "checkpoints" / "step-3").mkdir()
+    msg = r"holds an earlier run \(checkpoints up to step 12\): --resume continues it, --overwrite starts over"
+    with pytest.raises(QerlError, match=msg):
+        Trainer(run_config(no_model, earlier), progress=False)
+    assert (earlier / "checkpoints" / "step-12").is_dir()
+    cfg = run_config(no_model, earlier, train={"overwrite": True})
+    assert load_config(None, ["--overwrite"]).train.overwrite is True  # the CLI flag
+    with pytest.raises(Exception) as e:
+        Trainer(cfg, progress=False)
+    assert "earlier run" not in str(e.value)
 
 
 def test_curves_have_a_title_and_sigma_on_a_log_axis():
