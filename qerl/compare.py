@@ -59,7 +59,9 @@ class Experiment:
         from .config import load_config
 
         over = deep_merge(self.overrides, self.configs[name])
-        over = deep_merge(over, {"train": {"seed": seed, "output_dir": str(run_dir), "resume": False, "overwrite": True}})
+        over = deep_merge(
+            over, {"train": {"seed": seed, "output_dir": str(run_dir), "resume": False, "overwrite": True}}
+        )
         return load_config(self.base, over)
 
     def runs(self):
