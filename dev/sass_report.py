@@ -20,7 +20,7 @@ import tempfile
 
 from dev.sass import BIN, compile_decode, compile_mma_sync, compile_wgmma, disassemble, main_loop
 from qerl.kernels import fp4_decode, nvfp4_mma_sync, nvfp4_wgmma
-from qerl.kernels.choice import LinearKernel
+from qerl.kernels.choice import LinearKernel, kernel_for_rows
 from qerl.modeling import ModelArgs
 
 CONFIGS = {
@@ -32,14 +32,8 @@ CONFIGS = {
 
 
 def hopper_choice(m: int) -> LinearKernel:
-    """What `choose_linear_kernel` picks for m rows of bf16 x and an NVFP4 weight on an H100/H200."""
-    from qerl.kernels.choice import GEMV_MAX_ROWS, MMA_SYNC_MAX_ROWS, TC_MAX_ROWS, WGMMA_MAX_ROWS
-
-    if m <= MMA_SYNC_MAX_ROWS:
-        return LinearKernel.MMA_SYNC
-    if m <= WGMMA_MAX_ROWS:
-        return LinearKernel.WGMMA
-    return LinearKernel.GEMV if m <= GEMV_MAX_ROWS else LinearKernel.TC if m <= TC_MAX_ROWS else LinearKernel.CUBLAS
+    """What `choose_linear_kernel` picks for m rows of bf16 x and an NVFP4 weight (K % 256 == 0) on an H100/H200."""
+    return kernel_for_rows(m, fp4=True, mma_sync=True, wgmma=True)
 
 
 def loop_mix(sass: str):

@@ -141,8 +141,7 @@ def save_checkpoint(
             f"checkpoint: could not write {where} ({reason}); "
             f"{_size(free)} free on that disk, a checkpoint needs about {_size(needed)}"
         ) from None
-    steps = sorted((_step_of(p), p) for p in root.glob("step-*") if _step_of(p) is not None)
-    for _, p in steps[:-keep] if keep > 0 else []:
+    for _, p in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
     return final
 
@@ -150,6 +149,12 @@ def save_checkpoint(
 def _step_of(path: Path) -> int | None:
     name = path.name.removeprefix("step-")
     return int(name) if name.isdigit() else None
+
+
+def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every `checkpoints/step-N/` in `run_dir`, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted((_step_of(p), p) for p in root.glob("step-*") if _step_of(p) is not None)
 
 
 def verify(path: Path) -> str | None:
@@ -179,7 +184,7 @@ def find_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
     are skipped with a warning. None: no checkpoint at all. QerlError: checkpoints, none intact."""
     root = Path(run_dir) / "checkpoints"
     remove_partial(run_dir)
-    candidates = sorted((p for p in root.glob("step-*") if _step_of(p) is not None), key=_step_of, reverse=True)
+    candidates = [p for _, p in reversed(checkpoint_dirs(run_dir))]
     latest, problems = root / "latest", []
     if latest.exists():
         try:

@@ -36,7 +36,7 @@ from .noise import apply_noise, aqn_sigma, norm_weights
 from .rewards import compute_rewards
 from .rl import LossConfig, dynamic_sampling_keep, fill_batch, group_advantages
 from .rollout import SamplingParams, dequant_cache, make_engine
-from .state import find_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from .state import checkpoint_dirs, find_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from .update import build_batch, policy_update
 
 
@@ -193,7 +193,7 @@ class Trainer:
         self.world.broadcast_(self.params + list(self.norms.values()))  # every rank starts from rank 0's adapter
         resume_step = self.start_step if t.resume else None
         old = self.run_dir / "checkpoints"
-        if main and resume_step is None and any(old.glob("step-*")):  # --overwrite (checked before the model loaded)
+        if main and resume_step is None and checkpoint_dirs(self.run_dir):  # --overwrite (checked before loading)
             print(f"qerl train: --overwrite: removing the earlier run's checkpoints in {old}")
             shutil.rmtree(old)
         self.logger = RunLogger(self.run_dir, cfg.to_dict(), wandb=t.wandb, resume_step=resume_step) if main else None
@@ -454,10 +454,10 @@ def check_output_dir(run_dir: Path, resume: bool = False, overwrite: bool = Fals
     checkpoints (checked before the model loads, not at the first save)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise QerlError(f"config: train.output_dir {run_dir} is a file, not a directory")
-    steps = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit())
-    if steps and not resume and not overwrite:
+    earlier = checkpoint_dirs(run_dir)
+    if earlier and not resume and not overwrite:
         raise QerlError(
-            f"{run_dir} holds an earlier run (checkpoints up to step {steps[-1]}): --resume continues it, "
+            f"{run_dir} holds an earlier run (checkpoints up to step {earlier[-1][0]}): --resume continues it, "
             "--overwrite starts over and deletes them, or choose another --output-dir"
         )
     try:

@@ -58,14 +58,27 @@ def choose_linear_kernel(
 
     decode: the engine's decode step (else a prefill/training forward: one-pass kernels up to FORWARD_MAX_ROWS).
     allow: the kernels that may be chosen (tests and benchmarks narrow it; CUBLAS is always allowed)."""
-    if fmt not in ("nvfp4", "mxfp4") or (not decode and m > FORWARD_MAX_ROWS):
+    fp4 = fmt in ("nvfp4", "mxfp4")
+    mma_sync = fp4 and mma_supported(device, dtype, fmt, k)
+    wgmma = fp4 and wgmma_supported(device, dtype, fmt, k)
+    return kernel_for_rows(m, fp4=fp4, mma_sync=mma_sync, wgmma=wgmma, decode=decode, allow=allow)
+
+
+def kernel_for_rows(
+    m: int,
+    *,
+    fp4: bool,
+    mma_sync: bool,
+    wgmma: bool,
+    decode: bool = True,
+    allow: Collection[LinearKernel] = ALL_KERNELS,
+) -> LinearKernel:
+    """The rule itself, given what the weight and the GPU allow: fp4 (an NVFP4/MXFP4 weight), mma_sync and wgmma
+    (those kernels can run this weight, dtype and K here). Offline tools model a GPU with it."""
+    if not fp4 or (not decode and m > FORWARD_MAX_ROWS):
         return LinearKernel.CUBLAS
-    wgmma = LinearKernel.WGMMA in allow and wgmma_supported(device, dtype, fmt, k)
-    if (
-        mma_supported(device, dtype, fmt, k)
-        and LinearKernel.MMA_SYNC in allow
-        and m <= (MMA_SYNC_MAX_ROWS if wgmma else MMA_MAX_M)
-    ):
+    wgmma = wgmma and LinearKernel.WGMMA in allow
+    if mma_sync and LinearKernel.MMA_SYNC in allow and m <= (MMA_SYNC_MAX_ROWS if wgmma else MMA_MAX_M):
         return LinearKernel.MMA_SYNC
     if wgmma and m <= WGMMA_MAX_ROWS:
         return LinearKernel.WGMMA
