@@ -31,7 +31,7 @@ class ModelConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     device: str | None = None  # default: cuda if available, else cpu
-    dtype: str = "auto"  # compute dtype: auto (bf16 on GPUs and AMX/AVX512-BF16 CPUs, else fp32) | bfloat16 | float32
+    dtype: str = "auto"  # compute dtype: auto (bf16 on GPUs, fp32 on CPUs) | bfloat16 | float32
     # auto: on a GPU, as few layers as each micro-batch's activations need (none when they fit); off on CPU
     gradient_checkpointing: str = "auto"  # auto | on | off (true/false are on/off)
     train_norms: bool = False  # the released QeRL scripts also trained the RMSNorm weights

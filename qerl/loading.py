@@ -287,10 +287,9 @@ def load_model(
 ):
     """-> (model, tokenizer). `lora_rank=0` loads without an adapter.
 
-    dtype is the compute dtype of activations and unquantized tensors: default bf16 on CUDA
-    and fp32 on CPU; "auto" also picks bf16 on CPUs with AMX / AVX512-BF16, where bf16
-    matmuls measured ~2x faster than fp32 (the trainer's default). Norm weights and LoRA
-    parameters stay fp32 either way.
+    dtype is the compute dtype of activations and unquantized tensors: default ("auto") bf16 on
+    CUDA and fp32 on CPU (`utils.resolve_dtype` says why not bf16 on CPUs that have it). Norm
+    weights and LoRA parameters stay fp32 either way.
     """
     from transformers import AutoConfig, AutoTokenizer
 

@@ -2,6 +2,7 @@
 `qerl config` lists every key; `qerl --version`."""
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from qerl.cli import app
@@ -104,3 +105,15 @@ def test_version():
 
     r = CliRunner().invoke(app, ["--version"])
     assert r.exit_code == 0 and r.output.strip() == f"qerl {qerl.__version__}"
+
+
+def test_auto_dtype_is_bf16_on_gpus_and_fp32_on_every_cpu(monkeypatch):
+    """`model.dtype: auto` computes in fp32 on CPUs, also on those with bf16 matrix units (the default's seeds
+    drifted apart in bf16 there), and in bf16 on CUDA; names resolve as written; a bad name is one error."""
+    from qerl.utils import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") is torch.float32 and resolve_dtype(None, "cpu") is torch.float32
+    assert resolve_dtype("auto", "cuda") is torch.bfloat16
+    assert resolve_dtype("bf16", "cpu") is torch.bfloat16 and resolve_dtype("float32", "cuda") is torch.float32
+    with pytest.raises(QerlError, match="unknown dtype"):
+        resolve_dtype("int8", "cpu")
