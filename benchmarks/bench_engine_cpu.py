@@ -21,8 +21,7 @@ the compute time itself).
     .venv/bin/python benchmarks/bench_engine_cpu.py --batch 8 --repeats 5 --json out.json
     .venv/bin/python benchmarks/bench_engine_cpu.py --decode-steps 80   # per-token forward cost only
 
-Threads: `qerl.utils.configure_cpu_threads()` (1 intra-op thread unless OMP_NUM_THREADS is set)
-applies to both sides; set OMP_NUM_THREADS=2 to compare with two threads.
+Threads: torch's default (every core) or OMP_NUM_THREADS, the same for both sides.
 """
 
 from __future__ import annotations
@@ -162,9 +161,7 @@ def main():
     from transformers import AutoTokenizer
 
     from qerl.loading import gguf_to_hf_dir, resolve
-    from qerl.utils import configure_cpu_threads
 
-    configure_cpu_threads()
     directory, gguf = resolve("smollm2-135m-instruct")
     path = gguf_to_hf_dir(directory / gguf)
     tok = AutoTokenizer.from_pretrained(path)

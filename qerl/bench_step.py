@@ -15,6 +15,13 @@ matmul peak measured in the same run, and the peak memory beside `qerl plan`'s e
 Update FLOPs (stated, attention excluded): 6 x decoder Linear parameters x training tokens
 (each group's prompt once plus every completion token: forward, recompute, input gradient)
 + 6 x lm_head parameters x completion tokens.
+
+Under torchrun (`torchrun --nproc-per-node N -m qerl bench step ...`) the step is the trainer's
+data-parallel step: `--prompts` is the whole step's count, each rank (one GPU each) samples and
+trains on its share, and rank 0 prints. Each row then also has the ranks, the all-reduce of the
+adapter's gradients per step (seconds, the slowest rank, waiting included) and every rank's peak
+memory; tokens per second count the whole step's tokens, so 1-rank and N-rank rows compare directly
+(`benchmarks/dp_step_gpu.sh` runs both in one call).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 from .bench import NullTokenizer, build_random_model
 from .config import Config, load_config
 from .data import Record
+from .distributed import shutdown, world_from_env
 from .modeling import ModelArgs
 from .plan import linear_shapes, plan_memory
 
@@ -171,8 +179,16 @@ def bench_one(
 ) -> dict:
     from .trainer import Trainer
 
+    ranks = world_from_env().size  # under torchrun the config names the device type; each rank's GPU is its own
     cfg = step_config(
-        prompts, group_size, gen_len, micro_batch, gradient_checkpointing, lora_rank, str(device), out_dir
+        prompts,
+        group_size,
+        gen_len,
+        micro_batch,
+        gradient_checkpointing,
+        lora_rank,
+        device.type if ranks > 1 else str(device),
+        out_dir,
     )
     model = build_random_model(args, quant, lora_rank, device=device, dtype=dtype)
     cuda = device.type == "cuda"
@@ -187,6 +203,7 @@ def bench_one(
     tr = Trainer(
         cfg, progress=False, model=model, tokenizer=tok, records=(recs, recs[:1]), reward_fn=alternating_rewards
     )
+    world = tr.world  # torchrun's ranks, the process group joined (size 1 without torchrun)
     tr.update_path = update_path
     tr.engine = ForcedLengths(_engine(model, tok), parse_lengths(lengths, gen_len))
     rows = []
@@ -205,20 +222,28 @@ def bench_one(
     gen_tokens = statistics.median(r["completion_len"] for r in rows) * prompts * group_size
     train_tokens = prompts * prompt_len + gen_tokens  # a group's prompt runs once
     fl = update_flops(args, train_tokens, gen_tokens)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else math.nan
-    reserved = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else math.nan
+    peaks = world.gather(
+        (torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30)
+        if cuda
+        else (math.nan, math.nan)
+    )
     avail = (gpu_mem * 2**30 if gpu_mem else total) / 1e9 if cuda else None
-    plan = plan_memory(args, cfg, prompt_len=prompt_len, quant=quant, available_gb=avail)
+    plan = plan_memory(args, cfg, prompt_len=prompt_len, quant=quant, available_gb=avail, ranks=world.size)
     out = dict(
         quant=quant,
         update_path=update_path,
+        ranks=world.size,
         **med,
+        allreduce_s=statistics.median(r.get("allreduce_s", 0.0) for r in rows),
         generated_tokens=gen_tokens,
         gen_tok_s=gen_tokens / med["rollout_s"],
+        step_tok_s=gen_tokens / med["step_s"],
         update_flops=fl,
         update_tflop_s=fl / med["update_s"] / 1e12,
-        peak_gib=peak,
-        reserved_gib=reserved,
+        peak_gib=max(p for p, _ in peaks),
+        reserved_gib=max(r for _, r in peaks),
+        peak_gib_ranks=[p for p, _ in peaks],
+        reserved_gib_ranks=[r for _, r in peaks],
         plan_gib=plan.estimate / 2**30,
         plan_checkpointed=plan.checkpointed,
         gpu_mem_gib=gpu_mem,
@@ -272,15 +297,21 @@ def run_step_bench(
     gpu_mem: float | None = None,
 ) -> list[dict]:
     parse_lengths(lengths, gen_len)  # a bad spec fails before any model is built
+    world = world_from_env()  # torchrun's ranks: one GPU each, rank 0 reports
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and world.size > 1:
+        dev = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(dev)
+    say = print if world.is_main else (lambda *a, **k: None)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     args = ModelArgs.from_name(model_config)
     peak = matmul_peak(dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    print(
+    ranks = f"; {world.size} data-parallel ranks" if world.size > 1 else ""
+    say(
         f"device {name}; bf16 matmul peak {peak / 1e12:.0f} TFLOP/s (8192^3, median); model {model_config}; "
         f"{prompts} prompts x {group_size} x ({prompt_len} + {gen_len}), lengths {lengths}, LoRA r{lora_rank}, "
-        f"checkpointing {gradient_checkpointing}",
+        f"checkpointing {gradient_checkpointing}{ranks}",
         flush=True,
     )
     rows = []
@@ -312,14 +343,15 @@ def run_step_bench(
                 r["peak_pct"] = 100 * r["update_tflop_s"] * 1e12 / peak if peak == peak else math.nan
                 r["bench_s"] = time.perf_counter() - t
                 rows.append(r)
-                print(_line(r), flush=True)
+                say(_line(r), flush=True)
     base = {r["update_path"]: r for r in rows if r["quant"] == "bf16"}
     for r in rows:
         b = base.get(r["update_path"])
         r["step_vs_bf16"] = b["step_s"] / r["step_s"] if b else math.nan
-    print()
-    print(table(rows))
-    if out:
+    say()
+    say(table(rows))
+    shutdown()
+    if out and world.is_main:
         Path(out).write_text(
             json.dumps(
                 dict(
@@ -333,6 +365,7 @@ def run_step_bench(
                     lengths=lengths,
                     lora_rank=lora_rank,
                     gradient_checkpointing=gradient_checkpointing,
+                    ranks=world.size,
                     rows=rows,
                 ),
                 indent=1,
@@ -342,24 +375,30 @@ def run_step_bench(
 
 
 def _line(r: dict) -> str:
+    dp = f"  all-reduce {r['allreduce_s']:.3f} s, peak per rank {_gib(r['peak_gib_ranks'])}" if r["ranks"] > 1 else ""
     return (
         f"{r['quant']:<6} {r['update_path']:<9} rollout {r['rollout_s']:7.2f} s  update {r['update_s']:7.2f} s  "
-        f"step {r['step_s']:7.2f} s  {r['gen_tok_s']:8.0f} gen tok/s  {r['update_tflop_s']:6.1f} TFLOP/s "
+        f"step {r['step_s']:7.2f} s  {r['gen_tok_s']:8.0f} gen tok/s  {r['step_tok_s']:8.0f} tok/s a step  {r['update_tflop_s']:6.1f} TFLOP/s "
         f"({r['peak_pct']:.0f}% of peak)  peak {r['peak_gib']:.1f} GiB allocated, {r['reserved_gib']:.1f} reserved "
-        f"(plan {r['plan_gib']:.1f}, {r['plan_checkpointed']} layers checkpointed)"
+        f"(plan {r['plan_gib']:.1f}, {r['plan_checkpointed']} layers checkpointed){dp}"
     )
+
+
+def _gib(values: list[float]) -> str:
+    return " / ".join(f"{v:.1f}" for v in values) + " GiB"
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| format | update path | rollout s | update s | step s | gen tok/s | update TFLOP/s | % bf16 peak | "
-        "peak GiB (allocated / reserved) | plan GiB | step vs bf16 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| format | update path | ranks | rollout s | update s | all-reduce s | step s | gen tok/s | tok/s a step | "
+        "update TFLOP/s | % bf16 peak | peak GiB (allocated / reserved, largest rank) | plan GiB | step vs bf16 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['quant']} | {r['update_path']} | {r['rollout_s']:.2f} | {r['update_s']:.2f} | {r['step_s']:.2f} | "
-            f"{r['gen_tok_s']:.0f} | {r['update_tflop_s']:.1f} | {r['peak_pct']:.0f} | "
+            f"| {r['quant']} | {r['update_path']} | {r['ranks']} | {r['rollout_s']:.2f} | {r['update_s']:.2f} | "
+            f"{r['allreduce_s']:.3f} | {r['step_s']:.2f} | {r['gen_tok_s']:.0f} | {r['step_tok_s']:.0f} | "
+            f"{r['update_tflop_s']:.1f} | {r['peak_pct']:.0f} | "
             f"{r['peak_gib']:.1f} / {r['reserved_gib']:.1f} | "
             f"{r['plan_gib']:.1f} | {r['step_vs_bf16']:.2f}x |"
         )

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -101,11 +102,17 @@ class World:
             for t in tensors:
                 dist.broadcast(t.detach(), src=0)
 
-    def sum_gradients(self, params: list[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> None:
+    def sum_gradients(self, params: list[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> float:
         """Sum `.grad` of `params` over the ranks, in place: one all-reduce per flat fp32 bucket.
-        A parameter without a gradient on this rank (it ran no micro-batch) contributes zeros."""
+        A parameter without a gradient on this rank (it ran no micro-batch) contributes zeros.
+        Returns the seconds it took on this rank, device work included (0.0 with one rank); the time
+        includes waiting for the slowest rank to reach it."""
         if self.size == 1:
-            return
+            return 0.0
+        cuda = self.device.startswith("cuda")
+        if cuda:
+            torch.cuda.synchronize(self.device)  # backward's kernels are not the all-reduce's time
+        t0 = time.perf_counter()
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -114,6 +121,9 @@ class World:
             dist.all_reduce(flat)
             for p, g in zip(bucket, flat.split([p.numel() for p in bucket])):
                 p.grad.copy_(g.view_as(p.grad))
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
 
 def _buckets(params: list[torch.Tensor], bucket_bytes: int):

@@ -38,7 +38,7 @@ from .errors import QerlError
 from .lora import add_lora
 from .modeling import FUSED_GROUPS, LINEAR_NAMES, CausalLM, ModelArgs, linear_path
 from .quant import QuantLinear, get_format
-from .utils import configure_cpu_threads, resolve_dtype
+from .utils import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -295,8 +295,6 @@ def load_model(
 
     get_format(quant)  # fail fast on an unknown format name
     device = torch.device(device) if device is not None else default_device()
-    if device.type == "cpu":
-        configure_cpu_threads()
     if dtype is None:  # predictable default: exact fp32 on CPU, bf16 on GPU
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = resolve_dtype(dtype, device) if not isinstance(dtype, torch.dtype) else dtype

@@ -199,7 +199,7 @@ def policy_update(
         return {"skipped_updates": 0.0, "loss_tokens": float(tokens), "active_seqs": 0.0}
     old_logp = torch.zeros_like(batch.rollout_logp)
     metrics: dict[str, list[float]] = {}
-    skipped = 0
+    skipped, allreduce_s = 0, 0.0
     if group > 1:
         micro_batch_size = max(group, micro_batch_size // group * group)
     model.train()
@@ -246,7 +246,7 @@ def policy_update(
                 metrics.setdefault(k, []).append((float(v), w))
         finite = world.max(not finite)[0] == 0  # a non-finite loss on any rank skips the update on every rank
         if finite:
-            world.sum_gradients(params)
+            allreduce_s += world.sum_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if finite else torch.tensor(float("nan"))
         if not finite or not torch.isfinite(grad_norm):
             warnings.warn(
@@ -269,4 +269,6 @@ def policy_update(
     out["skipped_updates"] = float(skipped)
     out["loss_tokens"] = float(tokens)
     out["active_seqs"] = float(active)
+    if world.size > 1:  # the slowest rank's all-reduce time over the iterations (waiting for the others included)
+        out["allreduce_s"] = world.max(allreduce_s)[0]
     return {k: (v if math.isfinite(v) else float("nan")) for k, v in out.items()}

@@ -134,3 +134,32 @@ def test_packed_and_reference_update_give_the_same_adapter(tmp_path):
         after[p] = [x.detach().clone() for x in t.params]
     for a, b in zip(after["packed"], after["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bench_step_under_torchrun_trains_data_parallel(tmp_path):
+    """`torchrun -m qerl bench step` on 2 CPU ranks (gloo): the trainer's data-parallel step, the whole step's
+    tokens counted, the gradients' all-reduce timed, every rank's peak reported, rank 0 alone printing."""
+    import os
+    import subprocess
+    import sys
+
+    path = make_tiny_checkpoint(tmp_path / "qwen2", "qwen2", seed=0, std=0.05)
+    out = tmp_path / "dp.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "qerl"]
+    r = subprocess.run(
+        [*cmd, "bench", "step", "--model-config", str(path), "--quant", "nvfp4", "--prompts", "2",
+         "--group-size", "4", "--prompt-len", "8", "--gen-len", "16", "--lengths", "uniform:3-9", "--steps", "1",
+         "--device", "cpu", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert r.stdout.count("2 data-parallel ranks") == 1  # rank 0 alone prints
+    assert sum(line.startswith("nvfp4 ") for line in r.stdout.splitlines()) == 1
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert data["ranks"] == row["ranks"] == 2
+    assert 3 * 8 <= row["generated_tokens"] <= 9 * 8  # both ranks' completions (2 prompts x 4), not one rank's
+    assert row["allreduce_s"] > 0 and len(row["peak_gib_ranks"]) == 2
+    assert row["step_tok_s"] == pytest.approx(row["generated_tokens"] / row["step_s"])
