@@ -384,6 +384,10 @@ def _line(r: dict) -> str:
     )
 
 
+def _ratio(x: float) -> str:
+    return f"{x:.2f}x" if x == x else "-"  # no bf16 row in the run: no ratio
+
+
 def _gib(values: list[float]) -> str:
     return " / ".join(f"{v:.1f}" for v in values) + " GiB"
 
@@ -400,6 +404,6 @@ def table(rows: list[dict]) -> str:
             f"{r['allreduce_s']:.3f} | {r['step_s']:.2f} | {r['gen_tok_s']:.0f} | {r['step_tok_s']:.0f} | "
             f"{r['update_tflop_s']:.1f} | {r['peak_pct']:.0f} | "
             f"{r['peak_gib']:.1f} / {r['reserved_gib']:.1f} | "
-            f"{r['plan_gib']:.1f} | {r['step_vs_bf16']:.2f}x |"
+            f"{r['plan_gib']:.1f} | {_ratio(r['step_vs_bf16'])} |"
         )
     return "\n".join(lines)
