@@ -5,8 +5,8 @@ import torch
 
 def resolve_dtype(name: str | None, device) -> torch.dtype:
     """'auto' (or None): bf16 on CUDA, fp32 elsewhere. On CPUs, also those with bf16 matrix units (AMX,
-    AVX512-BF16) where bf16 runs faster: the default task's three seeds ended 55 / 89 / 48% held-out in bf16 on
-    such a CPU and 85 / 88 / 85.5% in fp32 (docs/results.md)."""
+    AVX512-BF16) where bf16 runs faster: fp32 is exact and computes the same on every CPU. (The default task's
+    seeds spread as widely in fp32 with a different thread count as in bf16: README, so bf16 is not their cause.)"""
     table = {
         "bfloat16": torch.bfloat16,
         "bf16": torch.bfloat16,
