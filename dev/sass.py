@@ -72,6 +72,8 @@ def compile_partials_kernel(fn, const: dict, num_warps: int):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     types = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", gs_ptr="*fp32", ws_ptr="*fp32", a_ptr="*fp32", h_ptr="*fp32")
+    if "XS_L" in const:  # nvfp4_wgmma's TMA descriptor of x: [BM, 64] boxes in the plane's shared layout
+        types["x_desc"] = f"tensordesc<bf16[{const['BM']}, 64],{const['XS_L']!r}>"
     aligned = ("KW", "k_per_split", "stride_xm", "stride_ww", "stride_sn", "stride_wss")
     sig = {a: "constexpr" if a in const else types.get(a, "i32") for a in fn.arg_names}
     attrs = {

@@ -75,6 +75,41 @@ def segment_bounds(segments, n: int, n_rows: int, glu: bool) -> tuple[int, int, 
     return n1, n2, 1 + (n1 < n_rows) + (n2 < n_rows)
 
 
+# ---- the plane order of x (the `nvfp4_wgmma` kernel's operand order) -----------------------------------------
+# Within each block of 256 columns, natural column c = 8 w + j + 4 h (j = 0..3, h = 0..1, w = w4..w0 in bits) sits at
+# column 64 j + (h + 2 w2 + 4 w3 + 8 w0 + 16 w1 + 32 w4): the four FP4 planes of a 32-word step of the weights side by
+# side, each plane's k in the order its decoded registers hold it (`nvfp4_wgmma`). Producers of x for that kernel
+# (RMSNorm, the attention merge, the gate|up epilogue) write it there; its TMA loads then need no reordering.
+PLANE_BLOCK = 256
+
+
+def plane_col(c):
+    """Plane-order column of natural column c (ints or integer tensors); `natural_col` inverts it."""
+    r = c % 256
+    j, h, w = r & 3, (r >> 2) & 1, r >> 3
+    k = h | ((w >> 2) & 1) << 1 | ((w >> 3) & 1) << 2 | (w & 1) << 3 | ((w >> 1) & 1) << 4 | ((w >> 4) & 1) << 5
+    return c - r + 64 * j + k
+
+
+def natural_col(d):
+    """Natural column of plane-order column d."""
+    r = d % 256
+    j, k = r >> 6, r & 63
+    w = (k >> 3) & 1 | ((k >> 4) & 1) << 1 | ((k >> 1) & 1) << 2 | ((k >> 2) & 1) << 3 | ((k >> 5) & 1) << 4
+    return d - r + 8 * w + j + 4 * (k & 1)
+
+
+@functools.cache
+def _to_planes_index(device) -> torch.Tensor:
+    return natural_col(torch.arange(PLANE_BLOCK)).to(device)
+
+
+def to_planes(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (K a multiple of 256) in plane order: one gather (the kernels' producers write it directly)."""
+    m, k = x.shape
+    return x.reshape(m, k // PLANE_BLOCK, PLANE_BLOCK)[:, :, _to_planes_index(x.device)].reshape(m, k)
+
+
 def lora_args(lora_h, lora_B, lora_rank):
     lora = lora_rank if (lora_h is not None and lora_B is not None and lora_rank) else 0
     return lora, (max(next_pow2(lora), 1) if lora else 1)
@@ -82,6 +117,23 @@ def lora_args(lora_h, lora_B, lora_rank):
 
 # ---- Triton device functions (E2M1 / E4M3 decode, the fused epilogue of a tile) -----------------------------
 if HAS_TRITON:
+
+    @triton.jit
+    def planes_tile(y, BM: tl.constexpr, BN: tl.constexpr):
+        """A [BM, BN] tile of natural columns (BN a multiple of 256, starting on a 256 boundary) reordered in
+        registers into plane order (`plane_col`), to be stored contiguously."""
+        t = tl.reshape(y, [BM, BN // 256, 2, 2, 2, 2, 2, 2, 2, 2])  # (m, block, w4, w3, w2, w1, w0, h, j1, j0)
+        return tl.reshape(tl.permute(t, [0, 1, 8, 9, 2, 5, 6, 3, 4, 7]), [BM, BN])
+
+    @triton.jit
+    def plane_col_tl(c):
+        """`plane_col` in Triton: where a producer stores natural column c when it writes x in plane order."""
+        r = c % 256
+        j = r & 3
+        h = (r >> 2) & 1
+        w = r >> 3
+        k = h | ((w >> 2) & 1) << 1 | ((w >> 3) & 1) << 2 | (w & 1) << 3 | ((w >> 1) & 1) << 4 | ((w >> 4) & 1) << 5
+        return c - r + 64 * j + k
 
     @triton.jit
     def e2m1_scaled(c):
@@ -279,19 +331,33 @@ if HAS_GLUON:
         stride_hm,
         BM: gl.constexpr,
         SH_L: gl.constexpr,
+        PLANES: gl.constexpr = False,
     ):
-        """h[m, r] over columns [k_lo, k_hi) of x (a multiple of 128 long): CUDA-core dot of BM rows of x with row r of A."""
+        """h[m, r] over columns [k_lo, k_hi) of x (a multiple of 128 long): CUDA-core dot of BM rows of x with row r of A.
+        PLANES: x is in plane order (`plane_col`), A is read at the natural columns of x's."""
         rm = gl.arange(0, BM, layout=gl.SliceLayout(1, SH_L))
         rk = gl.arange(0, 128, layout=gl.SliceLayout(0, SH_L))
         xp = x_ptr + gl.expand_dims(rm * stride_xm, 1) + gl.expand_dims(rk, 0)
         xmask = gl.expand_dims(rm < M, 1)
-        ap = a_ptr + r.to(gl.int64) * stride_ar + rk
+        arow = a_ptr + r.to(gl.int64) * stride_ar
+        ap = arow + rk
         h = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, SH_L))
         for k in range(k_lo, k_hi, 128):
             xv = gl.load(xp + k, mask=xmask, other=0.0).to(gl.float32)
-            av = gl.load(ap + k).to(gl.float32)
+            if PLANES:
+                av = gl.load(arow + natural_col_gl(rk + k)).to(gl.float32)
+            else:
+                av = gl.load(ap + k).to(gl.float32)
             h += gl.sum(xv * gl.expand_dims(av, 0), axis=1)
         gl.store(h_ptr + h_off + rm * stride_hm + r, h, mask=rm < M)
+
+    @gluon.jit
+    def natural_col_gl(d):
+        """`natural_col` in Gluon."""
+        r = d % 256
+        k = r & 63
+        w = (k >> 3) & 1 | ((k >> 4) & 1) << 1 | ((k >> 1) & 1) << 2 | ((k >> 2) & 1) << 3 | ((k >> 5) & 1) << 4
+        return d - r + 8 * w + (r >> 6) + 4 * (k & 1)
 
     @gluon.jit
     def word_scales(sb, BN: gl.constexpr, BKW: gl.constexpr, L3: gl.constexpr):

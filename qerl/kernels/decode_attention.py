@@ -21,6 +21,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .common import plane_col_tl
+
     @triton.jit
     def _attn_split_kernel(
         q_ptr,
@@ -101,6 +103,7 @@ if HAS_TRITON:
         NSPLIT: tl.constexpr,
         NSP: tl.constexpr,
         D: tl.constexpr,
+        PLANES: tl.constexpr = False,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -116,7 +119,8 @@ if HAS_TRITON:
             o_ptr + b * stride_ob + h * stride_oh + sp[:, None] * stride_os + d[None, :], mask=spm[:, None], other=0.0
         )
         res = tl.sum(o * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-        tl.store(out_ptr + b * stride_outb + h * D + d, res.to(out_ptr.dtype.element_ty))
+        col = plane_col_tl(h * D + d) if PLANES else h * D + d
+        tl.store(out_ptr + b * stride_outb + col, res.to(out_ptr.dtype.element_ty))
 
 
 def attention_splits(batch: int, kv_heads: int, max_len: int, sms: int = 132) -> int:
@@ -134,10 +138,11 @@ def decode_attention(
     nsplit: int,
     out: torch.Tensor | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    planes: bool = False,
 ) -> torch.Tensor:
     """q [B, Hq, D]; k/v_cache [>=B, Hkv, S, D]; key_mask [>=B, S] (nonzero = attend); n_keys int [1].
 
-    -> out [B, Hq * D] in q.dtype.
+    -> out [B, Hq * D] in q.dtype; planes: in plane order (`common.plane_col`), as `nvfp4_wgmma` reads it.
     """
     require(q, k_cache, what="the decode attention kernel")
     b, hq, d = q.shape
@@ -193,6 +198,7 @@ def decode_attention(
         NSPLIT=nsplit,
         NSP=next_pow2(nsplit),
         D=d,
+        PLANES=planes,
         num_warps=1,
     )
     return out

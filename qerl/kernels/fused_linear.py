@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .choice import LinearKernel, choose_linear_kernel
-from .common import KernelUnavailable, partials_workspace, require, segment_bounds
+from .common import KernelUnavailable, partials_workspace, require, segment_bounds, to_planes
 from .dequant import dequantize, shared_buffer
 from .fp4_decode import fp4_decode_linear, gemv_config, tc_config
 from .linear_epilogue import linear_epilogue
@@ -46,6 +46,8 @@ def fused_linear(
     h_out: torch.Tensor | None = None,
     dense_out: torch.Tensor | None = None,
     product_out: torch.Tensor | None = None,
+    x_planes: bool = False,
+    out_planes: bool = False,
 ) -> torch.Tensor:
     """x [M, K] -> y [M, N] (or [M, N/2] with glu) in x.dtype.
 
@@ -59,6 +61,8 @@ def fused_linear(
     h_out, dense_out, product_out: reused scratch (the engine's, so CUDA graphs keep their addresses) for h's
     partials (>= MAX_SPLITS * M * R_total fp32), one dequantized layer (>= N * K) and the cuBLAS product
     (>= M * N) in x.dtype; allocated when None.
+    x_planes: x is in plane order (`common.plane_col`), as the decode step's producers write it for the
+    `nvfp4_wgmma` kernel (only that kernel takes it); out_planes: write y in plane order (for the next one).
     """
     require(x, weight, what="the fused linear kernels")
     if fmt not in ("nvfp4", "mxfp4", "bf16"):
@@ -77,7 +81,9 @@ def fused_linear(
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if kernel is None:
         kernel = _kernel_of(config) if config else choose_linear_kernel(m, fmt, k, x.device, x.dtype)
-    epilogue = (bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out)
+    if x_planes and kernel is not LinearKernel.WGMMA:
+        raise ValueError(f"x in plane order is read by the wgmma kernel only, not {kernel.value}")
+    epilogue = (bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out, out_planes)
     if kernel is LinearKernel.CUBLAS:
         return _cublas_linear(x, fmt, weight, scale, global_scale, lora_A, h_out, dense_out, product_out, *epilogue)
     if fmt == "bf16":
@@ -87,9 +93,10 @@ def fused_linear(
         if not (wgmma_supported if wg else mma_supported)(x.device, x.dtype, fmt, k):
             raise KernelUnavailable(f"{kernel.value} needs NVFP4, bf16 x, K % 256 == 0, a Hopper GPU and Gluon")
         cfg = config or (wgmma_config if wg else mma_config)(m, n, k)
-        return _mma_linear(x, weight, scale, global_scale, cfg, wg, lora_A, h_out, n, *epilogue)
+        return _mma_linear(x, weight, scale, global_scale, cfg, wg, lora_A, h_out, n, x_planes, *epilogue)
     cfg = config or (tc_config if kernel is LinearKernel.TC else gemv_config)(m, n, k)
-    return fp4_decode_linear(x, fmt, weight, scale, global_scale, *epilogue, n, cfg, lora_A, h_out)
+    y = fp4_decode_linear(x, fmt, weight, scale, global_scale, *epilogue[:-1], n, cfg, lora_A, h_out)
+    return out.copy_(to_planes(y)) if out_planes else y  # (its fused epilogue writes natural order only)
 
 
 def _kernel_of(config: dict) -> LinearKernel:
@@ -100,10 +107,10 @@ def _kernel_of(config: dict) -> LinearKernel:
     return LinearKernel.TC if config.get("TC") else LinearKernel.GEMV
 
 
-def _mma_linear(x, weight, scale, global_scale, cfg, wg, lora_A, h_out, n, *epilogue):
+def _mma_linear(x, weight, scale, global_scale, cfg, wg, lora_A, h_out, n, x_planes, *epilogue):
     """fp32 partials by `nvfp4_mma_sync` / `nvfp4_wgmma` (whose extra programs also write the LoRA shrink's
     partials when given lora_A), then the epilogue launch."""
-    bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out = epilogue
+    bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out, planes = epilogue
     m, n_rows = x.shape[0], weight.shape[0]
     fuse_shrink = lora_A is not None and lora_h is None
     if fuse_shrink:
@@ -112,14 +119,17 @@ def _mma_linear(x, weight, scale, global_scale, cfg, wg, lora_A, h_out, n, *epil
     w32 = weight.view(torch.int32) if weight.dtype == torch.uint8 else weight
     ws = partials_workspace(cfg["SPLIT"] * m * n_rows, x.device).view(cfg["SPLIT"], m, n_rows)
     shrink = (lora_A, lora_h) if fuse_shrink else (None, None)
-    (wgmma_partials if wg else mma_partials)(x, w32, scale.view(torch.uint8), global_scale, n1, n2, cfg, ws, *shrink)
-    return linear_epilogue(ws, bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out)
+    if wg:
+        wgmma_partials(x, w32, scale.view(torch.uint8), global_scale, n1, n2, cfg, ws, *shrink, x_planes=x_planes)
+    else:
+        mma_partials(x, w32, scale.view(torch.uint8), global_scale, n1, n2, cfg, ws, *shrink)
+    return linear_epilogue(ws, bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out, planes=planes)
 
 
 def _cublas_linear(x, fmt, weight, scale, global_scale, lora_A, h_out, dense_out, product_out, *epilogue):
     """One layer dequantized (per fused module: each has its own NVFP4 global scale) into a reused buffer, one
     cuBLAS product, then the epilogue launch."""
-    bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out = epilogue
+    bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out, planes = epilogue
     m, k = x.shape
     n_rows = weight.shape[0]
     if lora_A is not None and lora_h is None and lora_rank:
@@ -143,7 +153,7 @@ def _cublas_linear(x, fmt, weight, scale, global_scale, lora_A, h_out, dense_out
         else torch.empty((m, n_rows), dtype=x.dtype, device=x.device)
     )
     torch.mm(x, w.t(), out=y0)
-    return linear_epilogue(y0, bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out)
+    return linear_epilogue(y0, bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out, planes=planes)
 
 
 def fp4_matmul(

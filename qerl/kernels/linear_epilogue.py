@@ -18,7 +18,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .common import finish_tile
+    from .common import finish_tile, planes_tile
 
     @triton.jit
     def _epilogue_kernel(
@@ -50,6 +50,7 @@ if HAS_TRITON:
         HS_P: tl.constexpr,
         GLU: tl.constexpr,
         LORA_PREC: tl.constexpr = "ieee",
+        PLANES: tl.constexpr = False,
     ):
         """Epilogue over a precomputed product: the sum of S partials p[s, M, N_rows] (a cuBLAS output when
         S = 1, rounded to its dtype like the reference matmul), + bias, + LoRA, (+ SiLU gate)."""
@@ -123,6 +124,8 @@ if HAS_TRITON:
             )
             g = y * tl.sigmoid(y)
             y = g.to(out_ty).to(tl.float32) * u
+        if PLANES:  # y in plane order, as the next nvfp4_wgmma reads it: reordered here, stored contiguously
+            y = planes_tile(y, BLOCK_M, BLOCK_N)
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(out_ty), mask=msk)
 
 
@@ -158,13 +161,15 @@ def linear_epilogue(
     num_warps: int | None = None,
     lora_dot: bool | None = None,
     lora_prec: str | None = None,
+    planes: bool = False,
 ) -> torch.Tensor:
     """The fused epilogue over a precomputed product p: [M, N_rows] (a cuBLAS output in the activation
     dtype) or [S, M, N_rows] fp32 split-K partials (summed). Same arguments as `fused_linear`; block_m,
     block_n, num_warps: rows and output columns a program, and its warps (default: `epilogue_tile`);
     lora_dot: the LoRA update by tl.dot (default from 16 rows a program) in lora_prec ("ieee" fp32 or "tf32";
     default: tf32 for a bf16/fp16 output, whose rounding (2**-9) is coarser than tf32's (2**-11)), else by FMAs.
-    A tile skips the LoRA product of a fused module none of its rows belongs to (it would only add zeros)."""
+    A tile skips the LoRA product of a fused module none of its rows belongs to (it would only add zeros).
+    planes: y written in plane order (`common.plane_col`; N a multiple of 256), the order `nvfp4_wgmma` reads."""
     require(p, what="the linear epilogue kernel")
     p3 = p if p.ndim == 3 else p.unsqueeze(0)
     if p3.stride(2) != 1:
@@ -176,6 +181,10 @@ def linear_epilogue(
     n1, n2, nseg = segment_bounds(segments, n, n_rows, glu)
     lora, lora_rp = lora_args(lora_h, lora_B, lora_rank)
     bm, bn, num_warps = epilogue_tile(m, nseg, glu, block_m, block_n, num_warps)
+    if planes:  # whole 256-column blocks a program, reordered in registers
+        if n % 256:
+            raise ValueError(f"y in plane order needs N a multiple of 256, got {n}")
+        bn = 256
     dummy = p3
     _epilogue_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
         p3,
@@ -206,6 +215,7 @@ def linear_epilogue(
         HS_P=h_splits_tile(lora_h, lora),
         GLU=glu,
         LORA_PREC=lora_prec or ("ieee" if out.dtype == torch.float32 else "tf32"),
+        PLANES=planes,
         num_warps=num_warps,
     )
     return out

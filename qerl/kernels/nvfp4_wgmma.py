@@ -3,9 +3,9 @@ in shared memory, for 9..128 rows (Gluon, Hopper).
 
 `nvfp4_mma_sync` feeds `mma.sync` from registers on both sides: past 8 rows its x tile (loaded and
 split into planes by every warp, every step) costs more than the weights' decode, and at 32 rows its tiles
-shrink to fit the registers (575 GB/s at 32 rows on the H200). Here x goes to shared memory once a step
-for the whole program, in the order the decoded weights need, and `wgmma` reads it there: the registers
-hold the weights' decode and the accumulators only.
+shrink to fit the registers (575 GB/s at 32 rows on the H200). Here x goes to shared memory by TMA, NS steps
+ahead (mbarrier-tracked ring), in the order the decoded weights need, and `wgmma` reads it there: the warps only
+load and decode weights and issue `wgmma`s; the registers hold the weights' decode and the accumulators only.
 
 Decode as `nvfp4_mma_sync`'s in-word decode (`common.PAIR_ASM`): nibbles j and j + 4 of a word are the k pair
 of one bf16x2 register of the A operand (k_width = 2). The dot product does not care about the order of k,
@@ -15,9 +15,11 @@ so k is labelled to make the loads cheap: within a plane j (the 2 * BKW values o
     k = h + 2 * w2 + 4 * w3 + 8 * w0 + 16 * w1 + 32 * w4        (w = w4 w3 w2 w1 w0 in bits)
 
 so each thread's words are 4 consecutive ones (16-byte loads; A's registers are a permutation of them,
-asserted trivial), and x is written to shared memory with its columns in that order (`_x_planes`).
+asserted trivial). x must then be in that order too, the four planes of a step side by side ("plane order",
+`common.plane_col`): its producers in the decode step write it so (`x_planes=True`), else one gather
+(`common.to_planes`) reorders it first. With PF a step's words and scales are loaded a step ahead.
 Partial sums go to the fp32 workspace [split, M, N]; `linear_epilogue` finishes, as for
-`nvfp4_mma_sync`, whose LoRA shrink programs (`common.shrink_row`) this kernel runs too.
+`nvfp4_mma_sync`, whose LoRA shrink programs (`common.shrink_row`, reading x in plane order) this kernel runs too.
 Plain-PyTorch reference: `qerl.quant.nvfp4.nvfp4_dequantize` + matmul (tests/test_nvfp4_wgmma.py).
 """
 
@@ -27,12 +29,19 @@ import functools
 
 import torch
 
-from .common import HAS_GLUON, bits, partials_args, shrink_layout
+from .common import HAS_GLUON, bits, partials_args, shrink_layout, to_planes
 
 if HAS_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .common import pair_planes, shrink_row, split_range, store_partials, word_scales
 
@@ -55,7 +64,7 @@ def _hopper(device: torch.device) -> bool:
 @functools.cache
 def _layouts(nw: int, bm: int):
     """(accumulator, A operand, words as loaded, words as A's registers, the [BN, BKW/2, 2] scale-broadcast
-    layout, scale bytes, x as loaded, x in shared memory) for BN = 16 * nw weight rows and bm rows of x.
+    layout, scale bytes, one [bm, 64] plane of x in shared memory) for BN = 16 * nw weight rows and bm rows of x.
     A (k_width 2, [BN, 64]): regs (0,1) (8,0) (0,8) (0,16) (0,32); lanes (0,2) (0,4) (1,0) (2,0) (4,0);
     warps (16,0) (32,0) ... (checked at compile time: every conversion to it is asserted trivial)."""
     acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, bm, 16])
@@ -83,9 +92,8 @@ def _layouts(nw: int, bm: int):
 
     l3 = gl.DistributedLinearLayout(split_w(ld_reg), split_w(lanes), split_w(warps), [], [16 * nw, BKW // 2, 2])
     s_l = gl.SliceLayout(2, l3)
-    x_l = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[1, 32], warps_per_cta=[nw, 1], order=[1, 0])
-    xs_l = gl.NVMMASharedLayout.get_default_for([bm, 8 * BKW], gl.bfloat16)  # 4 planes of [bm, 64] side by side
-    return acc, a_op, ld_l, w_l, l3, s_l, x_l, xs_l
+    xs_l = gl.NVMMASharedLayout.get_default_for([bm, 64], gl.bfloat16)  # one plane: 128-byte swizzled rows
+    return acc, a_op, ld_l, w_l, l3, s_l, xs_l
 
 
 if HAS_GLUON:
@@ -98,15 +106,9 @@ if HAS_GLUON:
         return gl.reshape(gl.permute(t, [0, 1, 4, 5, 2, 3, 6]), [BN, 64])
 
     @gluon.jit
-    def _x_planes(xv, BM: gl.constexpr):
-        """x [BM, 256] (column 8 w + j + 4 h) -> [BM, 256] with column 64 j + k, k as in `_a_plane`: one
-        store puts the 4 planes' B operands side by side (each a [BM, 64] block of the swizzled buffer)."""
-        t = gl.reshape(xv, [BM, 2, 2, 2, 2, 2, 2, 2, 2])  # (m, w4, w3, w2, w1, w0, h, j1, j0)
-        return gl.reshape(gl.permute(t, [0, 7, 8, 1, 4, 5, 2, 3, 6]), [BM, 256])
-
-    @gluon.jit
     def _wg_kernel(
         x_ptr,
+        x_desc,
         w_ptr,
         s_ptr,
         gs_ptr,
@@ -136,10 +138,11 @@ if HAS_GLUON:
         W_L: gl.constexpr,
         L3: gl.constexpr,
         S_L: gl.constexpr,
-        X_L: gl.constexpr,
         XS_L: gl.constexpr,
         SH_L: gl.constexpr,
         SHRINK: gl.constexpr = False,
+        PF: gl.constexpr = False,
+        NS: gl.constexpr = 1,
     ):
         """Partial sums over words [k_lo, k_lo + k_per_split) of BN weight rows: ws[split, m, n] (fp32); with
         SHRINK the first R_SH programs of each split write the LoRA shrink's partials instead."""
@@ -159,10 +162,11 @@ if HAS_GLUON:
                 stride_hm,
                 BM,
                 SH_L,
+                True,
             )
         else:
             _wg_tile(
-                x_ptr,
+                x_desc,
                 w_ptr,
                 s_ptr,
                 gs_ptr,
@@ -174,7 +178,6 @@ if HAS_GLUON:
                 N,
                 n1,
                 n2,
-                stride_xm,
                 stride_ww,
                 stride_sn,
                 stride_wss,
@@ -187,13 +190,14 @@ if HAS_GLUON:
                 W_L,
                 L3,
                 S_L,
-                X_L,
                 XS_L,
+                PF,
+                NS,
             )
 
     @gluon.jit
     def _wg_tile(
-        x_ptr,
+        x_desc,
         w_ptr,
         s_ptr,
         gs_ptr,
@@ -205,7 +209,6 @@ if HAS_GLUON:
         N,
         n1,
         n2,
-        stride_xm,
         stride_ww,
         stride_sn,
         stride_wss,
@@ -218,44 +221,69 @@ if HAS_GLUON:
         W_L: gl.constexpr,
         L3: gl.constexpr,
         S_L: gl.constexpr,
-        X_L: gl.constexpr,
         XS_L: gl.constexpr,
+        PF: gl.constexpr,
+        NS: gl.constexpr,
     ):
-        """One [BN weight rows, BM rows of x] tile: per step x goes to shared memory (4 planes, all warps), the
-        words are decoded into A's registers, 4 wgmmas (one a plane) read x there. One x buffer: the wgmmas of a step
-        finish before the next step overwrites it."""
+        """One [BN weight rows, BM rows of x] tile: x's four [BM, 64] planes of a step arrive by TMA NS steps ahead
+        (rows past M are TMA's zero fill), the words are decoded into A's registers, 4 wgmmas (one a plane) read
+        x there; after every warp's wgmmas of a step are done, its buffer is refilled for step + NS."""
         rn = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LD_L)), N - 1)
         rw = gl.arange(0, _BKW, layout=gl.SliceLayout(0, LD_L))
         wp = w_ptr + gl.expand_dims(rn.to(gl.int64) * stride_ww, 1) + gl.expand_dims(rw, 0)
         rns = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, S_L)), N - 1)
         rj = gl.arange(0, _BKW // 2, layout=gl.SliceLayout(0, S_L))
         sp = s_ptr + gl.expand_dims(rns.to(gl.int64) * stride_sn, 1) + gl.expand_dims(rj, 0)
-        rm = gl.arange(0, BM, layout=gl.SliceLayout(1, X_L))
-        rc = gl.arange(0, 8 * _BKW, layout=gl.SliceLayout(0, X_L))
-        xp = x_ptr + gl.expand_dims(rm * stride_xm, 1) + gl.expand_dims(rc, 0)
-        xmask = gl.expand_dims(rm < M, 1)
-        xb = gl.allocate_shared_memory(gl.bfloat16, [BM, 8 * _BKW], XS_L)
+        xb = gl.allocate_shared_memory(gl.bfloat16, [4 * NS, BM, 64], XS_L)  # NS steps x 4 planes
+        bars = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(NS):
+            mbarrier.init(bars.index(s), count=1)
+        fence_async_shared()
+        nsteps = (k_hi - k_lo) // _BKW
+        for s in gl.static_range(NS):
+            _x_step(x_desc, bars.index(s), xb, s, k_lo + s * _BKW, s < nsteps, BM)
+        if PF:  # the first step's words and scales; each step then loads the next one's (the last its own again)
+            qn = gl.load(wp + k_lo)
+            sn = gl.load(sp + k_lo // 2)
         acc = gl.zeros([BN, BM], gl.float32, layout=C_L)
-        for k in range(k_lo, k_hi, _BKW):
-            xt = _x_planes(gl.load(xp + k * 8, mask=xmask, other=0.0), BM)
-            xb.store(xt)
-            q = gl.convert_layout(gl.load(wp + k), W_L, assert_trivial=True)
-            sb = gl.load(sp + k // 2)
+        for i in range(nsteps):
+            k = k_lo + i * _BKW
+            if PF:
+                qc = qn
+                sb = sn
+                kn = gl.minimum(k + _BKW, k_hi - _BKW)
+                qn = gl.load(wp + kn)
+                sn = gl.load(sp + kn // 2)
+            else:
+                qc = gl.load(wp + k)
+                sb = gl.load(sp + k // 2)
+            q = gl.convert_layout(qc, W_L, assert_trivial=True)
             s2 = gl.convert_layout(word_scales(sb, BN, _BKW, L3), W_L, assert_trivial=True)
             p0, p1, p2, p3 = pair_planes(gl.join(q, q), gl.join(s2, s2))
             a0 = gl.convert_layout(_a_plane(p0, BN), A_L, assert_trivial=True)
             a1 = gl.convert_layout(_a_plane(p1, BN), A_L, assert_trivial=True)
             a2 = gl.convert_layout(_a_plane(p2, BN), A_L, assert_trivial=True)
             a3 = gl.convert_layout(_a_plane(p3, BN), A_L, assert_trivial=True)
-            fence_async_shared()
-            gl.thread_barrier()  # every warp's part of x is in shared memory
-            acc = warpgroup_mma(a0, xb.slice(0, 64, dim=1).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma(a1, xb.slice(64, 64, dim=1).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma(a2, xb.slice(128, 64, dim=1).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma(a3, xb.slice(192, 64, dim=1).permute((1, 0)), acc, is_async=True)
+            slot = i % NS
+            mbarrier.wait(bars.index(slot), (i // NS) & 1)
+            acc = warpgroup_mma(a0, xb.index(4 * slot + 0).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(a1, xb.index(4 * slot + 1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(a2, xb.index(4 * slot + 2).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(a3, xb.index(4 * slot + 3).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-            gl.thread_barrier()  # every warp is done reading x before the next step overwrites it
+            gl.thread_barrier()  # every warp's wgmmas have read this buffer before TMA refills it
+            _x_step(x_desc, bars.index(slot), xb, slot, k + NS * _BKW, i + NS < nsteps, BM)
+        for s in gl.static_range(NS):
+            mbarrier.invalidate(bars.index(s))
         store_partials(acc, gs_ptr, ws_ptr, pid_n, M, N, n1, n2, stride_wss, stride_wsm, BM, BN, C_L)
+
+    @gluon.jit
+    def _x_step(x_desc, bar, xb, slot, k, pred, BM: gl.constexpr):
+        """TMA of the step at word k: x's columns [8 k, 8 k + 256) (plane order), four [BM, 64] planes, into
+        buffers 4 slot .. 4 slot + 3, signalling bar (skipped when pred is false)."""
+        mbarrier.expect(bar, 4 * BM * 64 * 2, pred=pred)
+        for j in gl.static_range(4):
+            tma.async_copy_global_to_shared(x_desc, [0, k * 8 + 64 * j], bar, xb.index(4 * slot + j), pred=pred)
 
 
 # (num_warps, programs in the grid) by shape class and rows (<= 16, <= 32, <= 64, <= 128): the best tiles of
@@ -271,21 +299,22 @@ WG_TILES = {
 
 def wgmma_config(m: int, n: int, k: int, num_warps: int | None = None, programs: int | None = None) -> dict:
     """The tile for m rows of an [n, k] weight: BN = 16 * num_warps weight rows, 32 words a step, K split
-    until the grid has about `programs` programs (at most 16 splits, each at least two steps); fields given
-    override the `WG_TILES` entry."""
+    until the grid has about `programs` programs (at most 16 splits, each at least two steps), x one step ahead
+    (NS 1), the words a step ahead up to 64 rows (PF: 151 registers at 64 rows, 127 without; at 128 rows the
+    accumulators leave no room); fields given override the `WG_TILES` entry."""
     cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
     nw, target = WG_TILES[cls][next(b for b in (16, 32, 64, 128) if m <= b or b == 128)]
     nw, target = num_warps or nw, programs or target
     bn = 16 * nw
     split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // BKW // 2))
-    return dict(MMA=True, WGMMA=True, BLOCK_N=bn, BKW=BKW, SPLIT=split, num_warps=nw)
+    return dict(MMA=True, WGMMA=True, BLOCK_N=bn, BKW=BKW, SPLIT=split, num_warps=nw, NS=1, PF=m <= 64)
 
 
 def wgmma_constexprs(m: int, cfg: dict, shrink: bool) -> dict:
     """`_wg_kernel`'s constexprs for m rows of x and a `wgmma_config` tile (the launcher and dev/sass.py)."""
     nw = cfg["num_warps"]
     bm = max(16, 1 << (m - 1).bit_length())
-    acc, a_op, ld_l, w_l, l3, s_l, x_l, xs_l = _layouts(nw, bm)
+    acc, a_op, ld_l, w_l, l3, s_l, xs_l = _layouts(nw, bm)
     return dict(
         BM=bm,
         BN=16 * nw,
@@ -295,10 +324,11 @@ def wgmma_constexprs(m: int, cfg: dict, shrink: bool) -> dict:
         W_L=w_l,
         L3=l3,
         S_L=s_l,
-        X_L=x_l,
         XS_L=xs_l,
         SH_L=shrink_layout(nw),
         SHRINK=shrink,
+        PF=bool(cfg.get("PF", False)),
+        NS=int(cfg.get("NS", 1)),
     )
 
 
@@ -313,9 +343,13 @@ def wgmma_partials(
     ws: torch.Tensor,
     lora_A: torch.Tensor | None = None,
     h: torch.Tensor | None = None,
+    x_planes: bool = False,
 ) -> torch.Tensor:
-    """As `nvfp4_mma_sync.mma_partials` (same arguments and outputs), by warpgroup MMA: up to WG_MAX_M rows."""
-    r_sh, args = partials_args(x, w32, scale, global_scale, n1, n2, ws, lora_A, h, WG_MAX_M, BKW, "nvfp4_wgmma")
+    """As `nvfp4_mma_sync.mma_partials` (same arguments and outputs), by warpgroup MMA: up to WG_MAX_M rows.
+    x_planes: x is in plane order already (`common.plane_col`), else it is reordered first (one gather)."""
+    xp = x if x_planes else to_planes(x)
+    r_sh, args = partials_args(xp, w32, scale, global_scale, n1, n2, ws, lora_A, h, WG_MAX_M, BKW, "nvfp4_wgmma")
     const = wgmma_constexprs(x.shape[0], cfg, shrink=r_sh > 0)
+    args.insert(1, TensorDescriptor.from_tensor(xp, [const["BM"], 64], const["XS_L"]))
     _wg_kernel[(-(-w32.shape[0] // const["BN"]) + r_sh, ws.shape[0])](*args, num_warps=cfg["num_warps"], **const)
     return ws

@@ -14,6 +14,9 @@ import torch
 from .common import HAS_TRITON, next_pow2, require
 
 if HAS_TRITON:
+    from .common import planes_tile
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
@@ -30,6 +33,7 @@ if HAS_TRITON:
         stride_y,
         HAS_DELTA: tl.constexpr,
         BLOCK: tl.constexpr,
+        PLANES: tl.constexpr = False,
     ):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
@@ -43,7 +47,10 @@ if HAS_TRITON:
         ms = tl.sum(h * h, axis=0) / H
         h = h * tl.math.rsqrt(ms + eps)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * stride_y + cols, (w * h).to(y_ptr.dtype.element_ty), mask=mask)
+        y = w * h
+        if PLANES:  # reordered in registers into plane order (H a multiple of 256), stored contiguously
+            y = tl.reshape(planes_tile(tl.reshape(y, [1, BLOCK]), 1, BLOCK), [BLOCK])
+        tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def add_rmsnorm(
@@ -52,13 +59,17 @@ def add_rmsnorm(
     eps: float,
     delta: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    planes: bool = False,
 ) -> torch.Tensor:
-    """x [M, H] (updated in place when delta is given) -> normed [M, H]."""
+    """x [M, H] (updated in place when delta is given) -> normed [M, H]; planes: written in plane order
+    (`common.plane_col`, H a multiple of 256), the order `nvfp4_wgmma` reads."""
     require(x, weight, what="the RMSNorm kernel")
     m, h = x.shape
     if out is None:
         out = torch.empty_like(x)
     block = next_pow2(h)
+    if planes and h % 256:
+        raise ValueError(f"plane order needs H a multiple of 256, got {h}")
     _add_rmsnorm_kernel[(m,)](
         x,
         delta if delta is not None else x,
@@ -71,6 +82,7 @@ def add_rmsnorm(
         out.stride(0),
         HAS_DELTA=delta is not None,
         BLOCK=block,
+        PLANES=planes,
         num_warps=8 if block >= 4096 else 4,
     )
     return out

@@ -12,7 +12,9 @@ What differs from the reference engine (and why):
   buffer at construction, and the modules' buffers become views of it: no second copy), with bias, live LoRA
   and the SiLU gate fused (`qerl.kernels.fused_linear`); which kernel serves a layer's rows is
   `qerl.kernels.choice.choose_linear_kernel`'s answer, asked once per batch-size bucket at capture. Residual
-  add + RMSNorm and RoPE + cache write are one launch each. About 15 launches a layer with LoRA
+  add + RMSNorm and RoPE + cache write are one launch each. Where `nvfp4_wgmma` serves a linear (9..128 rows),
+  its input's producer (RMSNorm, the attention merge, the gate|up epilogue) writes it in that kernel's plane
+  order (`qerl.kernels.common.plane_col`), so TMA copies it as it lies. About 15 launches a layer with LoRA
   (`benchmarks/profile_decode_gpu.py` lists them with their time).
 - LoRA stays live: each `generate` copies the current A, B (scaling folded into B)
   into the fused buffers first, so an optimizer step is seen by the next rollout.
@@ -258,7 +260,11 @@ class CudaEngine(Engine):
     def _kernel(self, f: _FusedLinear, m: int) -> LinearKernel:
         return choose_linear_kernel(m, f.fmt, f.in_features, self.model.device, self.model.dtype, allow=self.kernels)
 
-    def _linear(self, f: _FusedLinear, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _planes(self, f: _FusedLinear, m: int) -> bool:
+        """Whether f's input is written in plane order at m rows: what its kernel (`nvfp4_wgmma`) reads."""
+        return self._kernel(f, m) is LinearKernel.WGMMA
+
+    def _linear(self, f: _FusedLinear, x: torch.Tensor, out: torch.Tensor, out_planes: bool = False) -> torch.Tensor:
         return fused_linear(
             x,
             f.fmt,
@@ -278,6 +284,8 @@ class CudaEngine(Engine):
             h_out=self.hbuf,
             dense_out=self.deq,
             product_out=self.y0,
+            x_planes=self._planes(f, x.shape[0]),
+            out_planes=out_planes,
         )
 
     def _decode_step(self, b: int):
@@ -291,7 +299,7 @@ class CudaEngine(Engine):
         torch.index_select(m.model.embed_tokens.weight, 0, self.tok[:b], out=resid)
         delta = None
         for i, L in enumerate(self.layers):
-            add_rmsnorm(resid, L.ln1, a.rms_norm_eps, delta=delta, out=y)
+            add_rmsnorm(resid, L.ln1, a.rms_norm_eps, delta=delta, out=y, planes=self._planes(L.qkv, b))
             qkv = self._linear(L.qkv, y, self.qkv[:b, : L.qkv.n_out])
             q = rope_cache(
                 qkv,
@@ -306,11 +314,19 @@ class CudaEngine(Engine):
                 q_out=self.q[:b],
             )
             att = decode_attention(
-                q, self.k[i], self.v[i], self.keymask, self.nkeys, ns, out=self.att[:b], workspace=ws
+                q,
+                self.k[i],
+                self.v[i],
+                self.keymask,
+                self.nkeys,
+                ns,
+                out=self.att[:b],
+                workspace=ws,
+                planes=self._planes(L.o, b),
             )
             o = self._linear(L.o, att, self.o[:b])
-            add_rmsnorm(resid, L.ln2, a.rms_norm_eps, delta=o, out=y)
-            act = self._linear(L.gu, y, self.act[:b])
+            add_rmsnorm(resid, L.ln2, a.rms_norm_eps, delta=o, out=y, planes=self._planes(L.gu, b))
+            act = self._linear(L.gu, y, self.act[:b], out_planes=self._planes(L.down, b))
             delta = self._linear(L.down, act, self.d[:b])
         add_rmsnorm(resid, m.model.norm.weight, a.rms_norm_eps, delta=delta, out=y)
         torch.mm(y, m.lm_head.weight.t(), out=self.logits[:b])
