@@ -145,7 +145,8 @@ def _config_json(cfg) -> dict:
 
 def config_diff(d: Path, cfg) -> list[str] | None:
     """The settings in which `d`'s config.json differs from `cfg` (None: no config.json). The output
-    directory and resume flag do not count, nor keys added to the config since the run."""
+    directory and the resume and overwrite flags do not count (where and how a run is kept, not what it
+    trains), nor keys added to the config since the run."""
     try:
         saved = json.loads((d / "config.json").read_text())
     except (OSError, ValueError):
@@ -154,7 +155,7 @@ def config_diff(d: Path, cfg) -> list[str] | None:
         f"{sec}.{k}: {saved[sec][k]!r} -> {v!r}"
         for sec, keys in _config_json(cfg).items()
         for k, v in keys.items()
-        if k not in ("output_dir", "resume") and k in saved.get(sec, {}) and saved[sec][k] != v
+        if k not in ("output_dir", "resume", "overwrite") and k in saved.get(sec, {}) and saved[sec][k] != v
     ]
 
 

@@ -5,7 +5,7 @@ import json
 import yaml
 from conftest import run_overrides
 
-from qerl.compare import load_experiment, main, run_experiment
+from qerl.compare import finished, load_experiment, main, run_experiment
 
 
 def _experiment(tmp_path, tiny_llama):
@@ -81,6 +81,14 @@ def test_compare_trains_each_run_once_and_reports(tmp_path, tiny_llama, digit_re
     done = run_experiment(exp)
     assert done["trained"] == [("bf16", 3)] and done["skipped"] == [("nvfp4_aqn", 3)]
     assert "its config differs (optim.lr: 0.01 -> 0.005)" in capsys.readouterr().out
+
+    # where and how a run was kept does not count: the same run trained by `qerl train` (overwrite off, another
+    # output directory), its files copied in, is finished
+    kept = exp.kept_dir("bf16", 3)
+    saved = json.loads((kept / "config.json").read_text())
+    saved["train"].update(overwrite=not saved["train"]["overwrite"], output_dir="runs/elsewhere")
+    (kept / "config.json").write_text(json.dumps(saved))
+    assert finished(kept, exp.config("bf16", 3, exp.run_dir("bf16", 3))) is None
 
 
 def test_compare_resumes_a_run_cut_short(tmp_path, tiny_llama, digit_reward, capsys):
