@@ -287,9 +287,9 @@ if HAS_GLUON:
 
 
 # (num_warps, programs in the grid) by shape class and rows (<= 16, <= 32, <= 64, <= 128): the best tiles of
-# the H200 sweeps (benchmarks/LOG.md, Qwen2.5-7B shapes; at 128 rows 4 warps take 255
-# registers, no spills, and beat 8 warps on every shape); K is split until the grid holds about that many
-# programs, so other model sizes keep the same parallelism.
+# the H200 sweeps (benchmarks/LOG.md, Qwen2.5-7B shapes), made when x still went through registers (4 warps at 128
+# rows then took 255 registers and beat 8 on every shape; with x by TMA 195); not re-swept since. K is split
+# until the grid holds about that many programs, so other model sizes keep the same parallelism.
 WG_TILES = {
     "down": {16: (8, 264), 32: (8, 264), 64: (4, 264), 128: (4, 528)},  # long K
     "narrow": {16: (4, 264), 32: (4, 264), 64: (4, 264), 128: (4, 264)},  # q|k|v, o_proj
