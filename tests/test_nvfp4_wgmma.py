@@ -104,6 +104,38 @@ def test_chosen_by_default_and_agrees_with_tc_and_cublas():
     check_fused_options((12, 64), [dict(), dict(kernel=LinearKernel.TC), dict(kernel=LinearKernel.CUBLAS)])
 
 
+_INTERPRETED_PRODUCERS = """
+import torch
+from qerl.kernels.common import to_planes
+from qerl.kernels.linear_epilogue import linear_epilogue
+from qerl.kernels.rmsnorm import add_rmsnorm
+
+torch.manual_seed(0)
+x, w = torch.randn(3, 768), torch.rand(768) + 0.5
+assert torch.equal(add_rmsnorm(x.clone(), w, 1e-6, planes=True), to_planes(add_rmsnorm(x.clone(), w, 1e-6)))
+p = torch.randn(2, 5, 1024)
+assert torch.equal(linear_epilogue(p, glu=True, planes=True), to_planes(linear_epilogue(p, glu=True)))
+p, b, h = torch.randn(2, 5, 512), torch.randn(512, 4), torch.randn(1, 5, 4)
+y = linear_epilogue(p, lora_h=h, lora_B=b, lora_rank=4)
+assert torch.equal(linear_epilogue(p, lora_h=h, lora_B=b, lora_rank=4, planes=True), to_planes(y))
+print("ok")
+"""
+
+
+def test_producers_write_plane_order_interpreted():
+    """(CPU, Triton's interpreter) RMSNorm and the linear epilogue (gate|up with SiLU; LoRA) asked for plane order
+    write exactly `to_planes` of what they write otherwise: the in-register reordering (`common.planes_tile`) on
+    random data without a GPU (the attention merge's plane order: the GPU test below)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _INTERPRETED_PRODUCERS], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 @hopper
 @gluon
 @pytest.mark.gpu
