@@ -49,6 +49,9 @@ class Experiment:
     output_dir: Path = Path("experiments")
     report: Path = Path("docs/results.md")
     notes: str = ""  # Markdown put into the report under the table (the reasons behind the settings)
+    threads: int | None = (
+        None  # CPU threads the runs used (the report's command sets OMP_NUM_THREADS); None: every core
+    )
 
     @property
     def results_dir(self) -> Path:
@@ -108,7 +111,7 @@ def load_experiment(path: str | Path) -> Experiment:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise QerlError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
-    known = {"base", "seeds", "overrides", "configs", "output_dir", "report", "notes"}
+    known = {"base", "seeds", "overrides", "configs", "output_dir", "report", "notes", "threads"}
     if not isinstance(data, dict) or set(data) - known:
         raise QerlError(f"{p}: the top level must be a mapping with keys among {', '.join(sorted(known))}")
     configs = data.get("configs") or {}
@@ -129,7 +132,10 @@ def load_experiment(path: str | Path) -> Experiment:
         output_dir=Path(data.get("output_dir") or Path("experiments") / p.stem),
         report=Path(data.get("report") or "docs/results.md"),
         notes=str(data.get("notes") or ""),
+        threads=data.get("threads"),
     )
+    if exp.threads is not None and not (isinstance(exp.threads, int) and exp.threads >= 1):
+        raise QerlError(f"{p}: 'threads' must be an integer >= 1, got {exp.threads!r}")
     for name, seed in exp.runs():  # every configuration is valid before anything trains
         try:
             exp.config(name, seed, exp.run_dir(name, seed))
@@ -359,7 +365,7 @@ def plot_overview(stats: dict[str, dict[int, dict]], out: Path) -> Path:
 
 def command(exp: Experiment, report_only: bool = False) -> str:
     args = ["qerl", "compare", str(exp.path)] + (["--report-only"] if report_only else [])
-    return "OMP_NUM_THREADS=1 " + shlex.join(args)
+    return (f"OMP_NUM_THREADS={exp.threads} " if exp.threads else "") + shlex.join(args)
 
 
 def write_report(exp: Experiment) -> Path:
