@@ -22,8 +22,6 @@ from qerl.kernels.fused_linear import fused_linear
 from qerl.kernels.nvfp4_mma_sync import MMA_MAX_M
 from qerl.kernels.nvfp4_wgmma import WG_MAX_M
 
-W = LinearKernel.WGMMA
-
 MAX_ROWS = {
     LinearKernel.MMA_SYNC: MMA_MAX_M,
     LinearKernel.WGMMA: WG_MAX_M,
@@ -76,7 +74,7 @@ def main():
                         q["weight_scale"],
                         layer.gs[:1],
                         out=out,
-                        kernel=W,
+                        kernel=LinearKernel.WGMMA,
                         x_planes=True,
                     )
 

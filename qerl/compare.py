@@ -49,9 +49,8 @@ class Experiment:
     output_dir: Path = Path("experiments")
     report: Path = Path("docs/results.md")
     notes: str = ""  # Markdown put into the report under the table (the reasons behind the settings)
-    threads: int | None = (
-        None  # CPU threads the runs used (the report's command sets OMP_NUM_THREADS); None: every core
-    )
+    # CPU threads the runs used (the report's command sets OMP_NUM_THREADS to it); None: every core
+    threads: int | None = None
 
     @property
     def results_dir(self) -> Path:

@@ -14,11 +14,10 @@ import torch
 from .common import HAS_TRITON, next_pow2, require
 
 if HAS_TRITON:
-    from .common import planes_tile
-
-if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .common import planes_tile
 
     @triton.jit
     def _add_rmsnorm_kernel(
