@@ -62,12 +62,13 @@ def test_plane_order():
 
 
 def test_config_follows_the_measured_tiles():
-    """The H200 sweep's tiles for Qwen2.5-7B (gate|up: 4 warps, about 1056 programs up to 32 rows, 528 at 64;
-    q|k|v and o: 4 warps, 264; down: 8 warps up to 32 rows, 4 at 64, 264, 528 at 128; 4 warps for every shape at
-    128 rows); 32 words a step; K split until about that many programs, each split at least two steps."""
+    """The sweeps' tiles for Qwen2.5-7B (gate|up: 4 warps, about 1056 programs up to 32 rows, 264 at 64 and 128;
+    q|k|v and o: 4 warps, 264; down: 8 warps up to 32 rows, 4 at 64 (264 programs) and 128 (528)); 32 words a
+    step; K split until about that many programs, each split at least two steps; the words a step ahead (PF)
+    for gate|up at 64 rows and everything up to 32, never at 128."""
     gu, qkv = nvfp4_wgmma.wgmma_config(64, 18944, 3584), nvfp4_wgmma.wgmma_config(64, 4608, 3584)
     assert gu["WGMMA"] and gu["BKW"] == 32 and gu["num_warps"] == 4 and gu["BLOCK_N"] == 64
-    assert gu["SPLIT"] == 2 and qkv["SPLIT"] == 4  # 296 tiles x 2 = 592; 72 tiles x 4 = 288
+    assert gu["SPLIT"] == 1 and qkv["SPLIT"] == 4  # 296 tiles x 1 = 296; 72 tiles x 4 = 288
     assert nvfp4_wgmma.wgmma_config(16, 3584, 3584)["SPLIT"] == 5  # 56 tiles x 5 = 280
     assert nvfp4_wgmma.wgmma_config(16, 18944, 3584)["SPLIT"] == 4  # 296 tiles x 4 = 1184
     assert nvfp4_wgmma.wgmma_config(32, 3584, 18944)["num_warps"] == 8
@@ -76,7 +77,9 @@ def test_config_follows_the_measured_tiles():
     assert {
         nvfp4_wgmma.wgmma_config(128, n, k)["num_warps"] for n, k in ((4608, 3584), (18944, 3584), (3584, 18944))
     } == {4}
-    assert gu["NS"] == 1 and gu["PF"] and not nvfp4_wgmma.wgmma_config(128, 18944, 3584)["PF"]
+    assert gu["NS"] == 1 and gu["PF"] and not qkv["PF"] and not nvfp4_wgmma.wgmma_config(64, 3584, 18944)["PF"]
+    assert nvfp4_wgmma.wgmma_config(16, 4608, 3584)["PF"]
+    assert not any(nvfp4_wgmma.wgmma_config(128, n, k)["PF"] for n, k in ((4608, 3584), (18944, 3584), (3584, 18944)))
 
 
 @hopper

@@ -123,9 +123,11 @@ if HAS_TRITON:
         tl.store(out_ptr + b * stride_outb + col, res.to(out_ptr.dtype.element_ty))
 
 
-def attention_splits(batch: int, kv_heads: int, max_len: int, sms: int = 132) -> int:
-    """Enough (row, kv head, split) programs for ~2 waves, each split >= 64 keys."""
-    want = max(1, (2 * sms) // max(1, batch * kv_heads))
+def attention_splits(batch: int, kv_heads: int, max_len: int, sms: int = 132, *, waves: int = 4) -> int:
+    """Enough (row, kv head, split) programs for about `waves` programs an SM, each split >= 64 keys (at most 64
+    splits). 4: 1.05-1.08x over 2 at 64 rows, 512-2304 keys (H100, `benchmarks/sweep_decode_gpu.py`); one split
+    either way at 128 rows."""
+    want = max(1, (waves * sms) // max(1, batch * kv_heads))
     return int(max(1, min(want, 64, (max_len + 63) // 64)))
 
 
@@ -139,10 +141,16 @@ def decode_attention(
     out: torch.Tensor | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     planes: bool = False,
+    *,
+    block_keys: int = 32,
+    num_warps: int = 4,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, D]; k/v_cache [>=B, Hkv, S, D]; key_mask [>=B, S] (nonzero = attend); n_keys int [1].
 
     -> out [B, Hq * D] in q.dtype; planes: in plane order (`common.plane_col`), as `nvfp4_wgmma` reads it.
+    block_keys (a power of 2), num_warps, num_stages (None: Triton's default): the split launch's tile (keys a
+    loop step), warps and pipeline depth (benchmarks/sweep_decode_gpu.py); the merge launch keeps its own.
     """
     require(q, k_cache, what="the decode attention kernel")
     b, hq, d = q.shape
@@ -157,6 +165,7 @@ def decode_attention(
         )
     o_part, ml = workspace
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    stages = {} if num_stages is None else dict(num_stages=num_stages)
     _attn_split_kernel[(b, hkv, nsplit)](
         q,
         k_cache,
@@ -181,9 +190,10 @@ def decode_attention(
         NSPLIT=nsplit,
         GP=max(16, next_pow2(g)),
         D=d,
-        BS=32,
+        BS=block_keys,
         PREC=prec,
-        num_warps=4,
+        num_warps=num_warps,
+        **stages,
     )
     _attn_merge_kernel[(b, hq)](
         o_part,

@@ -286,28 +286,30 @@ if HAS_GLUON:
             tma.async_copy_global_to_shared(x_desc, [0, k * 8 + 64 * j], bar, xb.index(4 * slot + j), pred=pred)
 
 
-# (num_warps, programs in the grid) by shape class and rows (<= 16, <= 32, <= 64, <= 128): the best tiles of
-# the H200 sweeps (benchmarks/LOG.md, Qwen2.5-7B shapes), made when x still went through registers (4 warps at 128
-# rows then took 255 registers and beat 8 on every shape; with x by TMA 195); not re-swept since. K is split
-# until the grid holds about that many programs, so other model sizes keep the same parallelism.
+# (num_warps, programs in the grid, PF) by shape class and rows (<= 16, <= 32, <= 64, <= 128). 64 and 128 rows:
+# the best of the H100 sweep with x by TMA (`benchmarks/sweep_decode_gpu.py`, Qwen2.5-7B shapes as the engine
+# calls them, LoRA live; benchmarks/LOG.md, 2026-12-07); 16 and 32 rows: the H200 sweeps from when x still went
+# through registers. K is split until the grid holds about that many programs (gate|up counts its glu output
+# rows), so other model sizes keep the same parallelism. PF (the next step's words loaded a step ahead) pays
+# only where a program's loop is long; at 128 rows the accumulators leave it no registers.
 WG_TILES = {
-    "down": {16: (8, 264), 32: (8, 264), 64: (4, 264), 128: (4, 528)},  # long K
-    "narrow": {16: (4, 264), 32: (4, 264), 64: (4, 264), 128: (4, 264)},  # q|k|v, o_proj
-    "wide": {16: (4, 1056), 32: (4, 1056), 64: (4, 528), 128: (4, 528)},  # gate|up
+    "down": {16: (8, 264, True), 32: (8, 264, True), 64: (4, 264, False), 128: (4, 528, False)},  # long K
+    "narrow": {16: (4, 264, True), 32: (4, 264, True), 64: (4, 264, False), 128: (4, 264, False)},  # q|k|v, o
+    "wide": {16: (4, 1056, True), 32: (4, 1056, True), 64: (4, 264, True), 128: (4, 264, False)},  # gate|up
 }
 
 
 def wgmma_config(m: int, n: int, k: int, num_warps: int | None = None, programs: int | None = None) -> dict:
     """The tile for m rows of an [n, k] weight: BN = 16 * num_warps weight rows, 32 words a step, K split
     until the grid has about `programs` programs (at most 16 splits, each at least two steps), x one step ahead
-    (NS 1), the words a step ahead up to 64 rows (PF: 151 registers at 64 rows, 127 without; at 128 rows the
-    accumulators leave no room); fields given override the `WG_TILES` entry."""
+    (NS 1), the words a step ahead where the table says (PF: 151 registers at 64 rows, 127 without); fields
+    given override the `WG_TILES` entry."""
     cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
-    nw, target = WG_TILES[cls][next(b for b in (16, 32, 64, 128) if m <= b or b == 128)]
+    nw, target, pf = WG_TILES[cls][next(b for b in (16, 32, 64, 128) if m <= b or b == 128)]
     nw, target = num_warps or nw, programs or target
     bn = 16 * nw
     split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // BKW // 2))
-    return dict(MMA=True, WGMMA=True, BLOCK_N=bn, BKW=BKW, SPLIT=split, num_warps=nw, NS=1, PF=m <= 64)
+    return dict(MMA=True, WGMMA=True, BLOCK_N=bn, BKW=BKW, SPLIT=split, num_warps=nw, NS=1, PF=pf and m <= 64)
 
 
 def wgmma_constexprs(m: int, cfg: dict, shrink: bool) -> dict:

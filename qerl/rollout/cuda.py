@@ -19,8 +19,9 @@ What differs from the reference engine (and why):
 - LoRA stays live: each `generate` copies the current A, B (scaling folded into B)
   into the fused buffers first, so an optimizer step is seen by the next rollout.
   AQN writes the norm weights in place, which the graph reads directly.
-- Sampling runs on the GPU between graph replays (`sample_tokens`, no host sync);
-  the host looks at the finished flags every `check_every` steps, and then compacts
+- Sampling runs on the GPU between graph replays, no host sync: at temperature > 0 without top-k / top-p
+  by the token-draw kernel (`qerl.kernels.token_draw`: the reference's inverse-CDF draw, one read of the
+  logits, two launches), else by the reference's `sample_tokens`; the host looks at the finished flags every `check_every` steps, and then compacts
   the live rows into the smallest bucket that holds them, so finished rows stop
   costing work (rows that finished between two checks keep running until the check;
   their extra tokens are masked as in the reference engine).
@@ -46,6 +47,7 @@ from ..kernels.fused_linear import fused_linear
 from ..kernels.lora_shrink import MAX_SPLITS
 from ..kernels.rmsnorm import add_rmsnorm
 from ..kernels.rope_cache import rope_cache
+from ..kernels.token_draw import draw_tokens
 from ..modeling import CausalLM, causal_mask, positions_from_mask, rope_inv_freq
 from ..quant import QuantLinear
 from .engine import Engine
@@ -411,8 +413,13 @@ class CudaEngine(Engine):
         limit = torch.cat([params.row_limits(rows, dev), torch.tensor([max_new], device=dev)])  # + the trash row
         ev[1].record()
         steps = 0
+        fast_draw = params.temperature > 0 and not params.top_k and params.top_p >= 1.0
         for t in range(max_new):
-            tok, lp = sample_tokens(logits, params.temperature, params.top_k, params.top_p, gen)
+            if fast_draw:
+                seed = torch.randint(2**31 - 1, (1,), device=dev, generator=gen)
+                tok, lp = draw_tokens(logits, params.temperature, seed)
+            else:
+                tok, lp = sample_tokens(logits, params.temperature, params.top_k, params.top_p, gen)
             out_tok[:, t].index_copy_(0, slot_row, tok)
             out_lp[:, t].index_copy_(0, slot_row, lp)
             done |= torch.isin(tok, eos)
