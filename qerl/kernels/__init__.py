@@ -8,7 +8,8 @@ One op per file; which one runs is chosen in one place (`choice.choose_linear_ke
   - `fp4_decode.py` (NVFP4/MXFP4 elsewhere: `gemv` CUDA-core and `tc` tensor-core tiles, 1-64 rows),
   - `dequant.py` + cuBLAS (bf16 weights and more rows), then `linear_epilogue.py` (bias, LoRA, gate).
 - `lora_shrink.py`: x @ A.T as split-K partials for the LoRA epilogue.
-- `rmsnorm.py`, `rope_cache.py`, `decode_attention.py`: the rest of the decode step (`qerl.rollout.cuda`).
+- `rmsnorm.py`, `rope_cache.py`, `decode_attention.py`: the rest of the decode step (`qerl.rollout.cuda`);
+  `token_draw.py`: the token drawn between steps (reference: `qerl.rollout.sampling.sample_tokens`).
 - `nvfp4_matmul.py`, `mxfp4_matmul.py`: the custom ops `QuantLinear(backend="triton")` calls.
 - `common.py`: what several kernels share (availability, launch helpers, device functions).
 

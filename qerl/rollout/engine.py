@@ -4,7 +4,7 @@ plain PyTorch on any device; the CUDA engine (`qerl.rollout.cuda`) subclasses it
 One engine and one copy of the weights serve training rollouts and evaluation. The
 decode path reads top to bottom, as in gpt-fast:
 
-    sample_tokens  - temperature / top-k / top-p, Gumbel-style sampling with no host sync
+    sample_tokens  - temperature / top-k / top-p, inverse-CDF sampling with no host sync
     prefill        - unique prompts once, left-padded, into a preallocated KV cache
     decode_one     - one token for every active row at a fixed cache position
     decode         - the loop: EOS / stop strings / length, finished rows compacted away
