@@ -3,8 +3,10 @@
 # code before, unpacked), each step under its own time limit; everything lands in OUTDIR (the device's $OUT).
 # Usage (repo root, on the GPU machine): bash benchmarks/ab_gpu.sh OUTDIR BASE_DIR "steps"
 #   steps: any of tests (the decode path's GPU tests, this tree), sampling (token draw, this tree), rollout
-#   (7B decode, batch 1-128, both trees; bf16 this tree), step (7B 8x8x(256+2048) full, both trees; bf16 this
-#   tree), lognormal (the same with lognormal:600 lengths, this tree, both formats)
+#   (7B decode at temperature 0.7, batch 1-128, both trees; bf16 this tree), step (7B 8x8x(256+2048) full, both trees; bf16 this
+#   tree), lognormal (the same with lognormal:600 lengths, this tree, both formats), alloc (lognormal, NVFP4,
+#   with the CUDA allocator's fixed segments, as before the CLI turned on growable ones), big (32B 1x8x(256+2048)
+#   at a 60 GiB cap, this tree); alloc and big: one measured step
 out=$(realpath "${1:?usage: ab_gpu.sh OUTDIR BASE_DIR steps}"); base=$(realpath "${2:?}"); steps=${3:-"tests sampling rollout"}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -12,7 +14,7 @@ run() {  # name seconds dir command...: run in dir with PYTHONPATH there, output
   local name=$1 secs=$2 dir=$3; shift 3
   echo "== $name"; (cd "$dir" && PYTHONPATH=. timeout "$secs" "$@") > "$out/$name.txt" 2>&1; echo "rc $?"
 }
-R="python -m qerl.cli bench rollout --model-config qwen2.5-7b --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf"
+R="python -m qerl.cli bench rollout --model-config qwen2.5-7b --prompt-len 256 --gen-len 512 --lora-rank 16 --no-hf --temperature 0.7"
 S="python -m qerl.cli bench step --model-config qwen2.5-7b --prompts 8 --group-size 8 --prompt-len 256 --gen-len 2048"
 for s in $steps; do case $s in
   tests)
@@ -30,5 +32,9 @@ for s in $steps; do case $s in
     tail -4 "$out/step_old.txt" | sed 's/^/old /'; tail -6 "$out/step_new.txt" | sed 's/^/new /' ;;
   lognormal) run lognormal 330 . $S --quant nvfp4,bf16 --lengths lognormal:600 --out "$out/lognormal.json"
     tail -6 "$out/lognormal.txt" ;;
+  alloc) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False run alloc 200 . $S --quant nvfp4 --lengths lognormal:600 \
+      --steps 1 --out "$out/alloc.json"; tail -4 "$out/alloc.txt" ;;
+  big) run big 300 . ${S/qwen2.5-7b --prompts 8/qwen2.5-32b --prompts 1} --quant nvfp4 --lengths full --gpu-mem 60 \
+      --steps 1 --out "$out/big.json"; tail -4 "$out/big.txt" ;;
   *) echo "unknown step $s" ;;
 esac; done
