@@ -2,7 +2,8 @@
 # Before/after on one GPU in one call: this tree against BASE (a `git archive <commit> qerl benchmarks` of the
 # code before, unpacked), each step under its own time limit; everything lands in OUTDIR (the device's $OUT).
 # Usage (repo root, on the GPU machine): bash benchmarks/ab_gpu.sh OUTDIR BASE_DIR "steps"
-#   steps: any of tests (the decode path's GPU tests, this tree), sampling (token draw, this tree), rollout
+#   steps: any of tests (the decode path's GPU tests, this tree), sampling (token draw, this tree), attention
+#   (shared prompt keys or not, this tree), rollout
 #   (7B decode at temperature 0.7, batch 1-128, both trees; bf16 this tree), step (7B 8x8x(256+2048) full, both trees; bf16 this
 #   tree), lognormal (the same with lognormal:600 lengths, this tree, both formats), alloc (lognormal, NVFP4,
 #   with the CUDA allocator's fixed segments, as before the CLI turned on growable ones), big (32B 1x8x(256+2048)
@@ -21,6 +22,7 @@ for s in $steps; do case $s in
     xd=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
     run tests 200 . python -m pytest -q $xd -m gpu tests/test_token_draw.py tests/test_engine_cuda.py \
       tests/test_nvfp4_wgmma.py tests/test_kernels.py; tail -3 "$out/tests.txt" ;;
+  attention) run attention 90 . python benchmarks/bench_attention_gpu.py --out "$out/attention.json"; grep rows "$out/attention.txt" ;;
   sampling) run sampling 60 . python benchmarks/bench_sampling_gpu.py --out "$out/sampling.json"; cat "$out/sampling.txt" ;;
   rollout)
     run rollout_old 170 "$base" $R --quant nvfp4 --batch 1,8,16,64,128 --out "$out/rollout_old.json"

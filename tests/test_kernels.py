@@ -295,6 +295,26 @@ def test_norm_rope_attention(dtype):
         out = torch.full((b, hq * d), float("nan"), device="cuda", dtype=dtype)
         o = decode_attention(q, kc, vc, mask, nk, ns, out=out)
         assert rel(o, ref) < tol, ns
+    # a shared prompt: rows 1 and 2 read their first 100 keys from row 3 (and 0 from itself), the rest from their
+    # own rows; the reference gathers those keys into each row first
+    src, plen = torch.tensor([0, 3, 3, 3], device="cuda", dtype=torch.int32), torch.tensor([100], device="cuda")
+    rows = torch.where(torch.arange(s, device="cuda") < 100, src[:b, None], torch.arange(b, device="cuda")[:, None])
+    kg, vg = (c[rows, :, torch.arange(s, device="cuda")].transpose(1, 2) for c in (kc, vc))  # [b, hkv, s, d]
+    ref = F.scaled_dot_product_attention(
+        q[:, :, None].float(),
+        kg[:, :, :261].float(),
+        vg[:, :, :261].float(),
+        attn_mask=mask[:b, None, None, :261],
+        enable_gqa=True,
+    ).reshape(b, -1)
+    assert rel(ref, decode_attention(q, kc, vc, mask, nk, 5).float()) > 0.05  # the prompt keys matter
+    for ns in (1, 5):
+        for bk, nw in ((32, 4), (64, 8)):
+            out = torch.full((b, hq * d), float("nan"), device="cuda", dtype=dtype)
+            o = decode_attention(
+                q, kc, vc, mask, nk, ns, out=out, prefix_rows=src, prefix_len=plen.int(), block_keys=bk, num_warps=nw
+            )
+            assert rel(o, ref) < tol, (ns, bk)
 
 
 @gpu

@@ -30,6 +30,8 @@ if HAS_TRITON:
         v_ptr,
         mask_ptr,
         nkeys_ptr,
+        src_ptr,
+        plen_ptr,
         o_ptr,
         ml_ptr,
         G,
@@ -50,6 +52,7 @@ if HAS_TRITON:
         D: tl.constexpr,
         BS: tl.constexpr,
         PREC: tl.constexpr,
+        SHARED: tl.constexpr,
     ):
         b = tl.program_id(0)
         hk = tl.program_id(1)
@@ -66,13 +69,19 @@ if HAS_TRITON:
         m_i = tl.full((GP,), float("-inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, D), tl.float32)
-        kbase = k_ptr + b * stride_kb + hk * stride_kh
-        vbase = v_ptr + b * stride_kb + hk * stride_kh
+        if SHARED:  # keys below the prefix length live in row src[b] (the group's shared prompt)
+            src = tl.load(src_ptr + b)
+            plen = tl.load(plen_ptr)
         for s0 in range(lo, hi, BS):
             s = s0 + tl.arange(0, BS)
             smask = s < hi
             valid = smask & (tl.load(mask_ptr + b * stride_mb + s, mask=smask, other=0) != 0)
-            k = tl.load(kbase + s[:, None] * stride_ks + d[None, :], mask=smask[:, None], other=0.0)
+            if SHARED:
+                row = tl.where(s < plen, src, b)
+                kv = hk * stride_kh + row[:, None] * stride_kb + s[:, None] * stride_ks + d[None, :]
+            else:
+                kv = hk * stride_kh + b * stride_kb + s[:, None] * stride_ks + d[None, :]
+            k = tl.load(k_ptr + kv, mask=smask[:, None], other=0.0)
             sc = tl.dot(q, tl.trans(k), input_precision=PREC) * sm_scale  # [GP, BS]
             sc = tl.where(valid[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
@@ -80,7 +89,7 @@ if HAS_TRITON:
             p = tl.exp(sc - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(vbase + s[:, None] * stride_ks + d[None, :], mask=smask[:, None], other=0.0)
+            v = tl.load(v_ptr + kv, mask=smask[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
         obase = o_ptr + b * stride_ob + heads[:, None] * stride_oh + sp * stride_os
@@ -141,6 +150,8 @@ def decode_attention(
     out: torch.Tensor | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     planes: bool = False,
+    prefix_rows: torch.Tensor | None = None,
+    prefix_len: torch.Tensor | None = None,
     *,
     block_keys: int = 32,
     num_warps: int = 4,
@@ -149,6 +160,9 @@ def decode_attention(
     """q [B, Hq, D]; k/v_cache [>=B, Hkv, S, D]; key_mask [>=B, S] (nonzero = attend); n_keys int [1].
 
     -> out [B, Hq * D] in q.dtype; planes: in plane order (`common.plane_col`), as `nvfp4_wgmma` reads it.
+    prefix_rows int32 [>=B], prefix_len int32 [1] (device scalars, both or neither): row b reads its keys below
+    prefix_len from cache row prefix_rows[b] (a group of samples of one prompt shares its prompt's keys, read
+    from DRAM about once while the group's programs run together), the rest from its own row.
     block_keys (a power of 2), num_warps, num_stages (None: Triton's default): the split launch's tile (keys a
     loop step), warps and pipeline depth (benchmarks/sweep_decode_gpu.py); the merge launch keeps its own.
     """
@@ -165,6 +179,9 @@ def decode_attention(
         )
     o_part, ml = workspace
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    shared = prefix_rows is not None
+    if shared != (prefix_len is not None):
+        raise ValueError("decode_attention takes prefix_rows and prefix_len together")
     stages = {} if num_stages is None else dict(num_stages=num_stages)
     _attn_split_kernel[(b, hkv, nsplit)](
         q,
@@ -172,6 +189,8 @@ def decode_attention(
         v_cache,
         key_mask,
         n_keys,
+        prefix_rows if shared else n_keys,
+        prefix_len if shared else n_keys,
         o_part,
         ml,
         g,
@@ -192,6 +211,7 @@ def decode_attention(
         D=d,
         BS=block_keys,
         PREC=prec,
+        SHARED=shared,
         num_warps=num_warps,
         **stages,
     )

@@ -8,6 +8,9 @@ What differs from the reference engine (and why):
   of the call and the powers of two below it). The cache slot and the key count are
   device scalars that the graph itself advances, and attention reads only the filled
   part of the cache, so one graph serves every position.
+- Shared prompts. The n samples of a prompt read its keys from the one cache row the prefill wrote them to
+  (`decode_attention`'s prefix rows): no copies, and since a group's programs run together, its prompt's keys
+  come from DRAM about once a step instead of n times. A compaction gives every live row its own copy.
 - Fused launches. q/k/v and gate/up run as one linear each (their packed weights are made adjacent rows of one
   buffer at construction, and the modules' buffers become views of it: no second copy), with bias, live LoRA
   and the SiLU gate fused (`qerl.kernels.fused_linear`); which kernel serves a layer's rows is
@@ -231,6 +234,8 @@ class CudaEngine(Engine):
         self.slot = torch.zeros(1, **i32)
         self.nkeys = torch.ones(1, **i32)
         self.keymask = torch.ones((b, s), dtype=torch.int8, device=dev)
+        self.src = torch.arange(b, **i32)  # the cache row holding row b's prompt keys (below plen)
+        self.plen = torch.zeros(1, **i32)
         self.resid = torch.zeros((b, a.hidden_size), dtype=dt, device=dev)
         self.y = torch.zeros((b, a.hidden_size), dtype=dt, device=dev)
         qkv_n = max(L.qkv.n_out for L in self.layers)
@@ -325,6 +330,8 @@ class CudaEngine(Engine):
                 out=self.att[:b],
                 workspace=ws,
                 planes=self._planes(L.o, b),
+                prefix_rows=self.src,
+                prefix_len=self.plen,
             )
             o = self._linear(L.o, att, self.o[:b])
             add_rmsnorm(resid, L.ln2, a.rms_norm_eps, delta=o, out=y, planes=self._planes(L.gu, b))
@@ -393,10 +400,11 @@ class CudaEngine(Engine):
         ev[0].record()
         logits, attn, p = self._prefill_into_cache(ids)
         lengths = attn.sum(1)
+        # The n samples of prompt i read its keys from cache row i, where the prefill wrote them (row i's own
+        # tokens go after them, from slot p on): no copies, and a group's prompt is read about once a step.
+        self.src.copy_(torch.arange(self.src.numel(), device=dev) // params.n)
+        self.plen.fill_(p if params.n > 1 else 0)
         if params.n > 1:
-            src = torch.arange(n_prompts, device=dev).repeat_interleave(params.n)
-            self.k[:, :rows, :, :p] = self.k[:, src, :, :p]
-            self.v[:, :rows, :, :p] = self.v[:, src, :, :p]
             logits, attn, lengths = (x.repeat_interleave(params.n, 0) for x in (logits, attn, lengths))
         buckets = self._buckets(rows)
         b = buckets[-1]
@@ -438,7 +446,7 @@ class CudaEngine(Engine):
                     break
                 nb = next(x for x in buckets if x >= live.numel())
                 if nb < b:
-                    slot_row, done, b = self._compact(live.to(dev), nb, slot_row, done, rows, p + t + 1)
+                    slot_row, done, b = self._compact(live.to(dev), nb, slot_row, done, rows, p, p + t + 1)
             self._run_step(b)
             steps += 1
             logits = self.logits[:b]
@@ -468,11 +476,16 @@ class CudaEngine(Engine):
         out_tok = out_tok.masked_fill(~mask, self.pad_id)
         return out_tok.cpu(), out_lp.masked_fill(~mask, 0.0).cpu(), mask.cpu(), finish
 
-    def _compact(self, live: torch.Tensor, nb: int, slot_row, done, rows: int, filled: int):
-        """Move the live rows to the front of the static buffers and continue in bucket nb."""
+    def _compact(self, live: torch.Tensor, nb: int, slot_row, done, rows: int, p: int, filled: int):
+        """Move the live rows to the front of the static buffers and continue in bucket nb; each takes a copy
+        of its prompt's keys (below p), so rows stop sharing them."""
         n = live.numel()
-        self.k[:, :n, :, :filled] = self.k[:, live, :, :filled]
-        self.v[:, :n, :, :filled] = self.v[:, live, :, :filled]
+        src = self.src[live].long()
+        for c in (self.k, self.v):  # (each right side is gathered whole before it is written)
+            c[:, :n, :, p:filled] = c[:, live, :, p:filled]
+            c[:, :n, :, :p] = c[:, src, :, :p]
+        self.src.copy_(torch.arange(self.src.numel(), device=self.src.device))
+        self.plen.zero_()
         for t in (self.tok, self.pos, self.keymask):
             t[:n] = t[live]
         new_row = torch.full((nb,), rows, dtype=slot_row.dtype, device=slot_row.device)  # fillers write to trash
