@@ -385,10 +385,6 @@ def main():
     import os
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # RL steps allocate tensors of a new shape every step (ragged completions, packed micro-batches): with the
-    # caching allocator's default fixed segments the reserve grew to 2.3x the allocated peak (benchmarks/
-    # RESULTS.md); growable segments keep it near the peak. A user's own setting wins.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports (every rank exits)
     try:
         app()

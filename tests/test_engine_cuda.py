@@ -133,3 +133,24 @@ def test_cuda_engine_sampled_logprobs_are_the_models(temperature):
             logits = qerl_logits(model, torch.tensor([prompt + toks], device="cuda"))[0, len(prompt) - 1 : -1]
         ref = (logits.float() / temperature).log_softmax(-1).gather(-1, torch.tensor(toks, device="cuda")[:, None])
         torch.testing.assert_close(r.logprobs[i][r.mask[i]], ref.squeeze(-1).cpu(), rtol=0, atol=1e-3)
+
+
+def test_ragged_groups_through_every_bucket():
+    """32 rows (4 prompts x 8 samples, the groups sharing their prompt's keys), each stopped at its own length
+    (1-40), so compactions take the step through buckets 32, 16, 8, ... (the 9-32-row linear kernels included):
+    every row ends at its limit, every sampled log-prob is finite and is the model's fresh forward's."""
+    from qerl.rollout.cuda import CudaEngine
+
+    model = build_random_model(ARGS, "nvfp4", lora_rank=16, dtype=torch.bfloat16, seed=7)
+    g = torch.Generator().manual_seed(1)
+    limits = tuple(torch.randint(1, 41, (32,), generator=g).tolist())
+    prompts = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (9, 30, 17, 24)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=40, n=8, seed=3, row_max_tokens=limits)
+    r = CudaEngine(model, Tok(), check_every=2).generate(prompts, params)
+    assert r.lengths == list(limits)
+    assert torch.isfinite(r.logprobs).all()
+    for i in range(32):
+        prompt, toks = prompts[i // 8], r.completion_ids[i][r.mask[i]].tolist()
+        logits = qerl_logits(model, torch.tensor([prompt + toks], device="cuda"))[0, len(prompt) - 1 : -1]
+        ref = logits.float().log_softmax(-1).gather(-1, torch.tensor(toks, device="cuda")[:, None]).squeeze(-1)
+        torch.testing.assert_close(r.logprobs[i][r.mask[i]], ref.cpu(), rtol=0, atol=0.1)

@@ -64,6 +64,12 @@ for dt in (torch.float32, torch.bfloat16):
         seed = torch.tensor([1234 + v], dtype=torch.int64)
         tok, lp = draw_tokens(logits, t, seed, block=block)
         assert check_draw(logits, t, row_uniforms(seed, b), tok, lp) == 1.0
+# most entries without mass (exp underflows): the draw takes one of the few with mass, its log-prob finite
+peaked = torch.full((4, 1000), -1e4)
+peaked[:, [3, 300, 999]] = torch.tensor([0.0, 1.0, 2.0])
+for s in range(5):
+    tok, lp = draw_tokens(peaked, 1.0, torch.tensor([s]), block=256)
+    assert set(tok.tolist()) <= {3, 300, 999} and torch.isfinite(lp).all(), (tok, lp)
 u0, u1 = row_uniforms(torch.tensor([5]), 4), row_uniforms(torch.tensor([6]), 4)
 assert ((u0 >= 0) & (u0 < 1)).all() and not torch.equal(u0, u1)  # another seed, other uniforms
 print("ok")

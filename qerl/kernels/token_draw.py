@@ -49,12 +49,17 @@ if HAS_TRITON:
         total = tl.sum(w, axis=0)
         u = tl.rand(tl.load(seed_ptr), row) * total
         cum = tl.cumsum(w, axis=0)
-        chunk = tl.minimum(tl.sum((cum <= u).to(tl.int32), axis=0), C - 1)
+        # rounding (the chunk sums here and in the scan below are summed in different orders) may put u past
+        # the last chunk or r past a chunk's last entry: such a draw takes the last one with mass, never one
+        # with none
+        chunk = tl.minimum(tl.sum((cum <= u).to(tl.int32), axis=0), tl.max(tl.where(w > 0, c, 0), axis=0))
         r = u - tl.sum(tl.where(c < chunk, w, 0.0), axis=0)  # what is left of u inside the chunk
-        v = chunk * BLOCK + tl.arange(0, BLOCK)
+        j = tl.arange(0, BLOCK)
+        v = chunk * BLOCK + j
         x = tl.load(logits_ptr + row * stride_l + v, mask=v < V, other=float("-inf")).to(tl.float32) * inv_t
-        at = tl.sum((tl.cumsum(tl.exp(x - mx), axis=0) <= r).to(tl.int32), axis=0)
-        tok = tl.minimum(chunk * BLOCK + at, V - 1)
+        p = tl.exp(x - mx)
+        at = tl.sum((tl.cumsum(p, axis=0) <= r).to(tl.int32), axis=0)
+        tok = chunk * BLOCK + tl.minimum(at, tl.max(tl.where(p > 0, j, 0), axis=0))
         xt = tl.load(logits_ptr + row * stride_l + tok).to(tl.float32) * inv_t
         tl.store(tok_ptr + row, tok.to(tl.int64))
         tl.store(lp_ptr + row, xt - mx - tl.log(total))
