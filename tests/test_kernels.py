@@ -246,6 +246,47 @@ def test_linear_epilogue_on_cublas_product(dtype, m):
     assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+_INTERPRETED_ATTENTION = """
+import torch
+import torch.nn.functional as F
+from qerl.kernels.decode_attention import decode_attention
+torch.manual_seed(0)
+b, hq, hkv, d, s = 5, 8, 2, 32, 120
+q, kc, vc = torch.randn(b, hq, d), torch.randn(6, hkv, s, d), torch.randn(6, hkv, s, d)
+mask = (torch.rand(6, s) > 0.2).to(torch.int8)
+mask[:, 99] = 1
+nk = torch.tensor([100], dtype=torch.int32)
+src, plen = torch.tensor([0, 0, 2, 2, 2, 5], dtype=torch.int32), torch.tensor([40], dtype=torch.int32)
+for shared in (False, True):
+    rows = torch.arange(b)[:, None].expand(b, s)
+    if shared:
+        rows = torch.where(torch.arange(s) < 40, src[:b, None].long(), rows)
+    kg, vg = (c[rows, :, torch.arange(s)].transpose(1, 2)[:, :, :100] for c in (kc, vc))
+    ref = F.scaled_dot_product_attention(
+        q[:, :, None], kg, vg, attn_mask=mask[:b, None, None, :100].bool(), enable_gqa=True
+    ).reshape(b, -1)
+    extra = dict(prefix_rows=src, prefix_len=plen) if shared else {}
+    for ns, bk in ((1, 32), (3, 32), (4, 64)):
+        out = decode_attention(q, kc, vc, mask, nk, ns, block_keys=bk, **extra)
+        assert (out - ref).abs().max() < 1e-5, (shared, ns, bk, (out - ref).abs().max())
+print("ok")
+"""
+
+
+def test_decode_attention_interpreted():
+    """(CPU, Triton's interpreter, fp32) the split-KV decode attention against softmax attention with GQA and a
+    key mask, for several splits and key blocks; with prefix rows, each row's first 40 keys come from its
+    group's row (rows 1 and 3, 4 from rows 0 and 2) and the rest from its own, as the reference gathers them."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _INTERPRETED_ATTENTION], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
