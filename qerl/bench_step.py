@@ -248,6 +248,9 @@ def bench_one(
         plan_checkpointed=plan.checkpointed,
         gpu_mem_gib=gpu_mem,
         entropy=statistics.median(r.get("entropy", math.nan) for r in rows),
+        # measured steps whose update was skipped (a non-finite loss or gradient): their update time is no update's
+        skipped_updates=sum(r.get("skipped_updates", 0.0) > 0 for r in rows),
+        measured_steps=len(rows),
     )
     if cuda:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
@@ -347,9 +350,16 @@ def run_step_bench(
     base = {r["update_path"]: r for r in rows if r["quant"] == "bf16"}
     for r in rows:
         b = base.get(r["update_path"])
-        r["step_vs_bf16"] = b["step_s"] / r["step_s"] if b else math.nan
+        valid = b and not r["skipped_updates"] and not b["skipped_updates"]
+        r["step_vs_bf16"] = b["step_s"] / r["step_s"] if valid else math.nan
     say()
     say(table(rows))
+    for r in rows:
+        if r["skipped_updates"]:
+            say(
+                f"warning: {r['quant']} skipped the update in {_skipped(r)} (non-finite loss or gradient): its update "
+                "and step times are no update's, and it has no ratio to bf16"
+            )
     shutdown()
     if out and world.is_main:
         Path(out).write_text(
@@ -381,7 +391,12 @@ def _line(r: dict) -> str:
         f"step {r['step_s']:7.2f} s  {r['gen_tok_s']:8.0f} gen tok/s  {r['step_tok_s']:8.0f} tok/s a step  {r['update_tflop_s']:6.1f} TFLOP/s "
         f"({r['peak_pct']:.0f}% of peak)  peak {r['peak_gib']:.1f} GiB allocated, {r['reserved_gib']:.1f} reserved "
         f"(plan {r['plan_gib']:.1f}, {r['plan_checkpointed']} layers checkpointed){dp}"
+        + (f"  UPDATE SKIPPED in {_skipped(r)}" if r["skipped_updates"] else "")
     )
+
+
+def _skipped(r: dict) -> str:
+    return f"{r['skipped_updates']} of {r['measured_steps']} measured steps"
 
 
 def _ratio(x: float) -> str:
@@ -404,6 +419,6 @@ def table(rows: list[dict]) -> str:
             f"{r['allreduce_s']:.3f} | {r['step_s']:.2f} | {r['gen_tok_s']:.0f} | {r['step_tok_s']:.0f} | "
             f"{r['update_tflop_s']:.1f} | {r['peak_pct']:.0f} | "
             f"{r['peak_gib']:.1f} / {r['reserved_gib']:.1f} | "
-            f"{r['plan_gib']:.1f} | {_ratio(r['step_vs_bf16'])} |"
+            f"{r['plan_gib']:.1f} | {'update skipped' if r['skipped_updates'] else _ratio(r['step_vs_bf16'])} |"
         )
     return "\n".join(lines)

@@ -49,6 +49,27 @@ def test_bench_step_runs_the_trainer_step(tmp_path, monkeypatch):
     assert data["lengths"] == "uniform:3-9" and len(data["rows"]) == 4
     # same seeds, same lengths: both update paths train on the same completions
     assert rows[0]["generated_tokens"] == rows[1]["generated_tokens"]
+    assert all(r["skipped_updates"] == 0 and r["measured_steps"] == 2 for r in rows)
+
+
+def test_bench_step_flags_skipped_updates(tmp_path, monkeypatch, capsys):
+    """A non-finite loss makes the update skip (adapter unchanged): the benchmark says so on its line, in its
+    table and in a warning, and gives no ratio to bf16 (the time measured is no update's)."""
+    import math
+
+    import qerl.update as upd
+
+    real = upd.policy_loss
+    monkeypatch.setattr(upd, "policy_loss", lambda *a, **k: (lambda lm: (lm[0] * math.nan, lm[1]))(real(*a, **k)))
+    path = make_tiny_checkpoint(tmp_path / "qwen2", "qwen2", seed=0, std=0.05)
+    with pytest.warns(UserWarning, match="non-finite"):
+        rows = run_step_bench(
+            str(path), ("nvfp4", "bf16"), prompts=2, group_size=4, prompt_len=8, gen_len=8, lengths="full", steps=1
+        )
+    assert [r["skipped_updates"] for r in rows] == [1, 1]
+    assert all(math.isnan(r["step_vs_bf16"]) for r in rows)
+    out = capsys.readouterr().out
+    assert "UPDATE SKIPPED in 1 of 1 measured steps" in out and "| update skipped |" in out and "warning: nvfp4" in out
 
 
 def test_lengths_specs():
