@@ -24,10 +24,10 @@ What differs from the reference engine (and why):
   AQN writes the norm weights in place, which the graph reads directly.
 - Sampling runs on the GPU between graph replays, no host sync: at temperature > 0 without top-k / top-p
   by the token-draw kernel (`qerl.kernels.token_draw`: the reference's inverse-CDF draw, one read of the
-  logits, two launches), else by the reference's `sample_tokens`; the host looks at the finished flags every `check_every` steps, and then compacts
-  the live rows into the smallest bucket that holds them, so finished rows stop
-  costing work (rows that finished between two checks keep running until the check;
-  their extra tokens are masked as in the reference engine).
+  logits, two launches), else by the reference's `sample_tokens`. The host looks at the finished flags every
+  `check_every` steps, and then compacts the live rows into the smallest bucket that holds them, so finished
+  rows stop costing work (rows that finished between two checks keep running until the check; their extra
+  tokens are masked as in the reference engine).
 - Prefill runs the model's own forward with `QuantLinear.backend = "triton"`
   (dequantize one layer into a shared buffer + cuBLAS).
 
