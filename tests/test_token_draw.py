@@ -70,6 +70,10 @@ peaked[:, [3, 300, 999]] = torch.tensor([0.0, 1.0, 2.0])
 for s in range(5):
     tok, lp = draw_tokens(peaked, 1.0, torch.tensor([s]), block=256)
     assert set(tok.tolist()) <= {3, 300, 999} and torch.isfinite(lp).all(), (tok, lp)
+masked = torch.randn(3, 1000)
+masked[:, :600] = float("-inf")  # whole chunks and part of one without mass (a model's masked tokens)
+tok, lp = draw_tokens(masked, 0.8, torch.tensor([9]), block=256)
+assert check_draw(masked, 0.8, row_uniforms(torch.tensor([9]), 3), tok, lp) == 1.0 and (tok >= 600).all()
 u0, u1 = row_uniforms(torch.tensor([5]), 4), row_uniforms(torch.tensor([6]), 4)
 assert ((u0 >= 0) & (u0 < 1)).all() and not torch.equal(u0, u1)  # another seed, other uniforms
 print("ok")

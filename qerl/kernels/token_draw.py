@@ -33,8 +33,9 @@ if HAS_TRITON:
         v = c * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(logits_ptr + row * stride_l + v, mask=v < V, other=float("-inf")).to(tl.float32) * inv_t
         m = tl.max(x, axis=0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)  # a chunk of masked (-inf) logits has no mass, not NaN
         tl.store(part_ptr + (row * C + c) * 2, m)
-        tl.store(part_ptr + (row * C + c) * 2 + 1, tl.sum(tl.exp(x - m), axis=0))
+        tl.store(part_ptr + (row * C + c) * 2 + 1, tl.sum(tl.exp(x - m_safe), axis=0))
 
     @triton.jit
     def _pick_kernel(
