@@ -32,6 +32,9 @@ What differs from the reference engine (and why):
   (dequantize one layer into a shared buffer + cuBLAS).
 
 Not supported here (use `Engine`): Qwen3's q/k norm, weight formats without a kernel (nf4).
+Under `TRITON_INTERPRET=1` the engine also runs on a CPU model (no graphs; the Triton kernels interpreted, the
+linears on the dequantize + matmul path): slow, for debugging its logic and for CI
+(tests/test_engine_interpreted.py).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import torch
 
 from ..kernels import KernelUnavailable, available
 from ..kernels.choice import ALL_KERNELS, LinearKernel, choose_linear_kernel
+from ..kernels.common import HAS_TRITON, INTERPRET
 from ..kernels.decode_attention import attention_splits, decode_attention
 from ..kernels.fused_linear import fused_linear
 from ..kernels.lora_shrink import MAX_SPLITS
@@ -135,6 +139,28 @@ def _fuse(mods: list, glu: bool = False) -> _FusedLinear:
     )
 
 
+class _Clock:
+    """A CUDA event on a GPU (time on the device's stream), the host's clock under Triton's interpreter."""
+
+    def __init__(self, device: torch.device):
+        self.event = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
+        self.t = 0.0
+
+    def record(self):
+        if self.event is None:
+            self.t = time.perf_counter()
+        else:
+            self.event.record()
+
+    def synchronize(self):
+        if self.event is not None:
+            self.event.synchronize()
+
+    def elapsed_time(self, end: _Clock) -> float:
+        """Milliseconds from this one to end."""
+        return self.event.elapsed_time(end.event) if self.event is not None else (end.t - self.t) * 1e3
+
+
 class CudaEngine(Engine):
     """`generate(prompts, params, generator) -> Rollout`, as `Engine`, with the decode step in CUDA graphs."""
 
@@ -150,7 +176,8 @@ class CudaEngine(Engine):
         """eos_ids: overrides the tokenizer's ([] for benchmarks that must run to the length limit);
         check_every: decode steps between looks at the finished flags; use_graphs: CUDA graphs (off: eager
         launches, for debugging); kernels: the linear kernels `choose_linear_kernel` may pick (tests narrow it)."""
-        if not available() or model.device.type != "cuda":
+        interpreted = INTERPRET and HAS_TRITON and model.device.type == "cpu"  # debugging and CI: see the module doc
+        if not interpreted and (not available() or model.device.type != "cuda"):
             raise KernelUnavailable(
                 "CudaEngine needs a CUDA device and Triton; use the reference qerl.rollout.Engine here"
             )
@@ -162,7 +189,11 @@ class CudaEngine(Engine):
         super().__init__(model, tokenizer, cache_weights=False)
         if eos_ids is not None:
             self.eos_ids = list(eos_ids)
-        self.check_every, self.use_graphs, self.kernels = check_every, use_graphs, frozenset(kernels)
+        self.check_every, self.use_graphs, self.kernels = (
+            check_every,
+            use_graphs and not interpreted,
+            frozenset(kernels),
+        )
         self.layers = []
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -259,8 +290,9 @@ class CudaEngine(Engine):
         self.ws_ml = torch.zeros(b * a.num_heads * ns_max * 2, dtype=torch.float32, device=dev)
         self.cap = (b, s)
 
-    @staticmethod
-    def _sms() -> int:
+    def _sms(self) -> int:
+        if self.model.device.type != "cuda":  # Triton's interpreter: few programs (attention splits) run faster
+            return 2
         return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
     # --- one decode step (captured) ------------------------------------------------------
@@ -396,7 +428,7 @@ class CudaEngine(Engine):
         self.refresh_weights()
         dev = self.model.device
         t_start = time.perf_counter()
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        ev = [_Clock(dev) for _ in range(3)]
         ev[0].record()
         logits, attn, p = self._prefill_into_cache(ids)
         lengths = attn.sum(1)
