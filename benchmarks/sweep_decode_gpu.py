@@ -52,12 +52,11 @@ from qerl.kernels.common import to_planes
 from qerl.kernels.decode_attention import attention_splits, decode_attention
 from qerl.kernels.fused_linear import fused_linear
 from qerl.kernels.lora_shrink import MAX_SPLITS
-from qerl.kernels.nvfp4_wgmma import WG_TILES, wgmma_config
+from qerl.kernels.nvfp4_wgmma import WG_TILES, wg_tile_key, wgmma_config
 from qerl.modeling import ModelArgs
 
 ATT_TOL = 2e-2  # max |out - ref| / max |ref|
 WG_TOL = 1e-3  # ||y - y_default|| / ||y_default||
-WG_BUCKETS = (16, 32, 64, 128)  # WG_TILES' row classes
 DEV, DTYPE = "cuda", torch.bfloat16  # (a CPU test of the script's own logic swaps these)
 
 
@@ -236,15 +235,6 @@ def attention_batch(a, args: ModelArgs, b: int, bw: float, rows: list[dict]) -> 
 
 
 # ---- wgmma -------------------------------------------------------------------------------------------------------
-def tile_class(n: int, k: int) -> str:
-    """`WG_TILES`' shape class of an [n, k] product (as `wgmma_config` picks it; n = output columns)."""
-    return "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
-
-
-def bucket(m: int) -> int:
-    return next(b for b in WG_BUCKETS if m <= b or b == WG_BUCKETS[-1])
-
-
 def wg_label(lab: tuple) -> str:
     nw, p, ns, pf = lab
     return f"warps {nw} programs {p} NS {ns} PF {int(pf)}"
@@ -344,7 +334,8 @@ def sweep_wgmma(a, args: ModelArgs, bw: float, rows: list[dict]) -> tuple[list[d
             if out_of_time(f"wgmma {layer.name} M={m}"):
                 continue
             o = engine_operands(layer, args, m, a.rank, gen)
-            n_out, cls = o["n_out"], tile_class(o["n_out"], layer.k)
+            n_out = o["n_out"]
+            cls, bucket = wg_tile_key(m, n_out, layer.k)
             pick = choose_linear_kernel(m, "nvfp4", layer.k, o["x"].device, o["x"].dtype)
             if pick is not W:
                 print(f"  note: at {m} rows the engine picks {pick.value} for {layer.name}, not wgmma", flush=True)
@@ -353,7 +344,7 @@ def sweep_wgmma(a, args: ModelArgs, bw: float, rows: list[dict]) -> tuple[list[d
             o["out"].fill_(float("nan"))
             cub = engine_linear(o, x_planes=False, kernel=LinearKernel.CUBLAS)  # the call itself, another path
             print(f"  {layer.name} M={m}: default tile vs cuBLAS path, rel err {rel(cub, ref):.1e}", flush=True)
-            times = by_label.setdefault((cls, bucket(m), layer.name), {})
+            times = by_label.setdefault((cls, bucket, layer.name), {})
             res = {}
             for key, labels in sorted(grid.items(), key=lambda kv: kv[0] != dkey):  # today's tile first
                 cfg = dict(key)
@@ -485,7 +476,7 @@ def dry_run(a, args: ModelArgs):
                 n += len(grid)
                 splits = sorted({dict(c)["SPLIT"] for c in grid})
                 print(
-                    f"wgmma {name} M={m} ({tile_class(n_out, k)}): {len(grid)} distinct configs, SPLITs {splits}; "
+                    f"wgmma {name} M={m} ({wg_tile_key(m, n_out, k)[0]}): {len(grid)} distinct configs, SPLITs {splits}; "
                     f"default warps {d['num_warps']} SPLIT {d['SPLIT']} NS {d['NS']} PF {int(d['PF'])}",
                     flush=True,
                 )

@@ -299,13 +299,19 @@ WG_TILES = {
 }
 
 
+def wg_tile_key(m: int, n: int, k: int) -> tuple[str, int]:
+    """The `WG_TILES` entry for m rows of an [n, k] product: (shape class, rows bucket)."""
+    cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
+    return cls, next(b for b in (16, 32, 64, 128) if m <= b or b == 128)
+
+
 def wgmma_config(m: int, n: int, k: int, num_warps: int | None = None, programs: int | None = None) -> dict:
     """The tile for m rows of an [n, k] weight: BN = 16 * num_warps weight rows, 32 words a step, K split
     until the grid has about `programs` programs (at most 16 splits, each at least two steps), x one step ahead
     (NS 1), the words a step ahead where the table says (PF: 151 registers at 64 rows, 127 without); fields
     given override the `WG_TILES` entry."""
-    cls = "down" if k >= 8192 else ("narrow" if n <= 8192 else "wide")
-    nw, target, pf = WG_TILES[cls][next(b for b in (16, 32, 64, 128) if m <= b or b == 128)]
+    cls, rows = wg_tile_key(m, n, k)
+    nw, target, pf = WG_TILES[cls][rows]
     nw, target = num_warps or nw, programs or target
     bn = 16 * nw
     split = max(1, min(16, round(target / -(-n // bn)), (k // 8) // BKW // 2))
