@@ -157,6 +157,57 @@ def step_config(
     )
 
 
+def step_trainer(
+    args,
+    quant: str,
+    *,
+    prompts: int,
+    group_size: int,
+    prompt_len: int,
+    gen_len: int,
+    lengths: str,
+    micro_batch: int | None,
+    gradient_checkpointing: str,
+    lora_rank: int,
+    device,
+    dtype,
+    update_path: str = "packed",
+    out_dir: str,
+    gpu_mem: float | None = None,
+):
+    """The `Trainer` that `bench_one` times: random weights of `args` in `quant`, synthetic prompts,
+    alternating rewards, completions stopped at lengths drawn from `lengths`."""
+    from .trainer import Trainer
+
+    ranks = world_from_env().size  # under torchrun the config names the device type; each rank's GPU is its own
+    cfg = step_config(
+        prompts,
+        group_size,
+        gen_len,
+        micro_batch,
+        gradient_checkpointing,
+        lora_rank,
+        device.type if ranks > 1 else str(device),
+        out_dir,
+    )
+    model = build_random_model(args, quant, lora_rank, device=device, dtype=dtype)
+    if (
+        gpu_mem and device.type == "cuda"
+    ):  # behave as on a GPU of gpu_mem GiB: allocations past it fail, "auto" plans within it
+        dev = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+        total = torch.cuda.get_device_properties(dev).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_mem * 2**30 / total), dev)
+        model.memory_limit = gpu_mem * 2**30
+    tok = RandomTokenizer(args.vocab_size, prompt_len)
+    recs = [Record(f"question {i}", "0") for i in range(max(64, 4 * prompts))]
+    tr = Trainer(
+        cfg, progress=False, model=model, tokenizer=tok, records=(recs, recs[:1]), reward_fn=alternating_rewards
+    )
+    tr.update_path = update_path
+    tr.engine = ForcedLengths(_engine(model, tok), parse_lengths(lengths, gen_len))
+    return tr
+
+
 def bench_one(
     args,
     quant: str,
@@ -177,35 +228,28 @@ def bench_one(
     profile: str | None = None,
     gpu_mem: float | None = None,
 ) -> dict:
-    from .trainer import Trainer
-
-    ranks = world_from_env().size  # under torchrun the config names the device type; each rank's GPU is its own
-    cfg = step_config(
-        prompts,
-        group_size,
-        gen_len,
-        micro_batch,
-        gradient_checkpointing,
-        lora_rank,
-        device.type if ranks > 1 else str(device),
-        out_dir,
+    tr = step_trainer(
+        args,
+        quant,
+        prompts=prompts,
+        group_size=group_size,
+        prompt_len=prompt_len,
+        gen_len=gen_len,
+        lengths=lengths,
+        micro_batch=micro_batch,
+        gradient_checkpointing=gradient_checkpointing,
+        lora_rank=lora_rank,
+        device=device,
+        dtype=dtype,
+        update_path=update_path,
+        out_dir=out_dir,
+        gpu_mem=gpu_mem,
     )
-    model = build_random_model(args, quant, lora_rank, device=device, dtype=dtype)
+    cfg, model, world = tr.cfg, tr.model, tr.world  # world: torchrun's ranks (size 1 without torchrun)
     cuda = device.type == "cuda"
     if cuda and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory if cuda else None
-    if gpu_mem and cuda:  # behave as on a GPU of gpu_mem GiB: allocations past it fail, "auto" plans within it
-        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_mem * 2**30 / total), device)
-        model.memory_limit = gpu_mem * 2**30
-    tok = RandomTokenizer(args.vocab_size, prompt_len)
-    recs = [Record(f"question {i}", "0") for i in range(max(64, 4 * prompts))]
-    tr = Trainer(
-        cfg, progress=False, model=model, tokenizer=tok, records=(recs, recs[:1]), reward_fn=alternating_rewards
-    )
-    world = tr.world  # torchrun's ranks, the process group joined (size 1 without torchrun)
-    tr.update_path = update_path
-    tr.engine = ForcedLengths(_engine(model, tok), parse_lengths(lengths, gen_len))
     rows = []
     for s in range(steps + 1):  # step 0 warms up: compiling, CUDA-graph capture, allocator growth
         if cuda:

@@ -282,18 +282,7 @@ class Trainer:
             **{f"sampling_{k}": v for k, v in ds.items()},
         }
         if self.world.sum(len(groups))[0]:  # every rank updates, also one whose share of the batch is empty
-            adv = group_advantages(rewards, G, normalize_std=self.algo.normalize_std) if groups else rewards
-            prompts, comps, masks, logps = [], [], [], []
-            for g in groups:
-                for row in g["rows"]:
-                    prompts.append(g["prompt"])
-                    comps.append(g["out"].completion_ids[row])
-                    m = g["out"].mask[row]
-                    if self.algo.overlong == "mask" and g["out"].finish_reasons[row] == "length":
-                        m = torch.zeros_like(m)  # DAPO overlong filtering: truncated answers teach nothing
-                    masks.append(m)
-                    logps.append(g["out"].logprobs[row])
-            batch = build_batch(prompts, comps, masks, logps, adv, self.engine.pad_id, self.device)
+            batch = self.batch(groups, rewards)
             a = self.algo
             t_upd = time.perf_counter()
             upd = policy_update(
@@ -323,6 +312,22 @@ class Trainer:
         metrics["step_s"] = time.perf_counter() - t0
         metrics.update(batch_metrics(self.world.gather(self.rollout_record(groups, rewards, t_roll))))
         return metrics
+
+    def batch(self, groups, rewards: torch.Tensor):
+        """The update's `Batch` of this rank's groups: advantages per group, DAPO overlong masks."""
+        G = self.cfg.rollout.group_size
+        adv = group_advantages(rewards, G, normalize_std=self.algo.normalize_std) if groups else rewards
+        prompts, comps, masks, logps = [], [], [], []
+        for g in groups:
+            for row in g["rows"]:
+                prompts.append(g["prompt"])
+                comps.append(g["out"].completion_ids[row])
+                m = g["out"].mask[row]
+                if self.algo.overlong == "mask" and g["out"].finish_reasons[row] == "length":
+                    m = torch.zeros_like(m)  # DAPO overlong filtering: truncated answers teach nothing
+                masks.append(m)
+                logps.append(g["out"].logprobs[row])
+        return build_batch(prompts, comps, masks, logps, adv, self.engine.pad_id, self.device)
 
     def rollout_record(self, groups, rewards: torch.Tensor, rollout_s: float) -> dict:
         """What this rank's rollouts were like (its share of the batch), for `batch_metrics`."""
