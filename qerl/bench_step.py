@@ -208,43 +208,11 @@ def step_trainer(
     return tr
 
 
-def bench_one(
-    args,
-    quant: str,
-    *,
-    prompts: int,
-    group_size: int,
-    prompt_len: int,
-    gen_len: int,
-    lengths: str,
-    micro_batch: int | None,
-    gradient_checkpointing: str,
-    lora_rank: int,
-    steps: int,
-    device,
-    dtype,
-    update_path: str,
-    out_dir: str,
-    profile: str | None = None,
-    gpu_mem: float | None = None,
-) -> dict:
-    tr = step_trainer(
-        args,
-        quant,
-        prompts=prompts,
-        group_size=group_size,
-        prompt_len=prompt_len,
-        gen_len=gen_len,
-        lengths=lengths,
-        micro_batch=micro_batch,
-        gradient_checkpointing=gradient_checkpointing,
-        lora_rank=lora_rank,
-        device=device,
-        dtype=dtype,
-        update_path=update_path,
-        out_dir=out_dir,
-        gpu_mem=gpu_mem,
-    )
+def bench_one(args, quant: str, *, steps: int, profile: str | None = None, **setup) -> dict:
+    """`steps` measured steps (after a warm-up step) of `step_trainer(args, quant, **setup)`."""
+    tr = step_trainer(args, quant, **setup)
+    prompts, group_size, prompt_len = setup["prompts"], setup["group_size"], setup["prompt_len"]
+    device, gpu_mem, update_path = setup["device"], setup.get("gpu_mem"), tr.update_path
     cfg, model, world = tr.cfg, tr.model, tr.world  # world: torchrun's ranks (size 1 without torchrun)
     cuda = device.type == "cuda"
     if cuda and device.index is None:
