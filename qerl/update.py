@@ -161,6 +161,19 @@ def packed_logprobs(model: CausalLM, b: Batch, temperature: float, chunk_tokens:
 LOGPROB_PATHS = {"packed": packed_logprobs, "reference": sequence_logprobs}
 
 
+def _non_finite(mb: Batch, logp: torch.Tensor, ent: torch.Tensor) -> str:
+    """Where a micro-batch's non-finite loss comes from: counts of non-finite values among its loss tokens."""
+    m = mb.mask
+    parts = {
+        "the rollout's log-probs": mb.rollout_logp,
+        "the update's log-probs": logp.detach(),
+        "entropies": ent.detach(),
+        "advantages": mb.advantages[:, None].expand_as(m),
+    }
+    found = [f"{int(k)} of {int(m.sum())} {name}" for name, x in parts.items() if (k := (~torch.isfinite(x) & m).sum())]
+    return "non-finite " + ", ".join(found) if found else "every input finite: the loss itself"
+
+
 def policy_update(
     model: CausalLM,
     optimizer,
@@ -205,7 +218,7 @@ def policy_update(
     model.train()
     for it in range(num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        finite = True
+        finite, why = True, ""
         for s in range(0, n, micro_batch_size):
             mb = batch.slice(slice(s, s + micro_batch_size))
             logp, ent = logprobs(model, mb, temperature, group=group)
@@ -238,6 +251,7 @@ def policy_update(
             )
             if not torch.isfinite(loss):
                 finite = False
+                why = f" (micro-batch {s // micro_batch_size}: {_non_finite(mb, logp, ent)})"
                 break
             loss.backward()
             w = float(mb.mask.sum()) / max(tokens, 1)
@@ -250,7 +264,7 @@ def policy_update(
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if finite else torch.tensor(float("nan"))
         if not finite or not torch.isfinite(grad_norm):
             warnings.warn(
-                f"non-finite loss or gradient in iteration {it}: update skipped, adapter unchanged", stacklevel=2
+                f"non-finite loss or gradient in iteration {it}{why}: update skipped, adapter unchanged", stacklevel=2
             )
             optimizer.zero_grad(set_to_none=True)
             skipped += 1
