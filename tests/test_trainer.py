@@ -80,42 +80,21 @@ def test_nan_loss_skips_the_update_and_keeps_the_adapter(tiny):
     row0 = int(batch.mask[0].sum())
     before = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-2)
+    kw = dict(micro_batch_size=8, num_iterations=1, max_grad_norm=1.0, is_level="token", is_mode="truncate")
+
+    def update():
+        return policy_update(model, opt, params, batch, LossConfig(), temperature=1.0, is_threshold=2.0, **kw)
+
     # the warning says where: the NaN advantage's row, every one of its loss tokens, nothing else
     where = rf"micro-batch 0: non-finite {row0} of {int(batch.mask.sum())} advantages\): update skipped"
     with pytest.warns(UserWarning, match=where):
-        m = policy_update(
-            model,
-            opt,
-            params,
-            batch,
-            LossConfig(),
-            temperature=1.0,
-            micro_batch_size=8,
-            num_iterations=1,
-            max_grad_norm=1.0,
-            is_level="token",
-            is_mode="truncate",
-            is_threshold=2.0,
-        )
+        m = update()
     assert m["skipped_updates"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, params))
     batch.advantages[0] = 1.0
     batch.rollout_logp[1, 0] = float("nan")  # one token of the sampler's log-probs
     with pytest.warns(UserWarning, match=r"non-finite 1 of \d+ the rollout's log-probs\)"):
-        m = policy_update(
-            model,
-            opt,
-            params,
-            batch,
-            LossConfig(),
-            temperature=1.0,
-            micro_batch_size=8,
-            num_iterations=1,
-            max_grad_norm=1.0,
-            is_level="token",
-            is_mode="truncate",
-            is_threshold=2.0,
-        )
+        m = update()
     assert m["skipped_updates"] == 1
 
 
