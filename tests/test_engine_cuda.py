@@ -154,3 +154,46 @@ def test_ragged_groups_through_every_bucket():
         logits = qerl_logits(model, torch.tensor([prompt + toks], device="cuda"))[0, len(prompt) - 1 : -1]
         ref = logits.float().log_softmax(-1).gather(-1, torch.tensor(toks, device="cuda")[:, None]).squeeze(-1)
         torch.testing.assert_close(r.logprobs[i][r.mask[i]], ref.cpu(), rtol=0, atol=0.2)  # bf16 both ways
+
+
+def test_decode_graphs_bring_their_own_split_k_partials():
+    """The split-K kernels' shared partials buffer grows by replacement (the old one freed); a graph captured
+    before would go on writing there, into whatever memory the allocator hands out next (the 7B lognormal step
+    lost its AdamW state that way: the 32-row bucket needs twice the 64-row partials). So the decode graphs
+    use the engine's own buffer: after ragged rollouts through every bucket, twice (the second replays the
+    first's graphs), the shared buffer was never made, and greedy rows are the same both times."""
+    from qerl.kernels import common
+    from qerl.kernels.fused_linear import partials_numel
+    from qerl.rollout.cuda import CudaEngine
+
+    model = build_random_model(ARGS, "nvfp4", lora_rank=16, dtype=torch.bfloat16, seed=7)
+    g = torch.Generator().manual_seed(2)
+    limits = tuple(torch.randint(1, 41, (64,), generator=g).tolist())
+    prompts = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (9, 30, 17, 24, 5, 12, 20, 16)]
+    params = SamplingParams(temperature=0.0, max_new_tokens=40, n=8, row_max_tokens=limits)
+    common._WS.clear()
+    eng = CudaEngine(model, Tok(), check_every=2)
+    first = eng.generate(prompts, params)
+    second = eng.generate(prompts, params)
+    assert not common._WS, "a decode step used the shared split-K buffer"
+    assert first.lengths == list(limits) and torch.equal(first.completion_ids, second.completion_ids)
+    fl = eng._fused()
+    need = max(
+        partials_numel(b, f.fmt, f.weight.shape[0], f.in_features, f.glu, eng._kernel(f, b))
+        for f in fl
+        for b in CudaEngine._buckets(64)
+    )
+    assert 0 < need <= eng.part.numel()
+
+
+def test_shared_split_k_partials_refuse_a_graph_capture():
+    from qerl.kernels.common import partials_workspace
+
+    own = torch.zeros(64, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="partials_out"), torch.cuda.graph(graph):
+        partials_workspace(32, torch.device("cuda"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        view = partials_workspace(32, torch.device("cuda"), own)
+    assert view.data_ptr() == own.data_ptr()

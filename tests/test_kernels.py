@@ -273,6 +273,21 @@ print("ok")
 """
 
 
+def test_partials_workspace_takes_the_callers_buffer():
+    """A caller's own split-K buffer (what graph-captured decode steps pass) is used as given, never replaced;
+    too small a buffer is an error, not a silent reallocation (the shared buffer grows; a caller's must not)."""
+    from qerl.kernels.common import partials_workspace
+
+    own = torch.randn(100)
+    assert partials_workspace(60, torch.device("cpu"), own).data_ptr() == own.data_ptr()
+    with pytest.raises(ValueError, match="needs 101"):
+        partials_workspace(101, torch.device("cpu"), own)
+    with pytest.raises(ValueError, match="fp32"):
+        partials_workspace(10, torch.device("cpu"), own.double())
+    shared = partials_workspace(60, torch.device("cpu"))
+    assert shared.numel() == 60 and shared.data_ptr() != own.data_ptr()
+
+
 def test_decode_attention_interpreted():
     """(CPU, Triton's interpreter, fp32) the split-KV decode attention against softmax attention with GQA and a
     key mask, for several splits and key blocks; with prefix rows, each row's first 40 keys come from its

@@ -54,9 +54,20 @@ FMT_CODES = {"nvfp4": 0, "mxfp4": 1, "bf16": 2}  # the FMT constexpr of the Trit
 _WS: dict = {}
 
 
-def partials_workspace(numel: int, device) -> torch.Tensor:
-    """fp32 split-K partials, one buffer per device (a call's partials are consumed by its own epilogue
-    launch right after, in stream order, so consecutive calls may share it)."""
+def partials_workspace(numel: int, device, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 split-K partials: `out` (the caller's own buffer) when given, else one buffer per device (a call's
+    partials are consumed by its own epilogue launch right after, in stream order, so consecutive calls may
+    share it). The shared buffer grows by replacement, which frees the old one: a CUDA graph captured
+    earlier would go on writing there, into memory that other tensors get. So a capture must bring `out`."""
+    if out is not None:
+        if out.numel() < numel or out.dtype != torch.float32:
+            raise ValueError(f"partials_out holds {out.numel()} {out.dtype} values; this call needs {numel} fp32")
+        return out[:numel]
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "split-K partials under CUDA graph capture need the caller's own buffer (partials_out=): the shared "
+            "one may be replaced, and freed, while the graph still writes to it"
+        )
     buf = _WS.get(device)
     if buf is None or buf.numel() < numel:
         buf = torch.empty(max(numel, 1 << 20), dtype=torch.float32, device=device)

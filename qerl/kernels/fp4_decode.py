@@ -773,6 +773,7 @@ def fp4_decode_linear(
     cfg,
     lora_A=None,
     h_out=None,
+    partials_out=None,
 ):
     """x [M, K] against packed NVFP4/MXFP4 rows with the tile `cfg` (`gemv_config`, or `tc_config` with TC):
     finished in this launch when K is not split, else split-K partials + the `linear_epilogue` launch.
@@ -841,7 +842,7 @@ def fp4_decode_linear(
             **common,
         )
         return out
-    ws = partials_workspace(split * m * n_rows, x.device).view(split, m, n_rows)
+    ws = partials_workspace(split * m * n_rows, x.device, partials_out).view(split, m, n_rows)
     if fuse_shrink:  # h_ptr is the shrink's output here (no epilogue in this launch)
         shrink = dict(SHRINK_R=lora_A.shape[0], SHRINK_BK=shrink_block_k(tile["BLOCK_M"]))
         h_arg, a_arg, shs, shm, sar = lora_h, lora_A, lora_h.stride(0), lora_h.stride(1), lora_A.stride(0)

@@ -18,7 +18,7 @@ import torch
 from .choice import LinearKernel, choose_linear_kernel
 from .common import KernelUnavailable, partials_workspace, require, segment_bounds, to_planes
 from .dequant import dequantize, shared_buffer
-from .fp4_decode import fp4_decode_linear, gemv_config, tc_config
+from .fp4_decode import decode_tiling, fp4_decode_linear, gemv_config, tc_config
 from .linear_epilogue import linear_epilogue
 from .lora_shrink import lora_shrink, partials_view
 from .nvfp4_mma_sync import mma_config, mma_partials, mma_supported
@@ -48,6 +48,7 @@ def fused_linear(
     product_out: torch.Tensor | None = None,
     x_planes: bool = False,
     out_planes: bool = False,
+    partials_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, K] -> y [M, N] (or [M, N/2] with glu) in x.dtype.
 
@@ -60,7 +61,8 @@ def fused_linear(
     table; a config with MMA / WGMMA / TC set names its kernel when kernel is None).
     h_out, dense_out, product_out: reused scratch (the engine's, so CUDA graphs keep their addresses) for h's
     partials (>= MAX_SPLITS * M * R_total fp32), one dequantized layer (>= N * K) and the cuBLAS product
-    (>= M * N) in x.dtype; allocated when None.
+    (>= M * N) in x.dtype; allocated when None. partials_out: fp32 split-K partials (>= `partials_numel`),
+    required under CUDA graph capture (else a buffer shared by all callers, `common.partials_workspace`).
     x_planes: x is in plane order (`common.plane_col`), as the decode step's producers write it for the
     `nvfp4_wgmma` kernel (only that kernel takes it); out_planes: write y in plane order (for the next one).
     """
@@ -93,10 +95,23 @@ def fused_linear(
         if not (wgmma_supported if wg else mma_supported)(x.device, x.dtype, fmt, k):
             raise KernelUnavailable(f"{kernel.value} needs NVFP4, bf16 x, K % 256 == 0, a Hopper GPU and Gluon")
         cfg = config or (wgmma_config if wg else mma_config)(m, n, k)
-        return _mma_linear(x, weight, scale, global_scale, cfg, wg, lora_A, h_out, n, x_planes, *epilogue)
+        return _mma_linear(x, weight, scale, global_scale, cfg, wg, lora_A, h_out, partials_out, n, x_planes, *epilogue)
     cfg = config or (tc_config if kernel is LinearKernel.TC else gemv_config)(m, n, k)
-    y = fp4_decode_linear(x, fmt, weight, scale, global_scale, *epilogue[:-1], n, cfg, lora_A, h_out)
+    y = fp4_decode_linear(x, fmt, weight, scale, global_scale, *epilogue[:-1], n, cfg, lora_A, h_out, partials_out)
     return out.copy_(to_planes(y)) if out_planes else y  # (its fused epilogue writes natural order only)
+
+
+def partials_numel(m: int, fmt: str, n_rows: int, k: int, glu: bool, kernel: LinearKernel) -> int:
+    """fp32 split-K partials that `fused_linear` writes for m rows of x against an [n_rows, k] weight with
+    `kernel` and its default tile (0: none; a caller's `partials_out` must hold at least this many)."""
+    n = n_rows // 2 if glu else n_rows
+    if kernel in (LinearKernel.MMA_SYNC, LinearKernel.WGMMA):
+        return (wgmma_config if kernel is LinearKernel.WGMMA else mma_config)(m, n, k)["SPLIT"] * m * n_rows
+    if kernel in (LinearKernel.GEMV, LinearKernel.TC):
+        cfg = (tc_config if kernel is LinearKernel.TC else gemv_config)(m, n, k)
+        split = decode_tiling(fmt, m, k, cfg, True)[0]
+        return split * m * n_rows if split > 1 else 0
+    return 0
 
 
 def _kernel_of(config: dict) -> LinearKernel:
@@ -107,7 +122,7 @@ def _kernel_of(config: dict) -> LinearKernel:
     return LinearKernel.TC if config.get("TC") else LinearKernel.GEMV
 
 
-def _mma_linear(x, weight, scale, global_scale, cfg, wg, lora_A, h_out, n, x_planes, *epilogue):
+def _mma_linear(x, weight, scale, global_scale, cfg, wg, lora_A, h_out, partials_out, n, x_planes, *epilogue):
     """fp32 partials by `nvfp4_mma_sync` / `nvfp4_wgmma` (whose extra programs also write the LoRA shrink's
     partials when given lora_A), then the epilogue launch."""
     bias, lora_h, lora_B, lora_rank, lora_scale, segments, glu, out, planes = epilogue
@@ -117,7 +132,7 @@ def _mma_linear(x, weight, scale, global_scale, cfg, wg, lora_A, h_out, n, x_pla
         lora_h = partials_view(h_out, cfg["SPLIT"], m, lora_A.shape[0], x.device)
     n1, n2, _ = segment_bounds(segments, n, n_rows, glu)
     w32 = weight.view(torch.int32) if weight.dtype == torch.uint8 else weight
-    ws = partials_workspace(cfg["SPLIT"] * m * n_rows, x.device).view(cfg["SPLIT"], m, n_rows)
+    ws = partials_workspace(cfg["SPLIT"] * m * n_rows, x.device, partials_out).view(cfg["SPLIT"], m, n_rows)
     shrink = (lora_A, lora_h) if fuse_shrink else (None, None)
     if wg:
         wgmma_partials(x, w32, scale.view(torch.uint8), global_scale, n1, n2, cfg, ws, *shrink, x_planes=x_planes)

@@ -50,7 +50,7 @@ from ..kernels import KernelUnavailable, available
 from ..kernels.choice import ALL_KERNELS, LinearKernel, choose_linear_kernel
 from ..kernels.common import HAS_TRITON, INTERPRET
 from ..kernels.decode_attention import attention_splits, decode_attention
-from ..kernels.fused_linear import fused_linear
+from ..kernels.fused_linear import fused_linear, partials_numel
 from ..kernels.lora_shrink import MAX_SPLITS
 from ..kernels.rmsnorm import add_rmsnorm
 from ..kernels.rope_cache import rope_cache
@@ -284,6 +284,10 @@ class CudaEngine(Engine):
             self.deq = torch.empty(max(f.weight.shape[0] * f.in_features for f in fl), dtype=dt, device=dev)
         hmax = max([MAX_SPLITS * b * f.A.shape[0] for f in self._fused() if f.rank] or [1])  # any split count
         self.hbuf = torch.zeros(hmax, dtype=torch.float32, device=dev)
+        # split-K partials of every bucket's graphs (their own: a shared buffer that grew would be freed under them)
+        shapes = {(f.fmt, f.weight.shape[0], f.in_features, f.glu): f for f in fl}
+        part = max(partials_numel(x, *key, self._kernel(f, x)) for key, f in shapes.items() for x in range(1, b + 1))
+        self.part = torch.zeros(max(part, 1), dtype=torch.float32, device=dev)
         self.nsplit = {}
         ns_max = max(attention_splits(x, a.num_kv_heads, s, self._sms()) for x in range(1, b + 1))
         self.ws_o = torch.zeros(b * a.num_heads * ns_max * a.head_dim, dtype=torch.float32, device=dev)
@@ -325,6 +329,7 @@ class CudaEngine(Engine):
             product_out=self.y0,
             x_planes=self._planes(f, x.shape[0]),
             out_planes=out_planes,
+            partials_out=self.part,
         )
 
     def _decode_step(self, b: int):
