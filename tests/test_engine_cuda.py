@@ -171,11 +171,11 @@ def test_decode_graphs_bring_their_own_split_k_partials():
     limits = tuple(torch.randint(1, 41, (64,), generator=g).tolist())
     prompts = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (9, 30, 17, 24, 5, 12, 20, 16)]
     params = SamplingParams(temperature=0.0, max_new_tokens=40, n=8, row_max_tokens=limits)
-    common._WS.clear()
+    common._SHARED.clear()
     eng = CudaEngine(model, Tok(), check_every=2)
     first = eng.generate(prompts, params)
     second = eng.generate(prompts, params)
-    assert not common._WS, "a decode step used the shared split-K buffer"
+    assert not any(k[0].startswith("split-K") for k in common._SHARED), "a decode step used the shared partials"
     assert first.lengths == list(limits) and torch.equal(first.completion_ids, second.completion_ids)
     fl = eng._fused()
     need = max(
@@ -186,14 +186,19 @@ def test_decode_graphs_bring_their_own_split_k_partials():
     assert 0 < need <= eng.part.numel()
 
 
-def test_shared_split_k_partials_refuse_a_graph_capture():
-    from qerl.kernels.common import partials_workspace
+def test_outgrown_shared_scratch_stays_with_the_graphs_that_captured_it():
+    """A graph captured with the shared partials keeps them when a later call outgrows the buffer: its replay
+    still writes the old address, which stays allocated (retired), so no other tensor gets it."""
+    from qerl.kernels import common
 
-    own = torch.zeros(64, device="cuda")
-    graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="partials_out"), torch.cuda.graph(graph):
-        partials_workspace(32, torch.device("cuda"))
+    common._SHARED.clear()
+    small = common.partials_workspace(1 << 20, torch.device("cuda"))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        view = partials_workspace(32, torch.device("cuda"), own)
-    assert view.data_ptr() == own.data_ptr()
+        small.fill_(3.0)
+    big = common.partials_workspace(1 << 22, torch.device("cuda"))
+    assert big.data_ptr() != small.data_ptr()
+    assert any(t.data_ptr() == small.data_ptr() for t in common._RETIRED)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert bool((small == 3.0).all())

@@ -288,6 +288,28 @@ def test_partials_workspace_takes_the_callers_buffer():
     assert shared.numel() == 60 and shared.data_ptr() != own.data_ptr()
 
 
+def test_shared_scratch_keeps_what_a_capture_took(monkeypatch):
+    """The shared scratch grows by replacement; an outgrown buffer is freed unless a CUDA graph capture took
+    it (then kept: the graph still uses its address). The capture is simulated (the rule is host-side)."""
+    from qerl.kernels import common
+
+    monkeypatch.setattr(common, "_SHARED", {})
+    monkeypatch.setattr(common, "_IN_GRAPHS", set())
+    monkeypatch.setattr(common, "_RETIRED", [])
+    cpu = torch.device("cpu")
+    a = common.shared_scratch("t", 1 << 20, torch.float32, cpu)
+    assert common.shared_scratch("t", 100, torch.float32, cpu).data_ptr() == a.data_ptr()  # fits: the same
+    b = common.shared_scratch("t", 1 << 21, torch.float32, cpu)  # outgrown, never captured: dropped
+    assert b.data_ptr() != a.data_ptr() and not common._RETIRED
+    monkeypatch.setattr(common, "_capturing", lambda: True)
+    assert common.shared_scratch("t", 10, torch.float32, cpu).data_ptr() == b.data_ptr()
+    monkeypatch.setattr(common, "_capturing", lambda: False)
+    c = common.shared_scratch("t", 1 << 22, torch.float32, cpu)  # outgrown after a capture took it: kept
+    assert [t.data_ptr() for t in common._RETIRED] == [b.data_ptr()] and c.data_ptr() != b.data_ptr()
+    d = common.shared_scratch("t", 1 << 23, torch.float32, cpu)  # c was never captured: not kept
+    assert len(common._RETIRED) == 1 and d.numel() == 1 << 23
+
+
 def test_decode_attention_interpreted():
     """(CPU, Triton's interpreter, fp32) the split-KV decode attention against softmax attention with GQA and a
     key mask, for several splits and key blocks; with prefix rows, each row's first 40 keys come from its

@@ -51,28 +51,42 @@ FMT_CODES = {"nvfp4": 0, "mxfp4": 1, "bf16": 2}  # the FMT constexpr of the Trit
 
 
 # ---- host side of the fused linear launches -----------------------------------------------------------------
-_WS: dict = {}
+_SHARED: dict[tuple, torch.Tensor] = {}  # (what, device, dtype) -> the one scratch buffer of that kind
+_IN_GRAPHS: set[tuple] = set()  # keys whose current buffer a CUDA graph capture took
+_RETIRED: list[torch.Tensor] = []  # outgrown buffers that captured graphs may still use: kept, never freed
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def shared_scratch(what: str, numel: int, dtype, device) -> torch.Tensor:
+    """`numel` values of the one scratch buffer named `what` for (device, dtype), shared by every caller whose
+    use of it ends in stream order before the next one's begins. It grows by replacement. A buffer that a CUDA
+    graph capture took is kept when outgrown (in `_RETIRED`), not freed: the graph goes on using its address,
+    which the allocator would otherwise hand to other tensors (the 7B NVFP4 step lost its AdamW state that
+    way). The decode engine brings buffers of its own instead (sized for every bucket at once)."""
+    key = (what, torch.device(device), dtype)
+    buf = _SHARED.get(key)
+    if buf is None or buf.numel() < numel:
+        if buf is not None and key in _IN_GRAPHS:
+            _RETIRED.append(buf)
+        _IN_GRAPHS.discard(key)
+        buf = torch.empty(max(numel, 1 << 20), dtype=dtype, device=device)
+        _SHARED[key] = buf
+    if _capturing():
+        _IN_GRAPHS.add(key)
+    return buf[:numel]
 
 
 def partials_workspace(numel: int, device, out: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 split-K partials: `out` (the caller's own buffer) when given, else one buffer per device (a call's
-    partials are consumed by its own epilogue launch right after, in stream order, so consecutive calls may
-    share it). The shared buffer grows by replacement, which frees the old one: a CUDA graph captured
-    earlier would go on writing there, into memory that other tensors get. So a capture must bring `out`."""
-    if out is not None:
-        if out.numel() < numel or out.dtype != torch.float32:
-            raise ValueError(f"partials_out holds {out.numel()} {out.dtype} values; this call needs {numel} fp32")
-        return out[:numel]
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "split-K partials under CUDA graph capture need the caller's own buffer (partials_out=): the shared "
-            "one may be replaced, and freed, while the graph still writes to it"
-        )
-    buf = _WS.get(device)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(max(numel, 1 << 20), dtype=torch.float32, device=device)
-        _WS[device] = buf
-    return buf[:numel]
+    """fp32 split-K partials: `out` (the caller's own buffer) when given, else `shared_scratch` (a call's
+    partials are consumed by its own epilogue launch right after)."""
+    if out is None:
+        return shared_scratch("split-K partials (partials_out=)", numel, torch.float32, device)
+    if out.numel() < numel or out.dtype != torch.float32:
+        raise ValueError(f"partials_out holds {out.numel()} {out.dtype} values; this call needs {numel} fp32")
+    return out[:numel]
 
 
 def h_splits_tile(lora_h, lora: int) -> int:

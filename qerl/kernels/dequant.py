@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import HAS_TRITON, require
+from .common import HAS_TRITON, require, shared_scratch
 
 if HAS_TRITON:
     import triton
@@ -54,9 +54,6 @@ if HAS_TRITON:
         tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :], w, mask=mk)
 
 
-_BUFFERS: dict[tuple, torch.Tensor] = {}
-
-
 def dequantize(
     fmt: str,
     packed: torch.Tensor,
@@ -92,11 +89,5 @@ def dequantize(
 
 
 def shared_buffer(n: int, k: int, dtype, device) -> torch.Tensor:
-    """A [N, K] view of the one reusable dequantization buffer for (device, dtype)."""
-    key = (torch.device(device), dtype)
-    buf = _BUFFERS.get(key)
-    if buf is None or buf.numel() < n * k:
-        _BUFFERS.pop(key, None)
-        buf = torch.empty(n * k, dtype=dtype, device=device)
-        _BUFFERS[key] = buf
-    return buf[: n * k].view(n, k)
+    """A [N, K] view of the one reusable dequantization buffer for (device, dtype) (`common.shared_scratch`)."""
+    return shared_scratch("dequantization (dense_out=)", n * k, dtype, device).view(n, k)

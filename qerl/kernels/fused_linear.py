@@ -61,8 +61,8 @@ def fused_linear(
     table; a config with MMA / WGMMA / TC set names its kernel when kernel is None).
     h_out, dense_out, product_out: reused scratch (the engine's, so CUDA graphs keep their addresses) for h's
     partials (>= MAX_SPLITS * M * R_total fp32), one dequantized layer (>= N * K) and the cuBLAS product
-    (>= M * N) in x.dtype; allocated when None. partials_out: fp32 split-K partials (>= `partials_numel`),
-    required under CUDA graph capture (else a buffer shared by all callers, `common.partials_workspace`).
+    (>= M * N) in x.dtype; allocated when None. partials_out: fp32 split-K partials (>= `partials_numel`;
+    when None, a buffer shared by all callers, `common.shared_scratch`).
     x_planes: x is in plane order (`common.plane_col`), as the decode step's producers write it for the
     `nvfp4_wgmma` kernel (only that kernel takes it); out_planes: write y in plane order (for the next one).
     """

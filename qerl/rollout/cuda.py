@@ -3,7 +3,10 @@
 What differs from the reference engine (and why):
 - Static state. The KV cache [L, B_cap, Hkv, S_cap, D], the token/position/key-mask
   buffers and every activation buffer are allocated once per capacity and reused by
-  every call, so one decode step is a fixed sequence of launches.
+  every call, so one decode step is a fixed sequence of launches. Scratch too (split-K
+  partials, LoRA partials, a dequantized layer) is the engine's own, sized for every
+  bucket at once: a graph keeps the addresses it was captured with, so no buffer it
+  uses may be replaced later (the kernels' shared scratch grows by replacement).
 - The decode step is CUDA-graph captured, once per batch-size bucket (the row count
   of the call and the powers of two below it). The cache slot and the key count are
   device scalars that the graph itself advances, and attention reads only the filled
