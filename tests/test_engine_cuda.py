@@ -192,10 +192,12 @@ def test_outgrown_shared_scratch_stays_with_the_graphs_that_captured_it():
     from qerl.kernels import common
 
     common._SHARED.clear()
-    small = common.partials_workspace(1 << 20, torch.device("cuda"))
+    first = common.partials_workspace(1 << 20, torch.device("cuda"))  # made outside any capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
+        small = common.partials_workspace(1 << 20, torch.device("cuda"))  # the same buffer, taken by a capture
         small.fill_(3.0)
+    assert small.data_ptr() == first.data_ptr()
     big = common.partials_workspace(1 << 22, torch.device("cuda"))
     assert big.data_ptr() != small.data_ptr()
     assert any(t.data_ptr() == small.data_ptr() for t in common._RETIRED)
