@@ -5,9 +5,10 @@
 #   steps: any of tests (the decode path's GPU tests, this tree), sampling (token draw, this tree), attention
 #   (shared prompt keys or not, this tree), rollout
 #   (7B decode at temperature 0.7, batch 1-128, both trees; bf16 this tree), step (7B 8x8x(256+2048) full, both trees; bf16 this
-#   tree), lognormal (the same with lognormal:600 lengths, this tree, both formats), alloc (lognormal, NVFP4,
-#   with the CUDA allocator's fixed segments, as before the CLI turned on growable ones), big (32B 1x8x(256+2048)
-#   at a 60 GiB cap, this tree); alloc and big: one measured step
+#   tree), full (the same, this tree only, both formats), lognormal (the same with lognormal:600 lengths, this
+#   tree, both formats), probe (`dev/ragged_step_probe.py 4`: NVFP4 lognormal steps, any non-finite model
+#   tensor named after each), big (32B 1x8x(256+2048) at a 60 GiB cap, this tree, one measured step)
+#   BASE_DIR is read only by rollout and step (give . otherwise)
 out=$(realpath "${1:?usage: ab_gpu.sh OUTDIR BASE_DIR steps}"); base=$(realpath "${2:?}"); steps=${3:-"tests sampling rollout"}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -34,8 +35,8 @@ for s in $steps; do case $s in
     tail -4 "$out/step_old.txt" | sed 's/^/old /'; tail -6 "$out/step_new.txt" | sed 's/^/new /' ;;
   lognormal) run lognormal 330 . $S --quant nvfp4,bf16 --lengths lognormal:600 --out "$out/lognormal.json"
     tail -6 "$out/lognormal.txt" ;;
-  alloc) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False run alloc 200 . $S --quant nvfp4 --lengths lognormal:600 \
-      --steps 1 --out "$out/alloc.json"; tail -4 "$out/alloc.txt" ;;
+  full) run full 330 . $S --quant nvfp4,bf16 --lengths full --out "$out/full.json"; tail -6 "$out/full.txt" ;;
+  probe) run probe 200 . python dev/ragged_step_probe.py 4; cat "$out/probe.txt" ;;
   big) run big 300 . ${S/qwen2.5-7b --prompts 8/qwen2.5-32b --prompts 1} --quant nvfp4 --lengths full --gpu-mem 60 \
       --steps 1 --out "$out/big.json"; tail -4 "$out/big.txt" ;;
   *) echo "unknown step $s" ;;
