@@ -191,9 +191,7 @@ def step_trainer(
         out_dir,
     )
     model = build_random_model(args, quant, lora_rank, device=device, dtype=dtype)
-    if (
-        gpu_mem and device.type == "cuda"
-    ):  # behave as on a GPU of gpu_mem GiB: allocations past it fail, "auto" plans within it
+    if gpu_mem and device.type == "cuda":  # as on a GPU of gpu_mem GiB: allocations past it fail, "auto" plans so
         dev = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
         total = torch.cuda.get_device_properties(dev).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_mem * 2**30 / total), dev)
