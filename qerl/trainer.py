@@ -304,6 +304,8 @@ class Trainer:
             )
             metrics["update_s"] = time.perf_counter() - t_upd  # policy_update ends on host values: synchronized
             metrics.update(upd)
+            if upd["skipped_updates"]:  # a non-finite loss: transient, unless the adapter itself is broken
+                self.check_adapter(f"step {step} skipped its update for a non-finite loss, and")
         else:
             metrics["skipped_updates"] = 1.0  # dynamic sampling found no informative group
         with warnings.catch_warnings():  # the schedule follows rollout steps, also when an update was skipped
@@ -417,8 +419,20 @@ class Trainer:
         summary = write_summary(self.run_dir, self.cfg, history, self.data_reports)
         return summary
 
+    def check_adapter(self, context: str) -> None:
+        """A one-line error if a trained tensor (LoRA, and the norms where trained) holds a non-finite value.
+        Gradients are checked before every optimizer step, so this means a corrupt optimizer state or memory:
+        every later rollout and update would be non-finite too, and a checkpoint of it is worthless."""
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+        if bad:
+            raise QerlError(
+                f"{context} {len(bad)} trained tensors hold non-finite values (first: {bad[0]}); stopped, no "
+                f"checkpoint written: resume from the last one in {self.run_dir / 'checkpoints'} (--resume)"
+            )
+
     def save(self, step: int) -> Path | None:
         """A checkpoint of this step, written by rank 0 with every rank's RNG state (None on the other ranks)."""
+        self.check_adapter(f"before the checkpoint of step {step}:")
         rngs = self.world.gather(rng_state(self.gen))
         if not self.world.is_main:
             return None

@@ -232,3 +232,24 @@ def test_shared_prompt_forward_equals_per_sequence_forward(tmp_path, arch, ckpt)
     torch.testing.assert_close(out[1][1][m], out[group][1][m], rtol=1e-4, atol=1e-5)
     for a, c in zip(out[1][2], out[group][2]):
         torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-6)
+
+
+def test_a_broken_adapter_stops_the_run_with_no_checkpoint(tiny, tmp_path):
+    """A non-finite adapter weight (as a corrupt optimizer state leaves it) makes every later loss non-finite:
+    the step that skips its update says so in one line and stops, and no checkpoint of it is written.
+    (Rewards alternate within each group, so every group is informative whatever the completions.)"""
+    from qerl.bench_step import alternating_rewards
+    from qerl.errors import QerlError
+
+    cfg = run_config(tiny, tmp_path / "run", train={"max_steps": 3, "save_every": 1})
+    t = Trainer(cfg, progress=False, reward_fn=alternating_rewards)
+    t.train(until=1)
+    name, p = next((n, p) for n, p in t.model.named_parameters() if n.endswith("lora_B"))
+    with torch.no_grad():
+        p[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match="update skipped"), pytest.raises(QerlError, match="skipped its update") as e:
+        t.step(1)
+    assert "1 trained tensors hold non-finite values (first: " + name in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(QerlError, match="before the checkpoint of step 2"):
+        t.save(2)
+    assert sorted(x.name for x in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest", "step-1"]
