@@ -10,11 +10,10 @@ Usage: python benchmarks/bench_attention_gpu.py [--rows 64,128] [--ctx 512,1280,
 """
 
 import argparse
-import json
 
 import torch
 
-from qerl.bench import copy_bandwidth, graph_time_us
+from qerl.bench import copy_bandwidth, graph_time_us, write_rows
 from qerl.kernels.decode_attention import attention_splits, decode_attention
 from qerl.modeling import ModelArgs
 
@@ -77,9 +76,7 @@ def main():
                 f"copy {bw / 1e9:.0f}; rel err {err:.1e}",
                 flush=True,
             )
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), copy_Bps=bw, rows=out_rows), f, indent=1)
+    write_rows(a.out, out_rows, copy_Bps=bw)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,10 @@ Usage: python benchmarks/bench_epilogue_gpu.py [--model qwen2.5-7b] [--rows 8,16
 
 import argparse
 import itertools
-import json
 
 import torch
 
-from qerl.bench import graph_time_us
+from qerl.bench import graph_time_us, write_rows
 from qerl.kernels.linear_epilogue import linear_epilogue
 from qerl.kernels.lora_shrink import lora_shrink, shrink_chunk
 from qerl.kernels.nvfp4_mma_sync import mma_config
@@ -82,9 +81,7 @@ def main():
                         f"{t_s:6.1f} us | epilogue BN {bn:3d} {t_e:6.1f} us | total {t_s + t_e:6.1f} us",
                         flush=True,
                     )
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), rows=results), f, indent=1)
+    write_rows(a.out, results)
 
 
 def _exact(p, bias, h, B, seg, glu):
@@ -174,9 +171,7 @@ def sweep_wgmma(a):
                 f"{e_default:.1e}) | best {times[best]:7.1f} us (rows {best[0]}, columns {best[1]}, warps {best[2]})",
                 flush=True,
             )
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), rows=results), f, indent=1)
+    write_rows(a.out, results)
 
 
 if __name__ == "__main__":

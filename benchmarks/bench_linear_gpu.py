@@ -11,11 +11,10 @@ Usage: python benchmarks/bench_linear_gpu.py [--model qwen2.5-7b] [--rows 1,8,16
 """
 
 import argparse
-import json
 
 import torch
 
-from qerl.bench import copy_bandwidth, graph_time_us, random_nvfp4_layers
+from qerl.bench import copy_bandwidth, graph_time_us, random_nvfp4_layers, write_rows
 from qerl.kernels.choice import TC_MAX_ROWS, LinearKernel, choose_linear_kernel
 from qerl.kernels.common import to_planes
 from qerl.kernels.fused_linear import fused_linear
@@ -94,9 +93,7 @@ def main():
                 f"{row['pick_GBs']:.0f} GB/s = {row['pick_pct_copy']:.0f}% of copy",
                 flush=True,
             )
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), copy_Bps=bw, rows=rows), f, indent=1)
+    write_rows(a.out, rows, copy_Bps=bw)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,10 @@ Usage: python benchmarks/bench_sampling_gpu.py [--rows 1,8,64,128] [--vocab 1519
 """
 
 import argparse
-import json
 
 import torch
 
-from qerl.bench import copy_bandwidth, graph_time_us
+from qerl.bench import copy_bandwidth, graph_time_us, write_rows
 from qerl.kernels.token_draw import draw_tokens
 from qerl.rollout.sampling import sample_tokens
 
@@ -41,9 +40,7 @@ def main():
             f"{row['GBs']:.0f} GB/s = {row['pct_copy']:.0f}% of copy",
             flush=True,
         )
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), copy_Bps=bw, rows=rows), f, indent=1)
+    write_rows(a.out, rows, copy_Bps=bw)
 
 
 if __name__ == "__main__":

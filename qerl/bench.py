@@ -38,6 +38,13 @@ def graph_time_us(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3
 
 
+def write_rows(path: str | None, rows: list[dict], **extra) -> None:
+    """A kernel benchmark's `--out` JSON: the GPU's name, `extra` (e.g. copy_Bps), the rows (nothing without path)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), **extra, rows=rows), f, indent=1)
+
+
 def random_nvfp4_layers(name: str, only: str | None = None, device: str = "cuda"):
     """Kernel benchmarks' inputs: for each of `ModelArgs.from_name(name).fused_linear_shapes()` (or the comma-separated `only`), random
     weights (std 0.02) quantized to NVFP4, one layer at a time. Yields namespaces with name, n (packed rows),
