@@ -385,6 +385,10 @@ def main():
     import os
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # RL steps allocate tensors of new shapes every step (ragged completions, packed micro-batches): with the
+    # caching allocator's fixed segments a ragged 7B step reserved the whole 80 GB card for a 52 GiB peak
+    # (docs/training.md, "GPU memory"). Growable segments keep the reserve near the peak. A user's setting wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports (every rank exits)
     try:
         app()

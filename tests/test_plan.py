@@ -1,5 +1,7 @@
 """The memory planner against the published model sizes (`docs/formats.md` section 4)."""
 
+import os
+
 import pytest
 
 from qerl.config import load_config
@@ -78,3 +80,19 @@ def test_plan_says_what_it_assumed(monkeypatch):
     assert "no GPU visible and no --gpu-mem" in r.output and "fits" not in r.output, r.output
     r = CliRunner().invoke(app, [*args, "--gpu-mem", "80"])
     assert "GPU memory: 80 GB (--gpu-mem)" in r.output and "-> fits" in r.output, r.output
+
+
+def test_the_cli_grows_allocator_segments_unless_the_user_set_the_allocator(monkeypatch):
+    import sys
+
+    from qerl.cli import main
+
+    for preset, expected in [(None, "expandable_segments:True"), ("max_split_size_mb:64", "max_split_size_mb:64")]:
+        if preset is None:
+            monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+        else:
+            monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", preset)
+        monkeypatch.setattr(sys, "argv", ["qerl", "--help"])
+        with pytest.raises(SystemExit):
+            main()
+        assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == expected
