@@ -166,8 +166,10 @@ def train(
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m"),
-    quant: str = typer.Option("nvfp4", "--quant"),
+    model: str = typer.Option(
+        None, "--model", "-m", help="default: the adapter's base (its run's, else its PEFT config's), else SmolLM2"
+    ),
+    quant: str = typer.Option(None, "--quant", help="default: the format the adapter was trained on, else nvfp4"),
     adapter: str = typer.Option(None, "--adapter", help="PEFT adapter directory to apply"),
     compare_base: bool = typer.Option(
         False, "--compare-base", help="also score the base (adapter disabled) under the same settings; print the delta"
@@ -191,24 +193,32 @@ def eval_cmd(
     """pass@1 (averaged over k samples) and maj@k, with a per-example jsonl; --compare-base: base vs adapter."""
     from .data import load_records
     from .errors import QerlError
-    from .evaluate import EvalSettings, compare_with_base, default_output, evaluate, run_prompt_settings
+    from .evaluate import EvalSettings, adapter_base, compare_with_base, default_output, evaluate, run_settings
     from .loading import load_model
     from .lora import load_adapter
     from .rollout import make_engine
 
     if compare_base and not adapter:
         raise QerlError("--compare-base compares an adapter with its base: pass --adapter DIR")
+    # An adapter from a qerl run is evaluated on its run's base, with the prompt, sampling filters and answer
+    # extraction it was trained with (the base too, with --compare-base); the options given win.
+    run, source = {}, None
+    if adapter:
+        run = adapter_base(adapter)  # also checks the directory, before anything loads
+        settings, source = run_settings(adapter)
+        run.update({k: v for k, v in settings.items() if v is not None})
+    model = model or run.get("model") or "smollm2-135m-instruct"
+    quant = quant or run.get("quant") or "nvfp4"
+    if system_prompt is None and suffix is None:
+        system_prompt, suffix = run.get("system_prompt"), run.get("suffix")
+    if source:
+        print(f"base, prompt and sampling settings from {source} (options given win)")
     records, report = load_records(dataset, split, question_key=question_key, answer_key=answer_key, limit=limit)
     print(report.summary())
     m, tok = load_model(model, quant=quant, lora_rank=0, device=device)
     if adapter:
         applied = load_adapter(m, adapter)
         print(f"adapter {adapter}: applied to {len(applied)} layers")
-    if adapter and system_prompt is None and suffix is None:
-        # An adapter from a qerl run is evaluated with the prompt it was trained on (the base too, with --compare-base).
-        system_prompt, suffix, source = run_prompt_settings(adapter)
-        if source:
-            print(f"prompt settings from {source}")
     s = EvalSettings(
         samples=samples,
         temperature=temperature,
@@ -216,12 +226,13 @@ def eval_cmd(
         system_prompt=system_prompt,
         suffix=suffix,
         seed=seed,
+        **{k: run[k] for k in ("chat_template", "top_p", "top_k", "stop", "answer_order") if k in run},
     )
     out = Path(output).resolve() if output else default_output(adapter, dataset, split)
     extra = {"model": model, "quant": quant, "adapter": adapter, "dataset": dataset, "split": split, "limit": limit}
     print(
-        f"settings: system_prompt={system_prompt!r} suffix={suffix!r} temperature={temperature} samples={samples} "
-        f"limit={limit} max_new_tokens={max_new_tokens} seed={seed}"
+        f"settings: model={model} quant={quant} system_prompt={system_prompt!r} suffix={suffix!r} "
+        f"temperature={temperature} samples={samples} limit={limit} max_new_tokens={max_new_tokens} seed={seed}"
     )
     engine = make_engine(m, tok)
     k = f"maj@{samples}"

@@ -306,9 +306,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         overrides = parse_overrides(overrides)
     if path is None:
         # the embedded default's algo settings are for its GRPO: another algorithm picked by name on the
-        # command line gets that algorithm's own settings
-        picks_algo = "name" in (overrides or {}).get("algo", {})
-        _apply(cfg, {k: v for k, v in DEFAULT_OVERRIDES.items() if not (k == "algo" and picks_algo)})
+        # command line gets that algorithm's own settings (naming GRPO itself keeps the default's)
+        named = (overrides or {}).get("algo", {}).get("name", cfg.algo.name)
+        other_algo = named != cfg.algo.name
+        _apply(cfg, {k: v for k, v in DEFAULT_OVERRIDES.items() if not (k == "algo" and other_algo)})
     else:
         p = Path(path)
         if not p.exists():

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .data import Record, build_prompt
+from .errors import QerlError
 from .lora import adapter_disabled
 from .rewards import DEFAULT_ANSWER_ORDER, extract_answer, score_batch
 from .rollout import Engine, SamplingParams
@@ -33,6 +34,8 @@ class EvalSettings:
     samples: int = 1
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
     max_new_tokens: int = 256
     system_prompt: str | None = None
     suffix: str | None = None
@@ -56,6 +59,8 @@ def evaluate(
     params = SamplingParams(
         temperature=settings.temperature,
         top_p=settings.top_p,
+        top_k=settings.top_k,
+        stop=tuple(settings.stop),
         max_new_tokens=settings.max_new_tokens,
         n=settings.samples,
     )
@@ -129,14 +134,42 @@ def run_dir_of(adapter: str | Path) -> Path | None:
     return None
 
 
-def run_prompt_settings(adapter: str | Path) -> tuple[str | None, str | None, Path | None]:
-    """(system prompt, suffix, config.json they came from) of the run that trained `adapter`;
-    (None, None, None) for an adapter from elsewhere."""
+def run_settings(adapter: str | Path) -> tuple[dict, Path | None]:
+    """What `qerl eval` reuses of the run that trained `adapter`, and the config.json it came from: the base
+    (model, quant), the prompt (system_prompt, suffix, chat_template), the sampling filters (top_p, top_k,
+    stop) and the answer extraction order. ({}, None) for an adapter from elsewhere."""
     run = run_dir_of(adapter)
     if run is None:
-        return None, None, None
-    data = json.loads((run / "config.json").read_text()).get("data", {})
-    return data.get("system_prompt"), data.get("suffix"), run / "config.json"
+        return {}, None
+    cfg = json.loads((run / "config.json").read_text())
+    model, data, rollout = cfg.get("model", {}), cfg.get("data", {}), cfg.get("rollout", {})
+    out = {
+        "model": model.get("name"),
+        "quant": model.get("quant"),
+        "system_prompt": data.get("system_prompt"),
+        "suffix": data.get("suffix"),
+        "chat_template": data.get("chat_template", True),
+        "top_p": rollout.get("top_p", 1.0),
+        "top_k": rollout.get("top_k", 0),
+        "stop": tuple(rollout.get("stop") or ()),
+        "answer_order": tuple(cfg.get("reward", {}).get("answer_order") or DEFAULT_ANSWER_ORDER),
+    }
+    return out, run / "config.json"
+
+
+def adapter_base(adapter: str | Path) -> dict:
+    """The base model and weight format an adapter from elsewhere names (its adapter_config.json's
+    base_model_name_or_path, qerl_adapter.json's weight_format), as far as it names them; a one-line error
+    when `adapter` is not a PEFT adapter directory, before any model loads."""
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
+        raise QerlError(
+            f"{adapter}: not a PEFT adapter directory (needs adapter_config.json and adapter_model.safetensors)"
+        )
+    out = {"model": json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")}
+    meta = adapter / "qerl_adapter.json"
+    out["quant"] = json.loads(meta.read_text()).get("weight_format") if meta.is_file() else None
+    return {k: v for k, v in out.items() if v}
 
 
 def default_output(adapter: str | Path | None, dataset: str, split: str) -> Path:

@@ -117,3 +117,12 @@ def test_auto_dtype_is_bf16_on_gpus_and_fp32_on_every_cpu(monkeypatch):
     assert resolve_dtype("bf16", "cpu") is torch.bfloat16 and resolve_dtype("float32", "cuda") is torch.float32
     with pytest.raises(QerlError, match="unknown dtype"):
         resolve_dtype("int8", "cpu")
+
+
+def test_naming_the_default_algorithm_keeps_the_default_run_and_another_gets_its_own_settings():
+    default = load_config()
+    assert default.algo.name == "grpo" and default.algo.aggregation == "constant"
+    assert load_config(None, ["--algo.name", "grpo"]).algo == default.algo
+    dapo = load_config(None, ["--algo.name", "dapo"]).algo.resolved()
+    assert (dapo.aggregation, dapo.eps_high, dapo.dynamic_sampling) == ("token_mean", 0.28, True)
+    assert load_config(None, ["--algo.name", "drgrpo"]).algo.resolved().normalize_std is False

@@ -180,3 +180,51 @@ def test_cli_compare_base_scores_both_under_the_same_settings(tiny, self_consist
     assert run_dir_of(tmp_path / "cwd" / "adapter") is None
     r = CliRunner().invoke(app, ["eval", "--model", str(tiny), "--compare-base"])
     assert isinstance(r.exception, QerlError) and "--adapter" in str(r.exception)
+
+
+def test_cli_eval_takes_the_base_and_settings_of_the_adapters_run(tiny, self_consistent_records, tmp_path):
+    """With no --model / --quant, a run's adapter is scored on that run's base and format, with its prompt
+    template, sampling filters and answer order; an adapter from elsewhere on the base its PEFT config names;
+    a directory that is no adapter is a one-line error before any model loads."""
+    from typer.testing import CliRunner
+
+    from qerl.cli import app
+
+    run = tmp_path / "run"
+    _, tok = _adapter(tiny, run / "adapter")
+    cfg = {
+        "model": {"name": str(tiny), "quant": "bf16"},
+        "data": {"system_prompt": None, "suffix": " =", "chat_template": False},
+        "rollout": {"top_p": 1.0, "top_k": 1, "stop": ["\n\n"]},
+        "reward": {"answer_order": ["last_number"]},
+    }
+    (run / "config.json").write_text(json.dumps(cfg))
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": r.question, "answer": r.answer}) + "\n" for r in self_consistent_records)
+    )
+    common = ["--dataset", str(data), "--split", "train", "--limit", "4", "--max-new-tokens", "6", "--device", "cpu"]
+    r = CliRunner().invoke(app, ["eval", *common, "--adapter", str(run / "adapter")])
+    assert r.exit_code == 0, r.output
+    assert f"model={tiny} quant=bf16" in r.output and "base, prompt and sampling settings from" in r.output
+    res = json.loads((run / "eval" / "qerl-eval-data-train.summary.json").read_text())
+    assert (res["model"], res["quant"]) == (str(tiny), "bf16")
+    want = {"chat_template": False, "top_k": 1, "stop": ["\n\n"], "answer_order": ["last_number"], "suffix": " ="}
+    assert {k: res["settings"][k] for k in want} == want
+    rows = [json.loads(x) for x in (run / "eval" / "qerl-eval-data-train.jsonl").read_text().splitlines()]
+    q = self_consistent_records[0].question
+    assert rows[0]["prompt"] == build_prompt(tok, q, system_prompt=None, suffix=" =", chat_template=False)
+    # the options given win
+    r = CliRunner().invoke(app, ["eval", *common, "--adapter", str(run / "adapter"), "--quant", "nvfp4"])
+    assert r.exit_code == 0 and "quant=nvfp4" in r.output, r.output
+
+    elsewhere = tmp_path / "elsewhere"
+    _adapter(tiny, elsewhere)
+    base = json.loads((elsewhere / "adapter_config.json").read_text())["base_model_name_or_path"]
+    r = CliRunner().invoke(app, ["eval", *common, "--adapter", str(elsewhere), "--output", str(tmp_path / "e.jsonl")])
+    assert r.exit_code == 0 and f"model={base} quant=nvfp4" in r.output, r.output
+
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(app, ["eval", *common, "--adapter", str(tmp_path / "empty")])
+    assert isinstance(r.exception, QerlError) and "not a PEFT adapter directory" in str(r.exception)
+    assert "applied" not in r.output

@@ -253,3 +253,14 @@ def test_a_broken_adapter_stops_the_run_with_no_checkpoint(tiny, tmp_path):
     with pytest.raises(QerlError, match="before the checkpoint of step 2"):
         t.save(2)
     assert sorted(x.name for x in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest", "step-1"]
+
+
+def test_runs_of_any_seed_score_the_held_out_problems_qerl_eval_scores(tiny, tmp_path):
+    from qerl.data import load_records
+
+    runs = {s: Trainer(run_config(tiny, tmp_path / f"s{s}", train={"seed": s}), progress=False) for s in (5, 6)}
+    scored, _ = load_records("arithmetic", "test", limit=4)  # what `qerl eval` loads for the same limit
+    for t in runs.values():
+        assert [r.question for r in t.eval_recs] == [r.question for r in scored]
+    train = [[r.question for r in t.sampler.records] for t in runs.values()]
+    assert train[0] != train[1]  # the training problems still follow the seed
