@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up qerl in a local virtual environment (.venv) on a fresh Linux machine; idempotent.
-# CPU machines get the CPU build of torch; on a CUDA machine install your torch first
-# (any torch >= 2.5 works) and this script keeps it.
+# Installs torch 2.13 from pip's configured index unless a torch is already there: install your own
+# first (a CPU-only or a CUDA build, at or above the floor in pyproject.toml) and this script keeps it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
