@@ -365,12 +365,14 @@ def export(
 def config(
     ctx: typer.Context,
     config: str = typer.Option(None, "--config", "-c", help="YAML config; the embedded default if omitted"),
+    markdown: bool = typer.Option(False, "--markdown", help="one Markdown table (docs/config.md is this)"),
 ):
     """List every config key with its type, its value (the embedded default, or the file's and the
-    overrides') and its valid values: what `qerl train` would run with."""
+    overrides'; an algorithm's key left none shows what the algorithm fills in), its valid values and what
+    it does: what `qerl train` would run with."""
     from .config import describe, load_config
 
-    print(describe(load_config(config, ctx.args)))
+    print(describe(load_config(config, ctx.args), markdown=markdown))
 
 
 @app.command()

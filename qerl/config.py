@@ -103,10 +103,8 @@ class AlgoConfig:
             raise QerlError(f"config: algo.name must be one of {', '.join(ALGORITHMS)}, got {self.name!r}")
         preset = {k: v for k, v in ALGORITHMS[self.name].items() if getattr(self, k) is None}
         out = dataclasses.replace(self, **preset)
-        _choice("algo.aggregation", out.aggregation, ("token_mean", "seq_mean", "constant"))
-        _choice("algo.overlong", out.overlong, ("none", "penalty", "mask"))
-        _choice("algo.is_level", out.is_level, ("token", "sequence", "geometric"))
-        _choice("algo.is_mode", out.is_mode, ("truncate", "mask", "none"))
+        for key in ("aggregation", "overlong", "is_level", "is_mode"):
+            _choice(f"algo.{key}", getattr(out, key), CHOICES[f"algo.{key}"])
         return out
 
 
@@ -181,6 +179,23 @@ DEFAULT_OVERRIDES: dict = {
 
 
 # --- parsing and validation ----------------------------------------------------------------------
+def choices(key: str) -> tuple[str, ...] | None:
+    """The named values `key` takes (None: it takes any value of its type)."""
+    if key == "model.quant":
+        from .quant import FORMATS
+
+        return tuple(FORMATS)
+    if key == "aqn.schedule":
+        from .noise import SCHEDULES
+
+        return SCHEDULES
+    if key == "reward.answer_order":
+        from .rewards import ANSWER_METHODS
+
+        return ANSWER_METHODS
+    return CHOICES.get(key)
+
+
 def _choice(key, value, options):
     if value not in options:
         raise QerlError(f"config: {key} must be one of {', '.join(options)}, got {value!r}")
@@ -373,6 +388,93 @@ RANGES = {
 }
 DTYPES = ("auto", "bfloat16", "bf16", "float32", "fp32", "float16", "fp16")
 
+# The named values of every setting that takes one (model.quant's come from qerl.quant, reward.answer_order
+# lists any of its names in order); checked at load and listed by `qerl config`.
+CHOICES = {
+    "model.dtype": DTYPES,
+    "model.gradient_checkpointing": ("auto", "on", "off"),
+    "rollout.backend": ("auto", "cuda", "reference"),
+    "algo.name": tuple(ALGORITHMS),
+    "algo.aggregation": ("token_mean", "seq_mean", "constant"),
+    "algo.overlong": ("none", "penalty", "mask"),
+    "algo.is_level": ("token", "sequence", "geometric"),
+    "algo.is_mode": ("truncate", "mask", "none"),
+}
+
+# What each setting does, one line each (`qerl config`, docs/config.md; a test keeps every key here).
+HELP = {
+    "model.name": "base model: HF directory, hub id, .gguf file, or smollm2-135m-instruct (shipped)",
+    "model.quant": "format of the frozen base weights (quantized on load)",
+    "model.lora_rank": "LoRA rank r on q, k, v, o, gate, up, down",
+    "model.lora_alpha": "LoRA scale numerator: the update is (alpha / r) B A",
+    "model.lora_dropout": "dropout on the LoRA input in the update",
+    "model.device": "cpu, cuda or cuda:N; none: cuda when there is one (under torchrun: the local rank's)",
+    "model.dtype": "compute dtype; auto: bf16 on GPUs, fp32 on CPUs",
+    "model.gradient_checkpointing": "auto: only the layers the memory needs (GPU), off on CPU",
+    "model.train_norms": "also train the RMSNorm weights (the released QeRL scripts did)",
+    "data.train": "training prompts: .jsonl/.json/.parquet file, directory, hub name, arithmetic[:1-4]",
+    "data.eval": "held-out set, the same kinds as data.train",
+    "data.train_split": "split of data.train (hub datasets and directories)",
+    "data.eval_split": "split of data.eval",
+    "data.question_key": "column holding the question; none: found by common names (question, problem, ...)",
+    "data.answer_key": "column holding the gold answer; none: found by common names (answer, solution, ...)",
+    "data.system_prompt": "system message of the chat prompt; none: the chat template's own",
+    "data.suffix": "instruction appended to every question",
+    "data.chat_template": "wrap prompts in the tokenizer's chat template (false: the raw question)",
+    "data.train_limit": "use only the first N training records",
+    "rollout.prompts_per_step": "prompts a step (a multiple of the number of ranks)",
+    "rollout.group_size": "completions sampled a prompt (the group of the advantages)",
+    "rollout.temperature": "sampling temperature; the update's log-probs use the same",
+    "rollout.top_p": "nucleus sampling mass (1: off)",
+    "rollout.top_k": "sample among the k most likely tokens (0: off)",
+    "rollout.max_new_tokens": "completion length limit in tokens",
+    "rollout.stop": "strings that end a completion (besides EOS)",
+    "rollout.backend": "auto: the CUDA-graph engine on a GPU when it supports the model, else reference",
+    "algo.name": "the algorithm; it fills the algo keys left none",
+    "algo.normalize_std": "divide group advantages by the group's std (Dr.GRPO: no)",
+    "algo.aggregation": "token losses: batch token mean, mean per completion, or sum over a constant (Dr.GRPO)",
+    "algo.eps_low": "PPO clip range below 1",
+    "algo.eps_high": "PPO clip range above 1 (DAPO's clip-higher: 0.28)",
+    "algo.dynamic_sampling": "drop groups whose rewards are all equal and sample more prompts (DAPO)",
+    "algo.max_sampling_rounds": "dynamic sampling: at most this many sampling rounds a step",
+    "algo.overlong": "truncated completions: none, penalty (reward.overlong ramp) or mask (no loss)",
+    "algo.kl_beta": "k3 KL penalty to the base (adapter off); 0: none, as QeRL",
+    "algo.num_iterations": "updates a rollout batch (PPO epochs)",
+    "algo.is_level": "rollout-vs-update importance ratio per token, sequence, or geometric mean",
+    "algo.is_mode": "ratios above is_threshold: truncated, masked, or no correction",
+    "algo.is_threshold": "the importance ratio's cap",
+    "optim.lr": "AdamW learning rate of the LoRA weights (peak, after warmup)",
+    "optim.betas": "AdamW betas",
+    "optim.weight_decay": "AdamW weight decay",
+    "optim.warmup_ratio": "share of the steps warming the learning rate up linearly",
+    "optim.min_lr_ratio": "cosine decay floor, a share of optim.lr",
+    "optim.max_grad_norm": "gradient clipping norm",
+    "optim.micro_batch_size": "completions a forward/backward (gradients accumulate over the step)",
+    "aqn.enabled": "Adaptive Quantization Noise on the rollout policy's RMSNorm weights",
+    "aqn.sigma_start": "noise std of the first noisy stage",
+    "aqn.sigma_end": "noise std of the last stage",
+    "aqn.num_stages": "stages of the schedule; stage 0 is noise-free",
+    "aqn.schedule": "sigma from sigma_start to sigma_end: exp | linear | cosine | log",
+    "reward.correct": "reward of a correct final answer",
+    "reward.format": "reward of an answer given in the answer_tag or boxed form (reward.answer_order names)",
+    "reward.overlong": "weight of DAPO's length penalty (0 to -1 over the last overlong_buffer tokens)",
+    "reward.overlong_buffer": "tokens before max_new_tokens where the length penalty ramps",
+    "reward.answer_order": "how the final answer is found, tried in order: boxed, answer_tag, hash, last_number",
+    "reward.verify_timeout": "seconds for one math-verify comparison",
+    "train.max_steps": "RL steps of the run",
+    "train.seed": "seed of the prompt order, sampling, noise and LoRA initialization",
+    "train.output_dir": "run directory: metrics, logs, plots, adapter, checkpoints",
+    "train.eval_every": "held-out accuracy every N steps",
+    "train.eval_limit": "held-out problems scored",
+    "train.eval_samples": "samples a held-out problem (pass@1 averaged, maj@k)",
+    "train.eval_temperature": "held-out sampling temperature",
+    "train.save_every": "checkpoint every N steps",
+    "train.keep_checkpoints": "checkpoints kept (the newest)",
+    "train.wandb": "also log to Weights & Biases",
+    "train.resume": "continue from the newest intact checkpoint in output_dir",
+    "train.overwrite": "start over in an output_dir that holds an earlier run's checkpoints",
+}
+
 
 def settings(cfg: Config):
     """(section.key, value, type annotation) of every setting, in declaration order."""
@@ -398,12 +500,9 @@ def validate(cfg: Config):
     cfg.algo.resolved()
     gc = str(cfg.model.gradient_checkpointing).lower()
     cfg.model.gradient_checkpointing = {"true": "on", "1": "on", "false": "off", "0": "off", "none": "auto"}.get(gc, gc)
-    _choice("model.gradient_checkpointing", cfg.model.gradient_checkpointing, ("auto", "on", "off"))
-    _choice("rollout.backend", cfg.rollout.backend, ("auto", "cuda", "reference"))
-    _choice("model.dtype", cfg.model.dtype, DTYPES)
-    from .quant import FORMATS
-
-    _choice("model.quant", cfg.model.quant, tuple(FORMATS))
+    for key in ("model.gradient_checkpointing", "rollout.backend", "model.dtype", "model.quant"):
+        section, name = key.split(".")
+        _choice(key, getattr(getattr(cfg, section), name), choices(key))
     if cfg.model.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.model.device):
         raise QerlError(
             f"config: model.device must be cpu, cuda or cuda:N (or none: cuda when there is one), got {cfg.model.device!r}"
@@ -417,8 +516,9 @@ def validate(cfg: Config):
             raise QerlError(f"config: {name}: {e}") from None
 
 
-def describe(cfg: Config) -> str:
-    """Every setting as `section.key  type  value  [valid values]`, one a line (`qerl config`)."""
+def describe(cfg: Config, markdown: bool = False) -> str:
+    """Every setting (`qerl config`): `section.key  type  value  valid values`, and under it what the setting does;
+    an algo key left none shows the value its algorithm fills in. `markdown`: one table (docs/config.md)."""
 
     def type_name(tp):
         return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
@@ -430,11 +530,31 @@ def describe(cfg: Config) -> str:
             return {None: "none", True: "true", False: "false"}[v]
         return str(v) if isinstance(v, int) else repr(v)
 
-    def cut(text, n=48):
+    def cut(text, n=36):
         return text if len(text) <= n else text[: n - 3] + "..."
 
-    rows = [
-        (key, type_name(tp), cut(value(v)), RANGES[key][1] if key in RANGES else "") for key, v, tp in settings(cfg)
-    ]
+    def valid(key):
+        named = choices(key)
+        if named:
+            return ("any of " if key == "reward.answer_order" else "") + " | ".join(named)
+        return RANGES[key][1] if key in RANGES else ""
+
+    filled = cfg.algo.resolved()
+    rows = []
+    for key, v, tp in settings(cfg):
+        shown = value(v)
+        section, name = key.split(".")
+        if section == "algo" and v is None and name in ALGORITHMS[filled.name]:
+            shown = f"none: {value(getattr(filled, name))} ({filled.name})"
+        rows.append((key, type_name(tp), shown, valid(key), HELP.get(key, "")))
+    if markdown:
+        head = "| key | type | value | valid values | what it does |\n|---|---|---|---|---|\n"
+        cells = ([f"`{key}`", *(c.replace("|", "\\|") for c in rest)] for key, *rest in rows)
+        return head + "\n".join("| " + " | ".join(r) + " |" for r in cells)
+    rows = [(key, tp, cut(shown), ok, what) for key, tp, shown, ok, what in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join(f"{k:<{widths[0]}}  {t:<{widths[1]}}  {v:<{widths[2]}}  {rng}".rstrip() for k, t, v, rng in rows)
+    lines = []
+    for key, tp, shown, ok, what in rows:
+        lines.append(f"{key:<{widths[0]}}  {tp:<{widths[1]}}  {shown:<{widths[2]}}  {ok}".rstrip())
+        lines.append(f"    {what}")
+    return "\n".join(lines)

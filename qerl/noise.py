@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-_SCHEDULES = ("exp", "linear", "cosine", "log")
+SCHEDULES = ("exp", "linear", "cosine", "log")
 # Where the decoder layers live: a causal LM, a bare base model, and a PEFT-wrapped causal LM.
 _LAYER_PATHS = ("model.layers", "layers", "base_model.model.model.layers")
 
@@ -52,8 +52,8 @@ class AQNConfig:
     schedule: str = "exp"  # "exp" (the paper's choice) | "linear" | "cosine" | "log"
 
     def __post_init__(self):
-        if self.schedule not in _SCHEDULES:
-            raise ValueError(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.num_stages < 3:
             # Stage 0 is noise-free and stages 1..K-1 must span sigma_start -> sigma_end.
             raise ValueError(f"num_stages must be >= 3, got {self.num_stages}")

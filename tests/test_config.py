@@ -1,6 +1,8 @@
 """Config validation: every field's range is checked at load with a one-line error naming the key;
 `qerl config` lists every key; `qerl --version`."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -92,7 +94,7 @@ def test_every_numeric_field_has_a_range():
 
 def test_qerl_config_lists_every_key_with_type_value_and_range():
     cfg = load_config(None, ["--rollout.top_p", "0.9"])
-    lines = describe(cfg).splitlines()
+    lines = describe(cfg).splitlines()[::2]  # each key's line; what it does is on the next
     assert [line.split()[0] for line in lines] == [k for k, _, _ in settings(cfg)]
     top_p = next(line for line in lines if line.startswith("rollout.top_p "))
     assert top_p.split() == ["rollout.top_p", "float", "0.9", "in", "(0,", "1]"]
@@ -126,3 +128,21 @@ def test_naming_the_default_algorithm_keeps_the_default_run_and_another_gets_its
     dapo = load_config(None, ["--algo.name", "dapo"]).algo.resolved()
     assert (dapo.aggregation, dapo.eps_high, dapo.dynamic_sampling) == ("token_mean", 0.28, True)
     assert load_config(None, ["--algo.name", "drgrpo"]).algo.resolved().normalize_std is False
+
+
+def test_every_key_says_what_it_does_and_docs_config_md_is_qerl_config_markdown():
+    from qerl.config import HELP, choices
+
+    cfg = load_config()
+    keys = [k for k, _, _ in settings(cfg)]
+    assert sorted(HELP) == sorted(keys) and all(HELP[k].strip() for k in keys)
+    lines = describe(cfg).splitlines()
+    assert [line.split()[0] for line in lines[::2]] == keys and lines[1::2] == [f"    {HELP[k]}" for k in keys]
+    quant = lines[2 * keys.index("model.quant")]
+    assert quant.split()[-7:] == ["nvfp4", "|", "mxfp4", "|", "nf4", "|", "bf16"] and choices("model.quant")
+    # an algo key left none shows what the algorithm fills in, and the file documents exactly this table
+    assert "none: 0.28 (dapo)" in describe(load_config(None, ["--algo.name", "dapo"]))
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    assert doc.endswith(describe(cfg, markdown=True) + "\n"), "docs/config.md is stale: regenerate it"
+    r = CliRunner().invoke(app, ["config", "--markdown"])
+    assert r.exit_code == 0 and r.output == describe(cfg, markdown=True) + "\n"
