@@ -70,6 +70,11 @@ class PromptSampler:
         self._order = self._shuffle()
 
 
+# What a resumed run must share with the run it continues (the optimizer's settings, the steps and the data may
+# change; the weights it loads may not).
+RESUME_FIXED = ("model.name", "model.quant", "model.lora_rank", "model.lora_alpha", "model.train_norms")
+
+
 def _dataset(spec: str, split: str, cfg: Config, limit=None, seed=0):
     # seed drives only the generated arithmetic task: the training problems follow the run's seed; the held-out
     # problems are seed 0's for every run, the set `qerl eval` scores, so runs of any seed score the same problems
@@ -186,6 +191,11 @@ class Trainer:
             self.sampler.load(extra["sampler"])  # the prompt order is global: the same on every rank
             if not restored:  # a rank the checkpoint's run did not have
                 self.gen.manual_seed(rank_seed(t.seed, self.world.rank, self.start_step))
+            # The config's optimizer settings hold from the first resumed step (the checkpoint's param groups
+            # carry the old run's): a longer run continues on its own schedule, a new rate takes effect.
+            self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
+            for g, decay in zip(self.optimizer.param_groups, (o.weight_decay, 0.0)):
+                g.update(betas=tuple(o.betas), weight_decay=decay, lr=o.lr * lr_at(self.scheduler.last_epoch))
         self.world.broadcast_(self.params + list(self.norms.values()))  # every rank starts from rank 0's adapter
         resume_step = self.start_step if t.resume else None
         old = self.run_dir / "checkpoints"
@@ -209,12 +219,33 @@ class Trainer:
         if found is None:
             raise QerlError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
         path, step = found
+        self._check_resumable()
         if self.cfg.train.max_steps <= step:
             raise QerlError(
                 f"--resume: the checkpoint {path} is at step {step}; train.max_steps "
                 f"({self.cfg.train.max_steps}) must be above it to continue"
             )
         return path
+
+    def _check_resumable(self):
+        """A resumed run continues the weights it loads: the base, its format and the adapter's shape must be
+        the run's (its config.json); a one-line error names the first that differs."""
+        saved = self.run_dir / "config.json"
+        try:
+            old = json.loads(saved.read_text())
+        except (OSError, ValueError):  # a run directory of an older qerl, or none: nothing to compare
+            return
+        for key in RESUME_FIXED:
+            section, name = key.split(".")
+            was, now = old.get(section, {}).get(name), getattr(getattr(self.cfg, section), name)
+            same_path = (
+                key == "model.name" and Path(str(was)).exists() and Path(str(was)).resolve() == Path(now).resolve()
+            )
+            if was is not None and was != now and not same_path:
+                raise QerlError(
+                    f"--resume: {key} is {now!r} here but {was!r} in the run being resumed ({saved}); a resumed "
+                    "run keeps its base and adapter: set it back, or start a new run in another output_dir"
+                )
 
     # --- one step ------------------------------------------------------------------------
     def prompt_ids(self, records):
@@ -274,7 +305,7 @@ class Trainer:
         rewards = torch.cat([g["rewards"] for g in groups]) if groups else torch.zeros(0)
         metrics = {
             "sigma": sigma,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.optimizer.param_groups[0]["lr"],  # this step's
             **{f"sampling_{k}": v for k, v in ds.items()},
         }
         if self.world.sum(len(groups))[0]:  # every rank updates, also one whose share of the batch is empty

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import make_tiny_checkpoint, run_config
 
+from qerl.errors import QerlError
 from qerl.loading import load_model
 from qerl.lora import lora_parameters
 from qerl.rl import LossConfig, policy_loss
@@ -264,3 +265,30 @@ def test_runs_of_any_seed_score_the_held_out_problems_qerl_eval_scores(tiny, tmp
         assert [r.question for r in t.eval_recs] == [r.question for r in scored]
     train = [[r.question for r in t.sampler.records] for t in runs.values()]
     assert train[0] != train[1]  # the training problems still follow the seed
+
+
+def test_a_resumed_run_takes_the_configs_optimizer_settings_and_refuses_another_adapter(tiny, tmp_path, digit_reward):
+    """A finished 3-step run continued to 5 steps at another rate: the first new step runs at the new
+    schedule's rate for its step (not the old schedule's end, 0), with the config's betas and decay; another
+    LoRA rank or format is a one-line error before any model loads."""
+    run = tmp_path / "run"
+    Trainer(run_config(tiny, run, optim={"lr": 1e-2, "min_lr_ratio": 0.0}), progress=False).train()
+    assert [r["lr"] for r in _rows(run) if "lr" in r][-1] > 0
+    more = {"lr": 3e-2, "betas": [0.8, 0.95], "weight_decay": 0.05, "min_lr_ratio": 0.0}
+    cfg = run_config(tiny, run, optim=more, train={"resume": True, "max_steps": 5})
+    resumed = Trainer(cfg, progress=False)
+    warm = max(1, int(cfg.optim.warmup_ratio * 5))
+    want = 3e-2 * 0.5 * (1 + math.cos(math.pi * (3 - warm) / (5 - warm)))  # step index 3 of the 5-step schedule
+    g = resumed.optimizer.param_groups[0]
+    assert math.isclose(g["lr"], want, rel_tol=1e-9) and g["betas"] == (0.8, 0.95) and g["weight_decay"] == 0.05
+    before = {n: p.detach().clone() for n, p in resumed.model.named_parameters() if ".lora_" in n}
+    resumed.train()
+    rows = {r["step"]: r for r in _rows(run) if "lr" in r}
+    assert math.isclose(rows[4]["lr"], want, rel_tol=1e-9) and rows[5]["lr"] > 0
+    after = dict(resumed.model.named_parameters())
+    assert any(not torch.equal(after[n], p) for n, p in before.items())  # the continued steps learned
+
+    for key, value in (("lora_rank", 8), ("quant", "bf16")):
+        bad = run_config(tiny, run, model={key: value}, train={"resume": True, "max_steps": 7})
+        with pytest.raises(QerlError, match=f"--resume: model.{key} is"):
+            Trainer(bad, progress=False)
