@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,8 +20,9 @@ class RunLogger:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
-        if resume_step is None:
+        if resume_step is None:  # a fresh run: no earlier rows in metrics.jsonl or TensorBoard
             self.path.unlink(missing_ok=True)
+            shutil.rmtree(self.dir / "tb", ignore_errors=True)
         elif self.path.exists():
             kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))

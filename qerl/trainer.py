@@ -70,6 +70,19 @@ class PromptSampler:
         self._order = self._shuffle()
 
 
+# What a run writes in its output_dir (an --overwrite removes these of the earlier run, and only these).
+RUN_OUTPUTS = (
+    "checkpoints",
+    "adapter",
+    "eval",
+    "tb",
+    "metrics.jsonl",
+    "config.json",
+    "summary.json",
+    "summary.md",
+    "curves.png",
+)
+
 # What a resumed run must share with the run it continues (the optimizer's settings, the steps and the data may
 # change; the weights it loads may not).
 RESUME_FIXED = ("model.name", "model.quant", "model.lora_rank", "model.lora_alpha", "model.train_norms")
@@ -198,10 +211,13 @@ class Trainer:
                 g.update(betas=tuple(o.betas), weight_decay=decay, lr=o.lr * lr_at(self.scheduler.last_epoch))
         self.world.broadcast_(self.params + list(self.norms.values()))  # every rank starts from rank 0's adapter
         resume_step = self.start_step if t.resume else None
-        old = self.run_dir / "checkpoints"
         if main and resume_step is None and checkpoint_dirs(self.run_dir):  # --overwrite (checked before loading)
-            print(f"qerl train: --overwrite: removing the earlier run's checkpoints in {old}")
-            shutil.rmtree(old)
+            print(
+                f"qerl train: --overwrite: removing the earlier run's outputs in {self.run_dir}: {', '.join(RUN_OUTPUTS)}"
+            )
+            for name in RUN_OUTPUTS:  # nothing else: the directory may hold the user's own files
+                path = self.run_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         self.logger = RunLogger(self.run_dir, cfg.to_dict(), wandb=t.wandb, resume_step=resume_step) if main else None
 
     def _checkpoint_to_resume(self) -> Path:

@@ -292,3 +292,15 @@ def test_a_resumed_run_takes_the_configs_optimizer_settings_and_refuses_another_
         bad = run_config(tiny, run, model={key: value}, train={"resume": True, "max_steps": 7})
         with pytest.raises(QerlError, match=f"--resume: model.{key} is"):
             Trainer(bad, progress=False)
+
+
+def test_overwrite_leaves_nothing_of_the_earlier_run_but_the_users_own_files(tiny, tmp_path):
+    run = tmp_path / "run"
+    Trainer(run_config(tiny, run, train={"max_steps": 2, "eval_every": 1}), progress=False).train()
+    assert (run / "eval" / "step-2.jsonl").exists() and len(list((run / "tb").iterdir())) == 1
+    (run / "notes.txt").write_text("mine")
+    Trainer(run_config(tiny, run, train={"max_steps": 1, "overwrite": True}), progress=False).train()
+    assert not (run / "eval" / "step-2.jsonl").exists() and (run / "notes.txt").read_text() == "mine"
+    assert len(list((run / "tb").iterdir())) == 1  # one event file: TensorBoard shows this run only
+    assert [r["step"] for r in _rows(run) if "reward_mean" in r] == [1]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")) == ["step-1"]
