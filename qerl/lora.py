@@ -109,18 +109,26 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None =
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, strict: bool = True):
     """Load a PEFT LoRA adapter into the model, creating the LoRA modules if needed."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     d = Path(adapter_dir)
     cfg_path, w_path = d / "adapter_config.json", d / "adapter_model.safetensors"
     if not cfg_path.exists() or not w_path.exists():
         raise QerlError(f"{d}: not a PEFT adapter directory (needs adapter_config.json and adapter_model.safetensors)")
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # bad JSON, not a mapping, no or a bad r
+        why = f"no LoRA rank {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise QerlError(f"{cfg_path}: not a LoRA adapter config ({why})") from None
     if cfg.get("peft_type", "LORA") != "LORA":
         raise QerlError(f"{d}: adapter type {cfg.get('peft_type')} is not LoRA")
-    state = load_file(str(w_path))
+    try:
+        state = load_file(str(w_path))
+    except (SafetensorError, OSError) as e:
+        raise QerlError(f"{w_path}: cannot be read ({str(e).strip().splitlines()[0]})") from None
     mods = quant_linears(model)
-    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
     seen = set()
     for key, t in state.items():
         name = key.removeprefix(PEFT_PREFIX)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -142,6 +144,26 @@ def test_load_adapter_errors(adapter, tiny_dirs, tmp_path):
     wide = make_tiny_checkpoint(tmp_path / "wide", "qwen2", std=0.05, intermediate_size=192)
     with pytest.raises(QerlError, match="shape"):
         load_adapter(load_model(str(wide), quant="nvfp4", lora_rank=0)[0], out)
+    # damaged files: one line naming the file
+    model = load_model(str(tiny_dirs["qwen2"]), quant="nvfp4", lora_rank=0)[0]
+    for damage, file, message in [
+        (
+            lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x10" * 200),
+            "adapter_model.safetensors",
+            "cannot be read",
+        ),
+        (
+            lambda d: (d / "adapter_config.json").write_text('{"lora_alpha": 8}'),
+            "adapter_config.json",
+            "no LoRA rank 'r'",
+        ),
+        (lambda d: (d / "adapter_config.json").write_text("{r: 4"), "adapter_config.json", "not a LoRA adapter config"),
+    ]:
+        bad = tmp_path / f"bad-{file}-{message[:6]}"
+        shutil.copytree(out, bad)
+        damage(bad)
+        with pytest.raises(QerlError, match=re.escape(f"{bad / file}: ") + ".*" + re.escape(message)):
+            load_adapter(model, bad)
 
 
 def test_auto_peft_loads_the_saved_adapter_offline_from_its_recorded_base(tiny_dirs, tmp_path, monkeypatch):
