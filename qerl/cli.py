@@ -200,6 +200,10 @@ def eval_cmd(
 
     if compare_base and not adapter:
         raise QerlError("--compare-base compares an adapter with its base: pass --adapter DIR")
+    if limit is not None and limit < 1:
+        raise QerlError(f"--limit must be >= 1 (or left out: every record), got {limit}")
+    if adapter and (Path(adapter) / "adapter" / "adapter_config.json").is_file():
+        adapter = str(Path(adapter) / "adapter")  # a checkpoint directory: its adapter
     # An adapter from a qerl run is evaluated on its run's base, with the prompt, sampling filters and answer
     # extraction it was trained with (the base too, with --compare-base); the options given win.
     run, source = {}, None
@@ -213,12 +217,6 @@ def eval_cmd(
         system_prompt, suffix = run.get("system_prompt"), run.get("suffix")
     if source:
         print(f"base, prompt and sampling settings from {source} (options given win)")
-    records, report = load_records(dataset, split, question_key=question_key, answer_key=answer_key, limit=limit)
-    print(report.summary())
-    m, tok = load_model(model, quant=quant, lora_rank=0, device=device)
-    if adapter:
-        applied = load_adapter(m, adapter)
-        print(f"adapter {adapter}: applied to {len(applied)} layers")
     s = EvalSettings(
         samples=samples,
         temperature=temperature,
@@ -228,6 +226,12 @@ def eval_cmd(
         seed=seed,
         **{k: run[k] for k in ("chat_template", "top_p", "top_k", "stop", "answer_order") if k in run},
     )
+    records, report = load_records(dataset, split, question_key=question_key, answer_key=answer_key, limit=limit)
+    print(report.summary())
+    m, tok = load_model(model, quant=quant, lora_rank=0, device=device)
+    if adapter:
+        applied = load_adapter(m, adapter)
+        print(f"adapter {adapter}: applied to {len(applied)} layers")
     out = Path(output).resolve() if output else default_output(adapter, dataset, split)
     extra = {"model": model, "quant": quant, "adapter": adapter, "dataset": dataset, "split": split, "limit": limit}
     print(

@@ -44,6 +44,17 @@ class EvalSettings:
     seed: int = 0
     answer_order: tuple[str, ...] = DEFAULT_ANSWER_ORDER
 
+    def __post_init__(self):
+        for name, ok, what in (
+            ("samples", self.samples >= 1, ">= 1"),
+            ("temperature", self.temperature >= 0, ">= 0 (0: greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", self.top_k >= 0, ">= 0"),
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+        ):
+            if not ok:
+                raise QerlError(f"eval: {name} must be {what}, got {getattr(self, name)}")
+
 
 def evaluate(
     engine: Engine,

@@ -228,3 +228,24 @@ def test_cli_eval_takes_the_base_and_settings_of_the_adapters_run(tiny, self_con
     r = CliRunner().invoke(app, ["eval", *common, "--adapter", str(tmp_path / "empty")])
     assert isinstance(r.exception, QerlError) and "not a PEFT adapter directory" in str(r.exception)
     assert "applied" not in r.output
+
+
+def test_cli_eval_rejects_bad_options_before_loading_and_takes_a_checkpoint_directory(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from qerl.cli import app
+
+    nowhere = ["eval", "--model", str(tmp_path / "no-such-model"), "--device", "cpu"]  # loading it would fail
+    for option, value, message in [
+        ("--samples", "0", "eval: samples must be >= 1"),
+        ("--temperature", "-1", "eval: temperature must be >= 0"),
+        ("--max-new-tokens", "0", "eval: max_new_tokens must be >= 1"),
+        ("--limit", "0", "--limit must be >= 1"),
+    ]:
+        r = CliRunner().invoke(app, [*nowhere, option, value])
+        assert isinstance(r.exception, QerlError) and message in str(r.exception), (option, r.output)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-2"
+    _adapter(tiny, ckpt / "adapter")
+    args = ["eval", "--model", str(tiny), "--device", "cpu", "--limit", "2", "--max-new-tokens", "4"]
+    r = CliRunner().invoke(app, [*args, "--adapter", str(ckpt), "--output", str(tmp_path / "e.jsonl")])
+    assert r.exit_code == 0 and f"adapter {ckpt / 'adapter'}: applied" in r.output, r.output
