@@ -134,10 +134,12 @@ def train(
 
     cfg = load_config(config, ctx.args)
     world = world_from_env()
-    source = config or "the embedded default (SmolLM2-135M-Instruct, NVFP4 + LoRA + AQN, GRPO on arithmetic)"
+    source = (config or "the embedded default") + (" with overrides" if ctx.args else "")
     if world.is_main:
+        m, d = cfg.model, cfg.data
         ranks = f"; {world.size} data-parallel ranks" if world.size > 1 else ""
-        print(f"qerl train: {source}; output in {cfg.train.output_dir}{ranks}", flush=True)
+        run = f"{m.name} ({m.quant}, LoRA r{m.lora_rank}), {cfg.algo.name} on {d.train}, held-out {d.eval} [{d.eval_split}]"
+        print(f"qerl train: {source}: {run}; output in {cfg.train.output_dir}{ranks}", flush=True)
     try:
         summary = Trainer(cfg, progress=not no_progress).train()
     finally:

@@ -327,8 +327,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         _apply(cfg, {k: v for k, v in DEFAULT_OVERRIDES.items() if not (k == "algo" and other_algo)})
     else:
         p = Path(path)
-        if not p.exists():
-            raise QerlError(f"config file not found: {p}")
+        if not p.is_file():
+            raise QerlError(f"config file not found: {p}" + (" (a directory)" if p.is_dir() else ""))
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

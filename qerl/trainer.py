@@ -119,6 +119,12 @@ class Trainer:
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         if records is None:  # data first: a bad path or an empty file fails in a second, before the model loads
+            if main and cfg.data.eval.startswith("arithmetic") and not cfg.data.train.startswith("arithmetic"):
+                warnings.warn(
+                    f"training on {cfg.data.train} but scoring held-out accuracy on {cfg.data.eval} (data.eval's "
+                    "default): set data.eval to your task's held-out set",
+                    stacklevel=2,
+                )
             train_recs, rep = _dataset(cfg.data.train, cfg.data.train_split, cfg, cfg.data.train_limit, cfg.train.seed)
             self.eval_recs, erep = _dataset(cfg.data.eval, cfg.data.eval_split, cfg, t.eval_limit)
             self.data_reports = [rep.summary(), erep.summary()]
@@ -235,12 +241,12 @@ class Trainer:
         if found is None:
             raise QerlError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
         path, step = found
-        self._check_resumable()
         if self.cfg.train.max_steps <= step:
             raise QerlError(
                 f"--resume: the checkpoint {path} is at step {step}; train.max_steps "
                 f"({self.cfg.train.max_steps}) must be above it to continue"
             )
+        self._check_resumable()
         return path
 
     def _check_resumable(self):
@@ -518,6 +524,8 @@ def check_output_dir(run_dir: Path, resume: bool = False, overwrite: bool = Fals
     checkpoints (checked before the model loads, not at the first save)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise QerlError(f"config: train.output_dir {run_dir} is a file, not a directory")
+    if resume and not run_dir.exists():  # nothing to continue: say so, and make no empty directory
+        raise QerlError(f"--resume: {run_dir} does not exist (train.output_dir names the run to continue)")
     earlier = checkpoint_dirs(run_dir)
     if earlier and not resume and not overwrite:
         raise QerlError(

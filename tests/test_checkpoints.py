@@ -112,7 +112,8 @@ def test_resume_writes_each_steps_metrics_once(tiny_llama, tmp_path, digit_rewar
     "train,message",
     [
         ({"max_steps": 2, "resume": True}, "checkpoint .*step-2 is at step 2; train.max_steps \\(2\\) must be above"),
-        ({"resume": True, "output_dir": "elsewhere"}, "--resume: no checkpoint in"),
+        ({"resume": True, "output_dir": "elsewhere"}, "--resume: elsewhere does not exist"),
+        ({"resume": True, "output_dir": "."}, "--resume: no checkpoint in"),
     ],
 )
 def test_resume_errors_come_before_the_model_loads(two_checkpoints, tmp_path, monkeypatch, train, message):
@@ -121,6 +122,7 @@ def test_resume_errors_come_before_the_model_loads(two_checkpoints, tmp_path, mo
     # a model that does not exist: the error must be the run's own, found first
     with pytest.raises(QerlError, match=message):
         Trainer(run_config(tmp_path / "no-model", two_checkpoints, train=train), progress=False)
+    assert not (tmp_path / "elsewhere").exists()  # a failed --resume makes no directory
 
 
 def test_run_checks_come_before_the_model_loads(tmp_path):

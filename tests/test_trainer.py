@@ -304,3 +304,11 @@ def test_overwrite_leaves_nothing_of_the_earlier_run_but_the_users_own_files(tin
     assert len(list((run / "tb").iterdir())) == 1  # one event file: TensorBoard shows this run only
     assert [r["step"] for r in _rows(run) if "reward_mean" in r] == [1]
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")) == ["step-1"]
+
+
+def test_training_on_own_data_with_the_default_held_out_set_warns(tiny, tmp_path):
+    rows = tmp_path / "mine.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"{i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    cfg = run_config(tiny, tmp_path / "run", data={"train": str(rows)})
+    with pytest.warns(UserWarning, match=f"training on {rows} but scoring held-out accuracy on arithmetic:1"):
+        Trainer(cfg, progress=False)
