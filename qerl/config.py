@@ -227,7 +227,9 @@ def _coerce(key: str, value, tp):
         if isinstance(value, bool):
             raise QerlError(f"config: {key}: expected {tp.__name__}, got {value!r}")
         try:
-            out = tp(value) if isinstance(value, str) else value
+            out = value
+            if isinstance(value, str):  # YAML reads 1e3 (no dot) as a string: take it as the number it writes
+                out = float(value) if tp is int and not re.fullmatch(r"\s*[-+]?\d+\s*", value) else tp(value)
             if tp is int and isinstance(out, float) and out.is_integer():
                 out = int(out)
             if not isinstance(out, (int, float)) or (tp is int and not isinstance(out, int)):

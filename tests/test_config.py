@@ -146,3 +146,12 @@ def test_every_key_says_what_it_does_and_docs_config_md_is_qerl_config_markdown(
     assert doc.endswith(describe(cfg, markdown=True) + "\n"), "docs/config.md is stale: regenerate it"
     r = CliRunner().invoke(app, ["config", "--markdown"])
     assert r.exit_code == 0 and r.output == describe(cfg, markdown=True) + "\n"
+
+
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  max_steps: 1e3\noptim:\n  lr: 5e-4\n")  # YAML 1.1 reads both as strings
+    cfg = load_config(f)
+    assert cfg.train.max_steps == 1000 and isinstance(cfg.train.max_steps, int) and cfg.optim.lr == 5e-4
+    with pytest.raises(QerlError, match="train.max_steps: expected int, got '1.5e0x'"):
+        load_config(None, ["--train.max_steps", "1.5e0x"])
