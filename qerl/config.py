@@ -324,7 +324,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     if path is None:
         # the embedded default's algo settings are for its GRPO: another algorithm picked by name on the
         # command line gets that algorithm's own settings (naming GRPO itself keeps the default's)
-        named = (overrides or {}).get("algo", {}).get("name", cfg.algo.name)
+        algo = (overrides or {}).get("algo")
+        named = algo.get("name", cfg.algo.name) if isinstance(algo, dict) else cfg.algo.name
         other_algo = named != cfg.algo.name
         _apply(cfg, {k: v for k, v in DEFAULT_OVERRIDES.items() if not (k == "algo" and other_algo)})
     else:
