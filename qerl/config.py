@@ -211,7 +211,14 @@ def _coerce(key: str, value, tp):
         return _coerce(key, value, args[0])
     if origin in (list, tuple):
         (inner, *_) = typing.get_args(tp) or (str,)
-        if isinstance(value, str):
+        if isinstance(value, str) and value.lstrip().startswith("["):  # a YAML list: items may hold commas
+            import yaml
+
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise QerlError(f"config: {key}: not a valid list: {value!r}") from None
+        elif isinstance(value, str):
             value = [v for v in value.split(",") if v] if value else []
         if not isinstance(value, (list, tuple)):
             raise QerlError(f"config: {key}: expected a list, got {value!r}")
@@ -315,9 +322,28 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
+def _unique_key_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """safe_load that refuses a key written twice in one mapping (YAML keeps the last, silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.YAMLError(f"key '{key}' appears twice (line {key_node.start_mark.line + 1})")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return Loader
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     import yaml
 
+    _UniqueKeyLoader = _unique_key_loader()
     cfg = Config()
     if overrides is not None and not isinstance(overrides, dict):
         overrides = parse_overrides(overrides)
@@ -333,7 +359,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         if not p.is_file():
             raise QerlError(f"config file not found: {p}" + (" (a directory)" if p.is_dir() else ""))
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise QerlError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
@@ -431,7 +457,7 @@ HELP = {
     "rollout.top_p": "nucleus sampling mass (1: off)",
     "rollout.top_k": "sample among the k most likely tokens (0: off)",
     "rollout.max_new_tokens": "completion length limit in tokens",
-    "rollout.stop": "strings that end a completion (besides EOS)",
+    "rollout.stop": "strings that end a completion (besides EOS); command line: a,b or a YAML list [\"a,b\", c]",
     "rollout.backend": "auto: the CUDA-graph engine on a GPU when it supports the model, else reference",
     "algo.name": "the algorithm; it fills the algo keys left none",
     "algo.normalize_std": "divide group advantages by the group's std (Dr.GRPO: no)",

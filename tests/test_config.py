@@ -155,3 +155,14 @@ def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
     assert cfg.train.max_steps == 1000 and isinstance(cfg.train.max_steps, int) and cfg.optim.lr == 5e-4
     with pytest.raises(QerlError, match="train.max_steps: expected int, got '1.5e0x'"):
         load_config(None, ["--train.max_steps", "1.5e0x"])
+
+
+def test_a_key_written_twice_is_an_error_and_list_items_may_hold_commas(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  max_steps: 3\n  max_steps: 5\n")
+    with pytest.raises(QerlError, match=r"invalid YAML \(key 'max_steps' appears twice \(line 3\)\)"):
+        load_config(f)
+    assert load_config(None, ["--rollout.stop", '["a,b", "</s>"]']).rollout.stop == ["a,b", "</s>"]
+    assert load_config(None, ["--rollout.stop", "x,y"]).rollout.stop == ["x", "y"]
+    with pytest.raises(QerlError, match="rollout.stop: not a valid list"):
+        load_config(None, ["--rollout.stop", "[a,"])
