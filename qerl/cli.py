@@ -279,13 +279,17 @@ def plan(
 
     from .config import load_config
     from .distributed import check_shares, world_from_env
+    from .errors import QerlError
     from .modeling import ModelArgs
     from .plan import known_model, plan_memory, plan_model_args, rollout_shape
 
     cfg = load_config(config, ctx.args)
-    ranks = ranks or world_from_env().size
-    if ranks < 1:
-        raise ValueError(f"--ranks must be >= 1, got {ranks}")
+    ranks = world_from_env().size if ranks is None else ranks
+    for name, value in (("--ranks", ranks), ("--prompt-len", prompt_len)):
+        if value < 1:
+            raise QerlError(f"{name} must be >= 1, got {value}")
+    if gpu_mem is not None and not gpu_mem > 0:
+        raise QerlError(f"--gpu-mem must be > 0 GB, got {gpu_mem:g}")
     check_shares(cfg.rollout.prompts_per_step, cfg.rollout.group_size, ranks)
     if model_config:
         args = plan_model_args(model_config)

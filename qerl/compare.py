@@ -112,7 +112,13 @@ def load_experiment(path: str | Path) -> Experiment:
         raise QerlError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
     known = {"base", "seeds", "overrides", "configs", "output_dir", "report", "notes", "threads"}
     if not isinstance(data, dict) or set(data) - known:
-        raise QerlError(f"{p}: the top level must be a mapping with keys among {', '.join(sorted(known))}")
+        unknown = (
+            f" (not {', '.join(map(repr, sorted(map(str, set(data) - known))))})" if isinstance(data, dict) else ""
+        )
+        raise QerlError(f"{p}: the top level must be a mapping with keys among {', '.join(sorted(known))}{unknown}")
+    for key in ("base", "output_dir", "report"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise QerlError(f"{p}: '{key}' must be a path, got {data[key]!r}")
     configs = data.get("configs") or {}
     if not isinstance(configs, dict) or not configs:
         raise QerlError(f"{p}: 'configs' must map each configuration's name to its overrides")

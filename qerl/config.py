@@ -457,7 +457,7 @@ HELP = {
     "rollout.top_p": "nucleus sampling mass (1: off)",
     "rollout.top_k": "sample among the k most likely tokens (0: off)",
     "rollout.max_new_tokens": "completion length limit in tokens",
-    "rollout.stop": "strings that end a completion (besides EOS); command line: a,b or a YAML list [\"a,b\", c]",
+    "rollout.stop": 'strings that end a completion (besides EOS); command line: a,b or a YAML list ["a,b", c]',
     "rollout.backend": "auto: the CUDA-graph engine on a GPU when it supports the model, else reference",
     "algo.name": "the algorithm; it fills the algo keys left none",
     "algo.normalize_std": "divide group advantages by the group's std (Dr.GRPO: no)",

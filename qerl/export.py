@@ -168,16 +168,29 @@ def _adapter_format(adapter: Path, base_dir: Path) -> str:
     return fmt
 
 
-def _check_adapter_fits(adapter: Path, source: SafetensorsSource):
-    """Every adapted module must be a Linear of the base (catches a wrong --model early)."""
+def _check_adapter_fits(adapter: Path, source: SafetensorsSource, src: Path):
+    """Every adapted module must be a Linear of the base, of the shape the adapter's A and B multiply (catches
+    a wrong --model before anything is written)."""
     from safetensors import safe_open
 
     with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
-        modules = {k.removeprefix(PEFT_PREFIX).rpartition(".lora_")[0] for k in f.keys()}
+        lora = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    modules = {k.removeprefix(PEFT_PREFIX).rpartition(".lora_")[0] for k in lora}
     keys = source.keys()
     stray = sorted(m for m in modules if f"{m}.weight" not in keys and f"{m}.weight_packed" not in keys)
     if stray:
         raise QerlError(f"{adapter}: adapter module {stray[0]} is not a Linear of the base model")
+    shapes = _linear_shapes(_model_args(src))
+    for key, shape in sorted(lora.items()):
+        module, _, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        if module not in shapes or len(shape) != 2:
+            continue
+        n, k = shapes[module]
+        if (which.startswith("A") and shape[1] != k) or (which.startswith("B") and shape[0] != n):
+            raise QerlError(
+                f"{adapter}: {key} has shape {shape}, which does not fit the base's {module} ({n} x {k}): "
+                "pass the adapter's own base as --model"
+            )
 
 
 def _write_merged(model, args: ModelArgs, src: Path, out: Path, merge: str):
@@ -258,7 +271,7 @@ def export_adapter(
     base = _base_of(adapter, peft_cfg, model)
     src = model_dir(base)
     trained = _adapter_format(adapter, src)
-    _check_adapter_fits(adapter, SafetensorsSource(src))
+    _check_adapter_fits(adapter, SafetensorsSource(src), src)
     out = prepare_out_dir(out)
 
     if merge is not None:

@@ -1,7 +1,9 @@
 """`qerl compare` on a tiny random model: 1 step x 2 configurations x 1 seed, the skip on re-run, the report."""
 
 import json
+import re
 
+import pytest
 import yaml
 from conftest import run_overrides
 
@@ -108,3 +110,21 @@ def test_compare_resumes_a_run_cut_short(tmp_path, tiny_llama, digit_reward, cap
     assert ": resumed at step 1 in " in capsys.readouterr().out
     assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2]
     assert json.loads((exp.kept_dir("bf16", 3) / "run.json").read_text())["resumed_at_step"] == 1
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("configs: {a: {}}\noutput_dir: 5\n", "'output_dir' must be a path, got 5"),
+        ("configs: {a: {}}\nreport: [1]\n", "'report' must be a path"),
+        ("configs: {a: {}}\nbogus: 1\n", "(not 'bogus')"),
+    ],
+)
+def test_a_malformed_experiment_file_is_a_one_line_error(tmp_path, text, message):
+    from qerl.compare import load_experiment
+    from qerl.errors import QerlError
+
+    f = tmp_path / "e.yaml"
+    f.write_text(text)
+    with pytest.raises(QerlError, match=re.escape(message)):
+        load_experiment(f)

@@ -447,6 +447,15 @@ def test_cli_quantize_and_export(trained, src_dirs, tmp_path):
     assert detect_quantized(tmp_path / "q").format == "mxfp4"
     r = runner.invoke(app, ["export", "--adapter", str(trained[1]), "--out", str(tmp_path / "e"), "--merge", "fp8"])
     assert isinstance(r.exception, QerlError) and "--merge must be one of bf16, nvfp4, mxfp4" in str(r.exception)
+    # another base of other shapes: refused before anything is written, with or without a merge
+    wide = make_tiny_checkpoint(tmp_path / "wide", "qwen2", std=0.05, intermediate_size=192)
+    for merge in ([], ["--merge", "bf16"]):
+        out = tmp_path / f"wrong-base{len(merge)}"
+        r = runner.invoke(
+            app, ["export", "--adapter", str(trained[1]), "--out", str(out), "--model", str(wide), *merge]
+        )
+        assert isinstance(r.exception, QerlError) and "does not fit the base's" in str(r.exception), r.output
+        assert not out.exists()
 
 
 def test_export_base_only_writes_a_plain_hf_base_that_peft_loads(trained, src_dirs, written, tmp_path, monkeypatch):

@@ -96,3 +96,22 @@ def test_the_cli_grows_allocator_segments_unless_the_user_set_the_allocator(monk
         with pytest.raises(SystemExit):
             main()
         assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == expected
+
+
+@pytest.mark.parametrize(
+    "option,value,message",
+    [
+        ("--ranks", "0", "--ranks must be >= 1, got 0"),
+        ("--gpu-mem", "0", "--gpu-mem must be > 0 GB, got 0"),
+        ("--gpu-mem", "-5", "--gpu-mem must be > 0 GB"),
+        ("--prompt-len", "-100", "--prompt-len must be >= 1"),
+    ],
+)
+def test_plan_rejects_what_cannot_be_planned(option, value, message):
+    from typer.testing import CliRunner
+
+    from qerl.cli import app
+    from qerl.errors import QerlError
+
+    r = CliRunner().invoke(app, ["plan", "--model-config", "qwen2.5-7b", option, value])
+    assert isinstance(r.exception, QerlError) and message in str(r.exception), r.output
