@@ -103,11 +103,13 @@ def deep_merge(a: dict, b: dict) -> dict:
 def load_experiment(path: str | Path) -> Experiment:
     import yaml
 
+    from .config import read_yaml
+
     p = Path(path)
     if not p.exists():
         raise QerlError(f"experiment file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = read_yaml(p) or {}
     except yaml.YAMLError as e:
         raise QerlError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
     known = {"base", "seeds", "overrides", "configs", "output_dir", "report", "notes", "threads"}

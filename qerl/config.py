@@ -322,12 +322,12 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
-def _unique_key_loader():
+def read_yaml(path: Path):
+    """A YAML file's contents, as `yaml.safe_load` reads them except that a key written twice in one mapping is
+    a `yaml.YAMLError` (YAML keeps the last, silently). Config and experiment files are read with it."""
     import yaml
 
-    class Loader(yaml.SafeLoader):
-        """safe_load that refuses a key written twice in one mapping (YAML keeps the last, silently)."""
-
+    class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             seen = set()
             for key_node, _ in node.value:
@@ -337,13 +337,12 @@ def _unique_key_loader():
                 seen.add(key)
             return super().construct_mapping(node, deep)
 
-    return Loader
+    return yaml.load(Path(path).read_text(), Loader=UniqueKeyLoader)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     import yaml
 
-    _UniqueKeyLoader = _unique_key_loader()
     cfg = Config()
     if overrides is not None and not isinstance(overrides, dict):
         overrides = parse_overrides(overrides)
@@ -359,7 +358,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         if not p.is_file():
             raise QerlError(f"config file not found: {p}" + (" (a directory)" if p.is_dir() else ""))
         try:
-            data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
+            data = read_yaml(p) or {}
         except yaml.YAMLError as e:
             raise QerlError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):

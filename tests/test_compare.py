@@ -128,3 +128,12 @@ def test_a_malformed_experiment_file_is_a_one_line_error(tmp_path, text, message
     f.write_text(text)
     with pytest.raises(QerlError, match=re.escape(message)):
         load_experiment(f)
+
+
+def test_an_experiment_file_with_a_key_written_twice_is_a_one_line_error(tmp_path):
+    from qerl.errors import QerlError
+
+    f = tmp_path / "e.yaml"
+    f.write_text("configs: {a: {}}\nseeds: [0]\nseeds: [1]\n")
+    with pytest.raises(QerlError, match=re.escape("invalid YAML (key 'seeds' appears twice (line 3))")):
+        load_experiment(f)
