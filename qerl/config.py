@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import QerlError
-from .noise import AQNConfig
-from .rewards import RewardConfig
+from .noise import SCHEDULES, AQNConfig
+from .rewards import ANSWER_METHODS, RewardConfig
 
 
 @dataclass
@@ -185,14 +185,6 @@ def choices(key: str) -> tuple[str, ...] | None:
         from .quant import FORMATS
 
         return tuple(FORMATS)
-    if key == "aqn.schedule":
-        from .noise import SCHEDULES
-
-        return SCHEDULES
-    if key == "reward.answer_order":
-        from .rewards import ANSWER_METHODS
-
-        return ANSWER_METHODS
     return CHOICES.get(key)
 
 
@@ -416,8 +408,8 @@ RANGES = {
 }
 DTYPES = ("auto", "bfloat16", "bf16", "float32", "fp32", "float16", "fp16")
 
-# The named values of every setting that takes one (model.quant's come from qerl.quant, reward.answer_order
-# lists any of its names in order); checked at load and listed by `qerl config`.
+# The named values of every setting that takes one (model.quant's: `choices`; reward.answer_order lists any of
+# its names in order); listed by `qerl config`, checked at load (aqn and reward by their own dataclasses).
 CHOICES = {
     "model.dtype": DTYPES,
     "model.gradient_checkpointing": ("auto", "on", "off"),
@@ -427,6 +419,8 @@ CHOICES = {
     "algo.overlong": ("none", "penalty", "mask"),
     "algo.is_level": ("token", "sequence", "geometric"),
     "algo.is_mode": ("truncate", "mask", "none"),
+    "aqn.schedule": SCHEDULES,
+    "reward.answer_order": ANSWER_METHODS,
 }
 
 # What each setting does, one line each (`qerl config`, docs/config.md; a test keeps every key here).
