@@ -24,7 +24,7 @@ import torch
 
 from .data import Record, build_prompt
 from .errors import QerlError
-from .lora import adapter_disabled
+from .lora import adapter_disabled, adapter_weight_format, read_adapter_config
 from .rewards import DEFAULT_ANSWER_ORDER, extract_answer, score_batch
 from .rollout import Engine, SamplingParams
 
@@ -172,14 +172,10 @@ def adapter_base(adapter: str | Path) -> dict:
     """The base model and weight format an adapter from elsewhere names (its adapter_config.json's
     base_model_name_or_path, qerl_adapter.json's weight_format), as far as it names them; a one-line error
     when `adapter` is not a PEFT adapter directory, before any model loads."""
-    adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
-        raise QerlError(
-            f"{adapter}: not a PEFT adapter directory (needs adapter_config.json and adapter_model.safetensors)"
-        )
-    out = {"model": json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")}
-    meta = adapter / "qerl_adapter.json"
-    out["quant"] = json.loads(meta.read_text()).get("weight_format") if meta.is_file() else None
+    out = {
+        "model": read_adapter_config(adapter).get("base_model_name_or_path"),
+        "quant": adapter_weight_format(adapter),
+    }
     return {k: v for k, v in out.items() if v}
 
 

@@ -56,7 +56,7 @@ from .checkpoint import (
 )
 from .errors import QerlError
 from .loading import DEFAULT_MODEL, SafetensorsSource, default_device, load_model, model_dir
-from .lora import PEFT_PREFIX, load_adapter, quant_linears
+from .lora import PEFT_PREFIX, adapter_weight_format, load_adapter, quant_linears, read_adapter_config
 from .modeling import FUSED_GROUPS, CausalLM, ModelArgs, linear_path
 from .quant import get_format
 
@@ -160,8 +160,7 @@ def quantize_checkpoint(
 
 def _adapter_format(adapter: Path, base_dir: Path) -> str:
     """The weight format the adapter was trained on (qerl_adapter.json; else the base's, else nvfp4)."""
-    meta = adapter / "qerl_adapter.json"
-    fmt = json.loads(meta.read_text()).get("weight_format") if meta.exists() else None
+    fmt = adapter_weight_format(adapter)
     if fmt is None:
         ckpt = detect_quantized(base_dir)
         fmt = ckpt.format if ckpt else "nvfp4"
@@ -218,15 +217,6 @@ def _write_merged(model, args: ModelArgs, src: Path, out: Path, merge: str):
     write_config(src, out, None if merge == "bf16" else ct_quantization_config(merge, ignore), other)
 
 
-def _adapter_config(adapter: Path) -> dict:
-    """The adapter's adapter_config.json (a one-line error when `adapter` is not a PEFT adapter directory)."""
-    if not (adapter / "adapter_config.json").exists() or not (adapter / "adapter_model.safetensors").exists():
-        raise QerlError(
-            f"{adapter}: not a PEFT adapter directory (needs adapter_config.json and adapter_model.safetensors)"
-        )
-    return json.loads((adapter / "adapter_config.json").read_text())
-
-
 def _base_of(adapter: Path, peft_cfg: dict, model: str | None) -> str:
     base = model or peft_cfg.get("base_model_name_or_path")
     if not base:
@@ -240,7 +230,7 @@ def export_base(out: str | Path, model: str | None = None, adapter: str | Path |
     qerl ships, which `base_model_name_or_path` cannot name offline). Tensors in the compute dtype (bf16 for
     an fp32 source); a quantized source (compressed-tensors, ModelOpt) is dequantized. -> the directory."""
     if model is None and adapter is not None:
-        model = _base_of(Path(adapter), _adapter_config(Path(adapter)), None)
+        model = _base_of(Path(adapter), read_adapter_config(adapter), None)
     model = model or DEFAULT_MODEL
     src = model_dir(model)
     source = SafetensorsSource(src)
@@ -265,7 +255,7 @@ def export_adapter(
 ) -> Path:
     """Export a qerl (PEFT) adapter for serving; see the module docstring. -> the output directory."""
     adapter = Path(adapter)
-    peft_cfg = _adapter_config(adapter)
+    peft_cfg = read_adapter_config(adapter)
     if merge is not None and merge not in MERGE_CHOICES:
         raise QerlError(f"--merge must be one of {', '.join(MERGE_CHOICES)}, not '{merge}'")
     base = _base_of(adapter, peft_cfg, model)

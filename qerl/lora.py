@@ -107,23 +107,38 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None =
     (out / "qerl_adapter.json").write_text(json.dumps({"weight_format": getattr(model, "quant", None)}, indent=2))
 
 
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """The adapter_config.json of a PEFT LoRA adapter directory, checked before any model loads: a one-line
+    error for a directory that is no PEFT adapter, a config that does not read, has no valid rank or is not LoRA."""
+    d = Path(adapter_dir)
+    cfg_path = d / "adapter_config.json"
+    if not cfg_path.is_file() or not (d / "adapter_model.safetensors").is_file():
+        raise QerlError(f"{d}: not a PEFT adapter directory (needs adapter_config.json and adapter_model.safetensors)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # bad JSON, not a mapping, no or a bad r
+        why = f"no LoRA rank {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise QerlError(f"{cfg_path}: not a LoRA adapter config ({why})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise QerlError(f"{d}: adapter type {cfg.get('peft_type')} is not LoRA")
+    return cfg
+
+
+def adapter_weight_format(adapter_dir: str | Path) -> str | None:
+    """The base weight format a qerl adapter was trained on (its qerl_adapter.json); None for other adapters."""
+    meta = Path(adapter_dir) / "qerl_adapter.json"
+    return json.loads(meta.read_text()).get("weight_format") if meta.is_file() else None
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, strict: bool = True):
     """Load a PEFT LoRA adapter into the model, creating the LoRA modules if needed."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     d = Path(adapter_dir)
-    cfg_path, w_path = d / "adapter_config.json", d / "adapter_model.safetensors"
-    if not cfg_path.exists() or not w_path.exists():
-        raise QerlError(f"{d}: not a PEFT adapter directory (needs adapter_config.json and adapter_model.safetensors)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-        r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
-    except (ValueError, TypeError, KeyError, AttributeError) as e:  # bad JSON, not a mapping, no or a bad r
-        why = f"no LoRA rank {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
-        raise QerlError(f"{cfg_path}: not a LoRA adapter config ({why})") from None
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise QerlError(f"{d}: adapter type {cfg.get('peft_type')} is not LoRA")
+    cfg, w_path = read_adapter_config(d), d / "adapter_model.safetensors"
+    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
     try:
         state = load_file(str(w_path))
     except (SafetensorError, OSError) as e:
