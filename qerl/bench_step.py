@@ -191,10 +191,9 @@ def step_trainer(
         out_dir,
     )
     model = build_random_model(args, quant, lora_rank, device=device, dtype=dtype)
-    if gpu_mem and device.type == "cuda":  # as on a GPU of gpu_mem GiB: allocations past it fail, "auto" plans so
-        dev = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
-        total = torch.cuda.get_device_properties(dev).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_mem * 2**30 / total), dev)
+    if gpu_mem and model.device.type == "cuda":  # as on a GPU of gpu_mem GiB: allocations past it fail, "auto" plans so
+        total = torch.cuda.get_device_properties(model.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_mem * 2**30 / total), model.device)
         model.memory_limit = gpu_mem * 2**30
     tok = RandomTokenizer(args.vocab_size, prompt_len)
     recs = [Record(f"question {i}", "0") for i in range(max(64, 4 * prompts))]
@@ -210,11 +209,10 @@ def bench_one(args, quant: str, *, steps: int, profile: str | None = None, **set
     """`steps` measured steps (after a warm-up step) of `step_trainer(args, quant, **setup)`."""
     tr = step_trainer(args, quant, **setup)
     prompts, group_size, prompt_len = setup["prompts"], setup["group_size"], setup["prompt_len"]
-    device, gpu_mem, update_path = setup["device"], setup.get("gpu_mem"), tr.update_path
+    gpu_mem, update_path = setup.get("gpu_mem"), tr.update_path
     cfg, model, world = tr.cfg, tr.model, tr.world  # world: torchrun's ranks (size 1 without torchrun)
+    device = model.device  # with its index (cuda:N)
     cuda = device.type == "cuda"
-    if cuda and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory if cuda else None
     rows = []
     for s in range(steps + 1):  # step 0 warms up: compiling, CUDA-graph capture, allocator growth
